@@ -1,0 +1,307 @@
+"""Tests of ummgan.py: uMM-GAN / sMM-GAN identities (§3-4), StyleGAN pieces, metrics, plumbing."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import ummgan  # noqa: E402
+
+TINY = ["--size", "16", "--style_dim", "16", "--max_channels", "16", "--channel_base", "128"]
+
+
+def make_args(*extra, data="hshape"):
+    return common.parse_args(ummgan.build_parser(), ummgan.PRESETS, "ummgan", data,
+                             ["--data", data, *TINY, *extra])
+
+
+def build(*extra, seed=0, data="hshape"):
+    args = make_args(*extra, data=data)
+    torch.manual_seed(seed)
+    G, D = ummgan.build(args)
+    return args, G, D
+
+
+def stylegan_param_count(args, img_ch=1):
+    """Plain StyleGAN (one constant, no w_R branch) counted by hand from the architecture."""
+    d, ch = args.style_dim, lambda r: ummgan.channels_at(r, args)
+    n = 8 * (d * d + d)                      # mapping: 8 FC with bias
+    n += ch(4) * 16                          # the single root constant
+    adain = lambda c: d * 2 * c + 2 * c     # style FC to (gamma, beta)
+    noise = lambda c: c
+    conv = lambda i, o, k: i * o * k * k + o
+    res = 4
+    while res <= args.size:
+        c = ch(res)
+        if res == 4:
+            n += noise(c) + adain(c)
+        else:
+            n += conv(ch(res // 2), c, 3) + noise(c) + adain(c)
+        n += conv(c, c, 3) + noise(c) + adain(c) + conv(c, img_ch, 1)
+        res *= 2
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# uMM-GAN identities
+# ---------------------------------------------------------------------------------------------
+
+def test_k1_is_exactly_stylegan_parameters():
+    args, G, _ = build("--K", "1")
+    assert G.mapping.mix_head is None
+    assert common.count_params(G) == stylegan_param_count(args)
+    _, G_smm, _ = build("--K", "1", "--mode", "smm")
+    assert common.count_params(G_smm) == common.count_params(G)
+
+
+def test_k1_output_equals_k2_with_equal_constants_for_any_mixing():
+    """Sum_k w_R[k] C with sum_k w_R[k] = 1 is C: with both constants equal to StyleGAN's one,
+    uMM-GAN K=2 renders exactly what the K=1 StyleGAN renders for the same z and noise."""
+    _, G1, _ = build("--K", "1", seed=0)
+    _, G2, _ = build("--K", "2", seed=5)
+    sd = {k: v for k, v in G1.state_dict().items() if k != "constants"}
+    G2.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        G2.constants.copy_(G1.constants.expand(2, -1, -1, -1))
+    z = torch.randn(4, 16)
+    torch.manual_seed(1)
+    a = G1(z)
+    torch.manual_seed(1)
+    b = G2(z)
+    assert a.shape == (4, 1, 16, 16)
+    assert torch.allclose(a, b, atol=1e-5)
+    # with different constants the K = 2 output does change (the test can fail)
+    with torch.no_grad():
+        G2.constants[1].add_(1.0)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, G2(z), atol=1e-3)
+
+
+def test_mixing_weights_are_softmax_of_shared_trunk():
+    _, G, _ = build("--K", "4")
+    z = torch.randn(6, 16)
+    w, w_R = G.mapping(z)
+    assert w_R.shape == (6, 4) and (w_R > 0).all()
+    assert torch.allclose(w_R.sum(1), torch.ones(6), atol=1e-6)
+    # by hand: the trunk's first BRANCH_AFTER layers, then the head FC and a softmax
+    h = common.PixelNorm()(z)
+    for layer in G.mapping.layers[:ummgan.BRANCH_AFTER]:
+        h = F.leaky_relu(layer(h), 0.2)
+    assert torch.allclose(w_R, torch.softmax(G.mapping.mix_head(h), 1), atol=1e-6)
+    with torch.no_grad():  # a shared layer moves both w and w_R
+        G.mapping.layers[0].weight.mul_(-1.0)
+    w2, w_R2 = G.mapping(z)
+    assert not torch.allclose(w, w2) and not torch.allclose(w_R, w_R2)
+    with torch.no_grad():  # the last FC is w's own: w_R stays
+        G.mapping.layers[-1].weight.mul_(-1.0)
+    w3, w_R3 = G.mapping(z)
+    assert not torch.allclose(w2, w3) and torch.equal(w_R2, w_R3)
+    with torch.no_grad():  # the head is w_R's own: w stays
+        G.mapping.mix_head.weight.mul_(-1.0)
+    w4, w_R4 = G.mapping(z)
+    assert torch.equal(w3, w4) and not torch.allclose(w_R3, w_R4)
+
+
+def test_one_hot_mix_reproduces_a_single_constant_exactly():
+    _, G, _ = build("--K", "3")
+    for k in range(3):
+        one_hot = F.one_hot(torch.tensor([k, k]), 3).float()
+        assert torch.equal(G.root(one_hot), G.constants[k].expand(2, -1, -1, -1))
+    # and the whole generator on mode k equals a StyleGAN whose constant is C_k
+    _, G1, _ = build("--K", "1")
+    G1.load_state_dict({k: v for k, v in G.state_dict().items()
+                        if not k.startswith(("constants", "mapping.mix_head"))}, strict=False)
+    with torch.no_grad():
+        G1.constants.copy_(G.constants[2:3])
+    z = torch.randn(3, 16)
+    a = G(z, modes=torch.full((3,), 2), noise_off=True)
+    b = G1(z, noise_off=True)
+    assert torch.equal(a, b)
+
+
+def test_added_parameters_match_paper_count(capsys):
+    """§4: 512 K (w_R head) + 4*4*512 (K-1) (extra constants), plus K head biases we keep."""
+    for K in (2, 4, 16):
+        ummgan.main(["--data", "hshape", "--size", "8", "--style_dim", "512", "--max_channels",
+                     "512", "--channel_base", "16384", "--K", str(K), "--dry_run"])
+        out = capsys.readouterr().out.strip().splitlines()
+        base = make_args("--K", "1", "--size", "8", "--style_dim", "512", "--max_channels",
+                         "512", "--channel_base", "16384")
+        g = json.loads(out[-1])["params"]["G"]
+        assert g - stylegan_param_count(base) == 512 * K + 4 * 4 * 512 * (K - 1) + K
+
+
+# ---------------------------------------------------------------------------------------------
+# sMM-GAN
+# ---------------------------------------------------------------------------------------------
+
+def test_smm_classifier_loss_gives_g_no_gradient_when_mode_right_and_confident():
+    args, G, D = build("--K", "2", "--mode", "smm")
+    with torch.no_grad():
+        D.classifier.bias.copy_(torch.tensor([60.0, -60.0]))  # D sure: every image is mode 0
+    z = torch.randn(4, 16)
+
+    def g_grad_norm(mode):
+        G.zero_grad()
+        img = G(z, modes=torch.full((4,), mode), noise_off=True)
+        _, cls = D(img)
+        ummgan.smm_class_loss(cls, torch.full((4,), mode)).backward()
+        return sum(p.grad.abs().sum() for p in G.parameters() if p.grad is not None).item()
+
+    assert g_grad_norm(0) < 1e-12   # right and confident: nothing to learn
+    assert g_grad_norm(1) > 1e-3    # wrong mode: G is pushed
+
+
+def test_smm_training_steps_lower_the_classifier_loss():
+    """Real images of two modes (bright left or right half): D's K-way classifier learns them."""
+    args = make_args("--K", "2", "--mode", "smm", "--progressive", "0", "--size", "8",
+                     "--lr", "0.003")
+    rt = common.setup_runtime(args)
+    G, D = ummgan.build(args)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    labels = torch.arange(16) % 2
+    real = -torch.ones(16, 1, 8, 8)
+    real[labels == 0, :, :, :4] = 1
+    real[labels == 1, :, :, 4:] = 1
+    losses = [ummgan.train_step(G, D, opt_g, opt_d, real.clone(), labels, i, args, rt)["cls_d"]
+              for i in range(30)]
+    assert losses[0] > 0.5 and sum(losses[-5:]) / 5 < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# StyleGAN pieces: progressive fade-in, schedule, style mixing, truncation
+# ---------------------------------------------------------------------------------------------
+
+def test_fade_in_alpha_0_and_1_equal_lower_and_higher_paths():
+    _, G, D = build("--K", "2")
+    z = torch.randn(3, 16)
+    w, w_R = G.mapping(z)
+    styles = w[:, None].expand(-1, G.n_styles, -1)
+    with torch.no_grad():
+        for s in (1, 2):
+            low = G.synthesis(styles, w_R, s - 1, 1.0, noise_off=True)
+            high = G.synthesis(styles, w_R, s, 1.0, noise_off=True)
+            assert torch.allclose(G.synthesis(styles, w_R, s, 1.0 - 1e-9, noise_off=True),
+                                  high, atol=1e-6)
+            assert torch.allclose(G.synthesis(styles, w_R, s, 0.0, noise_off=True),
+                                  F.interpolate(low, scale_factor=2), atol=1e-6)
+            x = torch.randn(4, 1, 4 * 2 ** s, 4 * 2 ** s)
+            assert torch.allclose(D(x, s, 0.0)[0], D(F.avg_pool2d(x, 2), s - 1, 1.0)[0],
+                                  atol=1e-5)
+            assert not torch.allclose(D(x, s, 0.5)[0], D(x, s, 1.0)[0])
+
+
+def test_progressive_schedule():
+    args = make_args("--init_size", "4", "--phase_iters", "10", "--size", "16")
+    got = [ummgan.schedule(i, args) for i in (0, 9, 10, 12, 15, 19, 20, 25, 30, 99)]
+    assert got == [(0, 1.0), (0, 1.0), (1, 0.0), (1, 0.4), (1, 1.0), (1, 1.0), (2, 0.0),
+                   (2, 1.0), (2, 1.0), (2, 1.0)]
+    fixed = make_args("--progressive", "0")
+    assert ummgan.schedule(0, fixed) == (2, 1.0)
+
+
+def test_style_mixing_and_truncation():
+    _, G, _ = build("--K", "2")
+    z, z2 = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.no_grad():
+        plain = G(z, noise_off=True)
+        assert torch.equal(G(z, z2=z2, crossover=G.n_styles, noise_off=True), plain)
+        assert not torch.allclose(G(z, z2=z2, crossover=2, noise_off=True), plain)
+        w_avg = G.mean_style(n=2000)
+        modes = torch.zeros(3, dtype=torch.long)
+        avg = G(z, modes=modes, psi=0.0, w_avg=w_avg, noise_off=True)  # psi = 0: w = w_avg
+        assert torch.allclose(avg, avg[:1].expand_as(avg), atol=1e-6)
+        assert torch.equal(G(z, modes=modes, psi=1.0, w_avg=w_avg, noise_off=True),
+                           G(z, modes=modes, noise_off=True))
+
+
+def test_minibatch_stddev_feature():
+    x = torch.randn(8, 3, 4, 4)
+    y = ummgan.minibatch_stddev(x)
+    assert y.shape == (8, 4, 4, 4)
+    g = x.view(4, 2, 3, 4, 4)
+    expect = (g.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # (2,)
+    assert torch.allclose(y[:, 3, 0, 0], expect.repeat(4), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# H-shape metric (Fig. 6)
+# ---------------------------------------------------------------------------------------------
+
+def test_measure_widths_on_drawn_rectangles():
+    img = -torch.ones(3, 1, 32, 32)
+    img[0, :, 10:20, 6:11] = 1     # left width 5
+    img[0, :, 10:20, 20:28] = 1    # right width 8
+    img[1, :, 4:30, 16:17] = 1     # right width 1, left missing
+    img[2, :, 10:20, 8:9] = 1
+    img[2, :, 12, 20:30] = 1       # a one-row streak is not a rectangle column
+    assert ummgan.measure_widths(img).tolist() == [[5.0, 8.0], [0.0, 1.0], [1.0, 0.0]]
+
+
+def test_jaccard_index_on_hand_made_point_sets():
+    a = torch.tensor([[0.5, 0.5], [1.5, 0.5], [2.5, 0.5], [3.5, 0.5]]).repeat(10, 1)
+    assert ummgan.jaccard_index(a, a, bins=4, max_width=4) == 1.0
+    far = torch.tensor([[0.5, 3.5]]).repeat(40, 1)
+    assert ummgan.jaccard_index(a, far, bins=4, max_width=4) == 0.0
+    half = a[a[:, 0] < 2]          # covers 2 of the 4 bins of a
+    assert ummgan.jaccard_index(a, half, bins=4, max_width=4) == 0.5
+    shifted = a + torch.tensor([1.0, 0.0])  # bins 1..3 (+ clamped 3): overlap 3, union 4
+    assert ummgan.jaccard_index(a, shifted, bins=4, max_width=4) == 0.75
+    # a bin holding too little mass is below the threshold and is not support
+    dense = a.repeat(10, 1)                                # 400 points
+    sparse = torch.cat([dense, torch.tensor([[0.5, 3.5]])])  # 1/401 < 0.25 / 16
+    assert ummgan.jaccard_index(dense, sparse, bins=4, max_width=4) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: exact resume, bad input
+# ---------------------------------------------------------------------------------------------
+
+RUN = TINY + ["--batch_size", "4", "--iters", "4", "--phase_iters", "2", "--init_size", "8",
+              "--log_every", "1", "--sample_every", "100", "--num_workers", "0", "--K", "2"]
+
+
+def test_resume_is_exact(tmp_path):
+    torch.set_num_threads(1)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    ummgan.main(RUN + ["--out_dir", full, "--ckpt_every", "100"])
+    ummgan.main(RUN + ["--out_dir", part, "--iters", "2", "--ckpt_every", "2"])
+    ummgan.main(RUN + ["--out_dir", part, "--resume", "--ckpt_every", "100"])
+    a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
+    assert a["iter"] == b["iter"] == 4
+    for net in ("G", "D", "G_ema"):
+        for key, value in a["state"][net].items():
+            assert torch.equal(value, b["state"][net][key]), (net, key)
+    logs = [open(os.path.join(d, "log.jsonl")).read().splitlines() for d in (full, part)]
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "img_per_s"}
+                           for x in lines]
+    assert strip(logs[0]) == strip(logs[1]) and len(logs[0]) == 4
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        common.run_main(lambda: ummgan.main(argv))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.count("\n") == 0, err
+    return err
+
+
+def test_bad_input_gives_one_sentence_and_exit_2(tmp_path, capsys):
+    assert "--K must be at least 1" in run_cli(["--K", "0", "--dry_run"], capsys)
+    assert "power of two" in run_cli(["--size", "24", "--dry_run"], capsys)
+    assert "no checkpoint at" in run_cli(["--sample", "--out_dir", str(tmp_path)], capsys)
+    err = run_cli(["--mode", "smm", "--out_dir", str(tmp_path / "s")] + TINY, capsys)
+    assert "class label" in err and "--mode umm" in err
+    out = str(tmp_path / "r")
+    ummgan.main(RUN + ["--out_dir", out, "--iters", "1"])
+    capsys.readouterr()
+    err = run_cli(RUN + ["--out_dir", out, "--resume", "--K", "3"], capsys)
+    assert "--K 2 (asked: 3)" in err
+    assert "already exists" in run_cli(RUN + ["--out_dir", out], capsys)

@@ -1,0 +1,750 @@
+"""uMM-GAN / sMM-GAN: Unsupervised Multi-modal Styled Content Generation
+(Sendik, Lischinski, Cohen-Or; ACM TOG 39(4), 2020; arXiv 2001.03640), on a StyleGAN generator.
+
+Idea: StyleGAN starts every image from ONE learned 4x4 root constant and reaches every mode of the
+data only by bending it with AdaIN styles and noise. uMM-GAN learns K root constants C_1..C_K and
+feeds the generator their mixture sum_k w_R[k] C_k, where the mixing weights w_R = softmax(FC(.))
+come from a branch of the same mapping network that makes the style w (§3, §4). The constants
+become templates of the modes (letters 'A'/'B', cats/dogs, car poses), found without labels, and
+the mode (w_R) is disentangled from the style (w). K = 1 is exactly StyleGAN. sMM-GAN is the
+supervised variant: a one-hot w_M selects one constant and the discriminator gains a K-way
+classifier (Fig. 5 top).
+
+Map of this file:
+    config and presets          hyperparameters per dataset, each with its source
+    StyleGAN layers             blur, styled conv (AdaIN + noise), minibatch stddev
+    mapping network (+ w_R)     8 FC, lr x0.01, pixel norm; the w_R branch and softmax (§4)
+    generator                   K root constants, mixing layer R / multiplexer, progressive to_rgb
+    discriminator               progressive from_rgb, minibatch stddev, sMM K-way classifier
+    progressive schedule        (resolution step, fade-in alpha) as a pure function of iteration
+    losses and one train step   non-saturating + R1 (our choice), sMM classifier loss
+    training loop               EMA of G, grids, atomic checkpoints, exact resume
+    sampling controls           mode x style grid (Fig. 7), modes with w_avg (Fig. 10), mixing
+    evaluation                  H-shape widths, thresholded densities, Jaccard (Fig. 6); FID
+    main
+
+    python ummgan.py                                  # built-in hshape, uMM-GAN K=3, CPU ~5 min
+    python ummgan.py --K 1                            # the same with plain StyleGAN (K = 1)
+    python ummgan.py --data letters --K 2             # letters 'A'/'B': modes become letters
+    python ummgan.py --data letters --K 2 --mode smm  # supervised sMM-GAN
+    python ummgan.py --sample                         # control grids from out/ummgan-hshape/ckpt.pt
+    python ummgan.py --eval                           # Jaccard index (hshape) / FID -> eval.json
+    python ummgan.py --data folder --data_dir data/cats_dogs --K 2   # paper scale, 128x128
+    python ummgan.py --data folder --dry_run --K 4    # parameter counts, added params vs K = 1
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+
+# ----------------------------------------------------------------------------------------------
+# Config. Paper = Sendik et al.; rosi = rosinality/style-based-gan-pytorch, the StyleGAN code the
+# paper extends (§4); "our choice" where neither says. The built-in sets are scaled to a CPU.
+# ----------------------------------------------------------------------------------------------
+
+MAPPING_LAYERS = 8        # StyleGAN / rosi: 8 FC layers in the mapping network
+BRANCH_AFTER = 6          # w_R leaves the shared trunk after 6 FCs: its own FC takes the place of
+                          # the penultimate (7th) FC and the softmax the last (§4: "shared ...
+                          # except the penultimate FC, followed by a softmax"); our reading
+MBSTD_GROUP = 4           # minibatch stddev group size (StyleGAN official)
+
+PAPER = dict(             # 128x128 natural images (§4), StyleGAN widths (rosi)
+    K=2, mode="umm", size=128, style_dim=512, max_channels=512, channel_base=16384,
+    batch_size=32,        # rosi default batch
+    lr=0.001,             # rosi: Adam lr 0.001, betas (0, 0.99)
+    mapping_lr_mul=0.01,  # StyleGAN / rosi: mapping network at 0.01x learning rate
+    r1_gamma=10.0,        # rosi --loss r1: R1 weight 10 (every step); our choice of loss
+    mixing_prob=0.9,      # rosi --mixing
+    ema_decay=0.999,      # rosi g_running
+    cls_weight=1.0,       # sMM classifier loss weight: our choice (paper silent)
+    progressive=1, init_size=8,                 # rosi --init_size 8; paper: progressive growing
+    phase_iters=37_500,   # rosi: 600k images fade-in + 600k stable per resolution at batch 32
+    iters=200_000,        # paper §4: 200,000 iterations
+    psi=0.7,              # truncation (paper uses it, value unknown): rosi's 0.7
+    eval_n=5000,          # paper §4: FID on 5,000 real vs 5,000 generated
+    pretrained=1,         # FID with the pretrained Inception
+    sample_every=2000, ckpt_every=5000, log_every=100, chars=None,
+)
+CPU = dict(               # our choice throughout: what learns in minutes on 2 CPU cores
+    K=3, mode="umm", size=32, style_dim=64, max_channels=32, channel_base=512,
+    batch_size=32, lr=0.002, mapping_lr_mul=0.01, r1_gamma=1.0, mixing_prob=0.9,
+    ema_decay=0.99, cls_weight=1.0, progressive=1, init_size=8, phase_iters=200,
+    iters=1000, psi=1.0, eval_n=2000, pretrained=0,
+    sample_every=250, ckpt_every=250, log_every=25, chars=None,
+)
+PRESETS = {
+    "hshape": dict(CPU),                         # Fig. 6 (paper: K = 3, 10,000 samples)
+    "letters": dict(CPU, K=2, chars="AB"),       # Fig. 7/8 letters 'A'/'B' (paper: 64x64 grey)
+    "folder": dict(PAPER),                       # Cats & Dogs (K=2), Cars (K=4), LSUN (K=16)
+}
+ARCH_KEYS = ("K", "mode", "size", "style_dim", "max_channels", "channel_base", "channels")
+
+
+def build_parser():
+    p = common.base_parser(__doc__.split("\n")[0])
+    p.add_argument("--K", type=int, default=None, help="number of root constants (1 = StyleGAN)")
+    p.add_argument("--mode", default=None, choices=["umm", "smm"],
+                   help="umm: unsupervised softmax mixing; smm: one-hot by label + D classifier")
+    p.add_argument("--style_dim", type=int, default=None, help="width of z, w and mapping FCs")
+    p.add_argument("--max_channels", type=int, default=None, help="channels at 4x4 .. (cap)")
+    p.add_argument("--channel_base", type=int, default=None, help="channels = base / resolution")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--mapping_lr_mul", type=float, default=None)
+    p.add_argument("--r1_gamma", type=float, default=None)
+    p.add_argument("--mixing_prob", type=float, default=None, help="style mixing probability")
+    p.add_argument("--ema_decay", type=float, default=None)
+    p.add_argument("--cls_weight", type=float, default=None, help="sMM classifier loss weight")
+    p.add_argument("--progressive", type=int, default=None, choices=[0, 1],
+                   help="1: progressive growing with fade-in; 0: train at --size from the start")
+    p.add_argument("--init_size", type=int, default=None, help="first resolution when growing")
+    p.add_argument("--phase_iters", type=int, default=None,
+                   help="iterations per resolution: first half fade-in, second half stable")
+    p.add_argument("--psi", type=float, default=None, help="truncation psi for grids (1 = off)")
+    p.add_argument("--eval_n", type=int, default=None, help="images per side for --eval")
+    p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
+                   help="FID with the pretrained Inception (downloads once)")
+    p.add_argument("--chars", default=None, help="letters: the characters to use, e.g. AB")
+    return p
+
+
+def channels_at(res, args):
+    return min(args.max_channels, args.channel_base // res)
+
+
+# ----------------------------------------------------------------------------------------------
+# StyleGAN layers (Karras et al. 2019, Fig. 1b): equalised lr from common, blur, styled conv
+# ----------------------------------------------------------------------------------------------
+
+class Blur(nn.Module):
+    """Low-pass [1, 2, 1] x [1, 2, 1] / 16 after up-sampling and before down-sampling (StyleGAN)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None, :]) / 16
+        self.register_buffer("kernel", k.expand(channels, 1, 3, 3).clone(), persistent=False)
+
+    def forward(self, x):
+        return F.conv2d(x, self.kernel, padding=1, groups=x.shape[1])
+
+
+class StyledLayer(nn.Module):
+    """conv 3x3 (optional) -> noise -> LReLU -> AdaIN(w): one "A"+"B" unit of StyleGAN Fig. 1b.
+
+    Every layer draws its own noise (rosi feeds both layers of a block the same tensor: a quirk we
+    do not copy). `noise_off` feeds zeros (Fig. 10's mode rendering).
+    """
+
+    def __init__(self, in_ch, out_ch, style_dim, conv=True, upsample=False):
+        super().__init__()
+        self.upsample = upsample
+        self.conv = EqualConv(in_ch, out_ch) if conv else None
+        self.blur = Blur(out_ch) if upsample else None
+        self.noise = common.NoiseInjection(out_ch)
+        self.adain = common.AdaIN(out_ch, style_dim)
+
+    def forward(self, x, w, noise_off=False):
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.conv is not None:
+            x = self.conv(x)
+        if self.blur is not None:
+            x = self.blur(x)
+        x = self.noise(x, torch.zeros_like(x[:, :1]) if noise_off else None)
+        return self.adain(F.leaky_relu(x, 0.2), w)
+
+
+def EqualConv(in_ch, out_ch, kernel=3):
+    return common.EqualConv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+
+
+def minibatch_stddev(x):
+    """ProGAN §3 / StyleGAN: append the std over groups of samples, averaged, as one feature map."""
+    b, c, h, w = x.shape
+    g = min(MBSTD_GROUP, b)
+    while b % g:
+        g -= 1
+    y = x.view(g, b // g, c, h, w)
+    y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B/g,)
+    y = y.repeat(g).view(b, 1, 1, 1).expand(b, 1, h, w)
+    return torch.cat([x, y], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mapping network z -> (w, w_R) (StyleGAN §2; uMM-GAN §3-4, Fig. 5 bottom)
+# ----------------------------------------------------------------------------------------------
+
+class MappingNetwork(nn.Module):
+    """Pixel norm, then 8 x (FC + LReLU 0.2) at lr x`lr_mul`. With `mix_k` > 1 a second head
+    FC(style_dim -> K) + softmax leaves the trunk after BRANCH_AFTER layers and gives w_R (§4); it
+    is the only mapping parameter uMM-GAN adds (style_dim * K weights + K biases, which we keep
+    as rosi's EqualLinear has them; the paper's count 512 K omits them).
+    """
+
+    def __init__(self, dim, mix_k, lr_mul):
+        super().__init__()
+        self.norm = common.PixelNorm()
+        self.layers = nn.ModuleList(common.EqualLinear(dim, dim, lr_mul=lr_mul)
+                                    for _ in range(MAPPING_LAYERS))
+        self.mix_head = common.EqualLinear(dim, mix_k, lr_mul=lr_mul) if mix_k > 1 else None
+
+    def forward(self, z):
+        h = self.norm(z)
+        mix = None
+        for i, layer in enumerate(self.layers):
+            if i == BRANCH_AFTER and self.mix_head is not None:
+                mix = torch.softmax(self.mix_head(h), dim=1)  # w_R (B, K), rows sum to 1
+            h = F.leaky_relu(layer(h), 0.2)
+        return h, mix  # w (B, D), w_R (B, K) or None
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator: K root constants -> mixing layer R (uMM) or multiplexer (sMM) -> StyleGAN synthesis
+# ----------------------------------------------------------------------------------------------
+
+class Generator(nn.Module):
+    def __init__(self, args, img_channels):
+        super().__init__()
+        self.K, self.mode, self.style_dim = args.K, args.mode, args.style_dim
+        self.max_step = int(math.log2(args.size)) - 2  # step s renders 4 * 2^s pixels
+        umm_branch = args.K if args.mode == "umm" else 1  # K = 1: no branch, exactly StyleGAN
+        self.mapping = MappingNetwork(args.style_dim, umm_branch, args.mapping_lr_mul)
+        c4 = channels_at(4, args)
+        self.constants = nn.Parameter(torch.randn(args.K, c4, 4, 4))  # C_1..C_K (§3)
+        layers, rgb = [], []
+        for s in range(self.max_step + 1):
+            res, c_out = 4 * 2 ** s, channels_at(4 * 2 ** s, args)
+            c_in = c4 if s == 0 else channels_at(res // 2, args)
+            if s == 0:  # const -> noise -> AdaIN, then conv 3x3 -> noise -> AdaIN
+                layers += [StyledLayer(c4, c4, args.style_dim, conv=False)]
+            else:       # up x2 -> conv 3x3 -> blur -> noise -> AdaIN, conv 3x3 -> noise -> AdaIN
+                layers += [StyledLayer(c_in, c_out, args.style_dim, upsample=True)]
+            layers += [StyledLayer(c_out, c_out, args.style_dim)]
+            rgb.append(common.EqualConv2d(c_out, img_channels, 1))  # to_rgb per resolution
+        self.layers, self.to_rgb = nn.ModuleList(layers), nn.ModuleList(rgb)
+        self.n_styles = len(layers)  # 2 AdaIN per resolution
+
+    def root(self, mix):
+        """Mixing layer R: sum_k w_R[k] C_k (uMM, Fig. 5 bottom); a one-hot w_R is the
+        multiplexer of sMM (Fig. 5 top). mix (B, K) -> (B, C, 4, 4)."""
+        return torch.einsum("bk,kchw->bchw", mix, self.constants)
+
+    def mix_weights(self, w_R, modes, batch, device):
+        if modes is not None:  # sMM multiplexer, or a one-hot w_R for a uMM mode rendering
+            return F.one_hot(modes, self.K).float()
+        if w_R is None:        # K = 1 (or sMM without a mode): the single constant
+            if self.K > 1:
+                raise ValueError("sMM-GAN needs the modes w_M of the samples")
+            return torch.ones(batch, 1, device=device)
+        return w_R
+
+    def synthesis(self, styles, mix, step, alpha=1.0, noise_off=False):
+        """styles (B, n_styles, D), mix (B, K) -> image at 4 * 2^step pixels. While alpha < 1 the
+        new resolution fades in over the up-sampled previous one (ProGAN §3, rosi)."""
+        x = self.root(mix)
+        prev = None
+        for s in range(step + 1):
+            if s == step and alpha < 1 and s > 0:
+                prev = x
+            x = self.layers[2 * s](x, styles[:, 2 * s], noise_off)
+            x = self.layers[2 * s + 1](x, styles[:, 2 * s + 1], noise_off)
+        img = self.to_rgb[step](x)
+        if prev is not None:
+            skip = F.interpolate(self.to_rgb[step - 1](prev), scale_factor=2, mode="nearest")
+            img = torch.lerp(skip, img, alpha)
+        return img
+
+    def forward(self, z, step=None, alpha=1.0, z2=None, crossover=None, modes=None, psi=1.0,
+                w_avg=None, noise_off=False):
+        """z (B, D) -> image. z2 + crossover: style mixing (layers >= crossover take w(z2));
+        modes (B,) long: one-hot w_R (sMM's w_M, or a chosen uMM mode); psi < 1 truncates w
+        toward w_avg (w_R is left as it is: our choice)."""
+        step = self.max_step if step is None else step
+        w, w_R = self.mapping(z)
+        mix = self.mix_weights(w_R, modes, z.shape[0], z.device)
+        ws = [w] * self.n_styles
+        if z2 is not None:
+            w2 = self.mapping(z2)[0]
+            ws = [w if i < crossover else w2 for i in range(self.n_styles)]
+        styles = torch.stack(ws, dim=1)  # (B, n_styles, D)
+        if psi != 1.0:
+            styles = torch.lerp(w_avg.view(1, 1, -1), styles, psi)
+        return self.synthesis(styles, mix, step, alpha, noise_off)
+
+    @torch.no_grad()
+    def mean_style(self, n=10_000, seed=0):
+        """w_avg: mean of w over n random z (paper §4 'Learnt modes': 10,000)."""
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.style_dim, generator=gen).to(self.constants.device)
+        return torch.cat([self.mapping(c)[0] for c in z.split(1000)]).mean(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator (StyleGAN/ProGAN): from_rgb per resolution, conv blocks, minibatch stddev
+# ----------------------------------------------------------------------------------------------
+
+class Discriminator(nn.Module):
+    """Returns (logit (B,), class logits (B, K) or None). The sMM K-way classifier shares all of
+    D and adds one head on its last features (AC-GAN style; head position our choice)."""
+
+    def __init__(self, args, img_channels):
+        super().__init__()
+        self.max_step = int(math.log2(args.size)) - 2
+        rgb, blocks = [], []
+        for s in range(self.max_step + 1):
+            res = 4 * 2 ** s
+            c = channels_at(res, args)
+            rgb.append(common.EqualConv2d(img_channels, c, 1))
+            if s > 0:  # conv 3x3 -> blur -> conv 3x3 -> avg-pool /2
+                blocks.append(nn.Sequential(
+                    EqualConv(c, c), nn.LeakyReLU(0.2), Blur(c),
+                    EqualConv(c, channels_at(res // 2, args)), nn.LeakyReLU(0.2),
+                    nn.AvgPool2d(2)))
+        self.from_rgb, self.blocks = nn.ModuleList(rgb), nn.ModuleList(blocks)
+        c4 = channels_at(4, args)
+        self.final = nn.Sequential(EqualConv(c4 + 1, c4), nn.LeakyReLU(0.2),
+                                   common.EqualConv2d(c4, c4, 4), nn.LeakyReLU(0.2),
+                                   nn.Flatten())
+        self.out = common.EqualLinear(c4, 1)
+        self.classifier = common.EqualLinear(c4, args.K) if args.mode == "smm" else None
+
+    def forward(self, x, step=None, alpha=1.0):
+        step = self.max_step if step is None else step
+        h = F.leaky_relu(self.from_rgb[step](x), 0.2)
+        for s in range(step, 0, -1):
+            h = self.blocks[s - 1](h)
+            if s == step and alpha < 1:  # fade-in: blend with the down-sampled lower path
+                skip = F.leaky_relu(self.from_rgb[s - 1](F.avg_pool2d(x, 2)), 0.2)
+                h = torch.lerp(skip, h, alpha)
+        feat = self.final(minibatch_stddev(h))  # (B, C)
+        cls = self.classifier(feat) if self.classifier is not None else None
+        return self.out(feat).squeeze(1), cls
+
+
+# ----------------------------------------------------------------------------------------------
+# Progressive growing (ProGAN; paper §4 trains "in a progressively growing manner")
+# ----------------------------------------------------------------------------------------------
+
+def schedule(iteration, args):
+    """(step, alpha) at an iteration: start at init_size; each further resolution fades in over
+    phase_iters / 2 iterations, then trains stable for phase_iters / 2. A pure function of the
+    iteration, so --resume lands on the same resolution and alpha."""
+    max_step = int(math.log2(args.size)) - 2
+    if not args.progressive:
+        return max_step, 1.0
+    first = int(math.log2(args.init_size)) - 2
+    phase, within = divmod(iteration, args.phase_iters)
+    step = min(first + phase, max_step)
+    if phase == 0 or first + phase > max_step:
+        return step, 1.0
+    return step, min(1.0, within / (args.phase_iters / 2))
+
+
+def resize_real(images, step):
+    res = 4 * 2 ** step
+    return images if images.shape[-1] == res else F.interpolate(images, size=(res, res),
+                                                                mode="area")
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (non-saturating + R1: rosi's `--loss r1`, our choice over its WGAN-GP default)
+# ----------------------------------------------------------------------------------------------
+
+def smm_class_loss(class_logits, modes):
+    """sMM-GAN (§3): cross-entropy of D's K-way classifier against the mode (D: the real label;
+    G: the requested w_M), AC-GAN style. The paper gives no formula: our reading."""
+    return F.cross_entropy(class_logits, modes)
+
+
+def sample_styles_args(G, batch, args, device, gen=None):
+    """Random z, and with probability mixing_prob a second z and a crossover layer (StyleGAN §3.1)."""
+    z = torch.randn(batch, args.style_dim, device=device, generator=gen)
+    if torch.rand((), generator=gen).item() < args.mixing_prob:
+        z2 = torch.randn(batch, args.style_dim, device=device, generator=gen)
+        return dict(z=z, z2=z2, crossover=int(torch.randint(1, G.n_styles, (),
+                                                            generator=gen)))
+    return dict(z=z)
+
+
+def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
+    """One D step then one G step (n_critic 1, rosi). Returns the logged scalars."""
+    step, alpha = schedule(it, args)
+    g, d = common.unwrap(G), common.unwrap(D)
+    B = real.shape[0]
+    real = resize_real(real, step)
+    smm = args.mode == "smm"
+    modes = torch.randint(0, args.K, (B,), device=rt.device) if smm else None
+
+    # --- D: softplus(D(G(z))) + softplus(-D(x)) + gamma/2 E||grad D(x)||^2 (+ classifier on real)
+    with torch.no_grad(), rt.autocast():
+        fake = G(step=step, alpha=alpha, modes=modes, **sample_styles_args(g, B, args, rt.device))
+    real.requires_grad_(args.r1_gamma > 0)
+    with rt.autocast():
+        real_logit, real_cls = D(real, step, alpha)
+        fake_logit, _ = D(fake.detach(), step, alpha)
+        loss_d = common.ns_d_loss(real_logit, fake_logit)
+        cls_d = smm_class_loss(real_cls, labels) if smm else torch.zeros(())
+    r1 = common.r1_penalty(real_logit.float(), real) if args.r1_gamma > 0 else torch.zeros(())
+    total_d = loss_d + args.r1_gamma / 2 * r1 + args.cls_weight * cls_d
+    opt_d.zero_grad(set_to_none=True)
+    rt.scaler.scale(total_d).backward()
+    rt.scaler.step(opt_d)
+
+    # --- G: softplus(-D(G(z))) (+ classifier: the image must be of the requested mode w_M)
+    d.requires_grad_(False)
+    with rt.autocast():
+        fake = G(step=step, alpha=alpha, modes=modes, **sample_styles_args(g, B, args, rt.device))
+        fake_logit, fake_cls = D(fake, step, alpha)
+        loss_g = common.ns_g_loss(fake_logit)
+        cls_g = smm_class_loss(fake_cls, modes) if smm else torch.zeros(())
+    opt_g.zero_grad(set_to_none=True)
+    rt.scaler.scale(loss_g + args.cls_weight * cls_g).backward()
+    rt.scaler.step(opt_g)
+    rt.scaler.update()
+    d.requires_grad_(True)
+    return dict(loss_d=loss_d.item(), loss_g=loss_g.item(), r1=r1.item(), cls_d=cls_d.item(),
+                cls_g=cls_g.item(), res=4 * 2 ** step, alpha=alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building, data, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def check_args(args):
+    if args.K < 1:
+        raise common.UserError(f"--K must be at least 1 (got {args.K}).")
+    if args.size < 8 or args.size & (args.size - 1):
+        raise common.UserError(f"--size must be a power of two >= 8 (got {args.size}).")
+    if args.progressive and not (8 <= args.init_size <= args.size
+                                 and args.init_size & (args.init_size - 1) == 0):
+        raise common.UserError(f"--init_size must be a power of two between 8 and --size "
+                               f"{args.size} (got {args.init_size}).")
+    if args.phase_iters < 2:
+        raise common.UserError(f"--phase_iters must be at least 2 (got {args.phase_iters}).")
+
+
+def load_data(args, split="train"):
+    options = {"chars": args.chars} if args.data == "letters" and args.chars else {}
+    root = args.data_dir if args.data == "folder" else None
+    ds = data.get_dataset(args.data, root=root, split=split, size=args.size, **options)
+    if args.mode == "smm":
+        if "class" not in ds.has:
+            raise common.UserError(f"--mode smm needs a class label per image, and the "
+                                   f"{args.data} data has none; use --mode umm.")
+        n = getattr(ds, "num_modes", None) or len(ds.class_names)
+        if n > args.K:
+            raise common.UserError(f"--mode smm needs --K >= the {n} classes of {args.data} "
+                                   f"(got --K {args.K}).")
+    return ds
+
+
+def image_channels(args):
+    """Channels of the images without touching data (for --dry_run)."""
+    return 3 if args.data == "folder" else 1
+
+
+def build(args, device="cpu"):
+    c = image_channels(args)
+    args.channels = c
+    return Generator(args, c).to(device), Discriminator(args, c).to(device)
+
+
+def config_of(args):
+    return {k: v for k, v in vars(args).items() if k not in ("resume", "sample", "eval",
+                                                             "dry_run", "device")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def mode_style_grid(G, step, args, device, n_styles=8, alpha=1.0, psi=1.0, w_avg=None,
+                    seed=1234):
+    """Fig. 7: row k = one-hot w_R on mode k, column j = one fixed style w(z_j). For K = 1 the
+    one row is plain samples. Noise is fixed per column so only the mode changes down a column."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_styles, args.style_dim, generator=gen).to(device)
+    rows = []
+    for k in range(G.K):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same noise maps in every row
+            modes = torch.full((n_styles,), k, dtype=torch.long, device=device)
+            img = G(z, step, alpha, modes=modes if G.K > 1 else None, psi=psi, w_avg=w_avg)
+        rows.append(list(resize_to(img, args.size)))
+    return rows
+
+
+def resize_to(img, size):
+    return img if img.shape[-1] == size else F.interpolate(img, size=(size, size), mode="nearest")
+
+
+@torch.no_grad()
+def random_row(G, step, alpha, args, device, n=8, seed=99):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, args.style_dim, generator=gen).to(device)
+    modes = torch.randint(0, G.K, (n,), generator=gen).to(device) if args.mode == "smm" else None
+    return list(resize_to(G(z, step, alpha, modes=modes), args.size))
+
+
+def train(args):
+    rt = common.setup_runtime(args)
+    ds = load_data(args)
+    G, D = build(args, rt.device)
+    ema = common.EMA(G, args.ema_decay)
+    # Adam (0, 0.99) for both (rosi); the mapping network's 0.01x rate lives in its EqualLinear.
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    objects = dict(G=G, D=D, G_ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=rt.scaler)
+    start = 0
+    if args.resume:
+        ck = common.load_checkpoint(ckpt_path, "ummgan", config_of(args), ARCH_KEYS, objects)
+        start = ck["iter"]
+    elif rt.is_main and os.path.exists(ckpt_path):
+        raise common.UserError(f"{ckpt_path} already exists; pass --resume to continue it or "
+                               f"choose another --out_dir.")
+    G = common.prepare_model(G, rt, args.compile, find_unused_parameters=True)
+    D = common.prepare_model(D, rt, args.compile, find_unused_parameters=True)
+    batches = common.batch_stream(ds, rt.local_batch(args.batch_size), rt, args.seed, start,
+                                  args.num_workers)
+    log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
+    for it in range(start, args.iters):
+        batch = common.to_device(next(batches), rt.device)
+        labels = batch.get("class")
+        scalars = train_step(G, D, opt_g, opt_d, batch["image"], labels, it, args, rt)
+        ema.update(G)
+        log.step(args.batch_size)
+        done = it + 1
+        if done % args.log_every == 0 or done == args.iters:
+            log.log(done, **{k: common.reduce_mean(v, rt) for k, v in scalars.items()})
+        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+            step, alpha = schedule(it, args)
+            with torch.random.fork_rng(devices=[]):  # grids must not move the training RNG
+                rows = mode_style_grid(ema.model, step, args, rt.device, alpha=alpha)
+                rows.append(random_row(ema.model, step, alpha, args, rt.device))
+            common.save_grid(os.path.join(args.out_dir, f"samples_{done:06d}.png"), rows)
+        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
+            common.save_checkpoint(ckpt_path, "ummgan", config_of(args), done, objects)
+    log.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling controls (--sample)
+# ----------------------------------------------------------------------------------------------
+
+def load_ema(args, device):
+    G, _ = build(args, device)
+    ck = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "ummgan", config_of(args),
+                                ARCH_KEYS, {"G_ema": _Holder(G)}, restore_rng=False)
+    G.eval()
+    step, alpha = schedule(ck["iter"] - 1, args)
+    return G, step, alpha
+
+
+class _Holder:
+    """Loads the EMA weights (saved by common.EMA) straight into a Generator."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
+
+@torch.no_grad()
+def sample(args):
+    device = common.pick_device(args.device)
+    G, step, alpha = load_ema(args, device)
+    w_avg = G.mean_style()
+    out = args.out_dir
+    # Fig. 7: mode x style (rows: one-hot w_R, columns: fixed w), truncated by --psi.
+    rows = mode_style_grid(G, step, args, device, alpha=alpha, psi=args.psi, w_avg=w_avg)
+    common.save_grid(os.path.join(out, "mode_style.png"), rows)
+    # Fig. 10 / Fig. 3: each mode rendered with w_avg and the noise inputs off.
+    z0 = torch.zeros(G.K, args.style_dim, device=device)
+    modes = torch.arange(G.K, device=device)
+    img = G(z0, step, alpha, modes=modes if G.K > 1 else None, psi=0.0, w_avg=w_avg,
+            noise_off=True)
+    common.save_grid(os.path.join(out, "modes.png"), [list(resize_to(img, args.size))])
+    # Style mixing (StyleGAN Fig. 3 / paper Fig. 4): coarse styles (and w_R) from the top row,
+    # the rest from the left column.
+    gen = torch.Generator().manual_seed(7)
+    za = torch.randn(5, args.style_dim, generator=gen).to(device)
+    zb = torch.randn(4, args.style_dim, generator=gen).to(device)
+    top = list(resize_to(G(za, step, alpha, psi=args.psi, w_avg=w_avg, modes=_smm(G, 5, args)),
+                         args.size))
+    grid = [[torch.ones_like(top[0])] + top]
+    cut = min(4, G.n_styles - 1)  # coarse = the 4x4 and 8x8 styles
+    for b in range(4):
+        zb_rep = zb[b:b + 1].expand(5, -1)
+        left = G(zb[b:b + 1], step, alpha, psi=args.psi, w_avg=w_avg, modes=_smm(G, 1, args))
+        mixed = G(za, step, alpha, z2=zb_rep, crossover=cut, psi=args.psi, w_avg=w_avg,
+                  modes=_smm(G, 5, args))
+        grid.append(list(resize_to(left, args.size)) + list(resize_to(mixed, args.size)))
+    common.save_grid(os.path.join(out, "style_mixing.png"), grid)
+    # Mode usage of uMM-GAN: how often each constant dominates w_R over 10,000 z.
+    info = {"step": step, "alpha": alpha, "psi": args.psi}
+    if G.mapping.mix_head is not None:
+        z = torch.randn(10_000, args.style_dim, generator=gen).to(device)
+        w_R = G.mapping(z)[1]
+        info["mode_usage_argmax"] = torch.bincount(w_R.argmax(1), minlength=G.K).div(
+            len(z)).tolist()
+        info["mean_w_R"] = w_R.mean(0).tolist()
+        info["mean_max_w_R"] = w_R.max(1).values.mean().item()
+    print(json.dumps(info))
+    print(f"wrote mode_style.png, modes.png, style_mixing.png into {out}")
+
+
+def _smm(G, n, args):
+    """sMM-GAN always needs a mode: the grids that are not about modes use mode 0."""
+    return torch.zeros(n, dtype=torch.long, device=G.constants.device) \
+        if args.mode == "smm" else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (--eval): H-shape Jaccard index (Fig. 6), per-mode densities, FID (§4)
+# ----------------------------------------------------------------------------------------------
+
+def measure_widths(images):
+    """Widths (in pixels) of the left and right white rectangles of H-shape images.
+
+    images (B, 1, H, W) in [-1, 1]. A column is white where most of the rows that are white
+    anywhere are white in it; the widths are the white columns left and right of the centre
+    (a missing rectangle has width 0). Returns (B, 2) float.
+    """
+    white = images[:, 0] > 0                                   # (B, H, W)
+    rows = white.any(dim=2, keepdim=True)                      # rows touched by a rectangle
+    frac = (white & rows).sum(1).float() / rows.sum(1).clamp(min=1).float()  # (B, W)
+    cols = frac > 0.5
+    half = images.shape[-1] // 2
+    return torch.stack([cols[:, :half].sum(1), cols[:, half:].sum(1)], dim=1).float()
+
+
+def density(widths, bins, max_width):
+    """Normalised 2-D histogram (bins x bins) of widths (N, 2) over [0, max_width]^2."""
+    idx = (widths / max_width * bins).long().clamp(0, bins - 1)
+    flat = idx[:, 0] * bins + idx[:, 1]
+    hist = torch.bincount(flat, minlength=bins * bins).float().view(bins, bins)
+    return hist / hist.sum().clamp(min=1)
+
+
+def jaccard_index(real_widths, fake_widths, bins, max_width, threshold=0.25):
+    """Fig. 6: threshold the two densities, then |A & B| / |A | B|. A bin is in the support when
+    it holds more than `threshold` times the mass of a uniform density over all bins (the
+    paper's threshold is not given: our choice)."""
+    level = threshold / bins ** 2
+    a = density(real_widths, bins, max_width) > level
+    b = density(fake_widths, bins, max_width) > level
+    return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
+
+
+def density_image(hist):
+    """(bins, bins) density -> (1, bins, bins) in [-1, 1] for save_grid (width 1 down rows)."""
+    return (hist / hist.max().clamp(min=1e-12) * 2 - 1)[None]
+
+
+@torch.no_grad()
+def generate(G, n, step, alpha, args, device, modes=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, 250):
+        b = min(250, n - i)
+        z = torch.randn(b, args.style_dim, generator=gen).to(device)
+        m = None
+        if modes is not None:
+            m = torch.full((b,), modes, dtype=torch.long, device=device)
+        elif args.mode == "smm":
+            m = torch.randint(0, G.K, (b,), generator=gen).to(device)
+        out.append(resize_to(G(z, step, alpha, modes=m), args.size).clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def real_images(ds, n):
+    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().tolist()
+    return torch.stack([ds[i]["image"] for i in idx])
+
+
+@torch.no_grad()
+def evaluate(args):
+    device = common.pick_device(args.device)
+    G, step, alpha = load_ema(args, device)
+    ds = load_data(args)
+    real = real_images(ds, args.eval_n)
+    fake = generate(G, len(real), step, alpha, args, device)
+    result = {"iter_step": step, "n": len(real), "K": args.K, "mode": args.mode}
+    if args.data == "hshape":
+        bins, max_w = 20, args.size // 2
+        real_w, fake_w = measure_widths(real), measure_widths(fake)
+        result["jaccard"] = jaccard_index(real_w, fake_w, bins, max_w)
+        tiles = [density_image(density(real_w, bins, max_w)),
+                 density_image(density(fake_w, bins, max_w))]
+        per_mode = []
+        if G.K > 1:  # Fig. 6 middle row: the density of each constant alone (one-hot w_R)
+            for k in range(G.K):
+                wk = measure_widths(generate(G, len(real) // G.K, step, alpha, args, device,
+                                             modes=k, seed=k + 1))
+                per_mode.append(density_image(density(wk, bins, max_w)))
+        common.save_grid(os.path.join(args.out_dir, "densities.png"), [tiles + per_mode])
+    if args.pretrained:
+        inception = common.FIDInception(pretrained=True).to(device).eval()
+        feats = [torch.cat([inception(to_rgb01(c.to(device))).cpu() for c in x.split(100)])
+                 for x in (real, fake)]
+        result["fid"] = float(common.fid(*feats))
+    else:
+        result["fid"] = None  # needs the pretrained Inception: --pretrained 1
+    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+
+
+def to_rgb01(x):
+    x = (x + 1) / 2
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def dry_run(args):
+    """Parameter counts, and what uMM-GAN adds over StyleGAN (K = 1) at the same widths (§4)."""
+    G, D = build(args)
+    base_args = type(args)(**{**vars(args), "K": 1})
+    G1, D1 = build(base_args)
+    added = common.count_params(G) - common.count_params(G1)
+    c4, d = channels_at(4, args), args.style_dim
+    if args.mode == "umm":
+        paper = d * args.K + 4 * 4 * c4 * (args.K - 1) if args.K > 1 else 0
+        print(f"uMM-GAN K={args.K}: G adds {added} parameters over StyleGAN (K=1); paper §4 "
+              f"{d}*K + 4*4*{c4}*(K-1) = {paper}, plus K={args.K if args.K > 1 else 0} biases "
+              f"of the w_R head -> {paper + (args.K if args.K > 1 else 0)}")
+    else:
+        print(f"sMM-GAN K={args.K}: G adds {added} (constants 4*4*{c4}*(K-1)), D adds "
+              f"{common.count_params(D) - common.count_params(D1)} (K-way classifier)")
+    common.print_dry_run({"G": G, "D": D})
+
+
+def main(argv=None):
+    args = common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv)
+    check_args(args)
+    if args.dry_run:
+        dry_run(args)
+    elif args.sample:
+        sample(args)
+    elif args.eval:
+        evaluate(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
