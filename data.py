@@ -1,0 +1,1364 @@
+"""Every dataset of the five scripts: three built-in synthetic ones, generated on the fly, and
+loaders for the real datasets in the folder layouts their official code expects
+(../shared/reference/data.md).
+
+    get_dataset(name, root=None, split="train", size=None, **options) -> torch Dataset
+
+`root` defaults to data/<name>; `size` is an int (square; for the 2:1 street sets, the height)
+or (H, W); None gives the dataset's default (the paper's size for the real sets). Every problem
+with the files on disk raises common.UserError with one sentence naming the path and the
+expected layout; the scripts print it and exit with status 2.
+
+Every item is a dict; a dataset provides the keys in its `has` set:
+
+    image     float32 (C, H, W) in [-1, 1]
+    label     int64 (H, W) class ids in [0, num_classes)
+    instance  int64 (H, W) contiguous instance ids 0..K-1 (INADE's instance maps, data.md)
+    sketch    float32 (1, H, W) in {0, 1}, 1 on an edge
+    caption   str
+    style     float32 (C, H, W) in [-1, 1], a style reference (shapes)
+    lowres    float32 (C, H/8, W/8), the 8x box-downsampled image (shapes, folder)
+    class     int64 () class index (letters; folder with class sub-folders)
+    widths    float32 (2,) rectangle widths (hshape)
+    inst_*    shapes ground truth, padded to MAX_INSTANCES (see "shapes" below)
+    name      str, the file stem (real sets), for writing results
+
+and every dataset has the attributes `num_classes` (one-hot channels of `label`, including a
+don't-care channel where the official code adds one; 0 without labels), `channels` (3 or 1),
+`size` (H, W), `has`, `class_names`, `palette` (uint8 (num_classes, 3) colours for drawing
+label maps) and `len()`.
+
+Built-in synthetic sets (no files; an item is a pure function of (seed option, split, index);
+options `seed`=0 and `length`=10_000; sizes multiples of 8 from 32 to 256, default 64):
+
+    shapes   background + 1-4 objects (circle, square, triangle, striped diamond) whose colours
+             come from a class-conditional palette with 2-3 named modes per class. Gives image,
+             label, instance, sketch, caption, style, lowres and the exact ground truth.
+    hshape   uMM-GAN's Fig. 6 toy: two white rectangles whose widths fill an H-shaped region.
+    letters  glyphs drawn with Pillow's bundled scalable font in random styles (option
+             `letters`, default "AB"; "all" = the 62 alphanumerics), grayscale.
+
+Real sets (layouts in DATASETS[name]["layout"]): deepfashion, cityscapes, ade20k, celebamask-hq,
+coco-stuff, mm-celeba-hq, gta5, folder, folder-pairs.
+
+Map of this file: helpers (splits, tensors, edges, instance re-indexing, sketches, palettes)
+-> shapes (palette, scene, drawing, captions, scoring helpers) -> hshape -> letters -> real
+datasets (reading, label encodings, transforms, one scanner per layout) -> registry and
+get_dataset -> benchmark and preview (python data.py --bench).
+
+    python data.py --bench                    # items/s of the synthetic sets, one thread
+    python data.py --preview shapes           # a sample grid in /tmp/data_preview_shapes.png
+    python data.py --preview ade20k --root data/ade20k
+"""
+
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from common import UserError
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by all datasets
+# ----------------------------------------------------------------------------------------------
+
+SPLIT_IDS = {"train": 0, "test": 1}  # "val" is read as "test" everywhere (data.md: SPADE's test phase reads val)
+
+
+def split_name(split):
+    split = {"val": "test", "validation": "test"}.get(split, split)
+    if split not in SPLIT_IDS:
+        raise UserError(f"unknown split '{split}'; expected 'train' or 'test' (or 'val').")
+    return split
+
+
+def item_rng(seed, split, index):
+    """The random generator of one synthetic item: a pure function of (seed, split, index)."""
+    return np.random.default_rng([seed, SPLIT_IDS[split], index])
+
+
+def parse_size(name, size, default, lo=8, hi=4096, multiple=1):
+    """An int (square) or (H, W) -> (H, W), checked against the dataset's limits."""
+    if size is None:
+        size = default
+    h, w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    if not (lo <= h <= hi and lo <= w <= hi and h % multiple == 0 and w % multiple == 0):
+        raise UserError(f"size {size} does not suit dataset '{name}'; expected sides from {lo} "
+                        f"to {hi}" + (f", multiples of {multiple}." if multiple > 1 else "."))
+    return int(h), int(w)
+
+
+def to_image_tensor(array):
+    """(H, W, C) or (H, W) array in [0, 1] -> float32 (C, H, W) in [-1, 1]."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1) * 2 - 1))
+
+
+def box_downsample(image, factor=8):
+    """The mean of every factor x factor block: (C, H, W) -> (C, H/f, W/f)."""
+    c, h, w = image.shape
+    return image.reshape(c, h // factor, factor, w // factor, factor).mean(dim=(2, 4))
+
+
+def instance_edges(ids):
+    """1 where a 4-neighbour has another id (INADE's edge map, data.md), 0 elsewhere.
+
+    ids: numpy or torch integer array (..., H, W); returns the same kind, bool.
+    """
+    edge = np.zeros(ids.shape, bool) if isinstance(ids, np.ndarray) else \
+        torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    dx = ids[..., :, 1:] != ids[..., :, :-1]   # both pixels of a differing horizontal pair
+    edge[..., :, 1:] |= dx
+    edge[..., :, :-1] |= dx
+    dy = ids[..., 1:, :] != ids[..., :-1, :]
+    edge[..., 1:, :] |= dy
+    edge[..., :-1, :] |= dy
+    return edge
+
+
+def reindex(ids):
+    """INADE's make_instances rule (data.md): sorted unique values -> 0..K-1. (H, W) int64."""
+    _, inverse = np.unique(ids, return_inverse=True)
+    return inverse.reshape(ids.shape).astype(np.int64)
+
+
+SKETCH_THRESHOLD = 0.2  # our choice: an edge of at least 20% of the grey range
+
+
+def image_sketch(gray):
+    """A thin edge map from a (H, W) grey image in [0, 1]: a Canny-like rule in numpy.
+
+    Sobel gradient (scaled so a unit step gives 1), kept where it exceeds SKETCH_THRESHOLD and is
+    a local maximum across the edge (non-maximum suppression along the dominant axis).
+    No hysteresis (our simplification of Canny). Returns float32 (H, W) in {0, 1}.
+    """
+    p = np.pad(gray, 1, mode="edge")
+    gx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    gy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    mag = np.hypot(gx, gy) / 4
+    m = np.pad(mag, 1)
+    peak_x = (mag >= m[1:-1, :-2]) & (mag >= m[1:-1, 2:])
+    peak_y = (mag >= m[:-2, 1:-1]) & (mag >= m[2:, 1:-1])
+    peak = np.where(np.abs(gx) >= np.abs(gy), peak_x, peak_y)
+    return ((mag > SKETCH_THRESHOLD) & peak).astype(np.float32)
+
+
+def label_palette(n):
+    """Fixed colours for n classes: the bits of the class id spread over R, G, B (id 0 black)."""
+    ids = np.arange(n)
+    pal = np.zeros((n, 3), np.int64)
+    for bit in range(8):
+        for ch in range(3):
+            pal[:, ch] |= ((ids >> (3 * bit + ch)) & 1) << (7 - bit)
+    return pal.astype(np.uint8)
+
+
+def natural_key(path):
+    """Sort key with digit runs compared as numbers (data.md: lists are natural-sorted)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path)]
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes: a background and 1-4 objects with class-conditional, multimodal colours
+# ----------------------------------------------------------------------------------------------
+# Ground truth conventions: instance 0 is the background, object j (0-based, drawing order) is
+# instance j + 1 and row j of the inst_* arrays; rows j >= n are padding (inst_valid False,
+# inst_class 0, inst_mode -1, colour and box 0). Boxes are (y0, x0, y1, x1) with exclusive ends
+# and bound the *visible* pixels of the object. Later objects occlude earlier ones, but every
+# object keeps at least SHAPES_MIN_VISIBLE of its area (a placement that would hide more is
+# redrawn), so every instance id in 0..n appears in the instance map.
+
+MAX_INSTANCES = 4
+SHAPES_CLASSES = ["background", "circle", "square", "triangle", "diamond"]
+SHAPES_TEXTURED = (4,)  # diamonds are striped (SR ambiguity, see shapes_stripe_period)
+SHAPES_COLOURS = {  # RGB in [0, 1]; pairwise distances >= 0.6 so modes never blur together
+    "red": (0.90, 0.10, 0.10), "green": (0.10, 0.75, 0.15), "blue": (0.15, 0.25, 0.95),
+    "yellow": (0.95, 0.85, 0.10), "cyan": (0.10, 0.80, 0.85), "magenta": (0.90, 0.15, 0.80),
+    "white": (0.95, 0.95, 0.95),
+}
+SHAPES_MODE_NAMES = [[], ["red", "blue", "yellow"], ["green", "magenta"],
+                     ["cyan", "white", "red"], ["yellow", "blue"]]
+SHAPES_MODE_WEIGHTS = [[], [0.5, 0.3, 0.2], [0.6, 0.4], [0.5, 0.3, 0.2], [0.6, 0.4]]
+SHAPES_PALETTE = [[SHAPES_COLOURS[n] for n in names] for names in SHAPES_MODE_NAMES]
+SHAPES_JITTER = 0.05             # each channel of an instance colour: mode centre +- U(0, 0.05)
+SHAPES_MODE_TOLERANCE = 0.2      # a measured colour this close to a mode centre is "in the mode"
+SHAPES_BACKGROUND = (0.45, 0.60)  # background: flat grey, level uniform in this range per image
+SHAPES_STRIPE_DARK = 0.25        # dark stripes are 0.25 x the instance colour
+SHAPES_RADIUS = (0.12, 0.22)     # object radius as a fraction of the shorter side
+SHAPES_MIN_VISIBLE = 0.6
+
+
+def shapes_stripe_period(h, w):
+    """Stripe period in pixels: 4 up to 128 px, 8 at 256.
+
+    A square wave whose period divides the 8x SR factor averages to a constant in every 8x8
+    block (exactly for axis-aligned stripes, nearly for oblique ones), so the low-resolution
+    input shows a flat mid colour and the stripes' phase and orientation are unrecoverable.
+    """
+    return 4 if min(h, w) < 256 else 8
+
+
+def shapes_appearance(rng):
+    """What the objects are, independent of where: class, colour mode, colour, stripes."""
+    n = int(rng.integers(1, MAX_INSTANCES + 1))
+    classes = rng.integers(1, len(SHAPES_CLASSES), n)
+    pick = rng.random(n)  # mode by inverse CDF of SHAPES_MODE_WEIGHTS
+    jitter = rng.uniform(-SHAPES_JITTER, SHAPES_JITTER, (n, 3))
+    angle, phase = rng.uniform(0, math.pi, n), rng.random(n)
+    objects = []
+    for j, cls in enumerate(classes.tolist()):
+        mode = min(int(np.searchsorted(_MODE_CDF[cls], pick[j], side="right")), len(_MODE_CDF[cls]) - 1)
+        colour = np.clip(np.array(SHAPES_PALETTE[cls][mode]) + jitter[j], 0, 1).astype(np.float32)
+        objects.append(dict(cls=cls, mode=mode, colour=colour, angle=float(angle[j]), phase=float(phase[j])))
+    background = np.float32(rng.uniform(*SHAPES_BACKGROUND))
+    return objects, background
+
+
+_MODE_CDF = [np.cumsum(w) for w in SHAPES_MODE_WEIGHTS]
+
+
+def shape_mask(cls, cy, cx, r, yy, xx):
+    """Inside-test at pixel centres (yy, xx) for an object of radius r centred at (cy, cx)."""
+    dy, dx = yy - cy, xx - cx
+    if cls == 1:   # circle
+        return dy * dy + dx * dx <= r * r
+    if cls == 2:   # axis-aligned square of side 1.7 r
+        return (np.abs(dy) <= 0.85 * r) & (np.abs(dx) <= 0.85 * r)
+    if cls == 3:   # triangle, apex up at cy - r, base at cy + 0.8 r, half-width r at the base
+        return (dy <= 0.8 * r) & (np.abs(dx) <= (dy + r) / 1.8)
+    return np.abs(dy) + np.abs(dx) <= 1.1 * r  # diamond
+
+
+def shapes_layout(rng, objects, h, w, strict=True):
+    """Place the objects one after another; returns the instance map and each object's geometry.
+
+    strict: redraw a placement (up to 20 times, then drop the object) that would leave an earlier
+    object less than SHAPES_MIN_VISIBLE of its area. Not strict (style images): the first try.
+    """
+    ids = np.zeros((h, w), np.int64)  # (H, W) 0 = background, j + 1 = object j
+    areas, visible, placed = [], np.zeros(0, np.int64), []
+    for obj in objects:
+        for attempt in range(20):
+            u = rng.random(3)
+            r = (SHAPES_RADIUS[0] + u[0] * (SHAPES_RADIUS[1] - SHAPES_RADIUS[0])) * min(h, w)
+            cy, cx = r + u[1] * (h - 2 * r), r + u[2] * (w - 2 * r)  # wholly inside the image
+            y0, y1 = max(0, int(cy - 1.2 * r)), min(h, int(cy + 1.2 * r) + 2)
+            x0, x1 = max(0, int(cx - 1.2 * r)), min(w, int(cx + 1.2 * r) + 2)
+            yy = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5
+            xx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5
+            mask = shape_mask(obj["cls"], cy, cx, r, yy, xx)  # (y1-y0, x1-x0) window
+            window = ids[y0:y1, x0:x1]
+            hidden = np.bincount(window[mask], minlength=len(placed) + 1)[1:]
+            if not strict or np.all(visible - hidden >= SHAPES_MIN_VISIBLE * np.array(areas)):
+                break
+        else:
+            continue  # strict and no placement leaves the others visible enough: drop it
+        window[mask] = len(placed) + 1
+        visible = np.append(visible - hidden, mask.sum())
+        areas.append(int(mask.sum()))
+        placed.append(dict(obj, cy=cy, cx=cx, r=r, window=(y0, y1, x0, x1)))
+    return ids, placed
+
+
+def shapes_paint(ids, placed, background):
+    """The image (H, W, 3) in [0, 1]: flat colours, stripes on textured classes."""
+    h, w = ids.shape
+    colours = np.concatenate([np.full((1, 3), background, np.float32),
+                              np.stack([p["colour"] for p in placed])])
+    image = np.take(colours, ids, axis=0)  # (H, W, 3); np.take is faster than colours[ids]
+    period = shapes_stripe_period(h, w)
+    for j, p in enumerate(placed):
+        if p["cls"] in SHAPES_TEXTURED:
+            y0, y1, x0, x1 = p["window"]  # the object lies inside its window
+            yy = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5
+            xx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5
+            # square wave across the direction `angle`, random phase
+            proj = (xx - p["cx"]) * math.cos(p["angle"]) + (yy - p["cy"]) * math.sin(p["angle"])
+            dark = (np.floor(2 * (proj / period + p["phase"])) % 2 == 1) & (ids[y0:y1, x0:x1] == j + 1)
+            image[y0:y1, x0:x1][dark] *= SHAPES_STRIPE_DARK
+    return image
+
+
+def shapes_caption(placed):
+    """'a red circle above a blue square and a yellow striped diamond': colours, shapes and the
+    relation of each pair (objects 0-1, 2-3) by their centres' dominant offset."""
+    def phrase(p):
+        striped = "striped " if p["cls"] in SHAPES_TEXTURED else ""
+        return f"a {SHAPES_MODE_NAMES[p['cls']][p['mode']]} {striped}{SHAPES_CLASSES[p['cls']]}"
+
+    def relation(a, b):
+        dy, dx = b["cy"] - a["cy"], b["cx"] - a["cx"]
+        if abs(dy) >= abs(dx):
+            return "above" if dy > 0 else "below"
+        return "left of" if dx > 0 else "right of"
+
+    parts = []
+    for k in range(0, len(placed), 2):
+        pair = placed[k:k + 2]
+        parts.append(phrase(pair[0]) if len(pair) == 1 else
+                     f"{phrase(pair[0])} {relation(*pair)} {phrase(pair[1])}")
+    return " and ".join(parts)
+
+
+def shapes_item(rng, h, w):
+    """One shapes item (see the module docstring for the keys)."""
+    objects, background = shapes_appearance(rng)
+    ids, placed = shapes_layout(rng, objects, h, w)
+    image = shapes_paint(ids, placed, background)  # (H, W, 3) in [0, 1]
+    lowres = image.reshape(h // 8, 8, w // 8, 8, 3).mean((1, 3))  # 8x box-downsampling
+    # Style reference: the same objects (classes, modes, colours), another layout and stripes.
+    restyled = [dict(p, angle=rng.uniform(0, math.pi), phase=rng.uniform(0, 1)) for p in placed]
+    style_ids, style_placed = shapes_layout(rng, restyled, h, w, strict=False)
+    cls_of_id = np.array([0] + [p["cls"] for p in placed])
+    n = len(placed)
+    inst_class = np.zeros(MAX_INSTANCES, np.int64)
+    inst_mode = np.full(MAX_INSTANCES, -1, np.int64)
+    inst_color = np.zeros((MAX_INSTANCES, 3), np.float32)
+    inst_box = np.zeros((MAX_INSTANCES, 4), np.int64)
+    for j, p in enumerate(placed):
+        wy0, wy1, wx0, wx1 = p["window"]
+        visible = ids[wy0:wy1, wx0:wx1] == j + 1
+        rows, cols = np.nonzero(visible.any(1))[0], np.nonzero(visible.any(0))[0]
+        inst_box[j] = (wy0 + rows[0], wx0 + cols[0], wy0 + rows[-1] + 1, wx0 + cols[-1] + 1)
+        inst_class[j], inst_mode[j], inst_color[j] = p["cls"], p["mode"], p["colour"]
+    return {
+        "image": to_image_tensor(image),
+        "label": torch.from_numpy(np.take(cls_of_id, ids)),
+        "instance": torch.from_numpy(ids),
+        "sketch": torch.from_numpy(instance_edges(ids)[None].astype(np.float32)),
+        "caption": shapes_caption(placed),
+        "style": to_image_tensor(shapes_paint(style_ids, style_placed, background)),
+        "lowres": to_image_tensor(lowres),
+        "inst_class": torch.from_numpy(inst_class),
+        "inst_mode": torch.from_numpy(inst_mode),
+        "inst_color": torch.from_numpy(inst_color),
+        "inst_box": torch.from_numpy(inst_box),
+        "inst_valid": torch.arange(MAX_INSTANCES) < n,
+    }
+
+
+# Scoring helpers: exact, no learned network. Colours are RGB in [0, 1].
+
+def _palette_table():
+    """(num_classes, max_modes, 3) mode centres, NaN where a class has fewer modes."""
+    table = np.full((len(SHAPES_CLASSES), 3, 3), np.nan, np.float32)
+    for c, modes in enumerate(SHAPES_PALETTE):
+        table[c, :len(modes)] = modes
+    return torch.from_numpy(table)
+
+
+def shapes_mode_assignment(colour, cls):
+    """Nearest palette mode of the object's own class, and the RGB distance to its centre.
+
+    colour (..., 3) in [0, 1], cls (...) object classes 1..4 (torch or numpy)
+    -> mode (...) int64 index into SHAPES_PALETTE[cls], distance (...) float32.
+    """
+    colour = torch.as_tensor(colour, dtype=torch.float32)
+    cls = torch.as_tensor(cls, dtype=torch.int64).clamp(min=0)
+    centres = _palette_table().to(colour.device)[cls]        # (..., M, 3)
+    dist = (colour.unsqueeze(-2) - centres).norm(dim=-1)      # (..., M)
+    dist = torch.nan_to_num(dist, nan=float("inf"))
+    distance, mode = dist.min(dim=-1)
+    return mode, distance
+
+
+def shapes_measure_colours(images, instance, inst_class):
+    """Measured colour of every object: the mean over its instance pixels.
+
+    For striped classes only the light stripes count (pixels at or above the instance's mean
+    luminance), so the measure is the object's colour, not its mix with the dark stripes.
+    images (B, 3, H, W) in [-1, 1], instance (B, H, W) ids (object j = j + 1), inst_class (B, M)
+    -> colours (B, M, 3) in [0, 1], area (B, M) pixels of each instance.
+    """
+    images = (torch.as_tensor(images, dtype=torch.float32) + 1) / 2
+    instance = torch.as_tensor(instance)
+    inst_class = torch.as_tensor(inst_class)
+    m = inst_class.shape[1]
+    masks = (instance[:, None] == torch.arange(1, m + 1, device=instance.device)[None, :, None, None])
+    masks = masks.float()                                              # (B, M, H, W)
+    area = masks.sum((2, 3))
+    lum = images.mean(1, keepdim=True)                                 # (B, 1, H, W)
+    mean_lum = (masks * lum).sum((2, 3)) / area.clamp(min=1)           # (B, M)
+    light = masks * (lum >= mean_lum[:, :, None, None] - 1e-6).float()
+    textured = torch.zeros_like(masks[:, :, 0, 0], dtype=torch.bool)
+    for c in SHAPES_TEXTURED:
+        textured |= inst_class == c
+    weights = torch.where(textured[:, :, None, None], light, masks)
+    colours = torch.einsum("bmhw,bchw->bmc", weights, images) / weights.sum((2, 3)).clamp(min=1)[..., None]
+    return colours, area
+
+
+def shapes_colour_fidelity(images, instance, inst_class, inst_valid):
+    """Per-instance colour fidelity of images drawn for the given instance maps.
+
+    Returns a dict: `distance` (B, M) to the nearest mode of the object's class, `mode` (B, M),
+    `valid` (B, M) (object exists and is visible), `colour_error` (mean distance, float) and
+    `in_mode` (fraction of objects within SHAPES_MODE_TOLERANCE of a mode centre).
+    """
+    colours, area = shapes_measure_colours(images, instance, inst_class)
+    mode, distance = shapes_mode_assignment(colours, inst_class)
+    valid = torch.as_tensor(inst_valid).bool() & (area > 0)
+    d = distance[valid]
+    return {"distance": distance, "mode": mode, "valid": valid,
+            "colour_error": float(d.mean()) if d.numel() else float("nan"),
+            "in_mode": float((d <= SHAPES_MODE_TOLERANCE).float().mean()) if d.numel() else float("nan")}
+
+
+def shapes_mode_coverage(mode, inst_class, valid=None):
+    """How well a set of objects covers the palette's modes.
+
+    mode, inst_class, valid: matching arrays (any shape) -> dict with `coverage` (fraction of
+    the (class, mode) pairs of the classes present that occur at least once), `counts`
+    {class name: counts per mode} and `tv` (total-variation distance between the observed mode
+    frequencies and SHAPES_MODE_WEIGHTS, averaged over the classes present; 0 = exact).
+    """
+    mode = torch.as_tensor(mode).reshape(-1)
+    cls = torch.as_tensor(inst_class).reshape(-1)
+    keep = torch.ones_like(cls, dtype=torch.bool) if valid is None else torch.as_tensor(valid).reshape(-1).bool()
+    keep &= (cls > 0) & (mode >= 0)
+    counts, hit, total, tv = {}, 0, 0, []
+    for c in range(1, len(SHAPES_CLASSES)):
+        sel = mode[keep & (cls == c)]
+        if sel.numel() == 0:
+            continue
+        k = torch.bincount(sel, minlength=len(SHAPES_PALETTE[c]))
+        counts[SHAPES_CLASSES[c]] = k.tolist()
+        hit, total = hit + int((k > 0).sum()), total + len(k)
+        freq = k.float() / k.sum()
+        tv.append(0.5 * float((freq - torch.tensor(SHAPES_MODE_WEIGHTS[c])).abs().sum()))
+    return {"coverage": hit / total if total else float("nan"), "counts": counts,
+            "tv": float(np.mean(tv)) if tv else float("nan")}
+
+
+_CAPTION_OBJECT = re.compile(r"\ba (\w+) (?:striped )?(" + "|".join(SHAPES_CLASSES[1:]) + r")\b")
+
+
+def shapes_caption_objects(caption):
+    """The (colour name, class id) pairs a shapes caption names, in order."""
+    return [(colour, SHAPES_CLASSES.index(shape)) for colour, shape in _CAPTION_OBJECT.findall(caption)]
+
+
+def _components(mask):
+    """4-connected components of a bool (H, W) tensor -> int64 (H, W) labels, 0 = outside.
+
+    Each pixel takes the largest label among itself and its neighbours until nothing changes.
+    """
+    h, w = mask.shape
+    lab = torch.where(mask, torch.arange(1, h * w + 1).view(h, w), torch.zeros(h, w, dtype=torch.int64))
+    while True:
+        p = torch.nn.functional.pad(lab, (1, 1, 1, 1))
+        new = torch.stack([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]).amax(0)
+        new = torch.where(mask, new, lab)
+        if torch.equal(new, lab):
+            return lab
+        lab = new
+
+
+def shapes_find_objects(image, min_area=0.005):
+    """Objects found in one image (3, H, W) in [-1, 1] by palette colour alone.
+
+    Pixels within SHAPES_MODE_TOLERANCE of a named colour (or of its dark-stripe shade) form
+    4-connected components; each component of at least `min_area` of the image is classified by
+    its shape: fill of its box > 0.9 square, > 0.65 circle, else triangle if its mass sits low
+    (centroid below 0.58 of the box height), else diamond. Objects of one colour that touch
+    merge, and heavily occluded ones may be misread: a measure for generated images, exact
+    enough on the ground truth (tests/test_data.py checks it there).
+    Returns a list of dicts {colour, cls, box (y0, x0, y1, x1), area}.
+    """
+    rgb = ((torch.as_tensor(image, dtype=torch.float32) + 1) / 2).permute(1, 2, 0)  # (H, W, 3)
+    h, w = rgb.shape[:2]
+    found = []
+    for name, c in SHAPES_COLOURS.items():
+        c = torch.tensor(c)
+        mask = ((rgb - c).norm(dim=-1) <= SHAPES_MODE_TOLERANCE) | \
+               ((rgb - SHAPES_STRIPE_DARK * c).norm(dim=-1) <= SHAPES_MODE_TOLERANCE / 2)
+        if mask.sum() < min_area * h * w:
+            continue
+        lab = _components(mask)
+        ids, areas = lab[mask].unique(return_counts=True)
+        for i, area in zip(ids.tolist(), areas.tolist()):
+            if area < min_area * h * w:
+                continue
+            ys, xs = torch.nonzero(lab == i, as_tuple=True)
+            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+            fill = area / ((y1 - y0) * (x1 - x0))
+            low = (float(ys.float().mean()) + 0.5 - y0) / (y1 - y0)
+            cls = 2 if fill > 0.9 else 1 if fill > 0.65 else 3 if low > 0.58 else 4
+            found.append(dict(colour=name, cls=cls, box=(y0, x0, y1, x1), area=area))
+    return found
+
+
+def shapes_caption_accuracy(images, captions):
+    """How many of the objects each caption names are found in its image (shapes_find_objects).
+
+    images (B, 3, H, W) in [-1, 1], captions list of B str -> dict of fractions over all named
+    objects: `colour` (an object of that colour exists), `shape` (that shape in any colour),
+    `object` (that shape in that colour).
+    """
+    hits, n = np.zeros(3), 0
+    for image, caption in zip(images, captions):
+        found = shapes_find_objects(image)
+        for colour, cls in shapes_caption_objects(caption):
+            n += 1
+            hits += [any(f["colour"] == colour for f in found), any(f["cls"] == cls for f in found),
+                     any(f["colour"] == colour and f["cls"] == cls for f in found)]
+    hits = hits / max(n, 1)
+    return {"colour": hits[0], "shape": hits[1], "object": hits[2]}
+
+
+# ----------------------------------------------------------------------------------------------
+# hshape: uMM-GAN Fig. 6, two rectangles whose widths fill an H-shaped region
+# ----------------------------------------------------------------------------------------------
+# Widths are in the paper's units (0..40). Our drawing (the paper gives no image size): one
+# rectangle in the upper and one in the lower half, each a quarter of the image high,
+# left-aligned at H/12, 40 units spanning 5/6 of the width; the right edge is anti-aliased by
+# coverage so the exact width can be read back from the pixels (hshape_measure).
+
+HSHAPE_MAX = 40.0
+
+
+def hshape_sample(rng, n=None):
+    """Widths (w1, w2) from the H: w1 ~ U[0, 40]; w2 ~ U[0, 40] on the legs (w1 <= 10 or
+    w1 >= 30), U[15, 25] on the crossbar (10 < w1 < 30). (2,) or (n, 2) float32."""
+    w1 = rng.uniform(0, HSHAPE_MAX, n)
+    leg = (w1 <= 10) | (w1 >= 30)
+    w2 = np.where(leg, rng.uniform(0, HSHAPE_MAX, n), rng.uniform(15, 25, n))
+    return np.stack([w1, w2], -1).astype(np.float32)
+
+
+def hshape_region(widths):
+    """Which part of the H each (w1, w2) lies in: 0 left leg, 1 crossbar, 2 right leg, -1 none."""
+    w = torch.as_tensor(widths, dtype=torch.float32)
+    w1, w2 = w[..., 0], w[..., 1]
+    inside = (w2 >= 0) & (w2 <= HSHAPE_MAX)
+    region = torch.full(w1.shape, -1, dtype=torch.int64)
+    region[inside & (w1 >= 0) & (w1 <= 10)] = 0
+    region[(w1 > 10) & (w1 < 30) & (w2 >= 15) & (w2 <= 25)] = 1
+    region[inside & (w1 >= 30) & (w1 <= HSHAPE_MAX)] = 2
+    return region
+
+
+def _hshape_geometry(h, w):
+    """Row bands of the two rectangles, the left edge and pixels per width unit."""
+    band = h // 4
+    top, bottom = h // 8, h - h // 8 - band
+    return (top, top + band), (bottom, bottom + band), round(w / 12), (5 / 6) * w / HSHAPE_MAX
+
+
+def hshape_draw(widths, h, w):
+    """(H, W) image in [0, 1] with the two rectangles of the given widths."""
+    rows1, rows2, left, scale = _hshape_geometry(h, w)
+    cols = np.arange(w, dtype=np.float32)
+    image = np.zeros((h, w), np.float32)
+    for (r0, r1), width in zip((rows1, rows2), widths):
+        image[r0:r1] = np.clip(left + width * scale - cols, 0, 1) * (cols >= left)
+    return image
+
+
+def hshape_measure(images):
+    """Read the widths back from images (B, 1, H, W) in [-1, 1] -> (B, 2) in width units."""
+    images = (torch.as_tensor(images, dtype=torch.float32) + 1) / 2
+    h, w = images.shape[-2:]
+    rows1, rows2, _, scale = _hshape_geometry(h, w)
+    ink = images[:, 0].sum(-1)  # (B, H): ink per row
+    return torch.stack([ink[:, slice(*rows1)].mean(1), ink[:, slice(*rows2)].mean(1)], 1) / scale
+
+
+def hshape_jaccard(widths, bins=20, threshold=0.5):
+    """Jaccard index between the thresholded density of `widths` (N, 2) and the true H.
+
+    Densities on a bins x bins grid over [0, 40]^2; a cell is "on" where the sample density is
+    at least `threshold` x the smallest true density inside the H (1/1600 per unit^2, the legs)
+    and the true set is the cells whose centre is inside the H. Our reading of the paper's
+    "Jaccard of thresholded PDFs" (thresholds not given).
+    """
+    w = torch.as_tensor(widths, dtype=torch.float32).reshape(-1, 2)
+    cell = HSHAPE_MAX / bins
+    idx = (w / cell).floor().long()
+    ok = ((idx >= 0) & (idx < bins)).all(1)
+    counts = torch.bincount(idx[ok, 0] * bins + idx[ok, 1], minlength=bins * bins).float()
+    on = counts / max(len(w), 1) >= threshold * cell * cell / 1600
+    centres = (torch.arange(bins) + 0.5) * cell
+    truth = hshape_region(torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1)) >= 0
+    truth = truth.reshape(-1)
+    return float((on & truth).sum()) / max(float((on | truth).sum()), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# letters: glyphs in random styles, drawn with Pillow's bundled scalable font
+# ----------------------------------------------------------------------------------------------
+
+ALPHANUMERICS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_FONTS = {}
+
+
+def letter_font(pixels):
+    """Pillow's bundled FreeType font (Pillow >= 10.1) at a size in pixels, cached."""
+    if pixels not in _FONTS:
+        try:
+            font = ImageFont.load_default(size=pixels)
+        except (TypeError, ImportError, OSError):
+            font = None
+        if not isinstance(font, ImageFont.FreeTypeFont):
+            raise UserError("the letters dataset needs Pillow >= 10.1 built with FreeType "
+                            "(ImageFont.load_default(size=...) gave no scalable font); "
+                            "install it with: pip install 'pillow>=10.1'.")
+        _FONTS[pixels] = font
+    return _FONTS[pixels]
+
+
+def letter_style(rng, size):
+    """A random style. Ranges are our choice (the paper's 216 handwriting styles are not public)."""
+    return dict(scale=rng.uniform(0.6, 1.1), stroke=int(rng.integers(0, max(1, size // 32) + 1)),
+                rotation=rng.uniform(-15, 15), shear=rng.uniform(-0.3, 0.3),
+                position=rng.uniform(0, 1, 2))
+
+
+def draw_letter(char, size, scale=0.8, stroke=0, rotation=0.0, shear=0.0, position=(0.5, 0.5)):
+    """A white glyph on black, (H, W) float32 in [0, 1]: drawn at `scale` x H font pixels with
+    `stroke` extra pixels of outline, rotated (degrees) and sheared about its centre, then
+    placed at `position` (fractions of the free space left and above), always wholly inside."""
+    h, w = size
+    big = 2 * max(h, w)
+    canvas = Image.new("L", (big, big), 0)
+    ImageDraw.Draw(canvas).text((big / 2, big / 2), char, fill=255, anchor="mm", stroke_width=stroke,
+                                stroke_fill=255, font=letter_font(max(6, round(scale * h))))
+    a = math.radians(rotation)
+    forward = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) @ \
+        np.array([[1.0, shear], [0.0, 1.0]])
+    inv = np.linalg.inv(forward)  # PIL maps each output pixel back to an input pixel
+    c = np.array([big / 2, big / 2])
+    offset = c - inv @ c
+    canvas = canvas.transform((big, big), Image.AFFINE, (inv[0, 0], inv[0, 1], offset[0],
+                              inv[1, 0], inv[1, 1], offset[1]), resample=Image.BILINEAR)
+    glyph = canvas.crop(canvas.getbbox() or (0, 0, 1, 1))
+    fit = min(1.0, (w - 2) / glyph.width, (h - 2) / glyph.height)
+    if fit < 1:
+        glyph = glyph.resize((max(1, int(glyph.width * fit)), max(1, int(glyph.height * fit))),
+                             Image.BILINEAR)
+    out = Image.new("L", (w, h), 0)
+    out.paste(glyph, (1 + round(position[0] * (w - 2 - glyph.width)),
+                      1 + round(position[1] * (h - 2 - glyph.height))))
+    return np.asarray(out, np.float32) / 255
+
+
+# ----------------------------------------------------------------------------------------------
+# The synthetic datasets
+# ----------------------------------------------------------------------------------------------
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Items are a pure function of (seed, split, index); nothing is stored."""
+
+    def __init__(self, name, split, size, seed=0, length=10_000, letters="AB"):
+        self.name, self.split, self.seed, self.length = name, split_name(split), seed, length
+        self.size = parse_size(name, size, 64, lo=32, hi=256, multiple=8)
+        if name == "shapes":
+            self.channels, self.num_classes, self.class_names = 3, len(SHAPES_CLASSES), SHAPES_CLASSES
+            self.has = {"image", "label", "instance", "sketch", "caption", "style", "lowres",
+                        "inst_class", "inst_mode", "inst_color", "inst_box", "inst_valid"}
+        elif name == "hshape":
+            self.channels, self.num_classes, self.class_names = 1, 0, []
+            self.has = {"image", "widths"}
+        else:
+            self.letters = ALPHANUMERICS if letters == "all" else letters
+            if not self.letters or any(ch not in ALPHANUMERICS for ch in self.letters):
+                raise UserError(f"letters '{letters}' must be alphanumeric characters "
+                                "(or 'all' for the 62 of them).")
+            letter_font(16)  # fail now, not inside a worker, if there is no FreeType
+            self.channels, self.num_classes, self.class_names = 1, 0, list(self.letters)
+            self.has = {"image", "class"}
+        self.palette = label_palette(self.num_classes)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        rng = item_rng(self.seed, self.split, index)
+        h, w = self.size
+        if self.name == "shapes":
+            return shapes_item(rng, h, w)
+        if self.name == "hshape":
+            widths = hshape_sample(rng)
+            return {"image": to_image_tensor(hshape_draw(widths, h, w)),
+                    "widths": torch.from_numpy(widths)}
+        cls = index % len(self.letters)  # balanced classes; the style is random
+        glyph = draw_letter(self.letters[cls], self.size, **letter_style(rng, h))
+        return {"image": to_image_tensor(glyph), "class": torch.tensor(cls)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Real datasets: reading files
+# ----------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def layout_error(what, name):
+    return UserError(f"{what}; expected the {name} layout: {DATASETS[name]['layout']}.")
+
+
+def require_dir(path, name):
+    if not os.path.isdir(path):
+        raise layout_error(f"dataset folder {path} does not exist", name)
+
+
+def list_images(folder, recursive=False, exts=IMAGE_EXTS):
+    """Image files of a folder, natural-sorted."""
+    if recursive:
+        paths = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+    else:
+        paths = [os.path.join(folder, f) for f in os.listdir(folder)] if os.path.isdir(folder) else []
+    return sorted((p for p in paths if p.lower().endswith(exts) and os.path.isfile(p)), key=natural_key)
+
+
+def stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def open_image(path, name):
+    """Open and decode an image file; a missing, corrupt or truncated file is a UserError."""
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        raise layout_error(f"cannot read image file {path}", name) from None
+
+
+def as_ids(img):
+    """A label/instance PNG as integers: L and P as stored (SPADE's ToTensor()*255 gives the same),
+    I / I;16 as-is, a colour PNG by its first channel (make_instances does this for DeepFashion)."""
+    if img.mode in ("RGB", "RGBA", "LA"):
+        img = img.getchannel(0)
+    elif img.mode.startswith("I;16"):
+        img = img.convert("I")
+    return img
+
+
+# ----------------------------------------------------------------------------------------------
+# Real datasets: label encodings (as the official loaders do them)
+# ----------------------------------------------------------------------------------------------
+
+def encode_spade(raw, label_nc, dontcare):
+    """SPADE's Pix2pixDataset: 255 ('unknown') -> label_nc. With a don't-care channel that is a
+    valid class; without one, 255 is out of range (the official code would crash in scatter_)."""
+    label = raw.astype(np.int64)
+    label[label == 255] = label_nc
+    return label
+
+
+def encode_ade20k(raw, label_nc, dontcare):
+    """SPADE's ADE20K postprocess: label - 1, and 0 ('other', now -1) -> 150 (don't care)."""
+    label = raw.astype(np.int64) - 1
+    label[label == -1] = label_nc
+    return label
+
+
+CITYSCAPES_CLASSES = [  # labelIds 0..33 (cityscapesScripts labels.py); 34 is SPADE's slack
+    "unlabeled", "ego vehicle", "rectification border", "out of roi", "static", "dynamic",
+    "ground", "road", "sidewalk", "parking", "rail track", "building", "wall", "fence",
+    "guard rail", "bridge", "tunnel", "pole", "polegroup", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "caravan",
+    "trailer", "train", "motorcycle", "bicycle", "(unused)"]
+CITYSCAPES_COLOURS = [  # the official colour of each labelId
+    (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (111, 74, 0), (81, 0, 81),
+    (128, 64, 128), (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70),
+    (102, 102, 156), (190, 153, 153), (180, 165, 180), (150, 100, 100), (150, 120, 90),
+    (153, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
+    (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+    (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100), (0, 0, 230), (119, 11, 32), (0, 0, 0)]
+TRAIN_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]  # 19 trainIds
+GTA5_CLASSES = [CITYSCAPES_CLASSES[i] for i in TRAIN_IDS] + ["void"]
+GTA5_COLOURS = [CITYSCAPES_COLOURS[i] for i in TRAIN_IDS] + [(0, 0, 0)]
+
+
+def encode_gta5(raw, label_nc, dontcare):
+    """cIMLE: RGB labels, one channel per Cityscapes trainId colour, every other colour -> void."""
+    codes = (raw[..., 0].astype(np.int64) << 16) | (raw[..., 1].astype(np.int64) << 8) | raw[..., 2]
+    palette = np.array([(r << 16) | (g << 8) | b for r, g, b in GTA5_COLOURS[:-1]])
+    order = np.argsort(palette)
+    pos = np.searchsorted(palette[order], codes).clip(0, len(palette) - 1)
+    return np.where(palette[order][pos] == codes, order[pos], len(palette)).astype(np.int64)
+
+
+DEEPFASHION_CLASSES = ["background", "hair", "face", "clothes", "body", "pants", "shoes", "class 7"]
+CELEBAMASK_CLASSES = ["background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow",
+                      "l_ear", "r_ear", "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l",
+                      "neck", "cloth"]
+ADE20K_CLASSES = (
+    "wall building sky floor tree ceiling road bed windowpane grass cabinet sidewalk person earth "
+    "door table mountain plant curtain chair car water painting sofa shelf house sea mirror rug "
+    "field armchair seat fence desk rock wardrobe lamp bathtub railing cushion base box column "
+    "signboard chest_of_drawers counter sand sink skyscraper fireplace refrigerator grandstand "
+    "path stairs runway case pool_table pillow screen_door stairway river bridge bookcase blind "
+    "coffee_table toilet flower book hill bench countertop stove palm kitchen_island computer "
+    "swivel_chair boat bar arcade_machine hovel bus towel light truck tower chandelier awning "
+    "streetlight booth television_receiver airplane dirt_track apparel pole land bannister "
+    "escalator ottoman bottle buffet poster stage van ship fountain conveyer_belt canopy washer "
+    "plaything swimming_pool stool barrel basket waterfall tent bag minibike cradle oven ball "
+    "food step tank trade_name microwave pot animal bicycle lake dishwasher screen blanket "
+    "sculpture hood sconce vase traffic_light tray ashcan fan pier crt_screen plate monitor "
+    "bulletin_board shower radiator glass clock flag").split()
+ADE20K_CLASSES = [c.replace("_", " ") for c in ADE20K_CLASSES] + ["other (don't care)"]
+COCO_THINGS = (  # COCO category ids 1..91 -> grey values 0..90; () marks ids unused in 2017
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "
+    "(street_sign) stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra "
+    "giraffe (hat) backpack umbrella (shoe) (eye_glasses) handbag tie suitcase frisbee skis "
+    "snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard tennis_racket "
+    "bottle (plate) wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli "
+    "carrot hot_dog pizza donut cake chair couch potted_plant bed (mirror) dining_table (window) "
+    "(desk) toilet (door) tv laptop mouse remote keyboard cell_phone microwave oven toaster sink "
+    "refrigerator (blender) book clock vase scissors teddy_bear hair_drier toothbrush (hair_brush)")
+COCO_STUFF = (  # stuff ids 92..182 -> grey values 91..181
+    "banner blanket branch bridge building-other bush cabinet cage cardboard carpet ceiling-other "
+    "ceiling-tile cloth clothes clouds counter cupboard curtain desk-stuff dirt door-stuff fence "
+    "floor-marble floor-other floor-stone floor-tile floor-wood flower fog food-other fruit "
+    "furniture-other grass gravel ground-other hill house leaves light mat metal mirror-stuff moss "
+    "mountain mud napkin net paper pavement pillow plant-other plastic platform playingfield "
+    "railing railroad river road rock roof rug salad sand sea shelf sky-other skyscraper snow "
+    "solid-other stairs stone straw structural-other table tent textile-other towel tree vegetable "
+    "wall-brick wall-concrete wall-other wall-panel wall-stone wall-tile wall-wood water-other "
+    "waterdrops window-blind window-other wood")
+COCO_CLASSES = [c.replace("_", " ") for c in (COCO_THINGS + " " + COCO_STUFF).split()] + ["unlabeled (don't care)"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Real datasets: one Dataset class for all on-disk layouts
+# ----------------------------------------------------------------------------------------------
+
+class FileDataset(torch.utils.data.Dataset):
+    """Items from a list of records {name, image, label?, instance?, sketch?, captions?, class?}.
+
+    Spatial transforms follow SPADE's preprocess modes and are drawn once per item, then applied
+    identically to image, label, instance and sketch (images bicubic, maps nearest):
+      fixed            resize to `size` (Cityscapes, GTA-5, DeepFashion, MM-CelebA-HQ, folder-pairs)
+      resize_and_crop  train: resize to 286/256 x size, random crop `size`; test: resize to `size`
+                       (ADE20K, CelebAMask-HQ, COCO-Stuff)
+      shortside_crop   scale the shorter side to `size`, crop the centre (folder); `stretch=True`
+                       resizes anisotropically instead (cIMLE's ImageNet SR data)
+    Horizontal flips (p = 0.5) in training where the official code flips. Random choices (crop,
+    flip, the caption among several) come from torch's global generator, which the scripts seed
+    and checkpoint, so a run stays reproducible; in the test split there is no randomness and
+    the caption of item i is caption i mod n.
+    Instance maps are re-indexed to 0..K-1 after the transforms (INADE's files are re-indexed
+    at full resolution, so an instance lost to resizing leaves an empty slot there, not here).
+    Without instance files the instance map is the raw label map re-indexed (make_instances).
+    Sketches: the dataset's own files where they exist (MM-CelebA-HQ, folder-pairs), else
+    image_sketch() of the transformed image.
+    """
+
+    def __init__(self, name, records, split, size, preprocess, num_classes=0, class_names=(),
+                 palette=None, encode=None, label_nc=0, dontcare=False, flip=True,
+                 rgb_labels=False, channels=3, lowres=False):
+        self.name, self.records, self.split, self.size = name, records, split, size
+        self.preprocess, self.flip = preprocess, flip and split == "train"
+        self.num_classes, self.class_names = num_classes, list(class_names)
+        self.palette = label_palette(num_classes) if palette is None else np.asarray(palette, np.uint8)
+        self.encode, self.label_nc, self.dontcare, self.rgb_labels = encode, label_nc, dontcare, rgb_labels
+        self.channels, self.lowres = channels, lowres
+        first = records[0]
+        self.has = {"image", "sketch", "name"} | ({"lowres"} if lowres else set())
+        if first.get("label"):
+            self.has |= {"label", "instance"}
+        if "captions" in first:
+            self.has.add("caption")
+        if "class" in first:
+            self.has.add("class")
+
+    def __len__(self):
+        return len(self.records)
+
+    def transform_params(self, width, height):
+        """Resize size, crop box and flip of one item, from the image's own size."""
+        h, w = self.size
+        train = self.split == "train"
+        crop = None
+        if self.preprocess == "resize_and_crop" and train:
+            load = (round(h * 286 / 256), round(w * 286 / 256))  # SPADE: load 286, crop 256
+            y, x = (int(torch.randint(0, load[i] - self.size[i] + 1, ())) for i in range(2))
+            resize, crop = load, (x, y, x + w, y + h)
+        elif self.preprocess == "shortside_crop":
+            scale = max(h / height, w / width)
+            resize = (max(h, round(height * scale)), max(w, round(width * scale)))
+            y, x = (resize[0] - h) // 2, (resize[1] - w) // 2
+            crop = (x, y, x + w, y + h)
+        else:
+            resize = (h, w)
+        flip = self.flip and bool(torch.rand(()) < 0.5)
+        return resize, crop, flip
+
+    @staticmethod
+    def apply(img, params, resample):
+        resize, crop, flip = params
+        if img.size != (resize[1], resize[0]):
+            img = img.resize((resize[1], resize[0]), resample)
+        if crop is not None:
+            img = img.crop(crop)
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
+
+    def read_label(self, path, params):
+        img = open_image(path, self.name)
+        if self.rgb_labels:
+            if img.mode not in ("RGB", "RGBA"):
+                raise layout_error(f"label file {path} is not an RGB colour-coded image "
+                                   f"(mode {img.mode})", self.name)
+            img = img.convert("RGB")
+        else:
+            img = as_ids(img)
+        raw = np.asarray(self.apply(img, params, Image.NEAREST))
+        label = self.encode(raw, self.label_nc, self.dontcare)
+        outside = (label < 0) | (label >= self.num_classes)
+        if outside.any():
+            bad = int(raw[outside].max())  # the value as stored in the file
+            raise layout_error(f"label file {path} holds value {bad}, out of range for "
+                               f"{self.num_classes} classes", self.name)
+        return raw, label
+
+    def __getitem__(self, index):
+        rec = self.records[index]
+        img = open_image(rec["image"], self.name).convert("RGB" if self.channels == 3 else "L")
+        params = self.transform_params(*img.size)
+        array = np.asarray(self.apply(img, params, Image.BICUBIC), np.float32) / 255
+        image = to_image_tensor(array)
+        item = {"image": image, "name": rec["name"]}
+        if rec.get("label"):
+            raw, label = self.read_label(rec["label"], params)
+            if rec.get("instance"):
+                inst = as_ids(open_image(rec["instance"], self.name))
+                inst = np.asarray(self.apply(inst, params, Image.NEAREST)).astype(np.int64)
+            else:
+                inst = raw if raw.ndim == 2 else label
+            item["label"] = torch.from_numpy(label)
+            item["instance"] = torch.from_numpy(reindex(inst))
+        if rec.get("sketch"):
+            sk = self.apply(open_image(rec["sketch"], self.name).convert("L"), params, Image.NEAREST)
+            sk = np.asarray(sk, np.float32) / 255
+            # Lines may be dark on white (sketch simplification) or white on black (Canny):
+            # the minority side is the line.
+            sketch = (sk < 0.5) if sk.mean() > 0.5 else (sk >= 0.5)
+        else:
+            sketch = image_sketch(array if array.ndim == 2 else array.mean(-1))
+        item["sketch"] = torch.from_numpy(np.asarray(sketch, np.float32)[None])
+        if "captions" in rec:
+            caps = rec["captions"]
+            k = int(torch.randint(0, len(caps), ())) if self.split == "train" and caps else index
+            item["caption"] = caps[k % len(caps)] if caps else ""
+        if "class" in rec:
+            item["class"] = torch.tensor(rec["class"])
+        if self.lowres:
+            item["lowres"] = box_downsample(image)
+        return item
+
+
+def pair_by_stem(images, label_dir, name, label_ext=".png", required=True):
+    """The file in label_dir with each image's stem; a missing one is a layout error."""
+    out = []
+    for path in images:
+        target = os.path.join(label_dir, stem(path) + label_ext)
+        if not os.path.isfile(target):
+            if required:
+                raise layout_error(f"image {path} has no label file {target}", name)
+            target = None
+        out.append(target)
+    return out
+
+
+def records_from(images, labels, instances=None):
+    instances = instances or [None] * len(images)
+    return [dict(name=stem(i), image=i, label=l, instance=s) for i, l, s in zip(images, labels, instances)]
+
+
+def need_images(images, folder, name):
+    if not images:
+        raise layout_error(f"found no images in {folder}", name)
+
+
+def optional_dir_pairs(images, folder):
+    """Instance (or sketch) files by stem when the folder exists, else None for all."""
+    if not os.path.isdir(folder):
+        return None
+    return pair_by_stem(images, folder, "", required=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real datasets: one scanner per layout (facts from data.md)
+# ----------------------------------------------------------------------------------------------
+
+def scan_deepfashion(root, split, size, **options):
+    """INADE layout {phase}_img / {phase}_label / {phase}_inst, or SMIS's {phase} / cihp_{phase}_mask."""
+    name = "deepfashion"
+    require_dir(root, name)
+    img_dir, lab_dir = os.path.join(root, f"{split}_img"), os.path.join(root, f"{split}_label")
+    inst_dir = os.path.join(root, f"{split}_inst")
+    if not os.path.isdir(img_dir) and os.path.isdir(os.path.join(root, f"cihp_{split}_mask")):
+        img_dir, lab_dir, inst_dir = os.path.join(root, split), os.path.join(root, f"cihp_{split}_mask"), ""
+    images = list_images(img_dir)
+    need_images(images, img_dir, name)
+    labels = pair_by_stem(images, lab_dir, name)
+    records = records_from(images, labels, optional_dir_pairs(images, inst_dir))
+    return FileDataset(name, records, split, parse_size(name, size, 256), "fixed", num_classes=8,
+                       class_names=DEEPFASHION_CLASSES, encode=encode_spade, label_nc=8)
+
+
+def scan_cityscapes(root, split, size, **options):
+    """leftImg8bit/{train,val}/<city>/*_leftImg8bit.png + gtFine labelIds (and instanceIds),
+    paired by the first three '_' fields; the test split reads val."""
+    name = "cityscapes"
+    require_dir(root, name)
+    phase = "train" if split == "train" else "val"
+    img_dir = os.path.join(root, "leftImg8bit", phase)
+    images = [p for p in list_images(img_dir, recursive=True) if p.endswith("_leftImg8bit.png")]
+    need_images(images, img_dir, name)
+    records = []
+    for path in images:
+        key = "_".join(os.path.basename(path).split("_")[:3])
+        gt = os.path.join(root, "gtFine", phase, os.path.basename(os.path.dirname(path)), key)
+        if not os.path.isfile(gt + "_gtFine_labelIds.png"):
+            raise layout_error(f"image {path} has no label file {gt}_gtFine_labelIds.png", name)
+        inst = gt + "_gtFine_instanceIds.png"
+        records.append(dict(name=key, image=path, label=gt + "_gtFine_labelIds.png",
+                            instance=inst if os.path.isfile(inst) else None))
+    h = size if isinstance(size, (int, np.integer)) else None
+    size = (h, 2 * h) if h else size  # an int is the height: Cityscapes keeps aspect 2
+    return FileDataset(name, records, split, parse_size(name, size, (256, 512)), "fixed",
+                       num_classes=35, class_names=CITYSCAPES_CLASSES, palette=CITYSCAPES_COLOURS,
+                       encode=encode_spade, label_nc=35)
+
+
+def scan_ade20k(root, split, size, **options):
+    """Walked recursively as SPADE does: jpgs with _train_/_val_ in the name are images, pngs
+    under annotations/ labels, pngs under instances/ INADE's instance maps; paired by stem."""
+    name = "ade20k"
+    require_dir(root, name)
+    tag = "_train_" if split == "train" else "_val_"
+    files = [p for p in list_images(root, recursive=True, exts=(".jpg", ".png")) if tag in os.path.basename(p)]
+    images = [p for p in files if p.lower().endswith(".jpg")]
+    need_images(images, os.path.join(root, "images"), name)
+    parts = lambda p: os.path.normpath(p).split(os.sep)  # noqa: E731
+    labels = {stem(p): p for p in files if p.endswith(".png") and "instances" not in parts(p)}
+    insts = {stem(p): p for p in files if p.endswith(".png") and "instances" in parts(p)}
+    records = []
+    for path in images:
+        if stem(path) not in labels:
+            raise layout_error(f"image {path} has no label file {stem(path)}.png under annotations/", name)
+        records.append(dict(name=stem(path), image=path, label=labels[stem(path)],
+                            instance=insts.get(stem(path))))
+    return FileDataset(name, records, split, parse_size(name, size, 256), "resize_and_crop",
+                       num_classes=151, class_names=ADE20K_CLASSES, encode=encode_ade20k,
+                       label_nc=150, dontcare=True)
+
+
+def scan_celebamask(root, split, size, **options):
+    """INADE layout {train,test}/{images,labels,instances}; 19 classes from g_mask.py."""
+    name = "celebamask-hq"
+    require_dir(root, name)
+    base = os.path.join(root, split)
+    images = list_images(os.path.join(base, "images"))
+    need_images(images, os.path.join(base, "images"), name)
+    labels = pair_by_stem(images, os.path.join(base, "labels"), name)
+    records = records_from(images, labels, optional_dir_pairs(images, os.path.join(base, "instances")))
+    return FileDataset(name, records, split, parse_size(name, size, 256), "resize_and_crop",
+                       num_classes=19, class_names=CELEBAMASK_CLASSES, encode=encode_spade, label_nc=19)
+
+
+def read_coco_captions(path):
+    try:
+        with open(path) as f:
+            annotations = json.load(f)["annotations"]
+        captions = {}
+        for a in annotations:
+            captions.setdefault(int(a["image_id"]), []).append(a["caption"].strip())
+        return captions
+    except (OSError, ValueError, KeyError, TypeError):
+        raise layout_error(f"cannot read COCO captions from {path} (a JSON with 'annotations' "
+                           "of image_id and caption)", "coco-stuff") from None
+
+
+def scan_coco_stuff(root, split, size, **options):
+    """SPADE layout {train,val}_img / _label / _inst; optional COCO caption annotations."""
+    name = "coco-stuff"
+    require_dir(root, name)
+    phase = "train" if split == "train" else "val"
+    img_dir = os.path.join(root, f"{phase}_img")
+    images = list_images(img_dir)
+    need_images(images, img_dir, name)
+    labels = pair_by_stem(images, os.path.join(root, f"{phase}_label"), name)
+    records = records_from(images, labels, optional_dir_pairs(images, os.path.join(root, f"{phase}_inst")))
+    cap_file = os.path.join(root, "annotations", f"captions_{phase}2017.json")
+    if os.path.isfile(cap_file):
+        captions = read_coco_captions(cap_file)
+        for rec in records:  # COCO file names are the zero-padded image id
+            rec["captions"] = captions.get(int(rec["name"]), []) if rec["name"].isdigit() else []
+    return FileDataset(name, records, split, parse_size(name, size, 256), "resize_and_crop",
+                       num_classes=183, class_names=COCO_CLASSES, encode=encode_spade,
+                       label_nc=182, dontcare=True)
+
+
+def read_lines(path):
+    """Non-empty lines of a text file (captions); no file gives no lines."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+class _NamesOnly(pickle.Unpickler):
+    """filenames.pickle holds a list of strings: refuse anything that would run code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+
+def read_filenames(folder, name):
+    """MM-CelebA-HQ's {split}/filenames.pickle (AttnGAN style), or a filenames.txt (one per line)."""
+    pkl, txt = os.path.join(folder, "filenames.pickle"), os.path.join(folder, "filenames.txt")
+    try:
+        if os.path.isfile(pkl):
+            with open(pkl, "rb") as f:
+                names = _NamesOnly(f, encoding="latin1").load()
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        else:
+            with open(txt) as f:
+                names = [line.strip() for line in f if line.strip()]
+    except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError, UnicodeDecodeError):
+        raise layout_error(f"cannot read a list of file names from {pkl} (or {txt})", name) from None
+    return [stem(n) for n in names]
+
+
+def scan_mm_celeba(root, split, size, **options):
+    """image/<id>.jpg, text/celeba-caption/<id>.txt, {train,test}/filenames.pickle; masks and
+    sketches, where present, in mask/<id>.png and sketch/<id>.(jpg|png) (our layout choice:
+    the masks are CelebAMask-HQ's, merged by g_mask.py)."""
+    name = "mm-celeba-hq"
+    require_dir(root, name)
+    ids = read_filenames(os.path.join(root, split), name)
+    records = []
+    for i in ids:
+        image = next((os.path.join(root, "image", i + e) for e in (".jpg", ".png")
+                      if os.path.isfile(os.path.join(root, "image", i + e))), None)
+        cap = os.path.join(root, "text", "celeba-caption", i + ".txt")
+        if image is None or not os.path.isfile(cap):
+            raise layout_error(f"{split}/filenames lists '{i}' but {os.path.join(root, 'image', i)}.jpg "
+                               f"or {cap} is missing", name)
+        captions = read_lines(cap)
+        mask = os.path.join(root, "mask", i + ".png")
+        sketch = next((os.path.join(root, "sketch", i + e) for e in (".jpg", ".png")
+                       if os.path.isfile(os.path.join(root, "sketch", i + e))), None)
+        records.append(dict(name=i, image=image, captions=captions, sketch=sketch,
+                            label=mask if os.path.isfile(mask) else None, instance=None))
+    need_images(records, os.path.join(root, "image"), name)
+    has_masks = records[0]["label"] is not None
+    return FileDataset(name, records, split, parse_size(name, size, 256), "fixed",
+                       num_classes=19 if has_masks else 0,
+                       class_names=CELEBAMASK_CLASSES if has_masks else [],
+                       encode=encode_spade, label_nc=19)
+
+
+def scan_gta5(root, split, size, **options):
+    """cIMLE's RGB256Full/%08d.png + Label256Full/%08d.png; train numbered below 100001, val above."""
+    name = "gta5"
+    require_dir(root, name)
+    img_dir = os.path.join(root, "RGB256Full")
+    images = [p for p in list_images(img_dir) if stem(p).isdigit()
+              and (int(stem(p)) < 100001) == (split == "train")]
+    need_images(images, img_dir, name)
+    labels = pair_by_stem(images, os.path.join(root, "Label256Full"), name)
+    h = size if isinstance(size, (int, np.integer)) else None
+    size = (h, 2 * h) if h else size
+    # No flips: IMLE keeps one latent code per training example, so the target must not change.
+    return FileDataset(name, records_from(images, labels), split, parse_size(name, size, (256, 512)),
+                       "fixed", num_classes=20, class_names=GTA5_CLASSES, palette=GTA5_COLOURS,
+                       encode=encode_gta5, rgb_labels=True, flip=False)
+
+
+def scan_folder(root, split, size, stretch=False, channels=3, **options):
+    """Any folder of images; sub-folders are classes. ROOT/<split> is used when it exists, else
+    sub-folders named <split>* (e.g. DRIT's cat2dog trainA, trainB) when there are any."""
+    name = "folder"
+    require_dir(root, name)
+    base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
+    subdirs = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+    if split == "test" and not any(d.startswith("test") for d in subdirs):
+        subdirs = [d for d in subdirs if not d.startswith("train")] or subdirs
+    if any(d.startswith(split) for d in subdirs):
+        subdirs = [d for d in subdirs if d.startswith(split)]
+    records = []
+    for k, d in enumerate(subdirs):
+        records += [dict(name=stem(p), image=p, **{"class": k})
+                    for p in list_images(os.path.join(base, d), recursive=True)]
+    if not records:
+        subdirs, records = [], [dict(name=stem(p), image=p) for p in list_images(base)]
+    need_images(records, base, name)
+    ds = FileDataset(name, records, split, parse_size(name, size, 128),
+                     "fixed" if stretch else "shortside_crop", channels=channels, lowres=True)
+    ds.class_names = subdirs
+    if ds.size[0] % 8 or ds.size[1] % 8:
+        raise UserError(f"size {ds.size} of dataset 'folder' must be a multiple of 8 (for `lowres`).")
+    return ds
+
+
+def scan_folder_pairs(root, split, size, num_classes=None, **options):
+    """ROOT[/<split>]/images/<name>.* with labels/<name>.png, optional instances/, sketches/,
+    captions/<name>.txt. Without `num_classes` every label file is read once to find it."""
+    name = "folder-pairs"
+    require_dir(root, name)
+    base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split, "images")) else root
+    images = list_images(os.path.join(base, "images"))
+    need_images(images, os.path.join(base, "images"), name)
+    labels = pair_by_stem(images, os.path.join(base, "labels"), name)
+    records = records_from(images, labels, optional_dir_pairs(images, os.path.join(base, "instances")))
+    sketches = optional_dir_pairs(images, os.path.join(base, "sketches"))
+    cap_dir = os.path.join(base, "captions")
+    for k, rec in enumerate(records):
+        rec["sketch"] = sketches[k] if sketches else None
+        if os.path.isdir(cap_dir):
+            rec["captions"] = read_lines(os.path.join(cap_dir, rec["name"] + ".txt"))
+    dontcare = False
+    if num_classes is None:  # the largest id present (255 = don't care, as in SPADE)
+        values = set()
+        for path in labels:
+            values |= set(np.unique(np.asarray(as_ids(open_image(path, name)))).tolist())
+        dontcare = 255 in values
+        num_classes = max([v for v in values if v != 255], default=0) + 1
+    return FileDataset(name, records, split, parse_size(name, size, 256), "fixed",
+                       num_classes=num_classes + dontcare, encode=encode_spade,
+                       label_nc=num_classes, dontcare=dontcare)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry and the one entry point
+# ----------------------------------------------------------------------------------------------
+
+DATASETS = {
+    "shapes": dict(kind="synthetic", layout="built in (no files)"),
+    "hshape": dict(kind="synthetic", layout="built in (no files)"),
+    "letters": dict(kind="synthetic", layout="built in (no files)"),
+    "deepfashion": dict(kind="real", scan=scan_deepfashion, layout=(
+        "ROOT/{train,test}_img/*.jpg with ROOT/{train,test}_label/*.png (ids 0..7) and optional "
+        "ROOT/{train,test}_inst/*.png (INADE), or ROOT/{train,test}/*.jpg with "
+        "ROOT/cihp_{train,test}_mask/*.png (SMIS)")),
+    "cityscapes": dict(kind="real", scan=scan_cityscapes, layout=(
+        "ROOT/leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png with "
+        "ROOT/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png (ids 0..34) "
+        "and optional ..._gtFine_instanceIds.png")),
+    "ade20k": dict(kind="real", scan=scan_ade20k, layout=(
+        "ROOT/images/{training,validation}/ADE_{train,val}_<n>.jpg with "
+        "ROOT/annotations/{training,validation}/ADE_{train,val}_<n>.png (0 = other, 1..150) and "
+        "optional ROOT/instances/{training,validation}/*.png, ROOT being ADEChallengeData2016 or "
+        "a folder above it")),
+    "celebamask-hq": dict(kind="real", scan=scan_celebamask, layout=(
+        "ROOT/{train,test}/images/*.jpg with ROOT/{train,test}/labels/*.png (g_mask.py ids 0..18) "
+        "and optional ROOT/{train,test}/instances/*.png")),
+    "coco-stuff": dict(kind="real", scan=scan_coco_stuff, layout=(
+        "ROOT/{train,val}_img/*.jpg with ROOT/{train,val}_label/*.png (ids 0..181, 255 = "
+        "unlabeled), optional ROOT/{train,val}_inst/*.png and "
+        "ROOT/annotations/captions_{train,val}2017.json")),
+    "mm-celeba-hq": dict(kind="real", scan=scan_mm_celeba, layout=(
+        "ROOT/image/<id>.jpg with ROOT/text/celeba-caption/<id>.txt (one caption per line), "
+        "ROOT/{train,test}/filenames.pickle (or filenames.txt) listing the ids, optional "
+        "ROOT/mask/<id>.png (CelebAMask-HQ ids 0..18) and ROOT/sketch/<id>.jpg")),
+    "gta5": dict(kind="real", scan=scan_gta5, layout=(
+        "ROOT/RGB256Full/<8 digits>.png with ROOT/Label256Full/<8 digits>.png (RGB Cityscapes "
+        "colours), train numbered from 00000001, val from 00100001 (cIMLE)")),
+    "folder": dict(kind="real", scan=scan_folder, layout=(
+        "ROOT[/<split>]/*.jpg|png, or one sub-folder of images per class (e.g. ROOT/trainA, "
+        "ROOT/trainB)")),
+    "folder-pairs": dict(kind="real", scan=scan_folder_pairs, layout=(
+        "ROOT[/<split>]/images/<name>.jpg|png with ROOT[/<split>]/labels/<name>.png (class ids, "
+        "255 = don't care), optional instances/<name>.png, sketches/<name>.png, captions/<name>.txt")),
+}
+
+
+def get_dataset(name, root=None, split="train", size=None, **options):
+    """The dataset `name` (a key of DATASETS). Options: synthetic sets `seed`, `length`,
+    `letters` (letters only); folder `stretch`, `channels`; folder-pairs `num_classes`."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}.")
+    split = split_name(split)
+    if DATASETS[name]["kind"] == "synthetic":
+        return SyntheticDataset(name, split, size, **options)
+    root = root or os.path.join("data", name)
+    return DATASETS[name]["scan"](root, split, size, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark and preview: python data.py --bench | --preview NAME [--root DIR]
+# ----------------------------------------------------------------------------------------------
+
+def benchmark(names=("shapes", "hshape", "letters"), sizes=(None, 256), seconds=1.0):
+    """Items per second of each synthetic set, one thread: {(name, size): items/s}."""
+    torch.set_num_threads(1)
+    results = {}
+    for name in names:
+        for size in sizes:
+            ds = get_dataset(name, size=size)
+            ds[0]  # warm caches (fonts, grids)
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                ds[n % len(ds)]
+                n += 1
+            results[(name, ds.size)] = n / (time.perf_counter() - start)
+    return results
+
+
+def preview(name, root=None, path=None, n=8, size=None):
+    """A PNG grid: one column per item; rows image, label map, instance edges, sketch, lowres."""
+    ds = get_dataset(name, root, size=size)
+    rows = {"image": [], "label": [], "instance": [], "sketch": [], "style": [], "lowres": []}
+    to_rgb = lambda t: np.repeat(((t.numpy() + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0), 3 // t.shape[0], 2)  # noqa: E731
+    for i in range(min(n, len(ds))):
+        item = ds[i]
+        for key in rows:
+            if key not in item:
+                continue
+            t = item[key]
+            if key == "label":
+                rows[key].append(ds.palette[t.numpy()])
+            elif key == "instance":
+                rows[key].append(np.repeat(instance_edges(t.numpy())[..., None] * 255, 3, 2).astype(np.uint8))
+            elif key == "sketch":
+                rows[key].append(np.repeat((t[0].numpy() * 255).astype(np.uint8)[..., None], 3, 2))
+            else:
+                tile = Image.fromarray(to_rgb(t)).resize(ds.size[::-1], Image.NEAREST)
+                rows[key].append(np.asarray(tile))
+    rows = [r for r in rows.values() if r]
+    h, w = ds.size
+    grid = np.full((len(rows) * (h + 2), max(map(len, rows)) * (w + 2), 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
+    path = path or f"/tmp/data_preview_{name}.png"
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description="datasets of the five scripts: benchmark, preview")
+    p.add_argument("--bench", action="store_true", help="items/s of the synthetic sets, one thread")
+    p.add_argument("--preview", default=None, help="write a sample grid of this dataset")
+    p.add_argument("--root", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--size", type=int, default=None)
+    args = p.parse_args()
+    if args.bench:
+        for (name, size), rate in benchmark().items():
+            print(f"{name:8s} {size[0]:4d}x{size[1]:<4d} {rate:9.0f} items/s (1 thread)")
+    if args.preview:
+        print(preview(args.preview, args.root, args.out, size=args.size))
+
+
+if __name__ == "__main__":
+    from common import run_main
+    run_main(main)
