@@ -195,7 +195,7 @@ SHAPES_MODE_TOLERANCE = 0.2      # a measured colour this close to a mode centre
 SHAPES_BACKGROUND = (0.45, 0.60)  # background: flat grey, level uniform in this range per image
 SHAPES_STRIPE_DARK = 0.25        # dark stripes are 0.25 x the instance colour
 SHAPES_RADIUS = (0.12, 0.22)     # object radius as a fraction of the shorter side
-SHAPES_MIN_VISIBLE = 0.6
+SHAPES_MIN_VISIBLE = 0.75   # every object keeps 3/4 of its area visible
 
 
 def shapes_stripe_period(h, w):
@@ -239,11 +239,17 @@ def shape_mask(cls, cy, cx, r, yy, xx):
     return np.abs(dy) + np.abs(dx) <= 1.1 * r  # diamond
 
 
+def _same_colour(a, b):
+    return SHAPES_MODE_NAMES[a["cls"]][a["mode"]] == SHAPES_MODE_NAMES[b["cls"]][b["mode"]]
+
+
 def shapes_layout(rng, objects, h, w, strict=True):
     """Place the objects one after another; returns the instance map and each object's geometry.
 
     strict: redraw a placement (up to 20 times, then drop the object) that would leave an earlier
-    object less than SHAPES_MIN_VISIBLE of its area. Not strict (style images): the first try.
+    object less than SHAPES_MIN_VISIBLE of its area, or come near (inside the new object's
+    window) an object of the same colour name, which would merge with it in the picture.
+    Not strict (style images): the first try.
     """
     ids = np.zeros((h, w), np.int64)  # (H, W) 0 = background, j + 1 = object j
     areas, visible, placed = [], np.zeros(0, np.int64), []
@@ -259,7 +265,9 @@ def shapes_layout(rng, objects, h, w, strict=True):
             mask = shape_mask(obj["cls"], cy, cx, r, yy, xx)  # (y1-y0, x1-x0) window
             window = ids[y0:y1, x0:x1]
             hidden = np.bincount(window[mask], minlength=len(placed) + 1)[1:]
-            if not strict or np.all(visible - hidden >= SHAPES_MIN_VISIBLE * np.array(areas)):
+            near = np.bincount(window.ravel(), minlength=len(placed) + 1)[1:] > 0
+            if not strict or (np.all(visible - hidden >= SHAPES_MIN_VISIBLE * np.array(areas))
+                              and not any(near[k] and _same_colour(p, obj) for k, p in enumerate(placed))):
                 break
         else:
             continue  # strict and no placement leaves the others visible enough: drop it
@@ -353,7 +361,8 @@ def _palette_table():
     """(num_classes, max_modes, 3) mode centres, NaN where a class has fewer modes."""
     table = np.full((len(SHAPES_CLASSES), 3, 3), np.nan, np.float32)
     for c, modes in enumerate(SHAPES_PALETTE):
-        table[c, :len(modes)] = modes
+        if modes:
+            table[c, :len(modes)] = modes
     return torch.from_numpy(table)
 
 
@@ -448,24 +457,28 @@ def shapes_caption_objects(caption):
     return [(colour, SHAPES_CLASSES.index(shape)) for colour, shape in _CAPTION_OBJECT.findall(caption)]
 
 
-def _components(mask):
-    """4-connected components of a bool (H, W) tensor -> int64 (H, W) labels, 0 = outside.
+def _components(masks):
+    """4-connected components of bool masks (P, H, W) -> int32 labels (P, H, W), 0 = outside.
 
-    Each pixel takes the largest label among itself and its neighbours until nothing changes.
+    Each pixel takes the largest label among itself and its 4 neighbours until nothing changes.
+    (numpy: many small steps, where torch's thread pool only adds latency.)
     """
-    h, w = mask.shape
-    lab = torch.where(mask, torch.arange(1, h * w + 1).view(h, w), torch.zeros(h, w, dtype=torch.int64))
+    p, h, w = masks.shape
+    lab = np.arange(1, h * w + 1, dtype=np.int32).reshape(1, h, w) * masks
     while True:
-        p = torch.nn.functional.pad(lab, (1, 1, 1, 1))
-        new = torch.stack([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]).amax(0)
-        new = torch.where(mask, new, lab)
-        if torch.equal(new, lab):
+        new = lab.copy()
+        np.maximum(new[:, 1:], lab[:, :-1], out=new[:, 1:])
+        np.maximum(new[:, :-1], lab[:, 1:], out=new[:, :-1])
+        np.maximum(new[:, :, 1:], lab[:, :, :-1], out=new[:, :, 1:])
+        np.maximum(new[:, :, :-1], lab[:, :, 1:], out=new[:, :, :-1])
+        new *= masks
+        if np.array_equal(new, lab):
             return lab
         lab = new
 
 
-def shapes_find_objects(image, min_area=0.005):
-    """Objects found in one image (3, H, W) in [-1, 1] by palette colour alone.
+def shapes_find_objects(images, min_area=0.005):
+    """Objects found in images (B, 3, H, W) in [-1, 1] by palette colour alone.
 
     Pixels within SHAPES_MODE_TOLERANCE of a named colour (or of its dark-stripe shade) form
     4-connected components; each component of at least `min_area` of the image is classified by
@@ -473,28 +486,38 @@ def shapes_find_objects(image, min_area=0.005):
     (centroid below 0.58 of the box height), else diamond. Objects of one colour that touch
     merge, and heavily occluded ones may be misread: a measure for generated images, exact
     enough on the ground truth (tests/test_data.py checks it there).
-    Returns a list of dicts {colour, cls, box (y0, x0, y1, x1), area}.
+    Returns one list per image of dicts {colour, cls, box (y0, x0, y1, x1), area}.
     """
-    rgb = ((torch.as_tensor(image, dtype=torch.float32) + 1) / 2).permute(1, 2, 0)  # (H, W, 3)
-    h, w = rgb.shape[:2]
-    found = []
-    for name, c in SHAPES_COLOURS.items():
-        c = torch.tensor(c)
-        mask = ((rgb - c).norm(dim=-1) <= SHAPES_MODE_TOLERANCE) | \
-               ((rgb - SHAPES_STRIPE_DARK * c).norm(dim=-1) <= SHAPES_MODE_TOLERANCE / 2)
-        if mask.sum() < min_area * h * w:
-            continue
-        lab = _components(mask)
-        ids, areas = lab[mask].unique(return_counts=True)
-        for i, area in zip(ids.tolist(), areas.tolist()):
-            if area < min_area * h * w:
-                continue
-            ys, xs = torch.nonzero(lab == i, as_tuple=True)
-            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-            fill = area / ((y1 - y0) * (x1 - x0))
-            low = (float(ys.float().mean()) + 0.5 - y0) / (y1 - y0)
-            cls = 2 if fill > 0.9 else 1 if fill > 0.65 else 3 if low > 0.58 else 4
-            found.append(dict(colour=name, cls=cls, box=(y0, x0, y1, x1), area=area))
+    rgb = ((torch.as_tensor(images, dtype=torch.float32).cpu().numpy() + 1) / 2).transpose(0, 2, 3, 1)
+    b, h, w = rgb.shape[:3]
+    names = list(SHAPES_COLOURS)
+    centres = np.array([SHAPES_COLOURS[n] for n in names], np.float32)[None, :, None, None]  # (1, K, 1, 1, 3)
+    near = ((rgb[:, None] - centres) ** 2).sum(-1) <= SHAPES_MODE_TOLERANCE ** 2
+    dark = ((rgb[:, None] - SHAPES_STRIPE_DARK * centres) ** 2).sum(-1) <= (SHAPES_MODE_TOLERANCE / 2) ** 2
+    masks = (near | dark).reshape(-1, h, w)                                  # (B*K, H, W)
+    planes = np.nonzero(masks.reshape(len(masks), -1).sum(1) >= min_area * h * w)[0]
+    lab = _components(masks[planes])  # only the colours that cover enough of an image
+    # Statistics of every component at once: key = plane * (H*W + 1) + component label.
+    plane, ys, xs = np.nonzero(lab)
+    _, inv = np.unique(plane * (h * w + 1) + lab[plane, ys, xs], return_inverse=True)
+    inv = inv.reshape(-1)
+    n = int(inv.max()) + 1 if inv.size else 0
+    area = np.bincount(inv, minlength=n)
+    y0, x0 = np.full(n, h), np.full(n, w)
+    y1, x1 = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    np.minimum.at(y0, inv, ys), np.minimum.at(x0, inv, xs)
+    np.maximum.at(y1, inv, ys + 1), np.maximum.at(x1, inv, xs + 1)
+    cy = np.bincount(inv, weights=ys + 0.5, minlength=n) / np.maximum(area, 1)
+    comp_plane = np.zeros(n, np.int64)
+    comp_plane[inv] = planes[plane]
+    found = [[] for _ in range(b)]
+    for i in np.nonzero(area >= min_area * h * w)[0].tolist():
+        box = (int(y0[i]), int(x0[i]), int(y1[i]), int(x1[i]))
+        fill = float(area[i]) / ((box[2] - box[0]) * (box[3] - box[1]))
+        low = (float(cy[i]) - box[0]) / (box[2] - box[0])
+        cls = 2 if fill > 0.9 else 1 if fill > 0.65 else 3 if low > 0.58 else 4
+        image, k = divmod(int(comp_plane[i]), len(names))
+        found[image].append(dict(colour=names[k], cls=cls, box=box, area=int(area[i])))
     return found
 
 
@@ -506,14 +529,42 @@ def shapes_caption_accuracy(images, captions):
     `object` (that shape in that colour).
     """
     hits, n = np.zeros(3), 0
-    for image, caption in zip(images, captions):
-        found = shapes_find_objects(image)
+    for found, caption in zip(shapes_find_objects(images), captions):
         for colour, cls in shapes_caption_objects(caption):
             n += 1
             hits += [any(f["colour"] == colour for f in found), any(f["cls"] == cls for f in found),
                      any(f["colour"] == colour and f["cls"] == cls for f in found)]
     hits = hits / max(n, 1)
-    return {"colour": hits[0], "shape": hits[1], "object": hits[2]}
+    return {"colour": float(hits[0]), "shape": float(hits[1]), "object": float(hits[2])}
+
+
+def shapes_metrics(images, batches):
+    """All shapes scores of generated images against the items they were made for.
+
+    images (N, 3, H, W) in [-1, 1]; batches: one collated batch dict or a list of them, in the
+    same order, holding instance, inst_class, inst_mode, inst_color, inst_valid and caption.
+    Returns floats: colour_error and in_mode (shapes_colour_fidelity), mode_match (fraction of
+    objects drawn in their ground-truth mode, for reference/style-guided generation),
+    gt_colour_error (distance to the ground-truth colour), mode_coverage and mode_tv
+    (shapes_mode_coverage of the generated objects), caption_colour / caption_shape /
+    caption_object (shapes_caption_accuracy).
+    """
+    batches = [batches] if isinstance(batches, dict) else list(batches)
+    cat = lambda key: torch.cat([torch.as_tensor(b[key]) for b in batches])  # noqa: E731
+    images = torch.as_tensor(images, dtype=torch.float32).cpu()
+    inst_class, valid = cat("inst_class"), cat("inst_valid")
+    fid = shapes_colour_fidelity(images, cat("instance"), inst_class, valid)
+    colours, _ = shapes_measure_colours(images, cat("instance"), inst_class)
+    v = fid["valid"]
+    cover = shapes_mode_coverage(fid["mode"], inst_class, v)
+    captions = [c for b in batches for c in b["caption"]]
+    caps = shapes_caption_accuracy(images, captions)
+    return {"colour_error": fid["colour_error"], "in_mode": fid["in_mode"],
+            "mode_match": float((fid["mode"] == cat("inst_mode"))[v].float().mean()),
+            "gt_colour_error": float((colours - cat("inst_color")).norm(dim=-1)[v].mean()),
+            "mode_coverage": cover["coverage"], "mode_tv": cover["tv"],
+            "caption_colour": caps["colour"], "caption_shape": caps["shape"],
+            "caption_object": caps["object"]}
 
 
 # ----------------------------------------------------------------------------------------------
