@@ -180,7 +180,7 @@ def natural_key(path):
 
 MAX_INSTANCES = 4
 SHAPES_CLASSES = ["background", "circle", "square", "triangle", "diamond"]
-SHAPES_TEXTURED = (4,)  # diamonds are striped (SR ambiguity, see shapes_stripe_period)
+SHAPES_TEXTURED = (4,)  # diamonds are striped (SR ambiguity, see SHAPES_STRIPE_PERIOD)
 SHAPES_COLOURS = {  # RGB in [0, 1]; pairwise distances >= 0.6 so modes never blur together
     "red": (0.90, 0.10, 0.10), "green": (0.10, 0.75, 0.15), "blue": (0.15, 0.25, 0.95),
     "yellow": (0.95, 0.85, 0.10), "cyan": (0.10, 0.80, 0.85), "magenta": (0.90, 0.15, 0.80),
@@ -196,16 +196,11 @@ SHAPES_BACKGROUND = (0.45, 0.60)  # background: flat grey, level uniform in this
 SHAPES_STRIPE_DARK = 0.25        # dark stripes are 0.25 x the instance colour
 SHAPES_RADIUS = (0.12, 0.22)     # object radius as a fraction of the shorter side
 SHAPES_MIN_VISIBLE = 0.75   # every object keeps 3/4 of its area visible
-
-
-def shapes_stripe_period(h, w):
-    """Stripe period in pixels: 4 up to 128 px, 8 at 256.
-
-    A square wave whose period divides the 8x SR factor averages to a constant in every 8x8
-    block (exactly for axis-aligned stripes, nearly for oblique ones), so the low-resolution
-    input shows a flat mid colour and the stripes' phase and orientation are unrecoverable.
-    """
-    return 4 if min(h, w) < 256 else 8
+# Stripes: a square wave of period 4 px at every size. Its period divides the 8x SR factor, so
+# each 8x8 block averages to a constant (exactly for axis-aligned stripes, within a few percent
+# for oblique ones): the low-resolution input shows a flat mid colour, and the stripes' phase
+# and orientation cannot be recovered from it -- the ambiguity the SR task needs.
+SHAPES_STRIPE_PERIOD = 4
 
 
 def shapes_appearance(rng):
@@ -284,7 +279,7 @@ def shapes_paint(ids, placed, background):
     colours = np.concatenate([np.full((1, 3), background, np.float32),
                               np.stack([p["colour"] for p in placed])])
     image = np.take(colours, ids, axis=0)  # (H, W, 3); np.take is faster than colours[ids]
-    period = shapes_stripe_period(h, w)
+    period = SHAPES_STRIPE_PERIOD
     for j, p in enumerate(placed):
         if p["cls"] in SHAPES_TEXTURED:
             y0, y1, x0, x1 = p["window"]  # the object lies inside its window
@@ -480,7 +475,8 @@ def _components(masks):
 def shapes_find_objects(images, min_area=0.005):
     """Objects found in images (B, 3, H, W) in [-1, 1] by palette colour alone.
 
-    Pixels within SHAPES_MODE_TOLERANCE of a named colour (or of its dark-stripe shade) form
+    Pixels within SHAPES_MODE_TOLERANCE of a named colour (or of its dark-stripe shade, for the
+    colours of striped classes) form
     4-connected components; each component of at least `min_area` of the image is classified by
     its shape: fill of its box > 0.9 square, > 0.65 circle, else triangle if its mass sits low
     (centroid below 0.58 of the box height), else diamond. Objects of one colour that touch
@@ -494,6 +490,7 @@ def shapes_find_objects(images, min_area=0.005):
     centres = np.array([SHAPES_COLOURS[n] for n in names], np.float32)[None, :, None, None]  # (1, K, 1, 1, 3)
     near = ((rgb[:, None] - centres) ** 2).sum(-1) <= SHAPES_MODE_TOLERANCE ** 2
     dark = ((rgb[:, None] - SHAPES_STRIPE_DARK * centres) ** 2).sum(-1) <= (SHAPES_MODE_TOLERANCE / 2) ** 2
+    dark &= np.array([any(n in SHAPES_MODE_NAMES[c] for c in SHAPES_TEXTURED) for n in names])[None, :, None, None]
     masks = (near | dark).reshape(-1, h, w)                                  # (B*K, H, W)
     planes = np.nonzero(masks.reshape(len(masks), -1).sum(1) >= min_area * h * w)[0]
     lab = _components(masks[planes])  # only the colours that cover enough of an image
@@ -1260,9 +1257,10 @@ def scan_folder(root, split, size, stretch=False, channels=3, **options):
     return ds
 
 
-def scan_folder_pairs(root, split, size, num_classes=None, **options):
+def scan_folder_pairs(root, split, size, num_classes=None, dontcare=False, **options):
     """ROOT[/<split>]/images/<name>.* with labels/<name>.png, optional instances/, sketches/,
-    captions/<name>.txt. Without `num_classes` every label file is read once to find it."""
+    captions/<name>.txt. 255 becomes class `num_classes` (an extra don't-care channel) when
+    `dontcare`; without `num_classes` every label file is read once to find both."""
     name = "folder-pairs"
     require_dir(root, name)
     base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split, "images")) else root
@@ -1276,7 +1274,6 @@ def scan_folder_pairs(root, split, size, num_classes=None, **options):
         rec["sketch"] = sketches[k] if sketches else None
         if os.path.isdir(cap_dir):
             rec["captions"] = read_lines(os.path.join(cap_dir, rec["name"] + ".txt"))
-    dontcare = False
     if num_classes is None:  # the largest id present (255 = don't care, as in SPADE)
         values = set()
         for path in labels:
@@ -1284,8 +1281,8 @@ def scan_folder_pairs(root, split, size, num_classes=None, **options):
         dontcare = 255 in values
         num_classes = max([v for v in values if v != 255], default=0) + 1
     return FileDataset(name, records, split, parse_size(name, size, 256), "fixed",
-                       num_classes=num_classes + dontcare, encode=encode_spade,
-                       label_nc=num_classes, dontcare=dontcare)
+                       num_classes=num_classes + bool(dontcare), encode=encode_spade,
+                       label_nc=num_classes, dontcare=bool(dontcare))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1334,7 +1331,8 @@ DATASETS = {
 
 def get_dataset(name, root=None, split="train", size=None, **options):
     """The dataset `name` (a key of DATASETS). Options: synthetic sets `seed`, `length`,
-    `letters` (letters only); folder `stretch`, `channels`; folder-pairs `num_classes`."""
+    `letters` (letters only); folder `stretch`, `channels`; folder-pairs `num_classes`,
+    `dontcare`."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}.")
     split = split_name(split)
