@@ -75,7 +75,7 @@ PAPER = dict(             # 128x128 natural images (§4), StyleGAN widths (rosi)
 )
 CPU = dict(               # our choice throughout: what learns in minutes on 2 CPU cores
     K=3, mode="umm", size=32, style_dim=64, max_channels=32, channel_base=512,
-    batch_size=32, lr=0.002, mapping_lr_mul=0.01, r1_gamma=1.0, mixing_prob=0.9,
+    batch_size=32, lr=0.002, mapping_lr_mul=0.1, r1_gamma=1.0, mixing_prob=0.9,
     ema_decay=0.99, cls_weight=1.0, progressive=1, init_size=8, phase_iters=200,
     iters=1000, psi=1.0, eval_n=2000, pretrained=0,
     sample_every=250, ckpt_every=250, log_every=25, chars=None,
@@ -111,7 +111,8 @@ def build_parser():
     p.add_argument("--eval_n", type=int, default=None, help="images per side for --eval")
     p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
                    help="FID with the pretrained Inception (downloads once)")
-    p.add_argument("--chars", default=None, help="letters: the characters to use, e.g. AB")
+    p.add_argument("--chars", default=None,
+                   help="letters: the characters, e.g. AB (Fig. 7), ABC, or all (the 62 of Fig. 9)")
     return p
 
 
@@ -159,7 +160,19 @@ class StyledLayer(nn.Module):
         if self.blur is not None:
             x = self.blur(x)
         x = self.noise(x, torch.zeros_like(x[:, :1]) if noise_off else None)
-        return self.adain(F.leaky_relu(x, 0.2), w)
+        return self.adain(lrelu(x), w)
+
+
+def lrelu(x):
+    """LReLU(0.2) times sqrt(2): the He gain of StyleGAN's equalised layers (official code and
+    rosi scale weights by sqrt(2 / fan_in); common.EqualLinear/EqualConv2d use 1 / sqrt(fan_in),
+    so the gain goes here, as StyleGAN2 does). Keeps the 8-layer mapping from shrinking w."""
+    return F.leaky_relu(x, 0.2) * math.sqrt(2)
+
+
+class LReLU(nn.Module):
+    def forward(self, x):
+        return lrelu(x)
 
 
 def EqualConv(in_ch, out_ch, kernel=3):
@@ -202,7 +215,7 @@ class MappingNetwork(nn.Module):
         for i, layer in enumerate(self.layers):
             if i == BRANCH_AFTER and self.mix_head is not None:
                 mix = torch.softmax(self.mix_head(h), dim=1)  # w_R (B, K), rows sum to 1
-            h = F.leaky_relu(layer(h), 0.2)
+            h = lrelu(layer(h))
         return h, mix  # w (B, D), w_R (B, K) or None
 
 
@@ -305,24 +318,24 @@ class Discriminator(nn.Module):
             rgb.append(common.EqualConv2d(img_channels, c, 1))
             if s > 0:  # conv 3x3 -> blur -> conv 3x3 -> avg-pool /2
                 blocks.append(nn.Sequential(
-                    EqualConv(c, c), nn.LeakyReLU(0.2), Blur(c),
-                    EqualConv(c, channels_at(res // 2, args)), nn.LeakyReLU(0.2),
+                    EqualConv(c, c), LReLU(), Blur(c),
+                    EqualConv(c, channels_at(res // 2, args)), LReLU(),
                     nn.AvgPool2d(2)))
         self.from_rgb, self.blocks = nn.ModuleList(rgb), nn.ModuleList(blocks)
         c4 = channels_at(4, args)
-        self.final = nn.Sequential(EqualConv(c4 + 1, c4), nn.LeakyReLU(0.2),
-                                   common.EqualConv2d(c4, c4, 4), nn.LeakyReLU(0.2),
+        self.final = nn.Sequential(EqualConv(c4 + 1, c4), LReLU(),
+                                   common.EqualConv2d(c4, c4, 4), LReLU(),
                                    nn.Flatten())
         self.out = common.EqualLinear(c4, 1)
         self.classifier = common.EqualLinear(c4, args.K) if args.mode == "smm" else None
 
     def forward(self, x, step=None, alpha=1.0):
         step = self.max_step if step is None else step
-        h = F.leaky_relu(self.from_rgb[step](x), 0.2)
+        h = lrelu(self.from_rgb[step](x))
         for s in range(step, 0, -1):
             h = self.blocks[s - 1](h)
             if s == step and alpha < 1:  # fade-in: blend with the down-sampled lower path
-                skip = F.leaky_relu(self.from_rgb[s - 1](F.avg_pool2d(x, 2)), 0.2)
+                skip = lrelu(self.from_rgb[s - 1](F.avg_pool2d(x, 2)))
                 h = torch.lerp(skip, h, alpha)
         feat = self.final(minibatch_stddev(h))  # (B, C)
         cls = self.classifier(feat) if self.classifier is not None else None
@@ -432,14 +445,14 @@ def check_args(args):
 
 
 def load_data(args, split="train"):
-    options = {"chars": args.chars} if args.data == "letters" and args.chars else {}
+    options = {"letters": args.chars} if args.data == "letters" and args.chars else {}
     root = args.data_dir if args.data == "folder" else None
     ds = data.get_dataset(args.data, root=root, split=split, size=args.size, **options)
     if args.mode == "smm":
         if "class" not in ds.has:
             raise common.UserError(f"--mode smm needs a class label per image, and the "
                                    f"{args.data} data has none; use --mode umm.")
-        n = getattr(ds, "num_modes", None) or len(ds.class_names)
+        n = len(ds.class_names)
         if n > args.K:
             raise common.UserError(f"--mode smm needs --K >= the {n} classes of {args.data} "
                                    f"(got --K {args.K}).")
@@ -614,21 +627,6 @@ def _smm(G, n, args):
 # Evaluation (--eval): H-shape Jaccard index (Fig. 6), per-mode densities, FID (§4)
 # ----------------------------------------------------------------------------------------------
 
-def measure_widths(images):
-    """Widths (in pixels) of the left and right white rectangles of H-shape images.
-
-    images (B, 1, H, W) in [-1, 1]. A column is white where most of the rows that are white
-    anywhere are white in it; the widths are the white columns left and right of the centre
-    (a missing rectangle has width 0). Returns (B, 2) float.
-    """
-    white = images[:, 0] > 0                                   # (B, H, W)
-    rows = white.any(dim=2, keepdim=True)                      # rows touched by a rectangle
-    frac = (white & rows).sum(1).float() / rows.sum(1).clamp(min=1).float()  # (B, W)
-    cols = frac > 0.5
-    half = images.shape[-1] // 2
-    return torch.stack([cols[:, :half].sum(1), cols[:, half:].sum(1)], dim=1).float()
-
-
 def density(widths, bins, max_width):
     """Normalised 2-D histogram (bins x bins) of widths (N, 2) over [0, max_width]^2."""
     idx = (widths / max_width * bins).long().clamp(0, bins - 1)
@@ -637,19 +635,23 @@ def density(widths, bins, max_width):
     return hist / hist.sum().clamp(min=1)
 
 
-def jaccard_index(real_widths, fake_widths, bins, max_width, threshold=0.25):
-    """Fig. 6: threshold the two densities, then |A & B| / |A | B|. A bin is in the support when
-    it holds more than `threshold` times the mass of a uniform density over all bins (the
-    paper's threshold is not given: our choice)."""
+def jaccard_index(real_widths, fake_widths, bins, max_width, threshold=0.5):
+    """Fig. 6: threshold the real and the generated width densities, then |A & B| / |A | B|.
+    A bin is in the support when it holds at least `threshold` times the mass of a uniform
+    density over the whole square (the H's legs have exactly that density). The paper gives no
+    threshold: our choice, the same as data.hshape_jaccard's."""
     level = threshold / bins ** 2
-    a = density(real_widths, bins, max_width) > level
-    b = density(fake_widths, bins, max_width) > level
+    a = density(real_widths, bins, max_width) >= level
+    b = density(fake_widths, bins, max_width) >= level
     return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
 
 
-def density_image(hist):
-    """(bins, bins) density -> (1, bins, bins) in [-1, 1] for save_grid (width 1 down rows)."""
-    return (hist / hist.max().clamp(min=1e-12) * 2 - 1)[None]
+def density_image(hist, scale=6):
+    """(bins, bins) density over (w1, w2) -> (1, H, W) picture in [-1, 1] drawn as in Fig. 6:
+    width 1 to the right, width 2 upwards (the H stands upright); each bin scale x scale pixels."""
+    img = (hist / hist.max().clamp(min=1e-12)).t().flip(0)
+    img = img.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    return (img * 2 - 1)[None]
 
 
 @torch.no_grad()
@@ -681,22 +683,25 @@ def evaluate(args):
     real = real_images(ds, args.eval_n)
     fake = generate(G, len(real), step, alpha, args, device)
     result = {"iter_step": step, "n": len(real), "K": args.K, "mode": args.mode}
-    if args.data == "hshape":
-        bins, max_w = 20, args.size // 2
-        real_w, fake_w = measure_widths(real), measure_widths(fake)
-        result["jaccard"] = jaccard_index(real_w, fake_w, bins, max_w)
+    if args.data == "hshape":  # widths read back from the pixels, in the paper's units 0..40
+        bins, max_w = 20, data.HSHAPE_MAX
+        real_w, fake_w = data.hshape_measure(real), data.hshape_measure(fake)
+        result["jaccard"] = jaccard_index(real_w, fake_w, bins, max_w)      # real vs generated
+        result["jaccard_vs_true_H"] = data.hshape_jaccard(fake_w, bins)     # generated vs the H
+        real2_w = data.hshape_measure(real_images(load_data(args, "test"), len(real)))
+        result["jaccard_real_vs_real"] = jaccard_index(real_w, real2_w, bins, max_w)  # ceiling
         tiles = [density_image(density(real_w, bins, max_w)),
                  density_image(density(fake_w, bins, max_w))]
         per_mode = []
         if G.K > 1:  # Fig. 6 middle row: the density of each constant alone (one-hot w_R)
             for k in range(G.K):
-                wk = measure_widths(generate(G, len(real) // G.K, step, alpha, args, device,
-                                             modes=k, seed=k + 1))
+                wk = data.hshape_measure(generate(G, len(real) // G.K, step, alpha, args,
+                                                  device, modes=k, seed=k + 1))
                 per_mode.append(density_image(density(wk, bins, max_w)))
         common.save_grid(os.path.join(args.out_dir, "densities.png"), [tiles + per_mode])
     if args.pretrained:
         inception = common.FIDInception(pretrained=True).to(device).eval()
-        feats = [torch.cat([inception(to_rgb01(c.to(device))).cpu() for c in x.split(100)])
+        feats = [common.inception_features(inception, (to_rgb01(c) for c in x.split(100)))
                  for x in (real, fake)]
         result["fid"] = float(common.fid(*feats))
     else:
