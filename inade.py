@@ -1,0 +1,897 @@
+"""INADE: Diverse Semantic Image Synthesis via Probability Distribution Modeling
+(Tan, Chai, Chen, Liao, Chu, Liu, Hua, Yu; CVPR 2021; papers/inade.md).
+
+Idea: a SPADE-like generator whose every normalisation layer is INADE. Instead of one fixed
+(gamma, beta) per semantic class, every class owns a *distribution* of modulation parameters,
+gamma = a_gamma[class] * N_gamma[instance] + b_gamma[class] (Eq. 2), and every instance draws its
+own noise sample, so two shirts of one picture can differ while both stay shirts. One noise tensor
+per instance is shared by all 18 INADE layers and mapped to each layer's width by a learned linear
+map (unified sampling, Eq. 3). A noise-remapping encoder reads the real image with instance-aware
+convolutions, pools per instance (Eq. 4) and perturbs the noise, N~ = a~ N + b~ (Eq. 5); with a KL
+term (Eq. 9) it is a VAE, so at test time plain N(0, 1) noise gives random instance styles and a
+reference image gives exemplar styles.
+
+Map of this file:
+    config and presets       one preset per dataset; every value with its source
+    inputs                   one-hot / nearest resizing / instance edge map
+    INADE layer              Eq. (1)-(3): batch norm, class distributions, per-instance noise
+    generator                SPADE trunk with INADE residual blocks (supp. Fig. 8)
+    noise-remapping encoder  instance-aware convs, instance average pooling (Eq. 4-5, supp. Fig. 7)
+    discriminator + losses   multiscale PatchGAN, hinge (Eq. 6), FM (Eq. 7), VGG (Eq. 8), KL (Eq. 9)
+    training loop            Adam (0, 0.9), TTUR, constant then linear decay; exact resume
+    sampling controls        (a) random (b) one class (c) one instance (d) reference (e) reconstruction
+    evaluation               FID, LPIPS, mCSD/mOCD, mISD/mOID; shapes: colour, modes, locality
+    main
+
+    python inade.py                                    # built-in shapes, CPU, ~5 min
+    python inade.py --sample                           # the five control grids from that run
+    python inade.py --eval                             # toy metrics (shapes) -> eval.json
+    python inade.py --data deepfashion --dry_run       # 84.63M generator parameters (Table 3)
+    python inade.py --data cityscapes --noise_nc 8 --dry_run     # 76.78M (Table 4)
+    torchrun --nproc_per_node=8 inade.py --data deepfashion --dtype bfloat16   # paper scale
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ----------------------------------------------------------------------------------------------
+# Config. paper = the INADE paper (main text §4.1, supplement §6-9); official = tzt101/INADE
+# (the SPADE codebase it extends); "our choice" where both are silent.
+# ----------------------------------------------------------------------------------------------
+
+PAPER = dict(
+    ngf=64,               # official: SPADE ngf 64 -> trunk widths 1024..64 (needed for Table 3)
+    ndf=64,               # official: PatchGAN ndf 64
+    nef=64,               # official: encoder width = ngf 64
+    num_d=2,              # official: 2 discriminator scales
+    z_dim=256,            # paper §4.1: "the input noise has 256 channels"
+    noise_nc=64,          # paper §4.1: C0 = 64 (official default for DeepFashion is 8; Table 3
+                          # needs 64, see the reference notes); --noise_nc 8 / 128 for Table 4
+    lr_g=1e-4, lr_d=4e-4,  # paper §4.1 (TTUR); the encoder trains with G's rate (official)
+    beta1=0.0, beta2=0.9,  # paper §4.1
+    lambda_fm=10.0, lambda_rec=10.0, lambda_kl=0.05,  # paper supp. §6: lambda1, lambda2, lambda3
+    perceptual="vgg",     # paper Eq. (8): VGG-19 relu4_1 + relu5_1, equal weights
+    pretrained=1,         # pretrained VGG-19 / Inception / LPIPS (downloaded on first use)
+    batch_size=16,        # our choice: the paper gives none (official default 1, SyncBN)
+    num_up="normal",      # official: 5 up-samplings, 8x8 input map at 256x256
+    aspect_ratio=1.0,
+    log_every=100, sample_every=5000, ckpt_every=5000, eval_n=2000,
+)
+
+
+def paper_preset(num_classes, n_train, **over):
+    """Paper setting for one dataset; iters = 200 epochs (paper §4.1) at the preset batch."""
+    cfg = dict(PAPER, num_classes=num_classes, size=256, **over)
+    cfg["iters"] = 200 * n_train // cfg["batch_size"]
+    return cfg
+
+
+PRESETS = {
+    # num_classes = one-hot channels L (dontcare included); n_train from paper supp. §7
+    "deepfashion": paper_preset(8, 30_000),
+    "cityscapes": paper_preset(35, 2_975, num_up="more", aspect_ratio=2.0),  # 256x512 (supp. §7)
+    "ade20k": paper_preset(151, 20_210),           # 150 classes + dontcare (official)
+    "celebamask-hq": paper_preset(19, 28_000),
+    # Built-in toy data, our choice throughout: small widths so it learns on 2 CPU cores in ~5 min.
+    # No pretrained nets offline: the perceptual term of Eq. (8) becomes a pixel L1 distance.
+    "shapes": dict(num_classes=None, size=32, ngf=8, ndf=16, nef=16, num_d=2, z_dim=32, noise_nc=16,
+                   lr_g=4e-4, lr_d=8e-4, beta1=0.0, beta2=0.9, lambda_fm=10.0, lambda_rec=10.0,
+                   lambda_kl=0.05, perceptual="l1", pretrained=0, batch_size=16,
+                   num_up="normal", aspect_ratio=1.0, iters=1500, log_every=25,
+                   sample_every=500, ckpt_every=500, eval_n=256),
+}
+
+# Generator sizes the paper reports (Table 3, C0 = 64; Table 4, C0 = 8 / 128), in millions.
+PAPER_PARAMS_M = {("deepfashion", 64): 84.63, ("cityscapes", 64): 77.39, ("ade20k", 64): 90.89,
+                  ("celebamask-hq", 64): 85.12, ("cityscapes", 8): 76.78,
+                  ("cityscapes", 128): 78.10, ("celebamask-hq", 8): 84.50,
+                  ("celebamask-hq", 128): 85.82}
+
+ARCH_KEYS = ("num_classes", "size", "ngf", "ndf", "nef", "num_d", "z_dim", "noise_nc", "num_up",
+             "aspect_ratio")
+
+
+def build_parser():
+    p = common.base_parser("INADE: instance-adaptive denormalisation (Tan et al., CVPR 2021)")
+    p.add_argument("--num_classes", type=int, default=None, help="one-hot classes L (from data)")
+    p.add_argument("--ngf", type=int, default=None, help="generator base width")
+    p.add_argument("--ndf", type=int, default=None, help="discriminator base width")
+    p.add_argument("--num_d", type=int, default=None, help="discriminator scales")
+    p.add_argument("--nef", type=int, default=None, help="noise-remapping encoder base width")
+    p.add_argument("--z_dim", type=int, default=None, help="global input vector size")
+    p.add_argument("--noise_nc", type=int, default=None, help="C0: channels of instance noise")
+    p.add_argument("--num_up", default=None, choices=["normal", "more"],
+                   help="5 or 6 up-samplings (SPADE); 'more' for Cityscapes' 256x512")
+    p.add_argument("--aspect_ratio", type=float, default=None, help="width / height")
+    p.add_argument("--lr_g", type=float, default=None)
+    p.add_argument("--lr_d", type=float, default=None)
+    p.add_argument("--beta1", type=float, default=None)
+    p.add_argument("--beta2", type=float, default=None)
+    p.add_argument("--lambda_fm", type=float, default=None, help="lambda1, feature matching")
+    p.add_argument("--lambda_rec", type=float, default=None, help="lambda2, perceptual/pixel")
+    p.add_argument("--lambda_kl", type=float, default=None, help="lambda3, KL")
+    p.add_argument("--perceptual", default=None, choices=["vgg", "vgg_official", "l1", "off"],
+                   help="Eq. (8) term: VGG relu4_1+relu5_1 equal weights (paper), official "
+                        "weights 1/4 and 1, a pixel L1 (no download), or none")
+    p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
+                   help="1: pretrained VGG/Inception/LPIPS; 0: pixel distances, no downloads")
+    p.add_argument("--eval_n", type=int, default=None, help="test layouts used by --eval")
+    p.add_argument("--sample_class", type=int, default=None, help="class for control (b)")
+    p.add_argument("--sample_instance", type=int, default=None, help="instance id for (c)")
+    p.add_argument("--target_index", type=int, default=0, help="test item for controls (b)-(e)")
+    p.add_argument("--ref_index", type=int, default=1, help="test item used as reference (d)")
+    p.add_argument("--n_styles", type=int, default=6, help="columns per control grid")
+    return p
+
+
+def gen_hw(args):
+    """Output (H, W): --size is the height; Cityscapes is 256x512 (aspect 2)."""
+    return args.size, int(round(args.size * args.aspect_ratio))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: label map m (B, H, W) and instance map p (B, H, W), contiguous ids 0..K-1 (§3)
+# ----------------------------------------------------------------------------------------------
+
+def resize_ids(ids, size):
+    """Nearest resize of an integer map (B, H, W); equals resizing its one-hot (SPADE, §3.3)."""
+    if tuple(ids.shape[-2:]) == tuple(size):
+        return ids
+    return F.interpolate(ids[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def instance_edges(inst):
+    """Edge map of the instance map (pix2pixHD/SPADE): 1 where a 4-neighbour has another id."""
+    edge = torch.zeros_like(inst, dtype=torch.bool)
+    dv = inst[:, 1:, :] != inst[:, :-1, :]
+    dh = inst[:, :, 1:] != inst[:, :, :-1]
+    edge[:, 1:, :] |= dv
+    edge[:, :-1, :] |= dv
+    edge[:, :, 1:] |= dh
+    edge[:, :, :-1] |= dh
+    return edge[:, None].float()
+
+
+def d_condition(label, inst, num_classes):
+    """D's semantic input: one-hot (L channels) + instance edge map (official), (B, L+1, H, W)."""
+    onehot = F.one_hot(label, num_classes).permute(0, 3, 1, 2).float()
+    return torch.cat([onehot, instance_edges(inst)], 1)
+
+
+def num_instances(inst):
+    """K instance slots for a batch: max id + 1 (official)."""
+    return int(inst.max()) + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# INADE layer, Eq. (1)-(3)
+# ----------------------------------------------------------------------------------------------
+
+class INADE(nn.Module):
+    """Instance-adaptive denormalisation of a (B, C, H, W) activation.
+
+    Eq. (1): x_hat = (x - mu) / sigma (parameter-free batch norm; SyncBN under DDP),
+             y = gamma * x_hat + beta  (no "1 + gamma", unlike SPADE).
+    Eq. (2): gamma[px] = a_gamma[G(l_p)] * N^_gamma[l_p] + b_gamma[G(l_p)], beta likewise, where
+             l_p is the pixel's instance and G(l_p) its class.
+    Eq. (3): N^ = F(N), a linear map C0 -> C of the noise shared by all layers. The paper writes two
+             maps F_gamma, F_beta; the official code has ONE map shared by the gamma and beta
+             samples, and only that reproduces the parameter counts of Tables 3-4: we follow it.
+    """
+
+    def __init__(self, channels, num_classes, noise_nc):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        # a[..., 0] = a_gamma, a[..., 1] = a_beta; b likewise. Init a ~ U(0, 1), b = 0 (official).
+        self.a = nn.Parameter(torch.rand(num_classes, channels, 2))
+        self.b = nn.Parameter(torch.zeros(num_classes, channels, 2))
+        self.fc_noise = nn.Linear(noise_nc, channels)
+
+    def modulation(self, inst, inst_class, noise):
+        """gamma, beta (B, C, h, w) for an instance map inst (B, h, w), the class G(l_p) of every
+        instance slot inst_class (B, K) and the shared noise (B, K, 2, C0)."""
+        mapped = self.fc_noise(noise).transpose(2, 3)              # Eq. (3): (B, K, C, 2)
+        # Eq. (2) per instance: a[G(l_p)] * N^[l_p] + b[G(l_p)]. Every pixel of an instance has
+        # the same class, so this equals Eq. (2) per pixel, computed K times instead of H*W times.
+        mod = self.a[inst_class] * mapped + self.b[inst_class]     # (B, K, C, 2)
+        onehot = F.one_hot(inst, mod.shape[1]).to(mod.dtype)       # (B, h, w, K) instance one-hot
+        gamma_beta = torch.einsum("bhwk,bkcs->bschw", onehot, mod)  # each pixel: its instance's
+        return gamma_beta[:, 0], gamma_beta[:, 1]                  # (B, C, h, w) each
+
+    def forward(self, x, inst, inst_class, noise):
+        gamma, beta = self.modulation(resize_ids(inst, x.shape[-2:]), inst_class, noise)
+        return gamma * self.norm(x) + beta                         # Eq. (1)
+
+
+def instance_classes(label, inst, num_inst):
+    """G(l_p): the semantic class of every instance slot, (B, K); 0 for an absent slot."""
+    cls = torch.zeros(len(inst), num_inst, dtype=torch.long, device=inst.device)
+    return cls.scatter_(1, inst.flatten(1), label.flatten(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator (supplement Fig. 8; SPADE's trunk with INADE in place of SPADE)
+# ----------------------------------------------------------------------------------------------
+
+def init_weights(module):
+    """Official init: xavier_normal (gain 0.02) for every Conv/Linear, bias 0. The INADE
+    parameters a, b keep their own init (they are not Conv/Linear weights)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.xavier_normal_(w, gain=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class INADEResBlock(nn.Module):
+    """INADE ResBlk: [INADE -> LReLU -> conv3x3] x 2, plus a learned shortcut
+    (INADE -> conv1x1, no bias, no activation) when widths differ. Convs carry spectral norm."""
+
+    def __init__(self, fin, fout, num_classes, noise_nc):
+        super().__init__()
+        mid = min(fin, fout)
+        sn = common.spectral_norm
+        self.learned_shortcut = fin != fout
+        self.norm_0 = INADE(fin, num_classes, noise_nc)
+        self.conv_0 = sn(nn.Conv2d(fin, mid, 3, padding=1))
+        self.norm_1 = INADE(mid, num_classes, noise_nc)
+        self.conv_1 = sn(nn.Conv2d(mid, fout, 3, padding=1))
+        if self.learned_shortcut:
+            self.norm_s = INADE(fin, num_classes, noise_nc)
+            self.conv_s = sn(nn.Conv2d(fin, fout, 1, bias=False))
+
+    def forward(self, x, inst, inst_class, noise):
+        skip = (self.conv_s(self.norm_s(x, inst, inst_class, noise))
+                if self.learned_shortcut else x)
+        h = self.conv_0(F.leaky_relu(self.norm_0(x, inst, inst_class, noise), 0.2))
+        h = self.conv_1(F.leaky_relu(self.norm_1(h, inst, inst_class, noise), 0.2))
+        return skip + h
+
+
+class Generator(nn.Module):
+    """z (B, z_dim) -> fc -> (B, 16 ngf, sh, sw) -> 7 INADE ResBlks with nearest x2 up-sampling
+    -> LReLU -> conv3x3 -> tanh. 18 INADE layers, all fed the same instance noise (§3.3)."""
+
+    def __init__(self, num_classes, height, width, ngf=64, z_dim=256, noise_nc=64,
+                 num_up="normal"):
+        super().__init__()
+        n_up = {"normal": 5, "more": 6}[num_up]
+        if width % 2 ** n_up or height % 2 ** n_up:
+            raise common.UserError(f"image size {height}x{width} must be divisible by "
+                                   f"{2 ** n_up} ({n_up} up-samplings, --num_up {num_up}).")
+        self.num_up, self.z_dim, self.noise_nc = num_up, z_dim, noise_nc
+        self.sh, self.sw = height // 2 ** n_up, width // 2 ** n_up
+        self.fc = nn.Linear(z_dim, 16 * ngf * self.sh * self.sw)
+        ch = [16 * ngf, 16 * ngf, 16 * ngf, 16 * ngf, 8 * ngf, 4 * ngf, 2 * ngf, ngf]
+        names = ["head_0", "G_middle_0", "G_middle_1", "up_0", "up_1", "up_2", "up_3"]
+        for name, fin, fout in zip(names, ch[:-1], ch[1:]):
+            self.add_module(name, INADEResBlock(fin, fout, num_classes, noise_nc))
+        self.conv_img = nn.Conv2d(ngf, 3, 3, padding=1)
+        init_weights(self)
+
+    def forward(self, z, label, inst, noise):
+        """z (B, z_dim) global vector (always random, official); label, inst (B, H, W) int;
+        noise (B, K, 2, C0): per instance, [:, :, 0] for gamma and [:, :, 1] for beta."""
+        up = lambda t: F.interpolate(t, scale_factor=2, mode="nearest")
+        cond = (inst, instance_classes(label, inst, noise.shape[1]), noise)
+        x = self.fc(z).view(len(z), -1, self.sh, self.sw)
+        x = up(self.head_0(x, *cond))
+        x = self.G_middle_0(x, *cond)
+        if self.num_up == "more":  # Cityscapes: one extra up-sampling here (supp. Fig. 8)
+            x = up(x)
+        x = self.G_middle_1(x, *cond)
+        for block in (self.up_0, self.up_1, self.up_2, self.up_3):
+            x = block(up(x), *cond)
+        return torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
+
+    def inade_layers(self):
+        return [m for m in self.modules() if isinstance(m, INADE)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior noise remapping encoder, §3.4 (supplement Fig. 7)
+# ----------------------------------------------------------------------------------------------
+
+class InstanceAwareConv2d(nn.Conv2d):
+    """"Instance partial convolution": in each k x k window, neighbours of another instance than
+    the window's centre are zeroed, so no information crosses instance borders. Like the official
+    code (segmentation-aware conv) we do NOT renormalise by the number of valid pixels, as partial
+    convolution would: the paper cites both; our choice. Zero padding counts as instance 0."""
+
+    def forward(self, x, inst):
+        """x (B, C, H, W), inst (B, H, W) at x's resolution -> (B, out, H', W')."""
+        B, C, H, W = x.shape
+        k, s, p = self.kernel_size[0], self.stride[0], self.padding[0]
+        cols = F.unfold(x, k, padding=p, stride=s)                       # (B, C*k*k, L)
+        ids = F.unfold(inst[:, None].to(x.dtype), k, padding=p, stride=s)  # (B, k*k, L)
+        same = (ids == ids[:, k * k // 2:k * k // 2 + 1]).to(x.dtype)     # window centre's id
+        cols = (cols.view(B, C, k * k, -1) * same[:, None]).view(B, C * k * k, -1)
+        out = self.weight.view(self.out_channels, -1) @ cols + self.bias[:, None]
+        return out.view(B, self.out_channels, (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1)
+
+
+def instance_average_pool(feat, inst, num_inst):
+    """Eq. (4): mean of feat (B, C, H, W) over each instance's pixels -> (B, K, C).
+    An instance absent from a sample gets the zero vector (divisor 1, official)."""
+    onehot = F.one_hot(inst, num_inst).to(feat.dtype)                    # (B, H, W, K)
+    total = torch.einsum("bhwk,bchw->bkc", onehot, feat)
+    count = onehot.sum((1, 2))[..., None].clamp(min=1)                   # (B, K, 1)
+    return total / count
+
+
+class NoiseEncoder(nn.Module):
+    """U-Net on the reference image (official widths, ngf = 64): 4 stride-2 instance-aware convs,
+    a middle conv, 3 up-sampling convs with skips, then the four heads (mu_gamma, logvar_gamma,
+    mu_beta, logvar_beta), each an instance-aware conv to C0, followed by instance pooling.
+    Every conv: InstanceAwareConv3x3 -> InstanceNorm (no affine) -> LReLU(0.2); no spectral norm.
+    The four heads are computed as one conv with 4 C0 outputs (same parameters, same maths)."""
+
+    def __init__(self, noise_nc, nef=64):
+        super().__init__()
+        conv = lambda i, o, s=1: InstanceAwareConv2d(i, o, 3, stride=s, padding=1)
+        self.layer1, self.layer2 = conv(3, nef, 2), conv(nef, 2 * nef, 2)
+        self.layer3, self.layer4 = conv(2 * nef, 4 * nef, 2), conv(4 * nef, 8 * nef, 2)
+        self.middle = conv(8 * nef, 4 * nef)
+        self.up1, self.up2 = conv(8 * nef, 2 * nef), conv(4 * nef, nef)
+        self.up3 = conv(2 * nef, nef)
+        self.heads = conv(nef, 4 * noise_nc)
+        self.noise_nc = noise_nc
+        init_weights(self)
+
+    def block(self, conv, x, inst):
+        x = conv(x, resize_ids(inst, x.shape[-2:]))
+        return F.leaky_relu(F.instance_norm(x), 0.2)
+
+    def forward(self, image, inst, num_inst):
+        """image (B, 3, H, W), inst (B, H, W) -> mu, logvar, each (B, K, 2, C0)."""
+        up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)
+        x1 = self.block(self.layer1, image, inst)                          # H/2
+        x2 = self.block(self.layer2, x1, inst)                             # H/4
+        x3 = self.block(self.layer3, x2, inst)                             # H/8
+        x4 = self.block(self.layer4, x3, inst)                             # H/16
+        y = up(self.block(self.middle, x4, inst))                          # H/8
+        y = up(self.block(self.up1, torch.cat([y, x3], 1), inst))          # H/4
+        y = up(self.block(self.up2, torch.cat([y, x2], 1), inst))          # H/2
+        y = up(self.block(self.up3, torch.cat([y, x1], 1), inst))          # H
+        maps = self.heads(y, inst)                                         # (B, 4 C0, H, W)
+        pooled = instance_average_pool(maps, inst, num_inst)               # Eq. (4): (B, K, 4 C0)
+        mu_g, logvar_g, mu_b, logvar_b = pooled.float().chunk(4, dim=2)
+        return torch.stack([mu_g, mu_b], 2), torch.stack([logvar_g, logvar_b], 2)
+
+
+def remap_noise(mu, logvar):
+    """Eq. (5): N~ = a~ * N + b~ with a~ = sigma = exp(logvar / 2), b~ = mu, N ~ N(0, 1)."""
+    return torch.randn_like(mu) * torch.exp(0.5 * logvar) + mu
+
+
+def kl_loss(mu, logvar):
+    """Eq. (9): 0.5 (KL_gamma + KL_beta), KL(N(mu, sigma^2) || N(0, 1)) summed over instances and
+    C0 (official: SPADE's sum-reduced KLD) and averaged over the batch (official batch size is 1;
+    a per-sample sum keeps lambda3 = 0.05 meaningful at larger batches: our choice).
+    Empty instance slots have mu = logvar = 0 and contribute 0."""
+    kl = common.kl_standard_normal(mu, logvar)          # (B, K, 2, C0)
+    return 0.5 * kl.sum((1, 3)).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator and losses (supplement §6)
+# ----------------------------------------------------------------------------------------------
+
+FM_LAYERS = (3,)   # Eq. (7) with S_D = 3 read 0-based: only D's 4th intermediate output (official)
+VGG_LAYERS = ("relu4_1", "relu5_1")   # Eq. (8) with S_V = 3 (0-based) of relu1_1..relu5_1
+VGG_WEIGHTS = {"vgg": (1.0, 1.0),     # paper: unweighted
+               "vgg_official": (0.25, 1.0)}  # official [0, 0, 0, 1/4, 1]
+
+
+def feature_matching(real_out, fake_out):
+    """Eq. (7): L1 mean between D features of real and fake at FM_LAYERS, averaged over scales."""
+    loss = 0.0
+    for real_feats, fake_feats in zip(real_out, fake_out):
+        for i in FM_LAYERS:
+            loss = loss + F.l1_loss(fake_feats[i], real_feats[i].detach())
+    return loss / len(real_out)
+
+
+class ReconstructionLoss(nn.Module):
+    """The lambda2 term. Eq. (8): sum over VGG layers of the L1 mean of feature differences, with
+    a frozen VGG-19 fed [-1, 1] images without ImageNet normalisation (official). `l1` replaces
+    it by a pixel L1 (our choice, for runs without the pretrained VGG: a random VGG's features
+    carry no perceptual meaning)."""
+
+    def __init__(self, kind, pretrained):
+        super().__init__()
+        self.kind = kind
+        if kind.startswith("vgg"):
+            self.vgg = common.VGG19(pretrained=bool(pretrained), normalize=False)
+            self.weights = VGG_WEIGHTS[kind]
+
+    def forward(self, fake, real):
+        if self.kind == "l1":
+            return F.l1_loss(fake, real)
+        if self.kind == "off":
+            return fake.new_zeros(())
+        both = self.vgg(torch.cat([fake, real]), list(VGG_LAYERS))
+        loss = 0.0
+        for w, name in zip(self.weights, VGG_LAYERS):
+            f, r = both[name].float().chunk(2)
+            loss = loss + w * F.l1_loss(f, r.detach())
+        return loss
+
+
+def build_models(args):
+    H, W = gen_hw(args)
+    G = Generator(args.num_classes, H, W, args.ngf, args.z_dim, args.noise_nc, args.num_up)
+    E = NoiseEncoder(args.noise_nc, args.nef)
+    D = common.MultiscaleDiscriminator(args.num_classes + 1 + 3, args.num_d, args.ndf)
+    return G, E, D
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def lr_factor(iters):
+    """Paper §4.1: constant for the first half of training, then linearly to zero (200 epochs,
+    decay after 100), counted in iterations here."""
+    half = iters // 2
+    return lambda it: 1.0 if it < half else max(0.0, (iters - it) / max(iters - half, 1))
+
+
+def load_data(args, split):
+    import data  # deferred: --dry_run must touch no dataset
+    H, W = gen_hw(args)
+    ds = data.get_dataset(args.data, root=args.data_dir, split=split, size=args.size)
+    if "instance" not in ds.has or "label" not in ds.has:
+        raise common.UserError(f"INADE needs label and instance maps, but --data {args.data} "
+                               f"provides only: {', '.join(sorted(ds.has))}.")
+    if tuple(ds.size) != (H, W):
+        raise common.UserError(f"--data {args.data} gives {ds.size[0]}x{ds.size[1]} images, but "
+                               f"the generator makes {H}x{W}; set --size / --aspect_ratio.")
+    return ds
+
+
+def fill_num_classes(args, ds):
+    if args.num_classes not in (None, ds.num_classes) and args.data != "shapes":
+        raise common.UserError(f"--num_classes {args.num_classes} does not match the "
+                               f"{ds.num_classes} classes of --data {args.data}.")
+    args.num_classes = ds.num_classes
+
+
+def generate(G, E, batch, z=None, noise=None, use_encoder=True):
+    """One forward pass: noise from the encoder (Eq. 5) or N(0, 1); returns fake, mu, logvar."""
+    inst, label = batch["instance"], batch["label"]
+    K = num_instances(inst)
+    mu = logvar = None
+    if noise is None:
+        if use_encoder:
+            mu, logvar = E(batch["image"], inst, K)
+            noise = remap_noise(mu, logvar)
+        else:  # random styles: plain N(0, 1) noise per instance (§3.3)
+            noise = random_noise(common.unwrap(G), inst)
+    if z is None:
+        z = torch.randn(len(inst), common.unwrap(G).z_dim, device=inst.device)
+    return G(z, label, inst, noise), mu, logvar
+
+
+def train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch):
+    """One G(+E) step then one D step (official order); the D step reuses the generated batch
+    (detached) instead of generating a second one (our choice: one G forward per iteration)."""
+    real, label, inst = batch["image"], batch["label"], batch["instance"]
+    cond = d_condition(label, inst, args.num_classes)
+    with rt.autocast():
+        fake, mu, logvar = generate(G, E, batch)
+        d_out = D(torch.cat([torch.cat([cond, fake], 1), torch.cat([cond, real], 1)]))
+        fake_out = [[f.chunk(2)[0] for f in scale] for scale in d_out]
+        real_out = [[f.chunk(2)[1] for f in scale] for scale in d_out]
+        g_gan = common.hinge_g_loss(fake_out)                              # Eq. (6), G side
+        g_fm = feature_matching(real_out, fake_out)                        # Eq. (7)
+        g_rec = rec_loss(fake.float(), real)                               # Eq. (8)
+    g_kl = kl_loss(mu, logvar)                                             # Eq. (9)
+    g_loss = g_gan + args.lambda_fm * g_fm + args.lambda_rec * g_rec + args.lambda_kl * g_kl
+    opt_g.zero_grad(set_to_none=True)
+    rt.scaler.scale(g_loss).backward()                                     # Eq. (10), min over E, G
+    rt.scaler.step(opt_g)
+
+    with rt.autocast():
+        d_out = D(torch.cat([torch.cat([cond, fake.detach()], 1), torch.cat([cond, real], 1)]))
+        fake_logit = [scale[-1].chunk(2)[0] for scale in d_out]
+        real_logit = [scale[-1].chunk(2)[1] for scale in d_out]
+        d_loss = common.hinge_d_loss(real_logit, fake_logit)               # Eq. (6), D side
+    opt_d.zero_grad(set_to_none=True)
+    rt.scaler.scale(d_loss).backward()
+    rt.scaler.step(opt_d)
+    rt.scaler.update()
+    return dict(g_gan=g_gan.item(), g_fm=g_fm.item(), g_rec=g_rec.item(), g_kl=g_kl.item(),
+                d_loss=d_loss.item())
+
+
+def train(args):
+    rt = common.setup_runtime(args)
+    ds = load_data(args, "train")
+    fill_num_classes(args, ds)
+    G, E, D = build_models(args)
+    if rt.ddp and rt.device.type == "cuda":
+        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)  # paper supp. §6: synchronised BN
+    rec_loss = ReconstructionLoss(args.perceptual, args.pretrained).to(rt.device)
+    GE = nn.ModuleDict(dict(G=G, E=E))  # the encoder joins G's optimiser (official)
+    opt_g = torch.optim.Adam(GE.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2))
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_factor(args.iters))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_factor(args.iters))
+    objects = dict(G=G, E=E, D=D, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d,
+                   scaler=rt.scaler)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    start = 0
+    if args.resume:
+        start = common.load_checkpoint(ckpt_path, "inade", vars(args), ARCH_KEYS, objects)["iter"]
+    G = common.prepare_model(G, rt, args.compile)
+    E = common.prepare_model(E, rt, args.compile)
+    D = common.prepare_model(D, rt, args.compile)
+    stream = common.batch_stream(ds, rt.local_batch(args.batch_size), rt, args.seed, start,
+                                 args.num_workers)
+    fixed = fixed_batch(args, rt.device)
+    log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
+    G.train(), E.train(), D.train()
+    for it in range(start, args.iters):
+        batch = common.to_device(next(stream), rt.device)
+        losses = train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch)
+        sched_g.step(), sched_d.step()
+        log.step(args.batch_size)
+        done = it + 1
+        if done % args.log_every == 0 or done == args.iters:
+            log.log(done, **{k: common.reduce_mean(v, rt) for k, v in losses.items()},
+                    lr_g=sched_g.get_last_lr()[0])
+        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+            training_grid(args, common.unwrap(G), common.unwrap(E), fixed,
+                          os.path.join(args.out_dir, f"samples_{done:06d}.png"))
+        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
+            common.save_checkpoint(ckpt_path, "inade", vars(args), done, objects)
+    log.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling controls (--sample): one grid each, label map first
+# ----------------------------------------------------------------------------------------------
+
+def test_set(args):
+    import data
+    ds = data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size)
+    return ds
+
+
+def fixed_batch(args, device, n=6):
+    ds = test_set(args)
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return common.to_device(torch.utils.data.default_collate(items), device)
+
+
+def item_batch(ds, index, device):
+    if not 0 <= index < len(ds):
+        raise common.UserError(f"test item {index} does not exist; the test split of this "
+                               f"dataset has {len(ds)} items.")
+    return common.to_device(torch.utils.data.default_collate([ds[index]]), device)
+
+
+def random_noise(G, inst, n=None):
+    return torch.randn(len(inst) if n is None else n, num_instances(inst), 2, G.noise_nc,
+                       device=inst.device)
+
+
+@torch.no_grad()
+def training_grid(args, G, E, batch, path):
+    """Rows: label, real, reconstruction (encoder, Eq. 5), then random styles (N(0, 1) noise).
+    The global RNG is restored afterwards, so a run that samples more often stays the same run."""
+    rng = common.rng_state()
+    G.eval(), E.eval()
+    rec, _, _ = generate(G, E, batch)
+    rows = [list(batch["label"]), list(batch["image"]), list(rec)]
+    for _ in range(3):
+        rows.append(list(generate(G, E, batch, use_encoder=False)[0]))
+    common.save_grid(path, rows, dataset_palette(args))
+    G.train(), E.train()
+    common.set_rng_state(rng)
+
+
+def dataset_palette(args):
+    import data
+    return data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size).palette
+
+
+def pick_instance(inst, label, wanted=None):
+    """The instance to resample: --sample_instance, or the largest non-background instance."""
+    ids, counts = inst[0].unique(return_counts=True)
+    if wanted is not None:
+        if wanted not in ids.tolist():
+            raise common.UserError(f"--sample_instance {wanted} is not in the target layout; "
+                                   f"its instance ids are {ids.tolist()}.")
+        return wanted
+    background = inst[0][label[0] == 0].unique().tolist()
+    order = [i for i in counts.argsort(descending=True).tolist() if ids[i] not in background]
+    return int(ids[order[0]]) if order else int(ids[counts.argmax()])
+
+
+@torch.no_grad()
+def control_grids(args, G, E, ds, device, out_dir):
+    """Writes sample_{random,class,instance,reference,reconstruction}.png; returns the paths."""
+    n = args.n_styles
+    tgt = item_batch(ds, args.target_index, device)
+    ref = item_batch(ds, args.ref_index, device)
+    label, inst = tgt["label"], tgt["instance"]
+    pal, paths = ds.palette, {}
+    z = torch.randn(1, G.z_dim, device=device)
+    base = random_noise(G, inst)
+    save = lambda name, rows: paths.setdefault(name, common.save_grid(
+        os.path.join(out_dir, f"sample_{name}.png"), rows, pal) is not None and
+        os.path.join(out_dir, f"sample_{name}.png"))
+
+    # (a) random styles: fresh z and fresh noise for every instance, for 4 test layouts
+    rows = []
+    for i in range(min(4, len(ds))):
+        b = item_batch(ds, i, device)
+        zs = torch.randn(n, G.z_dim, device=device)
+        fakes = G(zs, b["label"].expand(n, -1, -1), b["instance"].expand(n, -1, -1),
+                  random_noise(G, b["instance"], n))
+        rows.append([b["label"][0], b["image"][0]] + list(fakes))
+    save("random", rows)
+
+    def resample(mask_ids, rows_n=2):
+        """Rows of n outputs in which only the instances `mask_ids` get new noise."""
+        out = []
+        for _ in range(rows_n):
+            noise = base.expand(n, -1, -1, -1).clone()
+            noise[:, mask_ids] = torch.randn(n, len(mask_ids), 2, G.noise_nc, device=device)
+            fakes = G(z.expand(n, -1), label.expand(n, -1, -1), inst.expand(n, -1, -1), noise)
+            out.append(list(fakes))
+        return out
+
+    # (b) semantic level (Fig. 1 left): every instance of one class resampled together
+    cls = args.sample_class
+    if cls is None:
+        cls = int(label[0][inst[0] == pick_instance(inst, label)][0])
+    class_inst = inst[0][label[0] == cls].unique().tolist()
+    if not class_inst:
+        raise common.UserError(f"--sample_class {cls} does not occur in test item "
+                               f"{args.target_index}; its classes are {label.unique().tolist()}.")
+    class_mask = (label[0] == cls).long()
+    rows = resample(class_inst)
+    save("class", [[label[0], class_mask] + r for r in rows])
+
+    # (c) instance level (Fig. 1 right): one instance resampled, the others kept
+    k = pick_instance(inst, label, args.sample_instance)
+    rows = resample([k])
+    save("instance", [[label[0], (inst[0] == k).long()] + r for r in rows])
+
+    # (d) reference-guided (Fig. 6a): the (mu, sigma) of an instance of the same class in the
+    # reference (the first such instance, as the official demo) replaces instance k's noise law
+    k_cls = int(label[0][inst[0] == k][0])
+    ref_ids = ref["instance"][0][ref["label"][0] == k_cls]
+    rows = []
+    if len(ref_ids):
+        r = int(ref_ids[0])
+        mu, logvar = E(ref["image"], ref["instance"], num_instances(ref["instance"]))
+        noise = base.expand(n, -1, -1, -1).clone()
+        eps = torch.randn(n, 2, G.noise_nc, device=device)
+        noise[:, k] = eps * torch.exp(0.5 * logvar[:, r]) + mu[:, r]  # Eq. (5), gamma and beta
+        before = G(z, label, inst, base)[0]
+        after = G(z.expand(n, -1), label.expand(n, -1, -1), inst.expand(n, -1, -1), noise)
+        rows = [[label[0], (inst[0] == k).long(), before, ref["image"][0],
+                 (ref["instance"][0] == r).long()] + list(after)]
+    else:
+        rows = [[label[0], ref["label"][0]]]  # no instance of that class in the reference
+    save("reference", rows)
+
+    # (e) reconstruction from the image's own style (encoder on the target itself)
+    rows = []
+    for i in range(min(4, len(ds))):
+        b = item_batch(ds, i, device)
+        mu, logvar = E(b["image"], b["instance"], num_instances(b["instance"]))
+        noise = remap_noise(mu.expand(n, -1, -1, -1), logvar.expand(n, -1, -1, -1))
+        zs = torch.randn(n, G.z_dim, device=device)
+        fakes = G(zs, b["label"].expand(n, -1, -1), b["instance"].expand(n, -1, -1), noise)
+        rows.append([b["label"][0], b["image"][0]] + list(fakes))
+    save("reconstruction", rows)
+    return paths
+
+
+def load_for_inference(args):
+    rt = common.setup_runtime(args)
+    ds = test_set(args)
+    fill_num_classes(args, ds)
+    G, E, _ = build_models(args)
+    ckpt = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "inade", vars(args),
+                                  ARCH_KEYS, dict(G=G, E=E), restore_rng=False)
+    common.seed_everything(args.seed)
+    return rt, ds, G.to(rt.device).eval(), E.to(rt.device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (--eval)
+# ----------------------------------------------------------------------------------------------
+
+def pixel_distance(a, b):
+    """Mean absolute RGB difference per image, (B,): the no-download stand-in for LPIPS."""
+    return (a - b).abs().mean((1, 2, 3))
+
+
+def masked_distance(dist_net, a, b, mask):
+    """(inside, outside) distance per image for a region mask (B, H, W): masked LPIPS
+    (common.masked_lpips: per-tap distance maps averaged under the area-resized mask, our
+    definition) or, without pretrained nets, the masked mean absolute pixel difference."""
+    if dist_net is not None:
+        return common.masked_lpips(dist_net, a, b, mask)
+    diff, m = (a - b).abs().mean(1), mask.float()
+    return ((diff * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1),
+            (diff * (1 - m)).sum((1, 2)) / (1 - m).sum((1, 2)).clamp(min=1))
+
+
+def pick_objects(inst, label, generator):
+    """One random non-background instance per item (the largest instance if there is none)."""
+    K = num_instances(inst)
+    onehot = F.one_hot(inst, K).sum((1, 2))                               # (B, K) areas
+    cls = instance_classes(label, inst, K)
+    score = torch.rand(onehot.shape, generator=generator).to(inst.device)
+    score = torch.where((onehot > 0) & (cls > 0), score + 1, torch.where(onehot > 0, score, -1))
+    return score.argmax(1)                                                 # (B,)
+
+
+@torch.no_grad()
+def resample_pair(G, batch, moved_ids):
+    """Two outputs that differ only in the noise of the instances where moved_ids (B, K) is True;
+    the global vector z and every other instance's noise are shared."""
+    label, inst = batch["label"], batch["instance"]
+    z = torch.randn(len(inst), G.z_dim, device=inst.device)
+    noise = random_noise(G, inst)
+    moved = torch.where(moved_ids[:, :, None, None], random_noise(G, inst), noise)
+    return G(z, label, inst, noise), G(z, label, inst, moved)
+
+
+@torch.no_grad()
+def evaluate(args):
+    """eval.json: quality (FID), diversity (LPIPS, supp. §8), semantic/instance-level control
+    (mCSD/mOCD, mISD/mOID: §4.2, protocol in the README) and, on shapes, the exact toy metrics."""
+    rt, ds, G, E, ckpt = load_for_inference(args)
+    n = min(args.eval_n, len(ds))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)),
+                                         batch_size=min(args.batch_size, 32))
+    dist_net = common.LPIPS("alex", pretrained=True).to(rt.device) if args.pretrained else None
+    dist_fn = dist_net if dist_net is not None else pixel_distance
+    inception = common.FIDInception(pretrained=True).to(rt.device) if args.pretrained else None
+    gen = torch.Generator().manual_seed(args.seed)
+    acc = {k: [] for k in ("misd", "moid", "mcsd", "mocd", "change_in", "change_out")}
+    feats_real, feats_fake, groups, shapes_rows = [], [], [], []
+    for batch in loader:
+        batch = common.to_device(batch, rt.device)
+        label, inst = batch["label"], batch["instance"]
+        K = num_instances(inst)
+        # 10 groups of results with random noise (supp. §8), kept for LPIPS and FID
+        fakes = torch.stack([generate(G, E, batch, use_encoder=False)[0] for _ in range(10)], 1)
+        groups.append(fakes.cpu())
+        if inception is not None:
+            feats_real.append(inception((batch["image"] + 1) / 2).cpu())
+            feats_fake.append(inception((fakes[:, 0] + 1) / 2).cpu())
+        # instance level: resample one instance; class level: every instance of its class
+        k = pick_objects(inst, label, gen)
+        one = F.one_hot(k, K).bool()                                      # (B, K)
+        a, b = resample_pair(G, batch, one)
+        mask = inst == k[:, None, None]
+        inside, outside = masked_distance(dist_net, a, b, mask)
+        acc["misd"].append(inside), acc["moid"].append(outside)
+        pix_in, pix_out = masked_distance(None, a, b, mask)
+        acc["change_in"].append(pix_in), acc["change_out"].append(pix_out)
+        cls = instance_classes(label, inst, K)
+        same_class = cls == cls.gather(1, k[:, None])
+        a, b = resample_pair(G, batch, same_class)
+        inside, outside = masked_distance(dist_net, a, b, label == cls.gather(1, k[:, None])[:, :, None])
+        acc["mcsd"].append(inside), acc["mocd"].append(outside)
+        if args.data == "shapes":
+            rec = generate(G, E, batch)[0]
+            shapes_rows.append(shapes_batch_metrics(batch, fakes[:, 0], rec))
+    cat = {k: torch.cat(v).float() for k, v in acc.items()}
+    result = {
+        "iter": ckpt["iter"], "layouts": n,
+        "distance": "lpips-alex" if dist_net is not None else "pixel-l1 (no pretrained nets)",
+        "lpips_diversity": common.lpips_diversity(dist_fn, torch.cat(groups), pairs="random",
+                                                  repeats=10, seed=args.seed, device=rt.device),
+        "mISD": cat["misd"].nanmean().item(), "mOID": cat["moid"].nanmean().item(),
+        "mCSD": cat["mcsd"].nanmean().item(), "mOCD": cat["mocd"].nanmean().item(),
+        # the "Must show" locality: mean |change| inside the resampled instance / outside it
+        "locality_ratio": (cat["change_in"].mean() / cat["change_out"].mean().clamp(min=1e-12)).item(),
+    }
+    if inception is not None:
+        result["fid"] = common.fid(torch.cat(feats_real).numpy(), torch.cat(feats_fake).numpy())
+    if shapes_rows:
+        result.update(shapes_summary(shapes_rows))
+    path = os.path.join(args.out_dir, "eval.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(json.dumps(result))
+    return result
+
+
+def shapes_batch_metrics(batch, fake, rec):
+    """Ground-truth scoring of one batch (data.py's exact helpers): the objects' measured colours
+    in random samples (fake) and in reconstructions from the real image (rec)."""
+    import data
+    inst, cls, valid = batch["instance"], batch["inst_class"], batch["inst_valid"]
+    out = {}
+    for name, images in (("real", batch["image"]), ("random", fake), ("recon", rec)):
+        f = data.shapes_colour_fidelity(images.cpu(), inst.cpu(), cls.cpu(), valid.cpu())
+        out[name] = {k: f[k] for k in ("distance", "mode", "valid")}
+    out["true_mode"], out["cls"] = batch["inst_mode"].cpu(), cls.cpu()
+    return out
+
+
+def same_class_pairs_differ(mode, cls, ok):
+    """Among pairs of objects of one class in one image (both in a mode), the fraction whose modes
+    differ: 0 if every instance of a class looked alike, as with one style per class."""
+    differ = total = 0
+    for i in range(mode.shape[1]):
+        for j in range(i + 1, mode.shape[1]):
+            pair = ok[:, i] & ok[:, j] & (cls[:, i] == cls[:, j])
+            differ += int((pair & (mode[:, i] != mode[:, j])).sum())
+            total += int(pair.sum())
+    return differ / total if total else float("nan")
+
+
+def shapes_summary(rows):
+    import data
+    cat = lambda name, key: torch.cat([r[name][key] for r in rows])
+    cls, true_mode = torch.cat([r["cls"] for r in rows]), torch.cat([r["true_mode"] for r in rows])
+    out = {}
+    for name in ("real", "random", "recon"):
+        dist, mode, valid = cat(name, "distance"), cat(name, "mode"), cat(name, "valid")
+        in_mode = valid & (dist <= data.SHAPES_MODE_TOLERANCE)
+        cover = data.shapes_mode_coverage(mode, cls, in_mode)
+        out[name] = {
+            "colour_error": dist[valid].mean().item(),          # RGB distance to nearest mode
+            "in_mode": in_mode[valid].float().mean().item(),    # within tolerance of a mode
+            "mode_coverage": cover["coverage"], "mode_tv": cover["tv"], "mode_counts": cover["counts"],
+            "same_class_pairs_differ": same_class_pairs_differ(mode, cls, in_mode),
+        }
+        if name == "recon":  # prior noise remapping: the reference's own mode comes back
+            out[name]["mode_accuracy"] = (mode == true_mode)[valid].float().mean().item()
+    return {"shapes": out}
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def dry_run(args):
+    if args.num_classes is None:  # built-in data: ask the generator for its class count
+        import data
+        args.num_classes = data.get_dataset(args.data, split="train", size=args.size).num_classes
+    G, E, D = build_models(args)
+    paper = PAPER_PARAMS_M.get((args.data, args.noise_nc))
+    n_g = common.count_params(G)
+    if paper is not None:
+        print(f"G {n_g / 1e6:.2f}M parameters; paper Table 3/4: {paper:.2f}M")
+    common.print_dry_run({"G": G, "E": E, "D": D})
+
+
+def main(argv=None):
+    args = common.parse_args(build_parser(), PRESETS, "inade", "shapes", argv)
+    if args.dry_run:
+        dry_run(args)
+    elif args.sample:
+        rt, ds, G, E, ckpt = load_for_inference(args)
+        paths = control_grids(args, G, E, ds, rt.device, args.out_dir)
+        print("\n".join(paths.values()))
+    elif args.eval:
+        evaluate(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
