@@ -1,0 +1,1102 @@
+"""Conditional IMLE: Multimodal Image Synthesis with Conditional Implicit Maximum Likelihood
+Estimation (Li, Peng, Zhang, Malik; IJCV 2020). Two tasks: x8 super-resolution (SRIM, §5.1) and
+image synthesis from scene layouts (§5.2).
+
+Idea: a conditional GAN pulls *every* sample towards the one ground truth, so its samples
+collapse onto one mode. IMLE turns the direction around (§3.4-3.5): for every training pair
+(x_i, y_i) draw m latent codes, find the generated sample T(x_i, z_ij) *nearest* to y_i, and
+pull only that one towards y_i. Every real image thus has a sample near it (no mode is dropped),
+while the other samples stay free to be different plausible outputs. Algorithm 1 alternates an
+outer step (draw a subset S, search the nearest of m samples for each example) with L inner
+steps of gradient descent on mini-batches of S with the selected codes held fixed. There is no
+discriminator: the only loss is the distance L of §3.7 (pixels + VGG-19 features).
+
+Map of this file:
+    config and presets     Algorithm 1's |S|, m, L, |S~|, eta per dataset, with their sources
+    networks               RRDB super-resolution generator (§5.1.1, Fig. 4); cascaded refinement
+                           network + noise encoder for layouts (§5.2.1)
+    distance (§3.7)        weighted pixel + VGG-19 feature distances, masked for layouts (§5.2.4)
+    select_latents         the nearest-sample search: chunked, no_grad, running argmin (exact)
+    rarity (§5.2.4)        per-class KDE of mean colours, rarity scores, dataset and loss
+                           rebalancing; cached beside the dataset
+    Algorithm 1            subset -> search -> L inner steps; z = 0 pretraining; training loop
+    sampling controls      many samples per input, latent interpolation, one latent on many inputs
+    evaluation             faithfulness-weighted variance (§5.1.5), LPIPS diversity (§5.2.6),
+                           shapes toy metrics (palette-mode coverage, colour fidelity)
+    benchmark              select_latents vs materialise-all: time, peak memory, search overhead
+    main
+
+    python cimle.py                                   # layouts on built-in shapes, CPU ~5 min
+    python cimle.py --pretrain_iters 100000           # the same network as z = 0 regression
+    python cimle.py --task sr                         # x8 SR on shapes (stripes are ambiguous)
+    python cimle.py --sample                          # grids from out/cimle-shapes/ckpt.pt
+    python cimle.py --eval                            # metrics -> out/cimle-shapes/eval.json
+    python cimle.py --bench                           # select_latents vs the naive search
+    python cimle.py --data folder --data_dir data/imagenet_cicada   # SRIM, paper scale
+    python cimle.py --data gta5                       # layouts, paper scale (256x512)
+    python cimle.py --data gta5 --dry_run             # parameter counts vs the official nets
+"""
+
+import json
+import math
+import os
+import time
+import weakref
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from tqdm import tqdm
+
+import common
+import data
+
+# ----------------------------------------------------------------------------------------------
+# Config. Paper = Li et al. (IJCV); SRIM = niopeng/SRIM-pytorch; DISL = zth667/Diverse-Image-
+# Synthesis-from-Semantic-Layout (both official, see ../shared/reference/cimle.md).
+# --iters counts inner steps (Algorithm 1's theta updates); K = iters / L outer iterations.
+# ----------------------------------------------------------------------------------------------
+
+SR_PAPER = dict(
+    task="sr", size=256,      # §5.1.2: 256x256 targets from 32x32 inputs (x8)
+    z_channels=5,             # §5.1.4: 5 noise channels, concatenated to the LR input (§5.1.1)
+    nf=64, gc=128, n_blocks=24,  # SRIM config: 24 RRDBs, 64 features, growth 128 (ESRGAN 23/64/32)
+    S=640, m=100, L=200_000,  # §5.1.4: |S| = 640, m = 100, L = 200,000
+    batch_size=4,             # §5.1.4: |S~| = 4
+    lr=1.5e-4,                # SRIM Adam 1.5e-4 (paper: eta = 1e-5, reached after 4 halvings)
+    lr_milestones="200000,250000,350000,450000",  # SRIM x0.5 at 50k/100k/200k/300k IMLE steps,
+    lr_gamma=0.5,             # shifted by the 150k pretraining steps
+    pretrain_iters=150_000,   # §5.1.1: z = 0 pretraining; SRIM stage 1: 150k iterations
+    bilinear_from=450_000,    # §5.1.1: nearest early, bilinear later (SRIM stage 3); when: ours
+    iters=750_000,            # K = 3 IMLE outer iterations after pretraining (paper: K not given)
+    n_train=1280,             # §5.1.4: 1,280 training images
+    distance="vgg",           # §5.1.1: l2 on pixels + VGG-19 relu5_4
+    perturb=0.0, reject=0.0,  # off: official-code perturbation (0.1) / RS-IMLE rejection
+    search_examples=1, search_chunk=25,  # our choice: 25 RRDB forwards per search chunk
+    pretrained=1, n_eval=80, eval_samples=50,  # §5.1.6: 80 test images, 50 samples each
+    sample_every=10_000, ckpt_every=10_000, log_every=100,
+    # layout-only settings (unused here)
+    crn_channels="", noise_channels=10, encoder_channels=100, rebalance_data=0,
+    rebalance_loss=0, rebalance_classes=5,
+)
+LAYOUT_PAPER = dict(
+    task="layout", size=256,  # §5.2.5: 256x512 (height 256, the sets are 2:1)
+    crn_channels="1024,1024,1024,1024,1024,512,512",  # DISL: 7 modules 4x8..256x512
+    noise_channels=10,        # §5.2.5: z~ 256x512x10, z' 256x512x10
+    encoder_channels=100,     # §5.2.5: intermediate layers of the noise encoder have 100 channels
+    S=400, m=10, L=10_000,    # §5.2.5: |S| = 400, m = 10, L = 10,000
+    batch_size=1,             # §5.2.5: |S~| = 1
+    lr=1e-4, lr_milestones="50000", lr_gamma=0.1,  # DISL: Adam 1e-4, then 1e-5 after 5 outer
+    pretrain_iters=0, bilinear_from=0,              # iterations (paper: eta = 1e-5)
+    iters=160_000,            # DISL: 16 outer iterations
+    n_train=0,                # 0 = all (§5.2.5: 12,403 GTA-5 training images)
+    distance="vgg",           # §5.2.1: l1 on conv1_2 .. conv5_2 (+ pixels, DISL)
+    perturb=0.0, reject=0.0,
+    search_examples=1, search_chunk=10,  # our choice: one example's m = 10 candidates at once
+    rebalance_data=1, rebalance_loss=1,  # §5.2.4: both rebalancing schemes
+    rebalance_classes=5,      # §5.2.4: the five classes of largest area
+    pretrained=1, n_eval=100, eval_samples=80,  # §5.2.6: 100 layouts x 40 pairs
+    sample_every=5_000, ckpt_every=5_000, log_every=100,
+    z_channels=5, nf=64, gc=128, n_blocks=24,  # SR-only settings (unused here)
+)
+CPU_LAYOUT = dict(            # our choice throughout: learns in minutes on 2 CPU cores
+    LAYOUT_PAPER, size=32, crn_channels="48,48,32,32", encoder_channels=16,
+    S=64, m=10, L=50, batch_size=8, lr=1e-3, lr_milestones="", lr_gamma=0.1, iters=1200,
+    n_train=2000, distance="pixel", search_examples=64, search_chunk=10, pretrained=0,
+    n_eval=100, eval_samples=20, sample_every=250, ckpt_every=250, log_every=25,
+)
+CPU_SR = dict(
+    SR_PAPER, size=64, nf=16, gc=16, n_blocks=2, S=64, m=20, L=50, batch_size=8, lr=1e-3,
+    lr_milestones="", pretrain_iters=300, bilinear_from=0, iters=1500, n_train=2000,
+    distance="pixel", search_examples=64, search_chunk=10, pretrained=0, n_eval=50,
+    eval_samples=20, sample_every=250, ckpt_every=250, log_every=25,
+)
+PRESETS = {
+    "shapes": CPU_LAYOUT,     # --task sr switches to CPU_SR (see presets_for)
+    "folder": SR_PAPER,       # an ImageNet synset at 256x256 (§5.1.2)
+    "gta5": LAYOUT_PAPER,     # §5.2.2: the main layout set
+    "cityscapes": dict(LAYOUT_PAPER),  # §5.2.2 compares it; same settings (our choice)
+}
+TASKS = {"shapes": ("layout", "sr"), "folder": ("sr",), "gta5": ("layout",),
+         "cityscapes": ("layout",)}
+ARCH_KEYS = ("task", "size", "z_channels", "nf", "gc", "n_blocks", "crn_channels",
+             "noise_channels", "encoder_channels", "num_classes", "distance")
+LAYOUT_VGG = ["conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2"]  # §5.2.1
+REFERENCE_PARAMS = {"sr": {"G": 109.06e6}, "layout": {"G": 98.4e6, "E": 0.12e6}}  # cimle.md
+
+
+def build_parser():
+    p = common.base_parser(__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--task", default=None, choices=["sr", "layout"], help="super-resolution or layouts")
+    a("--S", type=int, default=None, help="Algorithm 1 |S|: examples per outer iteration")
+    a("--m", type=int, default=None, help="Algorithm 1 m: latent codes drawn per example")
+    a("--L", type=int, default=None, help="Algorithm 1 L: inner steps per outer iteration")
+    a("--lr", type=float, default=None, help="Adam learning rate (Algorithm 1's eta)")
+    a("--lr_milestones", default=None, help="comma-separated iterations where lr *= lr_gamma")
+    a("--lr_gamma", type=float, default=None)
+    a("--pretrain_iters", type=int, default=None,
+      help="first iterations with z = 0 (deterministic regression, §5.1.1); >= --iters: "
+           "the whole run is the z = 0 baseline")
+    a("--bilinear_from", type=int, default=None, help="SR: bilinear up-sampling from this iter")
+    a("--n_train", type=int, default=None, help="training examples used (0 = all)")
+    a("--distance", default=None, choices=["pixel", "vgg", "official"],
+      help="pixel: pixels only (no download); vgg: §3.7/§5 pixels + VGG-19 features; "
+           "official: SRIM's 0.01 L1 pixels + L1 conv5_4 (SR only)")
+    a("--perturb", type=float, default=None, help="SRIM code: add perturb * N(0, I) to codes")
+    a("--reject", type=float, default=None, help="RS-IMLE: skip candidates nearer than this")
+    a("--search_examples", type=int, default=None, help="examples per search chunk")
+    a("--search_chunk", type=int, default=None, help="candidates per example per search chunk")
+    a("--z_channels", type=int, default=None, help="SR: latent channels at LR resolution")
+    a("--nf", type=int, default=None, help="SR: RRDB feature channels")
+    a("--gc", type=int, default=None, help="SR: RRDB growth channels")
+    a("--n_blocks", type=int, default=None, help="SR: number of RRDBs")
+    a("--crn_channels", default=None, help="layout: CRN widths, coarsest module first")
+    a("--noise_channels", type=int, default=None, help="layout: channels of z~ and z'")
+    a("--encoder_channels", type=int, default=None, help="layout: noise encoder width")
+    a("--rebalance_data", type=int, default=None, choices=[0, 1], help="§5.2.4 dataset rebalancing")
+    a("--rebalance_loss", type=int, default=None, choices=[0, 1], help="§5.2.4 loss rebalancing")
+    a("--rebalance_classes", type=int, default=None, help="classes of largest area that share S")
+    a("--pretrained", type=int, default=None, choices=[0, 1],
+      help="1: pretrained VGG-19 / LPIPS (download once); 0: pixel stand-ins")
+    a("--n_eval", type=int, default=None, help="test inputs for --eval")
+    a("--eval_samples", type=int, default=None, help="samples per test input for --eval")
+    a("--bench", action="store_true", help="time select_latents against a naive search")
+    return p
+
+
+def parse(argv=None):
+    """common.parse_args with the preset of (--data, --task): shapes serves both tasks."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    presets = dict(PRESETS)
+    if known.task == "sr":
+        presets["shapes"] = CPU_SR
+    args = common.parse_args(parser, presets, "cimle", "shapes", argv)
+    if args.task not in TASKS[args.data]:
+        raise common.UserError(f"--task {args.task} is not available on --data {args.data}; "
+                               f"it supports: {', '.join(TASKS[args.data])}.")
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    for name in ("S", "m", "L", "batch_size", "iters", "search_examples", "search_chunk"):
+        if getattr(args, name) < 1:
+            raise common.UserError(f"--{name} must be a positive integer (got {getattr(args, name)}).")
+    if args.batch_size > args.S:
+        raise common.UserError(f"--batch_size {args.batch_size} (|S~|) must not exceed --S "
+                               f"{args.S}, since mini-batches are drawn from S (Algorithm 1).")
+    if args.distance == "official" and args.task != "sr":
+        raise common.UserError("--distance official is SRIM's distance; it exists for --task sr only.")
+    if args.distance != "pixel" and not args.pretrained:
+        raise common.UserError(f"--distance {args.distance} needs the pretrained VGG-19: "
+                               f"pass --pretrained 1, or use --distance pixel.")
+    if args.size % 8:
+        raise common.UserError(f"--size must be a multiple of 8 (got {args.size}).")
+    if args.task == "layout":
+        widths = parse_ints(args.crn_channels, "crn_channels")
+        if not widths or args.size % (4 * 2 ** (len(widths) - 1)):
+            raise common.UserError(f"--crn_channels needs one width per module with the coarsest "
+                                   f"at 4 pixels high: {len(widths)} modules do not fit --size "
+                                   f"{args.size}.")
+
+
+def parse_ints(text, flag):
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise common.UserError(f"--{flag} must be comma-separated integers (got '{text}').") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Super-resolution generator (§5.1.1, Fig. 4): ESRGAN's RRDB net with z concatenated to the input
+# ----------------------------------------------------------------------------------------------
+
+class DenseBlock(nn.Module):
+    """Residual dense block (ESRGAN): 5 dense 3x3 convs, LReLU(0.2) after the first four,
+    output scaled by 0.2 and added to the input."""
+
+    def __init__(self, nf, gc):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(nf + i * gc, gc if i < 4 else nf, 3, 1, 1)
+                                   for i in range(5))
+
+    def forward(self, x):
+        feats = [x]
+        for i, conv in enumerate(self.convs):
+            out = conv(torch.cat(feats, 1))
+            if i < 4:
+                feats.append(F.leaky_relu(out, 0.2))
+        return x + 0.2 * out
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block: three dense blocks, residual scaled by 0.2."""
+
+    def __init__(self, nf, gc):
+        super().__init__()
+        self.blocks = nn.Sequential(*(DenseBlock(nf, gc) for _ in range(3)))
+
+    def forward(self, x):
+        return x + 0.2 * self.blocks(x)
+
+
+class SRGenerator(nn.Module):
+    """T(x, z): LR image x (B, 3, h, w) in [0, 1] and z (B, z_channels, h, w) -> (B, 3, 8h, 8w).
+
+    §5.1.1: z is concatenated with x before the first layer; tanh output. The paper maps tanh to
+    [0, 1]; we keep [-1, 1], the image convention of data.py (the same affine map).
+    """
+
+    def __init__(self, z_channels, nf, gc, n_blocks, in_channels=3):
+        super().__init__()
+        self.z_channels = z_channels
+        self.upsample_mode = "nearest"  # §5.1.1: nearest early, bilinear later (set by training)
+        self.fea_conv = nn.Conv2d(in_channels + z_channels, nf, 3, 1, 1)
+        self.trunk = nn.Sequential(*(RRDB(nf, gc) for _ in range(n_blocks)))
+        self.trunk_conv = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.up_convs = nn.ModuleList(nn.Conv2d(nf, nf, 3, 1, 1) for _ in range(3))  # x2 x2 x2
+        self.hr_conv = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.out_conv = nn.Conv2d(nf, in_channels, 3, 1, 1)
+        for module in self.modules():  # SRIM / ESRGAN init: Kaiming normal x 0.1, zero bias
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, a=0, mode="fan_in")
+                module.weight.data.mul_(0.1)
+                nn.init.zeros_(module.bias)
+
+    def latent_shape(self, cond):
+        return (self.z_channels, cond.shape[-2], cond.shape[-1])
+
+    def forward(self, cond, z):
+        x = torch.cat([(cond + 1) / 2, z], dim=1)  # data.py's lowres is in [-1, 1]; SRIM: [0, 1]
+        fea = self.fea_conv(x)
+        fea = fea + self.trunk_conv(self.trunk(fea))  # long skip over the trunk
+        for conv in self.up_convs:
+            mode = dict(mode="bilinear", align_corners=False) \
+                if self.upsample_mode == "bilinear" else dict(mode="nearest")
+            fea = F.leaky_relu(conv(F.interpolate(fea, scale_factor=2, **mode)), 0.2)
+        return torch.tanh(self.out_conv(F.leaky_relu(self.hr_conv(fea), 0.2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout generator (§5.2.1): cascaded refinement network (Chen & Koltun 2017) + noise encoder
+# ----------------------------------------------------------------------------------------------
+
+def conv_norm_act(cin, cout, k):
+    """conv (no bias) -> layer norm over (C, H, W) with per-channel affine (slim's layer_norm,
+    i.e. GroupNorm(1, C), DISL) -> LReLU(0.2)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, 1, k // 2, bias=False), nn.GroupNorm(1, cout),
+                         nn.LeakyReLU(0.2))
+
+
+class NoiseEncoder(nn.Module):
+    """§5.2.1: a 3-layer conv net on [layout one-hot, z~] -> z' with as many channels as z~.
+    DISL: conv3x3 -> LN -> LReLU, conv3x3 -> LN -> LReLU, conv1x1 (linear); trunc-normal 0.15."""
+
+    def __init__(self, num_classes, noise_channels, width):
+        super().__init__()
+        self.net = nn.Sequential(conv_norm_act(num_classes + noise_channels, width, 3),
+                                 conv_norm_act(width, width, 3),
+                                 nn.Conv2d(width, noise_channels, 1))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.trunc_normal_(module.weight, std=0.15, a=-0.3, b=0.3)
+
+    def forward(self, layout, noise):
+        return self.net(torch.cat([layout, noise], dim=1))
+
+
+class CRN(nn.Module):
+    """Refinement modules from 4 pixels high (module 0) to full resolution, each at twice the
+    previous size. Module input: [previous features up x2 (bilinear, align_corners, DISL), layout
+    area-resized, z' resized (bilinear)]; two conv3x3 -> LN -> LReLU; a linear 1x1 head -> RGB."""
+
+    def __init__(self, num_classes, noise_channels, widths):
+        super().__init__()
+        cond = num_classes + noise_channels
+        self.blocks = nn.ModuleList()
+        prev = 0
+        for width in widths:
+            self.blocks.append(nn.Sequential(conv_norm_act(prev + cond, width, 3),
+                                             conv_norm_act(width, width, 3)))
+            prev = width
+        self.head = nn.Conv2d(prev, 3, 1)  # linear output in [-1, 1] (DISL: no tanh)
+
+    def forward(self, layout, noise):
+        h_full, w_full = layout.shape[-2:]
+        n = len(self.blocks)
+        feat = None
+        for k, block in enumerate(self.blocks):
+            size = (h_full >> (n - 1 - k), w_full >> (n - 1 - k))
+            lay = layout if k == n - 1 else F.interpolate(layout, size=size, mode="area")
+            nz = noise if k == n - 1 else F.interpolate(noise, size=size, mode="bilinear",
+                                                        align_corners=False)
+            parts = [lay, nz]
+            if feat is not None:
+                parts.insert(0, F.interpolate(feat, size=size, mode="bilinear", align_corners=True))
+            feat = block(torch.cat(parts, dim=1))
+        return self.head(feat)
+
+
+class LayoutGenerator(nn.Module):
+    """T(x, z~) = CRN(x, E(x, z~)): label map (B, H, W) int -> image (B, 3, H, W)."""
+
+    def __init__(self, num_classes, noise_channels, encoder_channels, widths):
+        super().__init__()
+        self.num_classes, self.noise_channels = num_classes, noise_channels
+        self.encoder = NoiseEncoder(num_classes, noise_channels, encoder_channels)
+        self.crn = CRN(num_classes, noise_channels, widths)
+
+    def latent_shape(self, cond):
+        return (self.noise_channels, cond.shape[-2], cond.shape[-1])
+
+    def forward(self, cond, z):
+        layout = F.one_hot(cond, self.num_classes).permute(0, 3, 1, 2).float()  # (B, P, H, W)
+        return self.crn(layout, self.encoder(layout, z))
+
+
+def build_generator(args):
+    if args.task == "sr":
+        return SRGenerator(args.z_channels, args.nf, args.gc, args.n_blocks)
+    return LayoutGenerator(args.num_classes, args.noise_channels, args.encoder_channels,
+                           parse_ints(args.crn_channels, "crn_channels"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distance L (§3.7, Eq. 1): sum_i lambda_i || Phi_i(y~) - Phi_i(y) ||, per task (§5.1.1, §5.2.1)
+# ----------------------------------------------------------------------------------------------
+
+class Distance:
+    """Per-example distances between generated images and targets, one tensor op per term.
+
+    Terms: pixels, then VGG-19 layers. SR (§5.1.1): squared l2 (mean over elements: our
+    normalisation) on pixels and relu5_4. SRIM code ("official"): 0.01 L1 pixels + L1 conv5_4.
+    Layouts (§5.2.1, §5.2.4): L1 on pixels (DISL) and conv1_2..conv5_2, every term weighted by
+    the normalised rarity mask resized to the term's resolution (area average).
+    Weights (§3.7 "each term roughly of the same magnitude"): `calibrate` sets lambda_i =
+    1 / mean of term i on the first searched batch (our rule for the paper's sentence); the
+    official SR weights are fixed. Pixel-only: one term, weight 1.
+    Targets are prepared once (`prepare`) and broadcast over each example's candidates.
+    """
+
+    def __init__(self, task, kind, device, vgg=None):
+        self.task, self.kind = task, kind
+        if kind == "pixel":
+            self.layers = []
+        elif task == "sr":
+            self.layers = ["conv5_4"] if kind == "official" else ["relu5_4"]
+        else:
+            self.layers = list(LAYOUT_VGG)
+        if self.layers and vgg is None:
+            raise ValueError(f"--distance {kind} needs a VGG-19 (common.VGG19)")
+        self.vgg = vgg if self.layers else None
+        n = 1 + len(self.layers)
+        self.weights = torch.tensor([0.01, 1.0] if kind == "official" else [1.0] * n,
+                                    device=device)
+        self.calibrated = kind != "vgg"
+        self.squared = task == "sr" and kind == "vgg"  # §5.1.1 l2; else L1
+
+    def features(self, images):
+        feats = {"pixels": images}
+        if self.vgg is not None:
+            feats.update(self.vgg((images.float() + 1) / 2, self.layers))
+        return feats
+
+    @torch.no_grad()
+    def prepare(self, target, mask=None):
+        """Target features (E, ...) and the mask (E, 1, H, W) or None, computed once."""
+        return {"feats": self.features(target), "mask": mask}
+
+    def terms(self, fake, prepared):
+        """(E * c, ...) candidates of E targets -> unweighted terms (E * c, n_terms)."""
+        feats = self.features(fake)
+        result = []
+        for name, tgt in prepared["feats"].items():
+            e = tgt.shape[0]
+            fk = feats[name].float()
+            fk = fk.view(e, -1, *fk.shape[1:])                  # (E, c, C, H, W)
+            diff = fk - tgt.float().unsqueeze(1)
+            diff = diff.pow(2) if self.squared else diff.abs()
+            mask = prepared["mask"]
+            if mask is not None:                                # §5.2.4 loss rebalancing
+                m = F.interpolate(mask, size=diff.shape[-2:], mode="area") \
+                    if mask.shape[-2:] != diff.shape[-2:] else mask
+                diff = diff * m.unsqueeze(1)                     # broadcast over c and channels
+            result.append(diff.flatten(2).mean(2).reshape(-1))  # (E * c,)
+        return torch.stack(result, dim=1)
+
+    def __call__(self, fake, prepared):
+        return self.terms(fake, prepared) @ self.weights       # (E * c,)
+
+    @torch.no_grad()
+    def calibrate(self, fake, prepared):
+        """§3.7: lambda_i = 1 / mean(term_i) so that every term starts at magnitude 1."""
+        if not self.calibrated:
+            self.weights = 1.0 / self.terms(fake, prepared).mean(0).clamp(min=1e-12)
+            self.calibrated = True
+
+
+# ----------------------------------------------------------------------------------------------
+# The nearest-sample search (Algorithm 1, inner "for i in S"): exact, chunked, memory flat in m
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def select_latents(generate, distance, cond, target, mask, m, draw, chunk, examples,
+                   device, reject=0.0):
+    """sigma(i) = argmin_j L(T(x_i, z_ij), y_i) over m codes per example, for all i in S.
+
+    generate(cond, z) -> images; distance: a Distance (prepare + call); cond (N, ...),
+    target (N, C, H, W), mask (N, 1, H, W) or None, on any device; draw(e0, e1, j0, j1) -> codes
+    (e1 - e0, j1 - j0, *latent) of examples e0:e1, candidates j0:j1.
+    Examples are processed `examples` at a time and candidates `chunk` at a time: one batched
+    no-grad forward of examples * chunk samples, the distances reduced right away, and a running
+    (min, argmin, code) kept per example. Nothing of size m is ever held, and the result is the
+    brute-force argmin (first index among ties, as torch.argmin). reject > 0 (RS-IMLE, Vashist
+    et al. 2024): candidates nearer than `reject` are skipped; an example whose candidates are all
+    rejected keeps its plain nearest one (our choice).
+    Returns index (N,) long, codes (N, *latent), distance (N,), all on `device`.
+    """
+    idx_out, z_out, d_out = [], [], []
+    for e0 in range(0, cond.shape[0], examples):
+        e1 = min(cond.shape[0], e0 + examples)
+        c_blk = cond[e0:e1].to(device)
+        prepared = distance.prepare(target[e0:e1].to(device),
+                                    None if mask is None else mask[e0:e1].to(device))
+        best = None  # per example: (distance, index, code), for accepted and for all candidates
+        for j0 in range(0, m, chunk):
+            j1 = min(m, j0 + chunk)
+            z = draw(e0, e1, j0, j1)                                    # (E, c, *latent)
+            images = generate(c_blk.repeat_interleave(j1 - j0, dim=0), z.flatten(0, 1))
+            d = distance(images, prepared).view(e1 - e0, j1 - j0).float()  # (E, c)
+            cands = [d] if reject <= 0 else [d.masked_fill(d < reject, float("inf")), d]
+            best = [running_argmin(best and best[k], dk, z, j0) for k, dk in enumerate(cands)]
+        d_best, i_best, z_best = best[0]
+        if reject > 0:  # fall back to the plain nearest where every candidate was rejected
+            keep = torch.isfinite(d_best)
+            d_best = torch.where(keep, d_best, best[1][0])
+            i_best = torch.where(keep, i_best, best[1][1])
+            z_best = torch.where(keep.view(-1, *[1] * (z.dim() - 2)), z_best, best[1][2])
+        idx_out.append(i_best)
+        z_out.append(z_best)
+        d_out.append(d_best)
+    return torch.cat(idx_out), torch.cat(z_out), torch.cat(d_out)
+
+
+def running_argmin(state, d, z, offset):
+    """Merge one chunk's distances d (E, c) and codes z (E, c, ...) into (min, argmin, code).
+    A strict '<' keeps the earlier chunk on ties, which is argmin's first-index rule."""
+    d_min, j_min = d.min(dim=1)                                   # first minimum in the chunk
+    z_min = z[torch.arange(d.shape[0], device=d.device), j_min]  # (E, *latent)
+    if state is None:
+        return d_min, j_min + offset, z_min
+    d_old, j_old, z_old = state
+    better = d_min < d_old
+    shape = (-1,) + (1,) * (z_min.dim() - 1)
+    return (torch.where(better, d_min, d_old), torch.where(better, j_min + offset, j_old),
+            torch.where(better.view(shape), z_min, z_old))
+
+
+@torch.no_grad()
+def select_latents_naive(generate, distance, cond, target, mask, m, draw, examples, device):
+    """Baseline for the benchmark and the tests: materialise all m samples, then argmin."""
+    idx_out, z_out = [], []
+    for e0 in range(0, cond.shape[0], examples):
+        e1 = min(cond.shape[0], e0 + examples)
+        c_blk = cond[e0:e1].to(device)
+        z = draw(e0, e1, 0, m)
+        images = generate(c_blk.repeat_interleave(m, dim=0), z.flatten(0, 1))  # all E * m
+        prepared = distance.prepare(target[e0:e1].to(device),
+                                    None if mask is None else mask[e0:e1].to(device))
+        d = distance(images, prepared).view(e1 - e0, m)
+        j = d.argmin(dim=1)
+        idx_out.append(j)
+        z_out.append(z[torch.arange(e1 - e0, device=z.device), j])
+    return torch.cat(idx_out), torch.cat(z_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rarity (§5.2.4): per-class Gaussian KDE of the mean colours, scores, mask, dataset rebalancing
+# ----------------------------------------------------------------------------------------------
+
+def mean_colours(images, labels, num_classes):
+    """c_k(p) (§5.2.4): mean RGB (0-255) of class p's pixels in image k, and presence.
+    images (B, 3, H, W) in [-1, 1], labels (B, H, W) -> colours (B, P, 3) float64, present
+    (B, P) bool, pixel counts (B, P)."""
+    onehot = F.one_hot(labels, num_classes).double()                    # (B, H, W, P)
+    rgb = (images.double() + 1) * 127.5                                 # 0-255 as DISL
+    count = onehot.sum((1, 2))                                          # (B, P)
+    colours = torch.einsum("bhwp,bchw->bpc", onehot, rgb) / count.clamp(min=1)[..., None]
+    return colours, count > 0, count
+
+
+def kde_density(points, queries, chunk=4096):
+    """Gaussian KDE with Scott's bandwidth (scipy.stats.gaussian_kde's default): covariance of
+    the points times n^(-2/(d+4)), density = mean_j N(q; p_j, cov). A ridge of 1e-6 (relative
+    to the mean variance, plus 1e-9) keeps single points or flat colours finite: our choice."""
+    n, d = points.shape
+    cov = torch.cov(points.T).reshape(d, d) if n > 1 else torch.zeros(d, d, dtype=points.dtype)
+    cov = cov * n ** (-2.0 / (d + 4))
+    cov = cov + (1e-6 * cov.diagonal().mean().clamp(min=0) + 1e-9) * torch.eye(d, dtype=cov.dtype)
+    chol = torch.linalg.cholesky(cov)
+    white_p = torch.linalg.solve_triangular(chol, points.T, upper=False).T   # (n, d)
+    norm = (2 * math.pi) ** (d / 2) * chol.diagonal().prod()
+    out = []
+    for q in queries.split(chunk):
+        white_q = torch.linalg.solve_triangular(chol, q.T, upper=False).T
+        out.append(torch.exp(-0.5 * torch.cdist(white_q, white_p).pow(2)).mean(1) / norm)
+    return torch.cat(out)
+
+
+def rarity_scores(colours, present):
+    """R_p(k) = 1 / D_p(c_k(p)) where class p appears in image k, else 0 (§5.2.4).
+    colours (N, P, 3), present (N, P) -> R (N, P) float64. One KDE per class (loop over P)."""
+    rarity = torch.zeros(present.shape, dtype=torch.float64)
+    for p in range(present.shape[1]):
+        rows = present[:, p].nonzero().squeeze(1)
+        if len(rows):
+            pts = colours[rows, p]
+            rarity[rows, p] = 1.0 / kde_density(pts, pts).clamp(min=1e-300)
+    return rarity
+
+
+def rarity_mask(labels, rarity_rows):
+    """Normalised rarity mask (§5.2.4): M_ij = R_p(k) for the class p of pixel (i, j), divided by
+    its maximum over the image, so entries lie in (0, 1]. labels (B, H, W), rarity_rows (B, P)
+    -> (B, 1, H, W) float32."""
+    m = torch.gather(rarity_rows, 1, labels.flatten(1)).view(labels.shape)
+    return (m / m.flatten(1).max(1).values.clamp(min=1e-300).view(-1, 1, 1)).float().unsqueeze(1)
+
+
+def rarity_cache_path(args, n):
+    folder = args.out_dir if args.data == "shapes" else args.data_dir  # built-in: beside the run
+    return os.path.join(folder, f"cimle_rarity_{args.data}_{args.size}_{n}.pt")
+
+
+def load_rarity(args, ds, n):
+    """Rarity scores R (n, P) and class areas (P,), computed once with a progress bar and cached
+    beside the dataset (written atomically)."""
+    path = rarity_cache_path(args, n)
+    if os.path.isfile(path):
+        cached = torch.load(path, weights_only=True)
+        if cached["R"].shape == (n, args.num_classes):
+            return cached
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=64,
+                                         num_workers=args.num_workers)
+    colours, present, area = [], [], torch.zeros(args.num_classes, dtype=torch.float64)
+    for batch in tqdm(loader, desc="rarity: mean colours per class", unit="batch"):
+        c, p, count = mean_colours(batch["image"], batch["label"], args.num_classes)
+        colours.append(c)
+        present.append(p)
+        area += count.sum(0)
+    result = {"R": rarity_scores(torch.cat(colours), torch.cat(present)), "area": area}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(result, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def pick_subset(outer, n, args, rarity):
+    """Algorithm 1 'Pick a random batch S'. Dataset rebalancing (§5.2.4): slot i of S belongs to
+    the (i mod T)-th of the T classes of largest area, and draws an image with probability
+    proportional to its rarity score for that class (with replacement, as DISL). Without it: a
+    uniform subset without replacement. A pure function of (seed, outer), for exact resume."""
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + outer)
+    if rarity is None or not args.rebalance_data:
+        return torch.randperm(n, generator=gen)[:args.S]
+    size = args.S  # with replacement: S may exceed n
+    top = rarity["area"].argsort(descending=True)[:args.rebalance_classes]
+    top = top[rarity["R"][:, top].sum(0) > 0]
+    subset = torch.empty(size, dtype=torch.long)
+    for t, p in enumerate(top.tolist()):
+        count = len(range(t, size, len(top)))
+        subset[t::len(top)] = torch.multinomial(rarity["R"][:, p], count, replacement=True,
+                                                generator=gen)
+    return subset
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm 1: data of a subset, the outer step, the inner step, the training loop
+# ----------------------------------------------------------------------------------------------
+
+def load_data(args, split="train"):
+    root = args.data_dir if args.data != "shapes" else None
+    ds = data.get_dataset(args.data, root=root, split=split, size=args.size)
+    need = {"lowres", "image"} if args.task == "sr" else {"label", "image"}
+    if not need <= ds.has:
+        raise common.UserError(f"--task {args.task} needs {sorted(need)} items, and {args.data} "
+                               f"gives only {sorted(ds.has)}.")
+    if args.task == "layout":
+        args.num_classes = ds.num_classes
+    return ds
+
+
+def gather_items(ds, indices, args, rarity):
+    """The subset's inputs, targets and rarity masks, stacked on the CPU."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices.tolist()),
+                                         batch_size=64, num_workers=args.num_workers)
+    cond, target = [], []
+    for batch in loader:
+        cond.append(batch["lowres"] if args.task == "sr" else batch["label"])
+        target.append(batch["image"])
+    cond, target = torch.cat(cond), torch.cat(target)
+    mask = None
+    if rarity is not None and args.rebalance_loss:
+        mask = rarity_mask(cond, rarity["R"][indices])
+    return cond, target, mask
+
+
+def new_outer(it, args):
+    """Outer iterations start every L steps, counted from 0 and again from pretrain_iters."""
+    start = 0 if it < args.pretrain_iters else args.pretrain_iters
+    return (it - start) % args.L == 0
+
+
+def outer_search(G, distance, items, outer, args, rt):
+    """Algorithm 1 lines 4-8 for this rank's share of S (all ranks' codes are gathered)."""
+    cond, target, mask = items
+    gen = torch.Generator(rt.device).manual_seed(args.seed * 7919 + outer * 104_729 + rt.rank)
+    latent = G.latent_shape(cond)
+    share = torch.arange(rt.rank, len(cond), rt.world_size)
+
+    def draw(e0, e1, j0, j1):
+        return torch.randn((e1 - e0, j1 - j0, *latent), generator=gen, device=rt.device)
+
+    with rt.autocast():
+        if not distance.calibrated:  # §3.7 weights from the first searched examples
+            k = min(len(share), args.search_examples)
+            z = draw(0, k, 0, 1).flatten(0, 1)
+            fake = G(cond[share[:k]].to(rt.device), z)
+            distance.calibrate(fake, distance.prepare(
+                target[share[:k]].to(rt.device),
+                None if mask is None else mask[share[:k]].to(rt.device)))
+        _, codes, dist = select_latents(G, distance, cond[share], target[share],
+                                        None if mask is None else mask[share], args.m, draw,
+                                        args.search_chunk, args.search_examples, rt.device,
+                                        args.reject)
+    if args.perturb > 0:  # SRIM code: a small perturbation of every selected code
+        codes = codes + args.perturb * torch.randn(codes.shape, generator=gen, device=rt.device)
+    codes, dist = codes.float(), dist.float()
+    if rt.ddp:
+        codes, dist = gather_shares(codes, len(cond), rt), gather_shares(dist, len(cond), rt)
+    return codes.cpu(), dist.mean().item()
+
+
+def gather_shares(x, n, rt):
+    """Reassemble per-rank shares (rank r holds items r, r + W, ...) into the full (n, ...)."""
+    per = math.ceil(n / rt.world_size)
+    pad = torch.zeros((per - len(x), *x.shape[1:]), device=x.device, dtype=x.dtype)
+    parts = [torch.empty((per, *x.shape[1:]), device=x.device, dtype=x.dtype)
+             for _ in range(rt.world_size)]
+    torch.distributed.all_gather(parts, torch.cat([x, pad]).contiguous())
+    full = torch.stack(parts, dim=1).flatten(0, 1)  # interleave back to item order
+    return full[:n]
+
+
+def inner_step(G, distance, opt, sched, items, codes, it, args, rt):
+    """Algorithm 1 lines 9-12: theta <- theta - eta grad sum_{i in S~} L(y~_i,sigma(i), y_i)/|S~|.
+    The mini-batch is a pure function of (seed, it); under DDP each rank takes its slice."""
+    cond, target, mask = items
+    gen = torch.Generator().manual_seed(args.seed * 15_485_863 + it)
+    pick = torch.randperm(len(cond), generator=gen)[:args.batch_size]
+    share = rt.local_batch(args.batch_size)
+    pick = pick[rt.rank * share:(rt.rank + 1) * share]
+    z = codes[pick].to(rt.device)
+    if it < args.pretrain_iters:
+        z = torch.zeros_like(z)  # §5.1.1: deterministic pretraining with z = 0
+    with rt.autocast():
+        prepared = distance.prepare(target[pick].to(rt.device),
+                                    None if mask is None else mask[pick].to(rt.device))
+        loss = distance(G(cond[pick].to(rt.device), z), prepared).mean()
+    opt.zero_grad(set_to_none=True)
+    rt.scaler.scale(loss).backward()
+    rt.scaler.step(opt)
+    rt.scaler.update()
+    sched.step()
+    return loss.item()
+
+
+def make_distance(args, device):
+    vgg = None
+    if args.distance != "pixel":
+        vgg = common.VGG19(pretrained=True).to(device).eval().requires_grad_(False)
+    return Distance(args.task, args.distance, device, vgg)
+
+
+def make_optimiser(G, args):
+    opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.9, 0.999))  # SRIM / DISL: Adam
+    milestones = parse_ints(args.lr_milestones, "lr_milestones")
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, args.lr_gamma)
+
+
+def config_of(args):
+    return {k: v for k, v in vars(args).items()
+            if k not in ("resume", "sample", "eval", "dry_run", "bench", "device")}
+
+
+def train(args):
+    rt = common.setup_runtime(args)
+    ds = load_data(args)
+    n = len(ds) if not args.n_train else min(args.n_train, len(ds))
+    G = build_generator(args).to(rt.device)
+    opt, sched = make_optimiser(G, args)
+    distance = make_distance(args, rt.device)
+    rarity = load_rarity(args, ds, n) if args.task == "layout" and (
+        args.rebalance_data or args.rebalance_loss) else None
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    objects = dict(G=G, opt=opt, sched=sched, scaler=rt.scaler)
+    start, subset, codes, items = 0, None, None, None
+    if args.resume:
+        ck = common.load_checkpoint(ckpt_path, "cimle", config_of(args), ARCH_KEYS, objects)
+        start, extra = ck["iter"], ck["extra"]
+        distance.weights = extra["distance_weights"].to(rt.device)
+        distance.calibrated = bool(extra["calibrated"])
+        if extra["subset"] is not None and not new_outer(start, args):
+            subset, codes = extra["subset"], extra["codes"]
+            items = gather_items(ds, subset, args, rarity)
+    elif rt.is_main and os.path.exists(ckpt_path):
+        raise common.UserError(f"{ckpt_path} already exists; pass --resume to continue it or "
+                               f"choose another --out_dir.")
+    Gw = common.prepare_model(G, rt, args.compile)
+    log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
+    fixed = fixed_examples(ds, args)
+    losses, search = [], {}
+    for it in range(start, args.iters):
+        G.upsample_mode = "bilinear" if it >= args.bilinear_from > 0 else "nearest"
+        if new_outer(it, args):  # Algorithm 1: pick S, then search sigma(i) for every i in S
+            outer = it // args.L if it < args.pretrain_iters else \
+                args.pretrain_iters // args.L + 1 + (it - args.pretrain_iters) // args.L
+            subset = pick_subset(outer, n, args, rarity)
+            items = gather_items(ds, subset, args, rarity)
+            if it < args.pretrain_iters:
+                codes = torch.zeros(len(subset), *G.latent_shape(items[0]))
+            else:
+                t0 = time.perf_counter()
+                G.eval()
+                codes, sel = outer_search(G, distance, items, outer, args, rt)
+                G.train()
+                search = dict(selected_distance=sel, search_s=time.perf_counter() - t0)
+        losses.append(inner_step(Gw, distance, opt, sched, items, codes, it, args, rt))
+        log.step(args.batch_size)
+        done = it + 1
+        if done % args.log_every == 0 or done == args.iters:
+            log.log(done, loss=common.reduce_mean(np.mean(losses), rt),
+                    lr=sched.get_last_lr()[0], **search)
+            losses, search = [], {}
+        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+            with torch.random.fork_rng(devices=[]):
+                G.eval()
+                samples_grid(G, fixed, args, rt.device,
+                             os.path.join(args.out_dir, f"samples_{done:06d}.png"), ds.palette
+                             if args.task == "layout" else None)
+                G.train()
+        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
+            extra = dict(subset=subset, codes=codes, distance_weights=distance.weights.cpu(),
+                         calibrated=distance.calibrated)
+            common.save_checkpoint(ckpt_path, "cimle", config_of(args), done, objects, extra)
+    log.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling controls (--sample): many samples per input (Fig. 1, 19), latent interpolation
+# (Fig. 11, 16), one latent on several layouts (Fig. 12)
+# ----------------------------------------------------------------------------------------------
+
+def fixed_examples(ds, args, n=4, split_ds=None):
+    items = [(split_ds or ds)[i] for i in range(n)]
+    cond = torch.stack([it["lowres"] if args.task == "sr" else it["label"] for it in items])
+    return cond, torch.stack([it["image"] for it in items])
+
+
+@torch.no_grad()
+def generate_samples(G, cond, k, device, seed=0, zero=False):
+    """k samples per input: (N, k, 3, H, W) on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = G.latent_shape(cond)
+    z = torch.randn((len(cond), k, *shape), generator=gen)
+    if zero:
+        z.zero_()
+    out = []
+    for i in range(len(cond)):
+        out.append(G(cond[i:i + 1].to(device).repeat_interleave(k, 0), z[i].to(device)).cpu())
+    return torch.stack(out).clamp(-1, 1)
+
+
+def samples_grid(G, fixed, args, device, path, palette, k=6):
+    """Row per input: input, ground truth, z = 0 output, k samples."""
+    cond, target = fixed
+    samples = generate_samples(G, cond, k, device)
+    zero = generate_samples(G, cond, 1, device, zero=True)
+    rows = [[cond[i], target[i], zero[i, 0]] + list(samples[i])
+            for i in range(len(cond))]
+    common.save_grid(path, rows, palette)
+
+
+@torch.no_grad()
+def sample(args):
+    device = common.pick_device(args.device)
+    G, ds = load_model(args, device)
+    test = load_data(args, "test")
+    out = args.out_dir
+    palette = ds.palette if args.task == "layout" else None
+    cond, target = fixed_examples(test, args, n=6)
+    many = generate_samples(G, cond, 12, device, seed=1)  # Fig. 1 / 19: many samples per input
+    common.save_grid(os.path.join(out, "many_samples.png"),
+                     [[cond[i], target[i]] + list(many[i]) for i in range(len(cond))], palette)
+    # Fig. 11 / 16: linear interpolation between two latent codes, 8 frames per row
+    gen = torch.Generator().manual_seed(2)
+    shape = G.latent_shape(cond)
+    rows = []
+    for i in range(3):
+        za, zb = torch.randn((2, *shape), generator=gen)
+        t = torch.linspace(0, 1, 8).view(-1, *[1] * len(shape))
+        z = (1 - t) * za + t * zb
+        img = G(cond[i:i + 1].repeat_interleave(8, 0).to(device), z.to(device)).clamp(-1, 1)
+        rows.append([cond[i]] + list(img.cpu()))
+    common.save_grid(os.path.join(out, "interpolation.png"), rows, palette)
+    # Fig. 12: one latent code applied to several inputs (style consistency)
+    rows = [[torch.zeros_like(target[0])] + [c for c in cond]]
+    for _ in range(3):
+        z = torch.randn(shape, generator=gen).expand(len(cond), *shape)
+        rows.append([torch.zeros_like(target[0])] +
+                    list(G(cond.to(device), z.contiguous().to(device)).clamp(-1, 1).cpu()))
+    common.save_grid(os.path.join(out, "one_latent_many_inputs.png"), rows, palette)
+    print(f"wrote many_samples.png, interpolation.png, one_latent_many_inputs.png into {out}")
+
+
+def load_model(args, device):
+    ds = load_data(args)
+    G = build_generator(args).to(device)
+    ck = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "cimle", config_of(args),
+                                ARCH_KEYS, {"G": G}, restore_rng=False)
+    G.upsample_mode = "bilinear" if ck["iter"] > args.bilinear_from > 0 else "nearest"
+    return G.eval(), ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (--eval)
+# ----------------------------------------------------------------------------------------------
+
+def faithfulness_weighted_variance(samples, truth, d, sigmas=(0.3, 0.2, 0.15)):
+    """§5.1.5: M = sum_i sum_j w_ij d(y~_ij, ybar_j), w_ij = exp(-d(y~_ij, y_j) / (2 sigma^2)).
+
+    samples (J, I, C, H, W): I samples for each of J inputs; truth (J, C, H, W); d(a, b) -> (N,)
+    (LPIPS in the paper; the kernel takes the distance itself, not its square). ybar_j is the
+    pixel mean of input j's samples. We report the mean over i and j (the paper's "average"; its
+    normalisation is not stated: our choice). Returns {sigma: M}.
+    """
+    J, I = samples.shape[:2]
+    flat = samples.flatten(0, 1)
+    mean = samples.mean(1, keepdim=True).expand_as(samples).flatten(0, 1)
+    to_mean = d(flat, mean).view(J, I)
+    to_truth = d(flat, truth.unsqueeze(1).expand_as(samples).flatten(0, 1)).view(J, I)
+    return {s: float((torch.exp(-to_truth / (2 * s * s)) * to_mean).mean()) for s in sigmas}
+
+
+def make_metric_distance(args, device):
+    """LPIPS (pretrained, alex: the package default; the paper does not say) or, without
+    pretrained weights, mean absolute pixel difference / 2 as a stand-in (named so in eval.json)."""
+    if args.pretrained:
+        lp = common.LPIPS(net="alex", pretrained=True).to(device).eval()
+        return "lpips", lambda a, b: torch.cat([lp(x.to(device), y.to(device)).flatten().cpu()
+                                                for x, y in zip(a.split(64), b.split(64))])
+    return "pixel_l1", lambda a, b: (a - b).abs().flatten(1).mean(1) / 2
+
+
+@torch.no_grad()
+def evaluate(args):
+    device = common.pick_device(args.device)
+    G, _ = load_model(args, device)
+    test = load_data(args, "test")
+    n = min(args.n_eval, len(test))
+    items = [test[i] for i in range(n)]
+    cond = torch.stack([it["lowres"] if args.task == "sr" else it["label"] for it in items])
+    truth = torch.stack([it["image"] for it in items])
+    k = args.eval_samples
+    samples = generate_samples(G, cond, k, device, seed=3)       # (n, k, 3, H, W)
+    zero = generate_samples(G, cond, 1, device, zero=True)[:, 0]  # the z = 0 output
+    name, d = make_metric_distance(args, device)
+    half = k // 2  # §5.2.6: pairs of samples per input, mean distance within pairs
+    diversity = float(d(samples[:, :half].flatten(0, 1), samples[:, half:2 * half].flatten(0, 1))
+                      .mean())
+    result = {"task": args.task, "data": args.data, "n_inputs": n, "samples_per_input": k,
+              "metric_distance": name, f"diversity_{name}": diversity,
+              f"distance_to_truth_{name}": float(d(samples.flatten(0, 1), truth.unsqueeze(1)
+                                                   .expand_as(samples).flatten(0, 1)).mean()),
+              f"zero_z_distance_to_truth_{name}": float(d(zero, truth).mean())}
+    fwv = faithfulness_weighted_variance(samples, truth, d)
+    result["faithfulness_weighted_variance"] = {str(s): v for s, v in fwv.items()}
+    if args.task == "sr":  # consistency: the 8x box-downsampled output against the input
+        down = F.avg_pool2d(samples.flatten(0, 1), 8).view(n, k, *cond.shape[1:])
+        result["lr_consistency_l1"] = float((down - cond.unsqueeze(1)).abs().mean() / 2)
+    if args.data == "shapes":
+        result.update(shapes_metrics(samples, zero, items))
+    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+
+
+def shapes_metrics(samples, zero, items):
+    """Exact toy metrics from data.py: per-instance colour fidelity (in a palette mode?), pooled
+    palette-mode coverage, and per-instance coverage: the fraction of its class's modes that
+    the samples of one input hit (within the mode tolerance)."""
+    n, k = samples.shape[:2]
+    inst = torch.stack([it["instance"] for it in items])
+    cls = torch.stack([it["inst_class"] for it in items])
+    valid = torch.stack([it["inst_valid"] for it in items])
+    rep = lambda t: t.unsqueeze(1).expand(n, k, *t.shape[1:]).flatten(0, 1)  # noqa: E731
+    fid = data.shapes_colour_fidelity(samples.flatten(0, 1), rep(inst), rep(cls), rep(valid))
+    cov = data.shapes_mode_coverage(fid["mode"], rep(cls), fid["valid"])
+    hit = (fid["distance"] <= data.SHAPES_MODE_TOLERANCE) & fid["valid"]
+    modes = F.one_hot(fid["mode"].clamp(min=0), 3) * hit.unsqueeze(-1)    # (n*k, M, 3)
+    covered = modes.view(n, k, *modes.shape[1:]).amax(1).sum(-1).float()  # (n, M) modes hit
+    n_modes = torch.tensor([max(len(p), 1) for p in data.SHAPES_PALETTE])[cls]
+    per_instance = (covered / n_modes)[valid].mean()
+    zero_fid = data.shapes_colour_fidelity(zero, inst, cls, valid)
+    return {"in_mode": fid["in_mode"], "colour_error": fid["colour_error"],
+            "mode_coverage_pooled": cov["coverage"], "mode_tv": cov["tv"],
+            "mode_counts": cov["counts"], "per_instance_mode_coverage": float(per_instance),
+            "zero_z_in_mode": zero_fid["in_mode"], "zero_z_colour_error": zero_fid["colour_error"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark (--bench): select_latents vs materialise-all, and the search's overhead
+# ----------------------------------------------------------------------------------------------
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storage created inside the block (CPU and GPU alike): every op's
+    outputs are counted when created and released when their storage is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.sizes = 0, 0, {}
+
+    def _free(self, ptr):
+        self.live -= self.sizes.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in self.sizes:
+                    self.sizes[ptr] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, ptr)
+        return out
+
+
+def bench(args):
+    """Times and peak memories of select_latents vs select_latents_naive on random inputs with
+    this preset's generator, at |S| = --S and m = --m; and the share of the search spent outside
+    the generator forwards (time of the search minus time of the bare forwards, over the search)."""
+    rt = common.setup_runtime(args)
+    device = rt.device
+    if args.task == "layout" and not hasattr(args, "num_classes"):
+        args.num_classes = 20 if args.data == "gta5" else 35 if args.data == "cityscapes" else 5
+    G = build_generator(args).to(device).eval()
+    distance = make_distance(args, device)
+    h = args.size
+    w = 2 * h if args.data in ("gta5", "cityscapes") else h
+    gen = torch.Generator().manual_seed(0)
+    if args.task == "sr":
+        cond = torch.rand((args.S, 3, h // 8, w // 8), generator=gen) * 2 - 1
+    else:
+        cond = torch.randint(0, args.num_classes, (args.S, h, w), generator=gen)
+    target = torch.rand((args.S, 3, h, w), generator=gen) * 2 - 1
+    latent = G.latent_shape(cond)
+    table = torch.Generator(device).manual_seed(1)
+    codes = {}
+
+    def draw(e0, e1, j0, j1):  # the same code for (example, candidate) in every method
+        key = (e0, j0, j1)
+        if key not in codes:
+            codes[key] = torch.randn((e1 - e0, j1 - j0, *latent), generator=table, device=device)
+        return codes[key]
+
+    def run(fn):
+        codes.clear()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            out = fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            with PeakMemory() as pm:
+                out = fn()
+            peak = pm.peak
+        return out, time.perf_counter() - t0, peak
+
+    E = args.search_examples
+    chunked, t_fast, m_fast = run(lambda: select_latents(
+        G, distance, cond, target, None, args.m, draw, args.search_chunk, E, device))
+    naive, t_naive, m_naive = run(lambda: select_latents_naive(
+        G, distance, cond, target, None, args.m, draw, E, device))
+
+    def forwards_only():
+        for e0 in range(0, args.S, E):
+            e1 = min(args.S, e0 + E)
+            for j0 in range(0, args.m, args.search_chunk):
+                j1 = min(args.m, j0 + args.search_chunk)
+                G(cond[e0:e1].to(device).repeat_interleave(j1 - j0, 0),
+                  draw(e0, e1, j0, j1).flatten(0, 1))
+    with torch.no_grad():
+        _, t_gen, _ = run(forwards_only)
+    result = {"device": str(device), "task": args.task, "data": args.data, "S": args.S,
+              "m": args.m, "chunk": args.search_chunk, "examples": E, "distance": args.distance,
+              "same_indices": bool(torch.equal(chunked[0].cpu(), naive[0].cpu())),
+              "time_s": {"select_latents": round(t_fast, 3), "naive": round(t_naive, 3),
+                         "forwards_only": round(t_gen, 3)},
+              "peak_bytes": {"select_latents": m_fast, "naive": m_naive},
+              "time_ratio_naive_over_select": round(t_naive / t_fast, 3),
+              "peak_ratio_naive_over_select": round(m_naive / max(m_fast, 1), 3),
+              "fraction_outside_generator": round(max(t_fast - t_gen, 0.0) / t_fast, 4)}
+    print(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def dry_run(args):
+    """Parameter counts (no data touched) against the official networks' sizes (cimle.md)."""
+    if args.task == "layout":
+        args.num_classes = {"gta5": 20, "cityscapes": 35}.get(args.data, len(data.SHAPES_CLASSES))
+        G = build_generator(args)
+        nets = {"G": G.crn, "E": G.encoder}
+    else:
+        nets = {"G": build_generator(args)}
+    for name, net in nets.items():
+        ref = REFERENCE_PARAMS[args.task][name]
+        count = common.count_params(net)
+        print(f"{name}: {count:,} parameters; official network ~{ref / 1e6:.2f}M "
+              f"(ratio {count / ref:.4f})")
+    common.print_dry_run(nets)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.dry_run:
+        dry_run(args)
+    elif args.bench:
+        bench(args)
+    elif args.sample:
+        sample(args)
+    elif args.eval:
+        evaluate(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
