@@ -20,7 +20,7 @@ Every item is a dict; a dataset provides the keys in its `has` set:
     lowres    float32 (C, H/8, W/8), the 8x box-downsampled image (shapes, folder)
     class     int64 () class index (letters; folder with class sub-folders)
     widths    float32 (2,) rectangle widths (hshape)
-    inst_*    shapes ground truth, padded to MAX_INSTANCES (see "shapes" below)
+    inst_*    shapes ground truth (below)
     name      str, the file stem (real sets), for writing results
 
 and every dataset has the attributes `num_classes` (one-hot channels of `label`, including a
@@ -38,8 +38,22 @@ options `seed`=0 and `length`=10_000; sizes multiples of 8 from 32 to 256, defau
     letters  glyphs drawn with Pillow's bundled scalable font in random styles (option
              `letters`, default "AB"; "all" = the 62 alphanumerics), grayscale.
 
+shapes ground truth, rows padded to MAX_INSTANCES = 4 so that default collation works; instance
+0 is the background and object j (drawing order) is instance j + 1 and row j:
+
+    inst_class int64 (4,)   class 1..4 (0 = padding)      inst_mode  int64 (4,) palette mode (-1)
+    inst_color float32 (4, 3) RGB in [0, 1]               inst_box   int64 (4, 4) y0, x0, y1, x1
+    inst_valid bool (4,)                                  (exclusive ends, visible pixels)
+
+Exact scores (no learned network) come from the palette: SHAPES_CLASSES, SHAPES_COLOURS,
+SHAPES_MODE_NAMES, SHAPES_PALETTE, SHAPES_MODE_WEIGHTS and shapes_mode_assignment,
+shapes_measure_colours, shapes_colour_fidelity, shapes_mode_coverage, shapes_caption_objects,
+shapes_find_objects, shapes_caption_accuracy and shapes_metrics (all of them at once); for
+hshape: hshape_sample, hshape_region, hshape_measure, hshape_jaccard.
+
 Real sets (layouts in DATASETS[name]["layout"]): deepfashion, cityscapes, ade20k, celebamask-hq,
-coco-stuff, mm-celeba-hq, gta5, folder, folder-pairs.
+coco-stuff, mm-celeba-hq, gta5, folder, folder-pairs. Their transforms, label encodings,
+instance maps, sketches and caption choice are described at FileDataset.
 
 Map of this file: helpers (splits, tensors, edges, instance re-indexing, sketches, palettes)
 -> shapes (palette, scene, drawing, captions, scoring helpers) -> hshape -> letters -> real
@@ -70,7 +84,8 @@ from common import UserError
 # Helpers shared by all datasets
 # ----------------------------------------------------------------------------------------------
 
-SPLIT_IDS = {"train": 0, "test": 1}  # "val" is read as "test" everywhere (data.md: SPADE's test phase reads val)
+# "val" is read as "test" everywhere (data.md: SPADE's test phase reads the val folders).
+SPLIT_IDS = {"train": 0, "test": 1}
 
 
 def split_name(split):
@@ -181,7 +196,7 @@ def natural_key(path):
 MAX_INSTANCES = 4
 SHAPES_CLASSES = ["background", "circle", "square", "triangle", "diamond"]
 SHAPES_TEXTURED = (4,)  # diamonds are striped (SR ambiguity, see SHAPES_STRIPE_PERIOD)
-SHAPES_COLOURS = {  # RGB in [0, 1]; pairwise distances >= 0.6 so modes never blur together
+SHAPES_COLOURS = {  # RGB in [0, 1]; pairwise distances > 0.55, so modes never blur together
     "red": (0.90, 0.10, 0.10), "green": (0.10, 0.75, 0.15), "blue": (0.15, 0.25, 0.95),
     "yellow": (0.95, 0.85, 0.10), "cyan": (0.10, 0.80, 0.85), "magenta": (0.90, 0.15, 0.80),
     "white": (0.95, 0.95, 0.95),
@@ -190,7 +205,7 @@ SHAPES_MODE_NAMES = [[], ["red", "blue", "yellow"], ["green", "magenta"],
                      ["cyan", "white", "red"], ["yellow", "blue"]]
 SHAPES_MODE_WEIGHTS = [[], [0.5, 0.3, 0.2], [0.6, 0.4], [0.5, 0.3, 0.2], [0.6, 0.4]]
 SHAPES_PALETTE = [[SHAPES_COLOURS[n] for n in names] for names in SHAPES_MODE_NAMES]
-SHAPES_JITTER = 0.05             # each channel of an instance colour: mode centre +- U(0, 0.05)
+SHAPES_JITTER = 0.05             # each channel of an instance colour: mode centre + U(-0.05, 0.05)
 SHAPES_MODE_TOLERANCE = 0.2      # a measured colour this close to a mode centre is "in the mode"
 SHAPES_BACKGROUND = (0.45, 0.60)  # background: flat grey, level uniform in this range per image
 SHAPES_STRIPE_DARK = 0.25        # dark stripes are 0.25 x the instance colour
@@ -212,9 +227,11 @@ def shapes_appearance(rng):
     angle, phase = rng.uniform(0, math.pi, n), rng.random(n)
     objects = []
     for j, cls in enumerate(classes.tolist()):
-        mode = min(int(np.searchsorted(_MODE_CDF[cls], pick[j], side="right")), len(_MODE_CDF[cls]) - 1)
+        cdf = _MODE_CDF[cls]
+        mode = min(int(np.searchsorted(cdf, pick[j], side="right")), len(cdf) - 1)
         colour = np.clip(np.array(SHAPES_PALETTE[cls][mode]) + jitter[j], 0, 1).astype(np.float32)
-        objects.append(dict(cls=cls, mode=mode, colour=colour, angle=float(angle[j]), phase=float(phase[j])))
+        objects.append(dict(cls=cls, mode=mode, colour=colour,
+                            angle=float(angle[j]), phase=float(phase[j])))
     background = np.float32(rng.uniform(*SHAPES_BACKGROUND))
     return objects, background
 
@@ -238,13 +255,13 @@ def _same_colour(a, b):
     return SHAPES_MODE_NAMES[a["cls"]][a["mode"]] == SHAPES_MODE_NAMES[b["cls"]][b["mode"]]
 
 
-def shapes_layout(rng, objects, h, w, strict=True):
+def shapes_layout(rng, objects, h, w, drop=True):
     """Place the objects one after another; returns the instance map and each object's geometry.
 
-    strict: redraw a placement (up to 20 times, then drop the object) that would leave an earlier
-    object less than SHAPES_MIN_VISIBLE of its area, or come near (inside the new object's
-    window) an object of the same colour name, which would merge with it in the picture.
-    Not strict (style images): the first try.
+    A placement is redrawn (up to 20 times) while it would leave an earlier object less than
+    SHAPES_MIN_VISIBLE of its area, or come near (inside the new object's window) an object of
+    the same colour name, which would merge with it in the picture. If no try succeeds, the
+    object is dropped (drop=True) or the last try is kept (style images: every colour stays).
     """
     ids = np.zeros((h, w), np.int64)  # (H, W) 0 = background, j + 1 = object j
     areas, visible, placed = [], np.zeros(0, np.int64), []
@@ -252,7 +269,7 @@ def shapes_layout(rng, objects, h, w, strict=True):
         for attempt in range(20):
             u = rng.random(3)
             r = (SHAPES_RADIUS[0] + u[0] * (SHAPES_RADIUS[1] - SHAPES_RADIUS[0])) * min(h, w)
-            cy, cx = r + u[1] * (h - 2 * r), r + u[2] * (w - 2 * r)  # wholly inside the image
+            cy, cx = r + u[1] * (h - 2 * r), r + u[2] * (w - 2 * r)
             y0, y1 = max(0, int(cy - 1.2 * r)), min(h, int(cy + 1.2 * r) + 2)
             x0, x1 = max(0, int(cx - 1.2 * r)), min(w, int(cx + 1.2 * r) + 2)
             yy = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5
@@ -261,11 +278,12 @@ def shapes_layout(rng, objects, h, w, strict=True):
             window = ids[y0:y1, x0:x1]
             hidden = np.bincount(window[mask], minlength=len(placed) + 1)[1:]
             near = np.bincount(window.ravel(), minlength=len(placed) + 1)[1:] > 0
-            if not strict or (np.all(visible - hidden >= SHAPES_MIN_VISIBLE * np.array(areas))
-                              and not any(near[k] and _same_colour(p, obj) for k, p in enumerate(placed))):
+            if np.all(visible - hidden >= SHAPES_MIN_VISIBLE * np.array(areas)) and \
+                    not any(near[k] and _same_colour(p, obj) for k, p in enumerate(placed)):
                 break
         else:
-            continue  # strict and no placement leaves the others visible enough: drop it
+            if drop:
+                continue
         window[mask] = len(placed) + 1
         visible = np.append(visible - hidden, mask.sum())
         areas.append(int(mask.sum()))
@@ -287,7 +305,8 @@ def shapes_paint(ids, placed, background):
             xx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5
             # square wave across the direction `angle`, random phase
             proj = (xx - p["cx"]) * math.cos(p["angle"]) + (yy - p["cy"]) * math.sin(p["angle"])
-            dark = (np.floor(2 * (proj / period + p["phase"])) % 2 == 1) & (ids[y0:y1, x0:x1] == j + 1)
+            dark = np.floor(2 * (proj / period + p["phase"])) % 2 == 1
+            dark &= ids[y0:y1, x0:x1] == j + 1
             image[y0:y1, x0:x1][dark] *= SHAPES_STRIPE_DARK
     return image
 
@@ -321,7 +340,7 @@ def shapes_item(rng, h, w):
     lowres = image.reshape(h // 8, 8, w // 8, 8, 3).mean((1, 3))  # 8x box-downsampling
     # Style reference: the same objects (classes, modes, colours), another layout and stripes.
     restyled = [dict(p, angle=rng.uniform(0, math.pi), phase=rng.uniform(0, 1)) for p in placed]
-    style_ids, style_placed = shapes_layout(rng, restyled, h, w, strict=False)
+    style_ids, style_placed = shapes_layout(rng, restyled, h, w, drop=False)
     cls_of_id = np.array([0] + [p["cls"] for p in placed])
     n = len(placed)
     inst_class = np.zeros(MAX_INSTANCES, np.int64)
@@ -388,8 +407,8 @@ def shapes_measure_colours(images, instance, inst_class):
     instance = torch.as_tensor(instance)
     inst_class = torch.as_tensor(inst_class)
     m = inst_class.shape[1]
-    masks = (instance[:, None] == torch.arange(1, m + 1, device=instance.device)[None, :, None, None])
-    masks = masks.float()                                              # (B, M, H, W)
+    ids = torch.arange(1, m + 1, device=instance.device)[None, :, None, None]
+    masks = (instance[:, None] == ids).float()                         # (B, M, H, W)
     area = masks.sum((2, 3))
     lum = images.mean(1, keepdim=True)                                 # (B, 1, H, W)
     mean_lum = (masks * lum).sum((2, 3)) / area.clamp(min=1)           # (B, M)
@@ -398,7 +417,8 @@ def shapes_measure_colours(images, instance, inst_class):
     for c in SHAPES_TEXTURED:
         textured |= inst_class == c
     weights = torch.where(textured[:, :, None, None], light, masks)
-    colours = torch.einsum("bmhw,bchw->bmc", weights, images) / weights.sum((2, 3)).clamp(min=1)[..., None]
+    colours = torch.einsum("bmhw,bchw->bmc", weights, images)
+    colours = colours / weights.sum((2, 3)).clamp(min=1)[..., None]
     return colours, area
 
 
@@ -413,9 +433,10 @@ def shapes_colour_fidelity(images, instance, inst_class, inst_valid):
     mode, distance = shapes_mode_assignment(colours, inst_class)
     valid = torch.as_tensor(inst_valid).bool() & (area > 0)
     d = distance[valid]
-    return {"distance": distance, "mode": mode, "valid": valid,
-            "colour_error": float(d.mean()) if d.numel() else float("nan"),
-            "in_mode": float((d <= SHAPES_MODE_TOLERANCE).float().mean()) if d.numel() else float("nan")}
+    if d.numel() == 0:
+        d = torch.tensor([float("nan")])
+    return {"distance": distance, "mode": mode, "valid": valid, "colour_error": float(d.mean()),
+            "in_mode": float((d <= SHAPES_MODE_TOLERANCE).float().mean())}
 
 
 def shapes_mode_coverage(mode, inst_class, valid=None):
@@ -426,9 +447,10 @@ def shapes_mode_coverage(mode, inst_class, valid=None):
     {class name: counts per mode} and `tv` (total-variation distance between the observed mode
     frequencies and SHAPES_MODE_WEIGHTS, averaged over the classes present; 0 = exact).
     """
-    mode = torch.as_tensor(mode).reshape(-1)
-    cls = torch.as_tensor(inst_class).reshape(-1)
-    keep = torch.ones_like(cls, dtype=torch.bool) if valid is None else torch.as_tensor(valid).reshape(-1).bool()
+    mode = torch.as_tensor(mode).cpu().reshape(-1)
+    cls = torch.as_tensor(inst_class).cpu().reshape(-1)
+    keep = torch.ones_like(cls, dtype=torch.bool) if valid is None else \
+        torch.as_tensor(valid).cpu().reshape(-1).bool()
     keep &= (cls > 0) & (mode >= 0)
     counts, hit, total, tv = {}, 0, 0, []
     for c in range(1, len(SHAPES_CLASSES)):
@@ -449,7 +471,8 @@ _CAPTION_OBJECT = re.compile(r"\ba (\w+) (?:striped )?(" + "|".join(SHAPES_CLASS
 
 def shapes_caption_objects(caption):
     """The (colour name, class id) pairs a shapes caption names, in order."""
-    return [(colour, SHAPES_CLASSES.index(shape)) for colour, shape in _CAPTION_OBJECT.findall(caption)]
+    return [(colour, SHAPES_CLASSES.index(shape))
+            for colour, shape in _CAPTION_OBJECT.findall(caption)]
 
 
 def _components(masks):
@@ -484,13 +507,15 @@ def shapes_find_objects(images, min_area=0.005):
     enough on the ground truth (tests/test_data.py checks it there).
     Returns one list per image of dicts {colour, cls, box (y0, x0, y1, x1), area}.
     """
-    rgb = ((torch.as_tensor(images, dtype=torch.float32).cpu().numpy() + 1) / 2).transpose(0, 2, 3, 1)
-    b, h, w = rgb.shape[:3]
+    rgb = torch.as_tensor(images, dtype=torch.float32).cpu().numpy().transpose(0, 2, 3, 1)
+    rgb = (rgb[:, None] + 1) / 2                                           # (B, 1, H, W, 3)
+    b, h, w = rgb.shape[0], rgb.shape[2], rgb.shape[3]
     names = list(SHAPES_COLOURS)
-    centres = np.array([SHAPES_COLOURS[n] for n in names], np.float32)[None, :, None, None]  # (1, K, 1, 1, 3)
-    near = ((rgb[:, None] - centres) ** 2).sum(-1) <= SHAPES_MODE_TOLERANCE ** 2
-    dark = ((rgb[:, None] - SHAPES_STRIPE_DARK * centres) ** 2).sum(-1) <= (SHAPES_MODE_TOLERANCE / 2) ** 2
-    dark &= np.array([any(n in SHAPES_MODE_NAMES[c] for c in SHAPES_TEXTURED) for n in names])[None, :, None, None]
+    centres = np.array([SHAPES_COLOURS[n] for n in names], np.float32)[:, None, None]  # (K,1,1,3)
+    striped = np.array([any(n in SHAPES_MODE_NAMES[c] for c in SHAPES_TEXTURED) for n in names])
+    near = ((rgb - centres) ** 2).sum(-1) <= SHAPES_MODE_TOLERANCE ** 2    # (B, K, H, W)
+    dark = ((rgb - SHAPES_STRIPE_DARK * centres) ** 2).sum(-1) <= (SHAPES_MODE_TOLERANCE / 2) ** 2
+    dark &= striped[:, None, None]
     masks = (near | dark).reshape(-1, h, w)                                  # (B*K, H, W)
     planes = np.nonzero(masks.reshape(len(masks), -1).sum(1) >= min_area * h * w)[0]
     lab = _components(masks[planes])  # only the colours that cover enough of an image
@@ -679,8 +704,9 @@ def draw_letter(char, size, scale=0.8, stroke=0, rotation=0.0, shear=0.0, positi
     h, w = size
     big = 2 * max(h, w)
     canvas = Image.new("L", (big, big), 0)
-    ImageDraw.Draw(canvas).text((big / 2, big / 2), char, fill=255, anchor="mm", stroke_width=stroke,
-                                stroke_fill=255, font=letter_font(max(6, round(scale * h))))
+    font = letter_font(max(6, round(scale * h)))
+    ImageDraw.Draw(canvas).text((big / 2, big / 2), char, fill=255, anchor="mm", font=font,
+                                stroke_width=stroke, stroke_fill=255)
     a = math.radians(rotation)
     forward = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) @ \
         np.array([[1.0, shear], [0.0, 1.0]])
@@ -711,7 +737,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.name, self.split, self.seed, self.length = name, split_name(split), seed, length
         self.size = parse_size(name, size, 64, lo=32, hi=256, multiple=8)
         if name == "shapes":
-            self.channels, self.num_classes, self.class_names = 3, len(SHAPES_CLASSES), SHAPES_CLASSES
+            self.channels, self.num_classes = 3, len(SHAPES_CLASSES)
+            self.class_names = SHAPES_CLASSES
             self.has = {"image", "label", "instance", "sketch", "caption", "style", "lowres",
                         "inst_class", "inst_mode", "inst_color", "inst_box", "inst_valid"}
         elif name == "hshape":
@@ -766,9 +793,12 @@ def list_images(folder, recursive=False, exts=IMAGE_EXTS):
     """Image files of a folder, natural-sorted."""
     if recursive:
         paths = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+    elif os.path.isdir(folder):
+        paths = [os.path.join(folder, f) for f in os.listdir(folder)]
     else:
-        paths = [os.path.join(folder, f) for f in os.listdir(folder)] if os.path.isdir(folder) else []
-    return sorted((p for p in paths if p.lower().endswith(exts) and os.path.isfile(p)), key=natural_key)
+        paths = []
+    paths = [p for p in paths if p.lower().endswith(exts) and os.path.isfile(p)]
+    return sorted(paths, key=natural_key)
 
 
 def stem(path):
@@ -827,7 +857,7 @@ CITYSCAPES_COLOURS = [  # the official colour of each labelId
     (153, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35),
     (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
     (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100), (0, 0, 230), (119, 11, 32), (0, 0, 0)]
-TRAIN_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]  # 19 trainIds
+TRAIN_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]  # the 19
 GTA5_CLASSES = [CITYSCAPES_CLASSES[i] for i in TRAIN_IDS] + ["void"]
 GTA5_COLOURS = [CITYSCAPES_COLOURS[i] for i in TRAIN_IDS] + [(0, 0, 0)]
 
@@ -879,7 +909,8 @@ COCO_STUFF = (  # stuff ids 92..182 -> grey values 91..181
     "solid-other stairs stone straw structural-other table tent textile-other towel tree vegetable "
     "wall-brick wall-concrete wall-other wall-panel wall-stone wall-tile wall-wood water-other "
     "waterdrops window-blind window-other wood")
-COCO_CLASSES = [c.replace("_", " ") for c in (COCO_THINGS + " " + COCO_STUFF).split()] + ["unlabeled (don't care)"]
+COCO_CLASSES = [c.replace("_", " ") for c in (COCO_THINGS + " " + COCO_STUFF).split()]
+COCO_CLASSES += ["unlabeled (don't care)"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -913,8 +944,10 @@ class FileDataset(torch.utils.data.Dataset):
         self.name, self.records, self.split, self.size = name, records, split, size
         self.preprocess, self.flip = preprocess, flip and split == "train"
         self.num_classes, self.class_names = num_classes, list(class_names)
-        self.palette = label_palette(num_classes) if palette is None else np.asarray(palette, np.uint8)
-        self.encode, self.label_nc, self.dontcare, self.rgb_labels = encode, label_nc, dontcare, rgb_labels
+        self.palette = label_palette(num_classes) if palette is None else \
+            np.asarray(palette, np.uint8)
+        self.encode, self.label_nc, self.dontcare = encode, label_nc, dontcare
+        self.rgb_labels = rgb_labels
         self.channels, self.lowres = channels, lowres
         first = records[0]
         self.has = {"image", "sketch", "name"} | ({"lowres"} if lowres else set())
@@ -991,8 +1024,8 @@ class FileDataset(torch.utils.data.Dataset):
             item["label"] = torch.from_numpy(label)
             item["instance"] = torch.from_numpy(reindex(inst))
         if rec.get("sketch"):
-            sk = self.apply(open_image(rec["sketch"], self.name).convert("L"), params, Image.NEAREST)
-            sk = np.asarray(sk, np.float32) / 255
+            sk = open_image(rec["sketch"], self.name).convert("L")
+            sk = np.asarray(self.apply(sk, params, Image.NEAREST), np.float32) / 255
             # Lines may be dark on white (sketch simplification) or white on black (Canny):
             # the minority side is the line.
             sketch = (sk < 0.5) if sk.mean() > 0.5 else (sk >= 0.5)
@@ -1025,7 +1058,8 @@ def pair_by_stem(images, label_dir, name, label_ext=".png", required=True):
 
 def records_from(images, labels, instances=None):
     instances = instances or [None] * len(images)
-    return [dict(name=stem(i), image=i, label=l, instance=s) for i, l, s in zip(images, labels, instances)]
+    return [dict(name=stem(i), image=i, label=lab, instance=inst)
+            for i, lab, inst in zip(images, labels, instances)]
 
 
 def need_images(images, folder, name):
@@ -1045,13 +1079,14 @@ def optional_dir_pairs(images, folder):
 # ----------------------------------------------------------------------------------------------
 
 def scan_deepfashion(root, split, size, **options):
-    """INADE layout {phase}_img / {phase}_label / {phase}_inst, or SMIS's {phase} / cihp_{phase}_mask."""
+    """INADE's {phase}_img / _label / _inst folders, or SMIS's {phase} / cihp_{phase}_mask."""
     name = "deepfashion"
     require_dir(root, name)
     img_dir, lab_dir = os.path.join(root, f"{split}_img"), os.path.join(root, f"{split}_label")
     inst_dir = os.path.join(root, f"{split}_inst")
     if not os.path.isdir(img_dir) and os.path.isdir(os.path.join(root, f"cihp_{split}_mask")):
-        img_dir, lab_dir, inst_dir = os.path.join(root, split), os.path.join(root, f"cihp_{split}_mask"), ""
+        img_dir, lab_dir = os.path.join(root, split), os.path.join(root, f"cihp_{split}_mask")
+        inst_dir = ""
     images = list_images(img_dir)
     need_images(images, img_dir, name)
     labels = pair_by_stem(images, lab_dir, name)
@@ -1091,7 +1126,8 @@ def scan_ade20k(root, split, size, **options):
     name = "ade20k"
     require_dir(root, name)
     tag = "_train_" if split == "train" else "_val_"
-    files = [p for p in list_images(root, recursive=True, exts=(".jpg", ".png")) if tag in os.path.basename(p)]
+    files = [p for p in list_images(root, recursive=True, exts=(".jpg", ".png"))
+             if tag in os.path.basename(p)]
     images = [p for p in files if p.lower().endswith(".jpg")]
     need_images(images, os.path.join(root, "images"), name)
     parts = lambda p: os.path.normpath(p).split(os.sep)  # noqa: E731
@@ -1100,7 +1136,8 @@ def scan_ade20k(root, split, size, **options):
     records = []
     for path in images:
         if stem(path) not in labels:
-            raise layout_error(f"image {path} has no label file {stem(path)}.png under annotations/", name)
+            raise layout_error(f"image {path} has no label file {stem(path)}.png under "
+                               "annotations/", name)
         records.append(dict(name=stem(path), image=path, label=labels[stem(path)],
                             instance=insts.get(stem(path))))
     return FileDataset(name, records, split, parse_size(name, size, 256), "resize_and_crop",
@@ -1116,9 +1153,10 @@ def scan_celebamask(root, split, size, **options):
     images = list_images(os.path.join(base, "images"))
     need_images(images, os.path.join(base, "images"), name)
     labels = pair_by_stem(images, os.path.join(base, "labels"), name)
-    records = records_from(images, labels, optional_dir_pairs(images, os.path.join(base, "instances")))
-    return FileDataset(name, records, split, parse_size(name, size, 256), "resize_and_crop",
-                       num_classes=19, class_names=CELEBAMASK_CLASSES, encode=encode_spade, label_nc=19)
+    instances = optional_dir_pairs(images, os.path.join(base, "instances"))
+    return FileDataset(name, records_from(images, labels, instances), split,
+                       parse_size(name, size, 256), "resize_and_crop", num_classes=19,
+                       class_names=CELEBAMASK_CLASSES, encode=encode_spade, label_nc=19)
 
 
 def read_coco_captions(path):
@@ -1143,7 +1181,8 @@ def scan_coco_stuff(root, split, size, **options):
     images = list_images(img_dir)
     need_images(images, img_dir, name)
     labels = pair_by_stem(images, os.path.join(root, f"{phase}_label"), name)
-    records = records_from(images, labels, optional_dir_pairs(images, os.path.join(root, f"{phase}_inst")))
+    instances = optional_dir_pairs(images, os.path.join(root, f"{phase}_inst"))
+    records = records_from(images, labels, instances)
     cap_file = os.path.join(root, "annotations", f"captions_{phase}2017.json")
     if os.path.isfile(cap_file):
         captions = read_coco_captions(cap_file)
@@ -1170,7 +1209,7 @@ class _NamesOnly(pickle.Unpickler):
 
 
 def read_filenames(folder, name):
-    """MM-CelebA-HQ's {split}/filenames.pickle (AttnGAN style), or a filenames.txt (one per line)."""
+    """MM-CelebA-HQ's {split}/filenames.pickle (AttnGAN style) or filenames.txt (one a line)."""
     pkl, txt = os.path.join(folder, "filenames.pickle"), os.path.join(folder, "filenames.txt")
     try:
         if os.path.isfile(pkl):
@@ -1181,7 +1220,8 @@ def read_filenames(folder, name):
             with open(txt) as f:
                 names = [line.strip() for line in f if line.strip()]
     except (OSError, pickle.UnpicklingError, EOFError, TypeError, ValueError, UnicodeDecodeError):
-        raise layout_error(f"cannot read a list of file names from {pkl} (or {txt})", name) from None
+        raise layout_error(f"cannot read a list of file names from {pkl} (or {txt})",
+                           name) from None
     return [stem(n) for n in names]
 
 
@@ -1198,8 +1238,8 @@ def scan_mm_celeba(root, split, size, **options):
                       if os.path.isfile(os.path.join(root, "image", i + e))), None)
         cap = os.path.join(root, "text", "celeba-caption", i + ".txt")
         if image is None or not os.path.isfile(cap):
-            raise layout_error(f"{split}/filenames lists '{i}' but {os.path.join(root, 'image', i)}.jpg "
-                               f"or {cap} is missing", name)
+            raise layout_error(f"{split}/filenames lists '{i}' but "
+                               f"{os.path.join(root, 'image', i)}.jpg or {cap} is missing", name)
         captions = read_lines(cap)
         mask = os.path.join(root, "mask", i + ".png")
         sketch = next((os.path.join(root, "sketch", i + e) for e in (".jpg", ".png")
@@ -1208,6 +1248,10 @@ def scan_mm_celeba(root, split, size, **options):
                             label=mask if os.path.isfile(mask) else None, instance=None))
     need_images(records, os.path.join(root, "image"), name)
     has_masks = records[0]["label"] is not None
+    for rec in records:  # masks for all items or for none: a batch needs the same keys
+        if (rec["label"] is not None) != has_masks:
+            raise layout_error(f"mask {os.path.join(root, 'mask', rec['name'])}.png is "
+                               f"{'missing' if has_masks else 'present'} unlike the others", name)
     return FileDataset(name, records, split, parse_size(name, size, 256), "fixed",
                        num_classes=19 if has_masks else 0,
                        class_names=CELEBAMASK_CLASSES if has_masks else [],
@@ -1215,7 +1259,7 @@ def scan_mm_celeba(root, split, size, **options):
 
 
 def scan_gta5(root, split, size, **options):
-    """cIMLE's RGB256Full/%08d.png + Label256Full/%08d.png; train numbered below 100001, val above."""
+    """cIMLE's RGB256Full/%08d.png + Label256Full/%08d.png; train below 00100001, val from it."""
     name = "gta5"
     require_dir(root, name)
     img_dir = os.path.join(root, "RGB256Full")
@@ -1226,9 +1270,10 @@ def scan_gta5(root, split, size, **options):
     h = size if isinstance(size, (int, np.integer)) else None
     size = (h, 2 * h) if h else size
     # No flips: IMLE keeps one latent code per training example, so the target must not change.
-    return FileDataset(name, records_from(images, labels), split, parse_size(name, size, (256, 512)),
-                       "fixed", num_classes=20, class_names=GTA5_CLASSES, palette=GTA5_COLOURS,
-                       encode=encode_gta5, rgb_labels=True, flip=False)
+    return FileDataset(name, records_from(images, labels), split,
+                       parse_size(name, size, (256, 512)), "fixed", num_classes=20,
+                       class_names=GTA5_CLASSES, palette=GTA5_COLOURS, encode=encode_gta5,
+                       rgb_labels=True, flip=False)
 
 
 def scan_folder(root, split, size, stretch=False, channels=3, **options):
@@ -1253,7 +1298,8 @@ def scan_folder(root, split, size, stretch=False, channels=3, **options):
                      "fixed" if stretch else "shortside_crop", channels=channels, lowres=True)
     ds.class_names = subdirs
     if ds.size[0] % 8 or ds.size[1] % 8:
-        raise UserError(f"size {ds.size} of dataset 'folder' must be a multiple of 8 (for `lowres`).")
+        raise UserError(f"size {ds.size} of dataset 'folder' must be a multiple of 8 "
+                        "(for `lowres`).")
     return ds
 
 
@@ -1267,7 +1313,8 @@ def scan_folder_pairs(root, split, size, num_classes=None, dontcare=False, **opt
     images = list_images(os.path.join(base, "images"))
     need_images(images, os.path.join(base, "images"), name)
     labels = pair_by_stem(images, os.path.join(base, "labels"), name)
-    records = records_from(images, labels, optional_dir_pairs(images, os.path.join(base, "instances")))
+    records = records_from(images, labels,
+                           optional_dir_pairs(images, os.path.join(base, "instances")))
     sketches = optional_dir_pairs(images, os.path.join(base, "sketches"))
     cap_dir = os.path.join(base, "captions")
     for k, rec in enumerate(records):
@@ -1325,7 +1372,8 @@ DATASETS = {
         "ROOT/trainB)")),
     "folder-pairs": dict(kind="real", scan=scan_folder_pairs, layout=(
         "ROOT[/<split>]/images/<name>.jpg|png with ROOT[/<split>]/labels/<name>.png (class ids, "
-        "255 = don't care), optional instances/<name>.png, sketches/<name>.png, captions/<name>.txt")),
+        "255 = don't care), optional instances/<name>.png, sketches/<name>.png, "
+        "captions/<name>.txt")),
 }
 
 
@@ -1346,19 +1394,23 @@ def get_dataset(name, root=None, split="train", size=None, **options):
 # Benchmark and preview: python data.py --bench | --preview NAME [--root DIR]
 # ----------------------------------------------------------------------------------------------
 
-def benchmark(names=("shapes", "hshape", "letters"), sizes=(None, 256), seconds=1.0):
-    """Items per second of each synthetic set, one thread: {(name, size): items/s}."""
+def benchmark(names=("shapes", "hshape", "letters"), sizes=(None, 256), seconds=2.0):
+    """Items per CPU second of each synthetic set, one thread: {(name, (H, W)): items/s}.
+
+    CPU time of this process (time.process_time), so that other jobs on a shared machine
+    slow the measurement less than they would wall-clock time.
+    """
     torch.set_num_threads(1)
     results = {}
     for name in names:
         for size in sizes:
             ds = get_dataset(name, size=size)
-            ds[0]  # warm caches (fonts, grids)
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
+            ds[0]  # warm caches (fonts)
+            n, start = 0, time.process_time()
+            while time.process_time() - start < seconds:
                 ds[n % len(ds)]
                 n += 1
-            results[(name, ds.size)] = n / (time.perf_counter() - start)
+            results[(name, ds.size)] = n / (time.process_time() - start)
     return results
 
 
@@ -1366,7 +1418,12 @@ def preview(name, root=None, path=None, n=8, size=None):
     """A PNG grid: one column per item; rows image, label map, instance edges, sketch, lowres."""
     ds = get_dataset(name, root, size=size)
     rows = {"image": [], "label": [], "instance": [], "sketch": [], "style": [], "lowres": []}
-    to_rgb = lambda t: np.repeat(((t.numpy() + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0), 3 // t.shape[0], 2)  # noqa: E731
+
+    def to_rgb(t):  # (C, h, w) in [-1, 1] -> (H, W, 3) uint8 at the dataset's size
+        rgb = ((t.numpy() + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0)
+        rgb = np.repeat(rgb, 3 // rgb.shape[2], 2)
+        return np.asarray(Image.fromarray(rgb).resize(ds.size[::-1], Image.NEAREST))
+
     for i in range(min(n, len(ds))):
         item = ds[i]
         for key in rows:
@@ -1376,12 +1433,12 @@ def preview(name, root=None, path=None, n=8, size=None):
             if key == "label":
                 rows[key].append(ds.palette[t.numpy()])
             elif key == "instance":
-                rows[key].append(np.repeat(instance_edges(t.numpy())[..., None] * 255, 3, 2).astype(np.uint8))
+                edges = instance_edges(t.numpy())[..., None]
+                rows[key].append(np.repeat(edges * 255, 3, 2).astype(np.uint8))
             elif key == "sketch":
                 rows[key].append(np.repeat((t[0].numpy() * 255).astype(np.uint8)[..., None], 3, 2))
             else:
-                tile = Image.fromarray(to_rgb(t)).resize(ds.size[::-1], Image.NEAREST)
-                rows[key].append(np.asarray(tile))
+                rows[key].append(to_rgb(t))
     rows = [r for r in rows.values() if r]
     h, w = ds.size
     grid = np.full((len(rows) * (h + 2), max(map(len, rows)) * (w + 2), 3), 255, np.uint8)
@@ -1403,7 +1460,7 @@ def main():
     args = p.parse_args()
     if args.bench:
         for (name, size), rate in benchmark().items():
-            print(f"{name:8s} {size[0]:4d}x{size[1]:<4d} {rate:9.0f} items/s (1 thread)")
+            print(f"{name:8s} {size[0]:4d}x{size[1]:<4d} {rate:8.0f} items per CPU second")
     if args.preview:
         print(preview(args.preview, args.root, args.out, size=args.size))
 
