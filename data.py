@@ -150,16 +150,21 @@ def reindex(ids):
 SKETCH_THRESHOLD = 0.2  # our choice: an edge of at least 20% of the grey range
 
 
-def image_sketch(gray):
-    """A thin edge map from a (H, W) grey image in [0, 1]: a Canny-like rule in numpy.
+def image_sketch(image):
+    """A thin edge map of an image (H, W) or (H, W, C) in [0, 1]: a Canny-like rule in numpy.
 
-    Sobel gradient (scaled so a unit step gives 1), kept where it exceeds SKETCH_THRESHOLD and is
-    a local maximum across the edge (non-maximum suppression along the dominant axis).
-    No hysteresis (our simplification of Canny). Returns float32 (H, W) in {0, 1}.
+    Sobel gradient per channel (scaled so a unit step gives 1), the strongest channel per pixel
+    (so edges between colours of equal brightness count), kept where it exceeds
+    SKETCH_THRESHOLD and is a local maximum across the edge (non-maximum suppression along the
+    dominant axis). No hysteresis (our simplification of Canny). float32 (H, W) in {0, 1}.
     """
-    p = np.pad(gray, 1, mode="edge")
+    image = image[:, :, None] if image.ndim == 2 else image
+    p = np.pad(image, ((1, 1), (1, 1), (0, 0)), mode="edge")
     gx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
     gy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    strongest = np.argmax(gx * gx + gy * gy, axis=-1)[..., None]           # (H, W, 1)
+    gx = np.take_along_axis(gx, strongest, -1)[..., 0]
+    gy = np.take_along_axis(gy, strongest, -1)[..., 0]
     mag = np.hypot(gx, gy) / 4
     m = np.pad(mag, 1)
     peak_x = (mag >= m[1:-1, :-2]) & (mag >= m[1:-1, 2:])
@@ -1030,7 +1035,7 @@ class FileDataset(torch.utils.data.Dataset):
             # the minority side is the line.
             sketch = (sk < 0.5) if sk.mean() > 0.5 else (sk >= 0.5)
         else:
-            sketch = image_sketch(array if array.ndim == 2 else array.mean(-1))
+            sketch = image_sketch(array)
         item["sketch"] = torch.from_numpy(np.asarray(sketch, np.float32)[None])
         if "captions" in rec:
             caps = rec["captions"]

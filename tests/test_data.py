@@ -329,6 +329,10 @@ def test_instance_edges_reindex_and_image_sketch():
     assert set(np.nonzero(sketch.any(0))[0].tolist()) <= {11, 12} and sketch.sum(0).max() == 20
     assert data.image_sketch(np.full((20, 30), 0.4, np.float32)).sum() == 0
     assert data.image_sketch(step * 0.15).sum() == 0  # below the threshold
+    red, green = np.zeros((20, 30, 3), np.float32), np.zeros((20, 30, 3), np.float32)
+    red[..., 0], green[..., 1] = 0.6, 0.6  # equal brightness, different colour: still an edge
+    both = np.concatenate([red[:, :12], green[:, 12:]], 1)
+    assert set(np.nonzero(data.image_sketch(both).any(0))[0].tolist()) == {11, 12}
 
 
 COLOURS = np.array([(230, 25, 25), (25, 200, 40), (40, 60, 230), (240, 220, 30), (235, 235, 235)],
