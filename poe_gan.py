@@ -1,0 +1,1014 @@
+"""PoE-GAN: Multimodal Conditional Image Synthesis with Product-of-Experts GANs
+(Huang, Mallya, Wang, Liu; ECCV 2022; arXiv 2112.05130). No official code exists.
+
+Idea: one generator for every subset of the input modalities (text, segmentation, sketch, style
+reference), the empty set included. Each modality y_i is an "expert" q(z|y_i), a Gaussian over the
+latent code; the conditional latent is the product of the prior and the experts that are present,
+p(z|Y) ~ p(z) prod q(z|y_i) (Eq. 1-4): a missing modality is simply a missing factor. The latent is
+hierarchical, z = (z^0, z^1 .. z^N): a global vector z^0 (Global PoE-Net, Fig. 4a) mapped to a style
+w, and one feature map z^k per decoder resolution (Local PoE-Net, Fig. 4b) whose prior comes from
+the previous layer and whose experts come from the segmentation and sketch encoders' skip
+features. LG-AdaIN (Eq. 5) modulates the decoder with w (global) and z^k (local). A multiscale
+multimodal projection discriminator (Eq. 7) scores the image against every present modality; a KL
+from each single-modality conditional to the prior (Eq. 9), contrastive losses (Eq. 10-13) and
+modality dropout keep the samples diverse and every subset usable.
+
+Map of this file:
+    config and presets        hyperparameters per dataset, each with its source
+    product of experts        Eq. (4) in log-variance form, presence mask, theta*tanh limiter
+    encoders (§3.3)           seg/sketch CNNs with input skips, residual style net, text tower
+    generator (§3.2-3.3)      Global PoE-Net -> w, decoder blocks with Local PoE-Net + LG-AdaIN
+    discriminator (§3.4)      multiscale multimodal projection discriminator (Eq. 7)
+    losses (§3.5)             non-saturating GAN, lazy R1, KL (Eq. 9), contrastive (Eq. 10-13)
+    training loop             modality dropout, G EMA, grids, atomic checkpoints, exact resume
+    sampling controls         the Fig. 1 grid: every modality subset, several samples each
+    evaluation                FID / LPIPS diversity per subset; exact toy metrics on shapes
+    main
+
+    python poe_gan.py                              # built-in shapes, 4 modalities, CPU ~5 min
+    python poe_gan.py --fusion concat              # Table 3 row (a): concatenation + dropout
+    python poe_gan.py --no_kl                      # Table 3 row (b)
+    python poe_gan.py --no_modality_dropout        # Table 3 row (c)
+    python poe_gan.py --sample                     # Fig. 1 grid from out/poe_gan-shapes/ckpt.pt
+    python poe_gan.py --eval                       # per-subset metrics -> eval.json
+    python poe_gan.py --data mm-celeba-hq          # paper scale, 256x256, text + seg + sketch
+    python poe_gan.py --data coco-stuff --dry_run  # parameter counts
+"""
+
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+
+# ----------------------------------------------------------------------------------------------
+# Config. "paper" = the main text; "supp" = Supplement B values as given by the secondary summary in
+# reference/poe_gan.md (no official code exists); "our choice" where nothing survives.
+# ----------------------------------------------------------------------------------------------
+
+MODALITIES = ("text", "seg", "sketch", "style")       # the paper's four (§3)
+SPATIAL = ("seg", "sketch")                           # only these have skips / local experts (§3.3)
+ITEM_KEY = {"text": "caption", "seg": "label", "sketch": "sketch", "style": "style"}
+THETA_PRIOR, THETA_EXPERT = 1.0, 10.0   # supp: logvar limited by theta*tanh(logvar/theta)
+GRAD_CLIP = 10.0                        # supp: gradient-norm clip 10
+BYTE_VOCAB, SOT, EOT = 259, 257, 258    # byte tokenizer of the small text tower: byte+1, pad 0
+
+PAPER = dict(             # MM-CelebA-HQ 256x256 (Table 3) unless a dataset overrides
+    size=256,
+    ch_base=16384, ch_max=512,   # decoder/D channels min(ch_max, ch_base/res): our choice (supp
+                                 # gives only the 1024 landscape model: base 32 ch, max 1024)
+    z_base=2048, z_max=32,       # z^k channels min(z_max, z_base/res): supp (base 2 ch, max 32)
+    feat_dim=512, z0_dim=512, w_dim=512,  # supp: w 512, text MLP width 512; z^0 width: our choice
+    text_width=0,                # 0 = frozen pretrained CLIP ViT-B/32 text tower (paper §3.3)
+    batch_size=64,               # our choice (supp: 768 for landscape 1024)
+    lr=0.004,                    # supp: Adam lr 0.004, betas (0, 0.99)
+    r1_gamma=0.2, r1_every=16,   # supp: lazy R1 every 16; gamma unknown: our choice (StyleGAN2-ADA
+                                 # heuristic 0.0002 res^2 / batch)
+    ema_decay=0.999,             # supp: EMA of G (ports: 0.999)
+    w_text=0.05, w_seg=0.1, w_sketch=1.0, w_style=0.01,  # supp: omega_i (landscape config)
+    lambda_cx=3.0, lambda_cy=0.3, tau=0.3,  # supp: lambda1 3, lambda2 0.3; tau 0.3 (fixed, ports)
+    dropout_p=0.5,               # supp: modality dropout p 0.5; per sample: our choice
+    cx_features="vgg",           # paper Eq. (11): pretrained VGG (relu5_1, pooled: supp)
+    pretrained=1, iters=400_000, eval_n=5000,  # iters: our choice (supp gives hours, not steps)
+    sample_every=5000, ckpt_every=5000, log_every=100,
+)
+CPU = dict(               # our choice throughout: what learns in minutes on 2 CPU cores
+    size=32, ch_base=512, ch_max=32, z_base=64, z_max=8, feat_dim=64, z0_dim=32, w_dim=64,
+    text_width=64,        # a small CLIP-shaped text tower trained with the model (no download)
+    batch_size=16, lr=0.002, r1_gamma=1.0, r1_every=16, ema_decay=0.99,
+    w_text=0.05, w_seg=0.1, w_sketch=1.0, w_style=0.01, lambda_cx=3.0, lambda_cy=0.3, tau=0.3,
+    dropout_p=0.5, cx_features="pixels", pretrained=0, iters=600, eval_n=256,
+    sample_every=100, ckpt_every=100, log_every=25,
+)
+PRESETS = {
+    "shapes": dict(CPU),
+    "mm-celeba-hq": dict(PAPER),                                   # Tables 1, 3 (256 here)
+    "coco-stuff": dict(PAPER),                                     # Table 2 (256x256)
+}
+# What each dataset provides, for --dry_run without touching files (checked against data.py).
+DATA_INFO = {
+    "mm-celeba-hq": dict(num_classes=19, channels=3, modalities=("text", "seg", "sketch")),
+    "coco-stuff": dict(num_classes=183, channels=3, modalities=("text", "seg", "sketch")),
+}
+ARCH_KEYS = ("size", "ch_base", "ch_max", "z_base", "z_max", "feat_dim", "z0_dim", "w_dim",
+             "text_width", "fusion", "pretrained")
+
+
+def build_parser():
+    p = common.base_parser(__doc__.split("\n")[0])
+    p.add_argument("--fusion", default="poe", choices=["poe", "concat"],
+                   help="poe: product of experts; concat: Table 3 row (a) baseline")
+    p.add_argument("--no_kl", action="store_true", help="drop the KL loss (Table 3 row (b))")
+    p.add_argument("--no_modality_dropout", action="store_true",
+                   help="train with every modality present (Table 3 row (c))")
+    for name in ("ch_base", "ch_max", "z_base", "z_max", "feat_dim", "z0_dim", "w_dim",
+                 "text_width", "r1_every", "eval_n"):
+        p.add_argument(f"--{name}", type=int, default=None)
+    for name in ("lr", "r1_gamma", "ema_decay", "w_text", "w_seg", "w_sketch", "w_style",
+                 "lambda_cx", "lambda_cy", "tau", "dropout_p"):
+        p.add_argument(f"--{name}", type=float, default=None)
+    p.add_argument("--cx_features", default=None, choices=["vgg", "pixels"],
+                   help="features of the image contrastive loss: VGG-19 relu5_1 or 8x8 pixels")
+    p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
+                   help="1: frozen CLIP text tower, VGG, Inception, LPIPS (download once)")
+    return p
+
+
+def channels_at(res, args):
+    return min(args.ch_max, args.ch_base // res)
+
+
+def z_channels_at(res, args):
+    return max(1, min(args.z_max, args.z_base // res))
+
+
+def resolutions(args):
+    """r_1 = 4, r_{k+1} = 2 r_k, r_N = image size (§3.2)."""
+    return [4 * 2 ** k for k in range(int(math.log2(args.size // 4)) + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Product of experts (§3.1-3.2)
+# ----------------------------------------------------------------------------------------------
+
+def limit_logvar(logvar, theta):
+    """supp: the log-variance is softly limited to (-theta, theta) by theta * tanh(logvar / theta)."""
+    return theta * torch.tanh(logvar / theta)
+
+
+def product_of_experts(mu, logvar, mask):
+    """Eq. (4): the product of Gaussian experts N(mu_i, var_i), i = 0 (the prior) .. M.
+
+    mu, logvar: (B, E, ...) stacked experts; mask: (B, E), 1 where expert i is present for sample
+    b (the prior, column 0, must be present). The paper's Eq. (4) prints 1 / sum(1/sigma_i^2) as
+    sigma; that is the VARIANCE. We implement
+        precision = sum_i m_i / var_i,   mu = sum_i (m_i / var_i) mu_i / precision,   var = 1 / precision
+    in log-variance form: logvar = -logsumexp_i(-logvar_i), and the weights m_i / var_i / precision
+    are a softmax over the present experts of -logvar_i (stable for extreme variances; an absent
+    expert gets weight exactly 0, whatever its numbers).
+    """
+    present = mask.bool().reshape(mask.shape + (1,) * (mu.dim() - 2))    # (B, E, 1, ...)
+    neg_logvar = torch.where(present, -logvar, torch.full_like(logvar, -float("inf")))
+    weights = torch.softmax(neg_logvar, dim=1)                           # (B, E, ...)
+    mu_out = (weights * torch.where(present, mu, torch.zeros_like(mu))).sum(1)
+    logvar_out = -torch.logsumexp(neg_logvar, dim=1)
+    return mu_out, logvar_out
+
+
+def conditional_kl(mu0, logvar0, mu_i, logvar_i):
+    """KL(p(z | y_i) || p(z)) elementwise, p(z | y_i) being the product of the prior and expert i
+    alone (Eq. 3 with Y = {y_i}): the quantity Eq. (9) weighs and sums."""
+    ones = torch.ones(mu0.shape[0], 2, device=mu0.device)
+    mu_c, logvar_c = product_of_experts(torch.stack([mu0, mu_i], 1),
+                                        torch.stack([logvar0, logvar_i], 1), ones)
+    return common.kl_diag_gaussians(mu_c, logvar_c, mu0, logvar0)
+
+
+def sample_gaussian(mu, logvar):
+    """Reparameterised sample z = mu + exp(logvar / 2) * eps (std = exp(logvar / 2))."""
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modality encoders (§3.3; depths and widths of Supplement B are lost: our choice)
+# ----------------------------------------------------------------------------------------------
+
+def lrelu(x):
+    return F.leaky_relu(x, 0.2)
+
+
+def conv3(cin, cout, stride=1):
+    return common.EqualConv2d(cin, cout, 3, stride, 1)
+
+
+def conv1(cin, cout):
+    return common.EqualConv2d(cin, cout, 1)
+
+
+class SpatialEncoder(nn.Module):
+    """Segmentation (one-hot) or sketch encoder: a CNN with input skip connections (§3.3).
+
+    The input is average-pooled to every resolution and a 1x1 embedding of it is added to the
+    stride-2 conv output there, so fine input detail reaches every scale. Returns the feature
+    vector for the global experts (B, feat_dim) and the skip features {res: (B, C_res, res, res)}
+    for the local experts. Used in G (skips feed the decoder) and in D (as D_{y_i}, Eq. 7).
+    """
+
+    def __init__(self, in_ch, args, feat_dim):
+        super().__init__()
+        res = resolutions(args)[::-1]                                    # size .. 4
+        self.stem = conv3(in_ch, channels_at(res[0], args))
+        self.down = nn.ModuleList(conv3(channels_at(r, args), channels_at(r // 2, args), 2)
+                                  for r in res[:-1])
+        self.input_skip = nn.ModuleList(conv1(in_ch, channels_at(r // 2, args)) for r in res[:-1])
+        self.to_vec = common.EqualLinear(channels_at(4, args) * 16, feat_dim)
+
+    def forward(self, y):
+        h = lrelu(self.stem(y))
+        skips = {h.shape[-1]: h}
+        for down, embed in zip(self.down, self.input_skip):
+            y = F.avg_pool2d(y, 2)
+            h = lrelu(down(h) + embed(y))
+            skips[h.shape[-1]] = h
+        return self.to_vec(h.flatten(1)), skips
+
+
+class ResDown(nn.Module):
+    """Residual block that halves the resolution: (skip(pool x) + pool(conv(conv x))) / sqrt 2."""
+
+    def __init__(self, cin, cout, norm=False):
+        super().__init__()
+        self.norm1 = nn.InstanceNorm2d(cin) if norm else nn.Identity()
+        self.norm2 = nn.InstanceNorm2d(cin) if norm else nn.Identity()
+        self.conv1, self.conv2 = conv3(cin, cin), conv3(cin, cout)
+        self.skip = conv1(cin, cout)
+
+    def forward(self, x):
+        h = self.conv1(lrelu(self.norm1(x)))
+        h = F.avg_pool2d(self.conv2(lrelu(self.norm2(h))), 2)
+        return (self.skip(F.avg_pool2d(x, 2)) + h) / math.sqrt(2)
+
+
+class StyleEncoder(nn.Module):
+    """Style reference encoder: a residual network with InstanceNorm; each block's output mean and
+    std are concatenated into the style code (supp), then one linear layer to feat_dim."""
+
+    def __init__(self, in_ch, args, feat_dim):
+        super().__init__()
+        res = resolutions(args)[::-1]
+        self.stem = conv3(in_ch, channels_at(res[0], args))
+        self.blocks = nn.ModuleList(ResDown(channels_at(r, args), channels_at(r // 2, args), True)
+                                    for r in res[:-1])
+        stats = 2 * sum(channels_at(r // 2, args) for r in res[:-1])
+        self.to_vec = common.EqualLinear(stats, feat_dim)
+
+    def forward(self, x):
+        h, stats = self.stem(x), []
+        for block in self.blocks:
+            h = block(h)
+            stats += [h.mean((2, 3)), h.flatten(2).std(2)]
+        return self.to_vec(torch.cat(stats, 1))
+
+
+def byte_tokenize(captions, context):
+    """Byte-level tokens for the small text tower (CLIP's BPE with no merges, ids remapped to a
+    259-entry vocabulary: byte+1, SOT, EOT, 0 = pad). Text is lower-cased, whitespace collapsed."""
+    ids = torch.zeros(len(captions), context, dtype=torch.long)
+    for i, text in enumerate(captions):
+        body = [b + 1 for b in " ".join(text.lower().split()).encode("utf-8")][:context - 2]
+        row = [SOT] + body + [EOT]
+        ids[i, :len(row)] = torch.tensor(row)
+    return ids
+
+
+class SmallTextTower(nn.Module):
+    """CLIP's text-tower shape at toy width (Radford et al. 2021): token + position embedding,
+    pre-LN causal transformer, final LayerNorm, the EOT position, a linear projection. Randomly
+    initialised and trained with the network that owns it (the CPU stand-in for frozen CLIP)."""
+
+    def __init__(self, width, context=64, layers=2, heads=4):
+        super().__init__()
+        self.context = context
+        self.token_embedding = nn.Embedding(BYTE_VOCAB, width)
+        self.positional_embedding = nn.Parameter(torch.randn(context, width) * 0.01)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.randn(width, width) / math.sqrt(width))
+        self.register_buffer("causal", torch.full((context, context), -float("inf")).triu(1),
+                             persistent=False)
+
+    def forward(self, ids):                                               # (B, L) -> (B, width)
+        x = self.token_embedding(ids) + self.positional_embedding[:ids.shape[1]]
+        x = self.transformer(x, mask=self.causal[:ids.shape[1], :ids.shape[1]])
+        x = self.ln_final(x)[torch.arange(len(ids)), ids.argmax(-1)]      # at the EOT token
+        return x @ self.text_projection
+
+
+def mlp(dims):
+    """EqualLinear + LReLU stack (the last layer linear)."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(common.EqualLinear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.LeakyReLU(0.2))
+    return nn.Sequential(*layers)
+
+
+class TextEncoder(nn.Module):
+    """Text -> feature vector: (frozen CLIP features | small tower) -> 4-layer MLP, width feat_dim
+    (supp: frozen CLIP text encoder + 4-layer MLP of width 512)."""
+
+    def __init__(self, args, feat_dim):
+        super().__init__()
+        self.tower = SmallTextTower(args.text_width) if args.text_width else None
+        in_dim = args.text_width or 512                                   # CLIP ViT-B/32: 512
+        self.mlp = mlp([in_dim] + [feat_dim] * 4)
+
+    def forward(self, text):         # tokens (B, L) for the small tower, CLIP features (B, 512)
+        return self.mlp(self.tower(text) if self.tower is not None else text)
+
+
+def make_encoders(args, num_classes, channels, modalities, feat_dim):
+    enc = nn.ModuleDict()
+    if "text" in modalities:
+        enc["text"] = TextEncoder(args, feat_dim)
+    if "seg" in modalities:
+        enc["seg"] = SpatialEncoder(num_classes, args, feat_dim)
+    if "sketch" in modalities:
+        enc["sketch"] = SpatialEncoder(1, args, feat_dim)
+    if "style" in modalities:
+        enc["style"] = StyleEncoder(channels, args, feat_dim)
+    return enc
+
+
+def encode_all(encoders, cond):
+    """Feature vectors {name: (B, feat)} and spatial skips {name: {res: map}} of every modality."""
+    vecs, skips = {}, {}
+    for name, enc in encoders.items():
+        out = enc(cond[name])
+        if name in SPATIAL:
+            vecs[name], skips[name] = out
+        else:
+            vecs[name] = out
+    return vecs, skips
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator (§3.2-3.3, Figs. 3-4)
+# ----------------------------------------------------------------------------------------------
+
+class LGAdaIN(nn.Module):
+    """Eq. (5): LG-AdaIN(h, z, w) = gamma_w * (gamma_z * (h - mu(h)) / sigma(h) + beta_z) + beta_w.
+
+    mu, sigma: channel-wise instance statistics; gamma_w, beta_w vectors from w (initialised to 1,
+    0); gamma_z = 1 + conv(z), beta_z = conv(z) maps from z^k (SPADE's 1 + gamma: our choice).
+    """
+
+    def __init__(self, channels, w_dim, z_ch):
+        super().__init__()
+        self.global_affine = common.EqualLinear(w_dim, 2 * channels)
+        with torch.no_grad():
+            self.global_affine.bias[:channels] = 1.0
+        self.local_affine = conv3(z_ch, 2 * channels)
+
+    def forward(self, h, z, w):
+        gamma_w, beta_w = self.global_affine(w)[:, :, None, None].chunk(2, 1)   # (B, C, 1, 1)
+        gamma_z, beta_z = self.local_affine(z).chunk(2, 1)                       # (B, C, H, W)
+        normed = F.instance_norm(h, eps=1e-5)
+        return gamma_w * ((1 + gamma_z) * normed + beta_z) + beta_w
+
+
+class GaussianHead(nn.Module):
+    """(mu, logvar) of a z^k map from features: 1x1 conv to a hidden width, 3x3, 1x1 to 2 c_k
+    (a shortened form of the ports' 1x1-3x3-3x3-1x1 head; Supplement B's is lost: our choice),
+    logvar limited by theta * tanh(. / theta)."""
+
+    def __init__(self, cin, z_ch, theta, hidden):
+        super().__init__()
+        self.net = nn.Sequential(conv1(cin, hidden), nn.LeakyReLU(0.2), conv3(hidden, hidden),
+                                 nn.LeakyReLU(0.2), conv1(hidden, 2 * z_ch))
+        self.theta = theta
+
+    def forward(self, x):
+        mu, logvar = self.net(x).chunk(2, 1)
+        return mu, limit_logvar(logvar, self.theta)
+
+
+class DecoderBlock(nn.Module):
+    """Fig. 4b: Local PoE-Net samples z^k, LG-AdaIN modulates the residual branch.
+
+    Prior p(z^k|z^<k) from the previous layer's output h; experts q(z^k|z^<k, y_i) from
+    concat(h, skip_i) for i in {seg, sketch} only (§3.3). With --fusion concat (Table 3 row (a))
+    z^k is instead a conv of concat(h, skips zeroed when absent, noise): no experts, no KL.
+    """
+
+    def __init__(self, cin, cout, res, args, skip_ch, spatial):
+        super().__init__()
+        self.res, self.spatial, self.fusion = res, spatial, args.fusion
+        z_ch = self.z_ch = z_channels_at(res, args)
+        if args.fusion == "poe":
+            hidden = max(cin // 4, 8)
+            self.prior = GaussianHead(cin, z_ch, THETA_PRIOR, hidden)
+            self.experts = nn.ModuleDict({s: GaussianHead(cin + skip_ch, z_ch, THETA_EXPERT,
+                                                          hidden) for s in spatial})
+        else:
+            self.fuse = conv3(cin + skip_ch * len(spatial) + z_ch, z_ch)
+        self.conv1, self.conv2 = conv3(cin, cout), conv3(cout, cout)
+        self.norm1, self.norm2 = LGAdaIN(cout, args.w_dim, z_ch), LGAdaIN(cout, args.w_dim, z_ch)
+        self.shortcut = conv1(cin, cout)
+
+    def local_latent(self, h, skips, mask):
+        """z^k (B, c_k, r, r) and the KL terms {modality: (B,)} (empty for concat)."""
+        if self.fusion == "concat":
+            parts = [h] + [skips[s][self.res] * mask[s][:, None, None, None] for s in self.spatial]
+            noise = torch.randn(h.shape[0], self.z_ch, self.res, self.res, device=h.device)
+            return self.fuse(torch.cat(parts + [noise], 1)), {}
+        mu0, lv0 = self.prior(h)
+        mus, lvs, present = [mu0], [lv0], [torch.ones_like(mask["_all"])]
+        for s in self.spatial:
+            mu, lv = self.experts[s](torch.cat([h, skips[s][self.res]], 1))
+            mus.append(mu), lvs.append(lv), present.append(mask[s])
+        mu, lv = product_of_experts(torch.stack(mus, 1), torch.stack(lvs, 1),
+                                    torch.stack(present, 1))
+        # Eq. (9): KL(p(z^k | z^<k, y_i) || p(z^k | z^<k)) per modality, summed over channels,
+        # averaged over locations (so omega^k does not grow with r_k^2: our choice)
+        kls = {s: conditional_kl(mu0, lv0, mus[i], lvs[i]).sum(1).mean((1, 2))
+               for i, s in enumerate(self.spatial, 1)}
+        return sample_gaussian(mu, lv), kls
+
+    def forward(self, h, w, skips, mask):
+        if self.res > 4:
+            h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+        z, kls = self.local_latent(h, skips, mask)
+        x = lrelu(self.norm1(self.conv1(h), z, w))
+        x = lrelu(self.norm2(self.conv2(x), z, w))
+        return (self.shortcut(h) + x) / math.sqrt(2), kls
+
+
+class Generator(nn.Module):
+    """Encoders -> Global PoE-Net (z^0 -> w) -> constant -> decoder blocks 4 .. size -> image."""
+
+    def __init__(self, args, num_classes, channels, modalities):
+        super().__init__()
+        self.modalities, self.fusion = tuple(modalities), args.fusion
+        self.spatial = tuple(s for s in SPATIAL if s in modalities)
+        self.encoders = make_encoders(args, num_classes, channels, modalities, args.feat_dim)
+        if args.fusion == "poe":    # Fig. 4a: one MLP per modality -> (mu_i^0, logvar_i^0)
+            self.global_experts = nn.ModuleDict({m: mlp([args.feat_dim, args.feat_dim,
+                                                         2 * args.z0_dim]) for m in modalities})
+        else:                       # row (a): concatenated embeddings (zero when absent) + noise
+            self.global_fuse = mlp([args.feat_dim * len(modalities) + args.z0_dim,
+                                    args.z0_dim, args.z0_dim])
+        self.mapping = nn.Sequential(common.PixelNorm(), mlp([args.z0_dim, args.w_dim,
+                                                              args.w_dim]))   # z^0 -> w (supp: 2 FC)
+        res = resolutions(args)
+        self.const = nn.Parameter(torch.randn(1, channels_at(4, args), 4, 4))
+        self.first = conv3(channels_at(4, args), channels_at(4, args))  # footnote 4: conv on const
+        self.blocks = nn.ModuleList()
+        for r in res:
+            cin = channels_at(max(r // 2, 4), args)
+            self.blocks.append(DecoderBlock(cin, channels_at(r, args), r, args,
+                                            channels_at(r, args), self.spatial))
+        self.to_rgb = conv3(channels_at(res[-1], args), channels)
+        self.z0_dim = args.z0_dim
+
+    def global_posterior(self, vecs, mask, batch, device):
+        """Fig. 4a: (mu, logvar) of p(z^0 | Y), the product of p(z^0) = N(0, I) and the present
+        modalities' experts, and the KL of each single-modality conditional {modality: (B,)}."""
+        zeros = torch.zeros(batch, self.z0_dim, device=device)
+        mus, lvs, present, kls = [zeros], [zeros], [torch.ones(batch, device=device)], {}
+        for m in self.modalities:
+            mu, lv = self.global_experts[m](vecs[m]).chunk(2, 1)
+            lv = limit_logvar(lv, THETA_EXPERT)
+            mus.append(mu), lvs.append(lv), present.append(mask[m])
+            kls[m] = conditional_kl(zeros, zeros, mu, lv).sum(1)
+        mu, lv = product_of_experts(torch.stack(mus, 1), torch.stack(lvs, 1),
+                                    torch.stack(present, 1))
+        return mu, lv, kls
+
+    def global_latent(self, vecs, mask, batch, device):
+        """z^0 (B, z0_dim) and the global KL terms."""
+        if self.fusion == "concat":
+            parts = [vecs[m] * mask[m][:, None] for m in self.modalities]
+            noise = torch.randn(batch, self.z0_dim, device=device)
+            return self.global_fuse(torch.cat(parts + [noise], 1)), {}
+        mu, lv, kls = self.global_posterior(vecs, mask, batch, device)
+        return sample_gaussian(mu, lv), kls
+
+    def forward(self, cond, mask):
+        """cond: {modality: input tensor}; mask: (B, len(modalities)) presence, 1 = given.
+        Returns the image (B, C, H, W) and the KL terms [(modality, level, (B,))]."""
+        batch, device = mask.shape[0], mask.device
+        masks = {m: mask[:, i].float() for i, m in enumerate(self.modalities)}
+        masks["_all"] = torch.ones(batch, device=device)
+        vecs, skips = encode_all(self.encoders, cond)
+        z0, kl0 = self.global_latent(vecs, masks, batch, device)
+        w = self.mapping(z0)
+        kls = [(m, 0, v) for m, v in kl0.items()]
+        h = lrelu(self.first(self.const.expand(batch, -1, -1, -1)))
+        for k, block in enumerate(self.blocks, 1):
+            h, kl = block(h, w, skips, masks)
+            kls += [(m, k, v) for m, v in kl.items()]
+        return torch.tanh(self.to_rgb(h)), kls
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiscale multimodal projection discriminator (§3.4, Eq. 7, Fig. 5c)
+# ----------------------------------------------------------------------------------------------
+
+class Discriminator(nn.Module):
+    """f(x, Y) = Linear(D_x(x)) + sum_{y_i in Y} D_{y_i}(y_i)^T D_x(x)   (Eq. 7)
+
+    at every resolution of the image encoder (size/2 .. 4) for the spatial modalities (a logit per
+    location) and once more on the global image embedding for text and style (a vector each).
+    forward returns the list of logit maps (per scale (B, 1, r, r), global (B, 1)) and the global
+    embeddings {"image": D_x, "text": D_text} for the conditional contrastive loss (Eq. 12-13)
+    (and "maps", the image features D_x at each scale).
+    """
+
+    def __init__(self, args, num_classes, channels, modalities):
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.spatial = tuple(s for s in SPATIAL if s in modalities)
+        res = resolutions(args)[::-1]                                    # size .. 4
+        self.scales = res[1:]                                            # size/2 .. 4
+        self.from_rgb = conv3(channels, channels_at(res[0], args))
+        self.blocks = nn.ModuleList(ResDown(channels_at(r, args), channels_at(r // 2, args))
+                                    for r in res[:-1])
+        self.uncond = nn.ModuleList(conv1(channels_at(r, args), 1) for r in self.scales)
+        emb = args.feat_dim
+        self.to_emb = common.EqualLinear(channels_at(4, args) * 16, emb)
+        self.uncond_global = common.EqualLinear(emb, 1)
+        # D_{y_i}: its own encoders (spatial ones give maps with the image's channel counts)
+        self.encoders = make_encoders(args, num_classes, channels, modalities, emb)
+
+    def encode(self, cond):
+        """D_{y_i}(y_i) of every modality: reusable for the real and the fake images."""
+        return encode_all(self.encoders, cond)
+
+    def forward(self, x, cond, mask, encoded=None):
+        masks = {m: mask[:, i].float() for i, m in enumerate(self.modalities)}
+        vecs, skips = encoded if encoded is not None else self.encode(cond)
+        h, logits, feats = self.from_rgb(x), [], []
+        for block, uncond in zip(self.blocks, self.uncond):
+            h = block(h)
+            feats.append(h)
+            f = uncond(lrelu(h))                                         # (B, 1, r, r)
+            for s in self.spatial:                                       # per-location inner product
+                f = f + masks[s][:, None, None, None] * (skips[s][h.shape[-1]] * h).sum(1, True)
+            logits.append(f)
+        image_emb = self.to_emb(lrelu(h).flatten(1))                     # D_x(x), (B, emb)
+        f = self.uncond_global(image_emb)                                # (B, 1)
+        for m in self.modalities:
+            if m not in SPATIAL:
+                f = f + masks[m][:, None] * (vecs[m] * image_emb).sum(1, True)
+        logits.append(f)
+        return logits, {"image": image_emb, "text": vecs.get("text"), "maps": feats}
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (§3.5)
+# ----------------------------------------------------------------------------------------------
+
+def kl_loss(kls, mask, modalities, args):
+    """Eq. (9): sum_i omega_i sum_k omega^k E[KL(p(z^k | z^<k, y_i) || p(z^k | z^<k))], summed over
+    the modalities present in each sample (our copy of Eq. 9 is cut off; this is the text's
+    definition). The expectation over z^<k uses the z^<k of the current forward pass (whose subset
+    contains y_i) rather than a pass with y_i alone: our choice, one pass instead of M + 1."""
+    weight = {"text": args.w_text, "seg": args.w_seg, "sketch": args.w_sketch,
+              "style": args.w_style}
+    total = torch.zeros((), device=mask.device)
+    for name, _level, kl in kls:
+        present = mask[:, modalities.index(name)].float()
+        total = total + weight[name] * (kl * present).mean()            # omega^k = 1 per group
+    return total
+
+
+def image_features(x, vgg):
+    """E_vgg for Eq. (11): VGG-19 relu5_1, global-average pooled (supp); or, offline on the CPU,
+    the image average-pooled to 8x8 (our stand-in, says nothing about semantics)."""
+    if vgg is None:
+        return F.adaptive_avg_pool2d(x, 8).flatten(1)
+    return vgg((x + 1) / 2, ["relu5_1"])["relu5_1"].mean((2, 3))
+
+
+def masked_contrastive(u, v, keep, tau):
+    """Eq. (10) over the pairs with keep = True (needs at least two pairs, else 0)."""
+    keep = keep.bool()
+    if keep.sum() < 2:
+        return torch.zeros((), device=u.device)
+    return common.contrastive_loss(u[keep], v[keep], tau)
+
+
+def r1_score(logits):
+    """One scalar per sample: logits averaged over locations, then over resolutions."""
+    return torch.stack([f.flatten(1).mean(1) for f in logits], 0).mean(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def dataset_info(args):
+    if args.data in DATA_INFO:
+        return DATA_INFO[args.data]
+    ds = data.get_dataset(args.data, split="train", size=args.size)    # built-in: no files
+    return dict(num_classes=ds.num_classes, channels=ds.channels,
+                modalities=tuple(m for m in MODALITIES if ITEM_KEY[m] in ds.has))
+
+
+def check_args(args):
+    if args.size < 8 or args.size & (args.size - 1):
+        raise common.UserError(f"--size must be a power of two >= 8 (got {args.size}).")
+    if not 0 <= args.dropout_p < 1:
+        raise common.UserError(f"--dropout_p must be in [0, 1) (got {args.dropout_p}).")
+    if args.pretrained and args.text_width:
+        raise common.UserError("--pretrained 1 uses the frozen CLIP text tower; pass "
+                               "--text_width 0 with it (or --pretrained 0 for the small tower).")
+    if not args.pretrained and not args.text_width:
+        raise common.UserError("--text_width 0 means the pretrained CLIP text tower; pass "
+                               "--pretrained 1 or a width for the small tower, e.g. 64.")
+
+
+def build(args, info=None):
+    info = info or dataset_info(args)
+    mods = info["modalities"]
+    G = Generator(args, info["num_classes"], info["channels"], mods)
+    D = Discriminator(args, info["num_classes"], info["channels"], mods)
+    return G, D
+
+
+class Conditioner:
+    """Turns a batch into the networks' inputs: one-hot labels, sketches, style images and text
+    (byte tokens for the small towers, frozen CLIP features otherwise)."""
+
+    def __init__(self, args, info, device):
+        self.modalities, self.num_classes, self.device = info["modalities"], info["num_classes"], device
+        self.clip = self.tokenizer = None
+        if "text" in self.modalities and args.pretrained:
+            self.clip = common.CLIP("ViT-B/32", pretrained=True).to(device).eval().requires_grad_(False)
+            self.tokenizer = common.CLIPTokenizer()
+
+    @torch.no_grad()
+    def text(self, captions, context=64):
+        if self.clip is None:
+            return byte_tokenize(captions, context).to(self.device)
+        return self.clip.encode_text(self.tokenizer.tokenize(captions, truncate=True)
+                                     .to(self.device)).float()
+
+    def __call__(self, batch):
+        cond = {}
+        for m in self.modalities:
+            value = batch[ITEM_KEY[m]]
+            if m == "text":
+                cond[m] = self.text(value)
+            elif m == "seg":
+                label = value.to(self.device).long()
+                if label.min() < 0 or label.max() >= self.num_classes:
+                    raise common.UserError(f"label values must lie in [0, {self.num_classes - 1}]"
+                                           f" (found {int(label.min())}..{int(label.max())}).")
+                cond[m] = F.one_hot(label, self.num_classes).permute(0, 3, 1, 2).float()
+            else:
+                cond[m] = value.to(self.device).float()
+        return cond
+
+
+def dropout_mask(batch, n_modalities, p, device):
+    """Modality dropout (§3.5): each modality of each sample dropped with probability p (per
+    sample: our choice; the paper says only "randomly dropping out some input modalities")."""
+    return (torch.rand(batch, n_modalities, device=device) >= p).float()
+
+
+def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, vgg):
+    """One iteration (Eq. 14): the fakes are drawn once (as pix2pixHD), G steps against the current
+    D, then D steps on the same fakes, detached. Returns the logged scalars."""
+    g, d = common.unwrap(G), common.unwrap(D)
+    mods = g.modalities
+    B = real.shape[0]
+    p = 0.0 if args.no_modality_dropout else args.dropout_p
+    mask = dropout_mask(B, len(mods), p, rt.device)
+    has_text = mask[:, mods.index("text")] if "text" in mods else torch.zeros(B, device=rt.device)
+    zero = torch.zeros((), device=rt.device)
+
+    # --- G: L^G = L^G_GAN + L_KL + lambda1 L_cx + lambda2 L^G_cy
+    d.requires_grad_(False)
+    with rt.autocast():
+        fake, kls = G(cond, mask)
+        encoded = d.encode(cond)
+        fake_logits, fake_emb = D(fake, cond, mask, encoded)
+        loss_g = common.ns_g_loss(fake_logits)
+        kl = zero if args.no_kl or args.fusion == "concat" else kl_loss(kls, mask, mods, args)
+        any_given = mask.sum(1) > 0     # the real image is a positive only if something was given
+        cx = masked_contrastive(image_features(real, vgg), image_features(fake, vgg),
+                                any_given, args.tau)
+        cy_g = (masked_contrastive(fake_emb["image"], fake_emb["text"], has_text, args.tau)
+                if "text" in mods else zero)
+    total_g = loss_g + kl + args.lambda_cx * cx + args.lambda_cy * cy_g
+    opt_g.zero_grad(set_to_none=True)
+    rt.scaler.scale(total_g).backward()
+    rt.scaler.unscale_(opt_g)
+    nn.utils.clip_grad_norm_(G.parameters(), GRAD_CLIP)
+    rt.scaler.step(opt_g)
+    d.requires_grad_(True)
+
+    # --- D: L^D = L^D_GAN + lambda2 L^D_cy (+ lambda3 L_GP every r1_every steps, lazy)
+    with rt.autocast():
+        encoded = d.encode(cond)
+        real_logits, real_emb = D(real, cond, mask, encoded)
+        fake_logits, _ = D(fake.detach(), cond, mask, encoded)
+        loss_d = common.ns_d_loss(real_logits, fake_logits)
+        cy_d = (masked_contrastive(real_emb["image"], real_emb["text"], has_text, args.tau)
+                if "text" in mods else zero)
+    total_d = loss_d + args.lambda_cy * cy_d
+    r1 = zero
+    if args.r1_gamma > 0 and it % args.r1_every == 0:
+        real_r1 = real.detach().requires_grad_(True)
+        with rt.autocast():
+            logits, _ = D(real_r1, cond, mask, encoded)
+        r1 = common.r1_penalty(r1_score(logits).float(), real_r1)
+        total_d = total_d + args.r1_gamma / 2 * r1 * args.r1_every      # lazy: scaled by interval
+    opt_d.zero_grad(set_to_none=True)
+    rt.scaler.scale(total_d).backward()
+    rt.scaler.unscale_(opt_d)
+    nn.utils.clip_grad_norm_(D.parameters(), GRAD_CLIP)
+    rt.scaler.step(opt_d)
+    rt.scaler.update()
+    return dict(loss_d=loss_d.item(), loss_g=loss_g.item(), kl=kl.item(), cx=cx.item(),
+                cy_d=cy_d.item(), cy_g=cy_g.item(), r1=r1.item())
+
+
+def load_data(args, split="train"):
+    root = None if args.data == "shapes" else args.data_dir
+    ds = data.get_dataset(args.data, root=root, split=split, size=args.size)
+    mods = tuple(m for m in MODALITIES if ITEM_KEY[m] in ds.has)
+    expected = dataset_info(args)
+    if mods != tuple(expected["modalities"]) or ds.num_classes != expected["num_classes"]:
+        raise common.UserError(f"{args.data} provides modalities {mods} with {ds.num_classes} "
+                               f"classes, but poe_gan.py expects {expected['modalities']} with "
+                               f"{expected['num_classes']}.")
+    return ds
+
+
+def config_of(args):
+    return {k: v for k, v in vars(args).items()
+            if k not in ("resume", "sample", "eval", "dry_run", "device", "num_workers")}
+
+
+def make_vgg(args, device):
+    if args.cx_features == "pixels":
+        return None
+    return common.VGG19(pretrained=bool(args.pretrained)).to(device).eval().requires_grad_(False)
+
+
+def train(args):
+    rt = common.setup_runtime(args)
+    ds = load_data(args)
+    info = dataset_info(args)
+    G, D = build(args, info)
+    ema = common.EMA(G, args.ema_decay)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    objects = dict(G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=rt.scaler)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    start = 0
+    if args.resume:
+        start = common.load_checkpoint(ckpt_path, "poe_gan", config_of(args), ARCH_KEYS,
+                                       objects)["iter"]
+    ema.model.to(rt.device)
+    Gt = common.prepare_model(G, rt, args.compile)
+    Dt = common.prepare_model(D, rt, args.compile)
+    vgg = make_vgg(args, rt.device)
+    cond_of = Conditioner(args, info, rt.device)
+    stream = common.batch_stream(ds, rt.local_batch(args.batch_size), rt, args.seed, start,
+                                 args.num_workers)
+    with torch.random.fork_rng(devices=[]):    # grids must not move the training RNG (resume)
+        fixed = next(iter(common.batch_stream(ds, min(4, len(ds)), rt, args.seed + 1)))
+    log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
+    for it in range(start, args.iters):
+        batch = common.to_device(next(stream), rt.device)
+        stats = train_step(Gt, Dt, opt_g, opt_d, batch["image"], cond_of(batch), it, args, rt, vgg)
+        ema.update(G)
+        done = it + 1
+        log.step(args.batch_size)
+        if done % args.log_every == 0 or done == args.iters:
+            log.log(done, **{k: common.reduce_mean(v, rt) for k, v in stats.items()})
+        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+            with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+                subset_grid(ema.model, fixed, cond_of, ds,
+                            os.path.join(args.out_dir, f"samples_{done}.png"))
+        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
+            common.save_checkpoint(ckpt_path, "poe_gan", config_of(args), done, objects)
+    log.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling controls: the Fig. 1 grid
+# ----------------------------------------------------------------------------------------------
+
+def all_subsets(modalities):
+    """Every subset of the modalities, the empty set first, then by size: [(), ('text',), ...]."""
+    return [s for k in range(len(modalities) + 1) for s in itertools.combinations(modalities, k)]
+
+
+def subset_mask(subset, modalities, batch, device):
+    return torch.tensor([[float(m in subset) for m in modalities]] * batch, device=device)
+
+
+def caption_tile(text, size):
+    """The caption drawn on a white tile (PIL's built-in font), as an image in [-1, 1]."""
+    from PIL import Image, ImageDraw
+    scale = 4 if size < 64 else 1
+    canvas = Image.new("RGB", (size * scale, size * scale), "white")
+    draw, words, lines = ImageDraw.Draw(canvas), text.split(), [""]
+    for word in words:
+        if len(lines[-1]) + len(word) + 1 > size * scale // 6:
+            lines.append("")
+        lines[-1] = (lines[-1] + " " + word).strip()
+    for i, line in enumerate(lines):
+        draw.text((2, 2 + 11 * i), line, fill="black")
+    arr = torch.from_numpy(np.array(canvas.resize((size, size) if scale == 1 else
+                                                    (size * 2, size * 2)))).permute(2, 0, 1)
+    return arr.float() / 127.5 - 1
+
+
+@torch.no_grad()
+def subset_grid(G, batch, cond_of, ds, path, n_inputs=2, n_samples=4):
+    """Fig. 1: for each input, one row per modality subset (the empty set included): the given
+    inputs (blank where withheld) followed by n_samples samples."""
+    G.eval()
+    device = next(G.parameters()).device
+    mods, rows = G.modalities, []
+    size = batch["image"].shape[-1]
+    blank = torch.ones(3, size, size)
+    for j in range(min(n_inputs, len(batch["image"]))):
+        one = {k: (v[j:j + 1].repeat(n_samples, *[1] * (v.dim() - 1)) if torch.is_tensor(v)
+                   else [v[j]] * n_samples) for k, v in batch.items()}
+        cond = cond_of(one)
+        shown = {"text": caption_tile(batch["caption"][j], size) if "text" in mods else None,
+                 "seg": batch["label"][j].cpu() if "seg" in mods else None,
+                 "sketch": batch["sketch"][j].cpu() * 2 - 1 if "sketch" in mods else None,
+                 "style": batch["style"][j].cpu() if "style" in mods else None}
+        rows.append([batch["image"][j].cpu()] + [blank] * (len(mods) + n_samples))
+        for subset in all_subsets(mods):
+            x, _ = G(cond, subset_mask(subset, mods, n_samples, device))
+            rows.append([blank] + [shown[m] if m in subset else blank for m in mods]
+                        + list(x.cpu()))
+    common.save_grid(path, rows, palette=ds.palette)
+    return rows
+
+
+def sample(args):
+    rt = common.setup_runtime(args)
+    info = dataset_info(args)
+    G, _ = build(args, info)
+    ema = common.EMA(G)
+    common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "poe_gan", config_of(args),
+                           ARCH_KEYS, {"ema": ema}, restore_rng=False)
+    G = ema.model.to(rt.device)
+    ds = load_data(args, split="test" if args.data != "shapes" else "train")
+    batch = next(iter(common.batch_stream(ds, min(4, len(ds)), rt, args.seed + 2)))
+    for j in range(2):
+        one = {k: v[j * 2:(j + 1) * 2] for k, v in batch.items()}
+        path = os.path.join(args.out_dir, f"subsets_{j}.png")
+        subset_grid(G, one, Conditioner(args, info, rt.device), ds, path, n_inputs=2,
+                    n_samples=6)
+        print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: per modality subset (Tables 1-4 layout)
+# ----------------------------------------------------------------------------------------------
+
+def pixel_diversity(a, b):
+    """Mean absolute pixel difference of two samples per input (offline LPIPS stand-in)."""
+    return (a - b).abs().flatten(1).mean(1)
+
+
+@torch.no_grad()
+def evaluate(args):
+    rt = common.setup_runtime(args)
+    info = dataset_info(args)
+    G, _ = build(args, info)
+    ema = common.EMA(G)
+    common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "poe_gan", config_of(args),
+                           ARCH_KEYS, {"ema": ema}, restore_rng=False)
+    G = ema.model.to(rt.device).eval()
+    ds = load_data(args, split="test" if args.data != "shapes" else "val")
+    cond_of = Conditioner(args, info, rt.device)
+    n = min(args.eval_n, len(ds))
+    bs = min(args.batch_size, 64)
+    mods = G.modalities
+    results = {}
+    for subset in all_subsets(mods):
+        name = "+".join(subset) or "uncond"
+        torch.manual_seed(args.seed)
+        fakes, fakes2, reals, batches = [], [], [], []
+        for start in range(0, n, bs):
+            items = [ds[i] for i in range(start, min(start + bs, n))]
+            batch = torch.utils.data.default_collate(items)
+            cond = cond_of(common.to_device(batch, rt.device))
+            mask = subset_mask(subset, mods, len(items), rt.device)
+            fakes.append(G(cond, mask)[0].cpu())
+            fakes2.append(G(cond, mask)[0].cpu())
+            reals.append(batch["image"])
+            batches.append(batch)
+        fake, fake2, real = torch.cat(fakes), torch.cat(fakes2), torch.cat(reals)
+        results[name] = subset_metrics(args, fake, fake2, real, batches, subset, rt.device)
+        print(name, json.dumps(results[name]))
+    out = os.path.join(args.out_dir, "eval.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump({"n": n, "subsets": results}, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")
+
+
+def subset_metrics(args, fake, fake2, real, batches, subset, device):
+    """FID and LPIPS diversity (pretrained nets), or pixel diversity + the shapes toy metrics."""
+    m = {}
+    if args.pretrained:
+        lp = common.LPIPS(net="alex", pretrained=True).to(device)
+        m["lpips_diversity"] = float(torch.cat([lp(a.to(device), b.to(device)).cpu() for a, b in
+                                                zip(fake.split(32), fake2.split(32))]).mean())
+        inception = common.FIDInception(pretrained=True).to(device)
+        feats = [torch.cat([inception(x.to(device)).cpu() for x in t.split(32)])
+                 for t in (real, fake)]
+        m["fid"] = float(common.fid(*feats))
+    else:
+        m["pixel_diversity"] = float(pixel_diversity(fake, fake2).mean())
+    if args.data == "shapes":
+        m.update(toy_metrics(fake, collate_all(batches)))
+    return m
+
+
+def collate_all(batches):
+    """Concatenate collated batches (tensors and lists)."""
+    return {k: torch.cat([b[k] for b in batches]) if torch.is_tensor(batches[0][k])
+            else [x for b in batches for x in b[k]] for k in batches[0]}
+
+
+def shapes_foreground(images):
+    """Object pixels of shapes images (B, 3, H, W) in [-1, 1]: all but the flat grey background
+    (channels within 0.1 of each other at a level in [0.4, 0.65]; the set's grey is 0.45-0.60)."""
+    rgb = (images + 1) / 2
+    flat = rgb.amax(1) - rgb.amin(1) < 0.1
+    level = rgb.mean(1)
+    return ~(flat & (level > 0.4) & (level < 0.65))
+
+
+def edge_f1(pred, target):
+    """F1 of two edge maps (B, H, W) bool, a pixel counting as matched within one pixel."""
+    grow = lambda e: F.max_pool2d(e[:, None].float(), 3, 1, 1)[:, 0] > 0   # noqa: E731
+    precision = (pred & grow(target)).sum() / pred.sum().clamp(min=1)
+    recall = (target & grow(pred)).sum() / target.sum().clamp(min=1)
+    return float(2 * precision * recall / (precision + recall).clamp(min=1e-8))
+
+
+def toy_metrics(images, batch):
+    """Exact shapes scores of images generated for the items of `batch` (collated, CPU), for
+    every modality whether given or not (a given one should beat the unconditional samples):
+      label_fg_acc    object/background pixels agree with the label map (seg)
+      in_mode         each labelled region is painted in a palette mode of its class (seg)
+      sketch_f1       edges of the image vs the sketch, 1-pixel tolerance (sketch)
+      caption_*       the objects the caption names are found, by colour / shape / both (text)
+      style_colour    colours of the style reference's objects found in the image (style)
+      mode_coverage   fraction of (class, palette mode) pairs drawn at least once, over the
+                      objects found in all images, and mode_tv their distance to the set's weights
+    """
+    images = images.float().cpu().clamp(-1, 1)
+    m = {"label_fg_acc": float((shapes_foreground(images) == (batch["label"] > 0)).float().mean())}
+    fid = data.shapes_colour_fidelity(images, batch["instance"], batch["inst_class"],
+                                      batch["inst_valid"])
+    m["in_mode"] = fid["in_mode"]
+    gray = ((images.mean(1) + 1) / 2).numpy()
+    edges = torch.from_numpy(np.stack([data.image_sketch(g) for g in gray])).bool()
+    m["sketch_f1"] = edge_f1(edges, batch["sketch"][:, 0].bool())
+    caps = data.shapes_caption_accuracy(images, batch["caption"])
+    m.update({f"caption_{k}": v for k, v in caps.items()})
+    found = data.shapes_find_objects(images)
+    hits, total, modes, classes = 0, 0, [], []
+    for objs, cls, mode, valid in zip(found, batch["inst_class"], batch["inst_mode"],
+                                      batch["inst_valid"]):
+        wanted = {data.SHAPES_MODE_NAMES[c][k] for c, k, v in zip(cls.tolist(), mode.tolist(),
+                                                                  valid.tolist()) if v}
+        seen = {o["colour"] for o in objs}
+        hits, total = hits + len(wanted & seen), total + len(wanted)
+        for o in objs:
+            names = data.SHAPES_MODE_NAMES[o["cls"]]
+            modes.append(names.index(o["colour"]) if o["colour"] in names else -1)
+            classes.append(o["cls"])
+    m["style_colour"] = hits / max(total, 1)
+    cover = data.shapes_mode_coverage(torch.tensor(modes, dtype=torch.long),
+                                      torch.tensor(classes, dtype=torch.long))
+    m["mode_coverage"], m["mode_tv"] = cover["coverage"], cover["tv"]
+    m["objects_per_image"] = len(classes) / max(len(images), 1)
+    return m
+
+
+def main(argv=None):
+    args = common.parse_args(build_parser(), PRESETS, "poe_gan", "shapes", argv)
+    check_args(args)
+    if args.dry_run:
+        G, D = build(args)
+        nets = {"G": G, "D": D}
+        if args.pretrained and "text" in dataset_info(args)["modalities"]:
+            print("text: frozen CLIP ViT-B/32 text tower, not counted in G or D")
+        common.print_dry_run(nets)
+        return
+    if args.sample:
+        return sample(args)
+    if args.eval:
+        return evaluate(args)
+    train(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
