@@ -1,0 +1,1353 @@
+"""Unite and Conquer: Cross Dataset Multimodal Synthesis using Diffusion Models
+(Nair, Bandara, Patel; CVPR 2023; arXiv 2212.00793).
+
+Idea: train (or download) one conditional diffusion model per condition, each on its own dataset
+with only its own condition, and combine them at sampling time only. Under a product-of-experts
+reading of p(z | x_1..x_N) (§3.2, Eq. 4-5), every sampling step adds the experts' conditional
+noise predictions and subtracts a *reliable* unconditional estimate, a mixture of the experts'
+null-condition predictions weighted by reliabilities a_j (sum a_j = 1):
+
+    eps_c = sum_i w_i eps_i(z_t, x_i) - (sum_i w_i - 1) * sum_j a_j eps_j(z_t, null)   (Eq. 10)
+
+With one expert this is classifier-free guidance (Eq. 11). The composed eps then drives an
+ordinary DDPM or DDIM step. Nothing is retrained to add a condition: a new expert joins the sum.
+
+Map of this file:
+    config and presets    ADM (guided-diffusion) configurations, one preset per dataset
+    ADM UNet              guided-diffusion's UNetModel: same flags, modules, state_dict keys and
+                          computation (official checkpoints load strictly), plus optional
+                          condition inputs (concatenated maps, an embedding vector)
+    text encoder          offline hashing tokenizer + small transformer (built-in data); CLIP (§7.3)
+    diffusion             linear/cosine schedules, respacing, eps-prediction loss (+ L_vlb when
+                          learn_sigma), classifier-free null-condition dropout
+    composition           compose_eps (Eq. 10), one batched forward per model per step, schedule
+                          matching for models with different noise schedules (supp. §7.2)
+    samplers              ancestral DDPM and DDIM on respaced steps with original timestep indices
+    experts and data      which expert sees which dataset and condition (cross-dataset training)
+    training loop         all experts side by side, EMA, atomic checkpoints, exact resume
+    sampling controls     each expert alone, composition, reliability sweep (Fig. 6), guidance sweep
+    evaluation            exact toy metrics on shapes (layout, caption, both) incl. Table 4 ablation
+    benchmark             per-step time: composition vs separate CFG samplers vs bare forwards
+    main
+
+    python compose_diffusion.py                 # built-in shapes: label-map expert on one half,
+                                                # caption expert on the other half, CPU ~5 min
+    python compose_diffusion.py --sample        # grids from out/compose_diffusion-shapes/ckpt.pt
+    python compose_diffusion.py --eval          # toy metrics -> eval.json
+    python compose_diffusion.py --bench         # sampling time per step
+    python compose_diffusion.py --data mm-celeba-hq --dry_run   # the paper's face UNet (256 px)
+    python compose_diffusion.py --sample --ckpt 64x64_diffusion.pt --ckpt_config adm64 \\
+        --ckpt_class 291 --data folder ...      # an official ADM checkpoint as one more expert
+"""
+
+import json
+import math
+import os
+import time
+import zlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import common
+import data
+
+# ----------------------------------------------------------------------------------------------
+# Config. "paper" = Nair et al.; "official" = the authors' release (Nithin-GK/UniteandConquer);
+# "ADM" = openai/guided-diffusion (Dhariwal & Nichol 2021), whose UNet and diffusion both use.
+# ----------------------------------------------------------------------------------------------
+
+# guided-diffusion's create_model() flags for the official checkpoints (guided-diffusion README).
+ADM_CONFIGS = {
+    "adm64": dict(image_size=64, num_channels=192, num_res_blocks=3, channel_mult="",
+                  attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
+                  class_cond=True, use_scale_shift_norm=True, resblock_updown=True,
+                  use_new_attention_order=True, dropout=0.1, use_fp16=True),
+    "adm128": dict(image_size=128, num_channels=256, num_res_blocks=2, channel_mult="",
+                   attention_resolutions="32,16,8", num_heads=4, learn_sigma=True,
+                   class_cond=True, use_scale_shift_norm=True, resblock_updown=True, use_fp16=True),
+    "adm256": dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult="",
+                   attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
+                   class_cond=True, use_scale_shift_norm=True, resblock_updown=True, use_fp16=True),
+    "adm256-uncond": dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult="",
+                          attention_resolutions="32,16,8", num_head_channels=64, learn_sigma=True,
+                          class_cond=False, use_scale_shift_norm=True, resblock_updown=True,
+                          use_fp16=True),
+}
+ADM_SCHEDULES = {"adm64": "cosine", "adm128": "linear", "adm256": "linear",
+                 "adm256-uncond": "linear"}  # ADM README; all 1000 steps
+
+# Exact parameter counts of guided-diffusion's create_model() for these flags (counted with the
+# guided-diffusion code itself; the reference rounds them to 295.9M / 421.5M / 553.8M / 552.8M).
+ADM_PARAMS = {"adm64": 295_904_454, "adm128": 421_529_606, "adm256": 553_838_086,
+              "adm256-uncond": 552_814_086}
+
+# The experts of the cross-dataset run and the conditions each one takes. "map" = one-hot label
+# map concatenated to z_t (official face model); "text" = caption embedding added to the time
+# embedding, which every ResBlock's adaptive group norm reads (§7.3: "adaptive group
+# normalization"); "joint" = one model trained on both datasets alternately, for the Table 4
+# ablation (sampled "as usual": both conditions in one forward pass).
+EXPERT_CONDITIONS = {"label": ("map",), "caption": ("text",), "joint": ("map", "text")}
+
+PRESETS = {
+    # Built-in data, scaled to a 2-core CPU: all "our choice" except where marked.
+    "shapes": dict(size=16, iters=500, batch_size=32, lr=3e-4, ema_decay=0.995,
+                   num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                   attention_resolutions="8", num_heads=4, num_head_channels=32,
+                   dropout=0.0, learn_sigma=False, noise_schedule="cosine",  # cosine: ADM-64
+                   diffusion_steps=1000,                     # paper/official: 1000 steps
+                   p_uncond=0.2,                             # CFG paper (Ho & Salimans): 0.1-0.2
+                   experts="label,caption", text_encoder="tiny",
+                   sampler="ddim", sample_steps=25, eta=0.0,
+                   guidance="2,2", reliability="0.5,0.5",
+                   log_every=50, sample_every=300, ckpt_every=300, eval_n=192),
+    # Paper §4.1 faces (hair map / skin map / text), official face UNet trunk: 256 px, 192 ch,
+    # mult (1,1,2,2,4,4), 2 res blocks, attention 32/16/8 with 64-ch heads (legacy order),
+    # scale-shift, resblock up/down, dropout 0, 6 output channels; linear schedule, 1000 steps;
+    # AdamW lr 1e-5, batch 8, EMA 0.9999, 100k iterations (official training script); DDIM 100
+    # steps (official); a_i = 1/N, w_i = 1 (paper §4.1). Text: CLIP image embedding at training,
+    # text embedding at sampling (supp. §7.3; the paper uses FaRL, a CLIP ViT-B/16 fine-tune).
+    "mm-celeba-hq": dict(size=256, iters=100_000, batch_size=8, lr=1e-5, ema_decay=0.9999,
+                         num_channels=192, num_res_blocks=2, channel_mult="1,1,2,2,4,4",
+                         attention_resolutions="32,16,8", num_heads=4, num_head_channels=64,
+                         dropout=0.0, learn_sigma=True, noise_schedule="linear",
+                         diffusion_steps=1000, p_uncond=0.125, experts="label,caption",
+                         text_encoder="clip", sampler="ddim", sample_steps=100, eta=0.0,
+                         guidance="1,1", reliability="0.5,0.5",
+                         log_every=100, sample_every=5000, ckpt_every=5000, eval_n=3000),
+}
+PRESETS["celebamask-hq"] = dict(PRESETS["mm-celeba-hq"], experts="label")  # map expert only
+
+# Flags that fix the architecture and schedule: a checkpoint is refused when they differ.
+ARCH_KEYS = ("size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions",
+             "num_heads", "num_head_channels", "learn_sigma", "noise_schedule",
+             "diffusion_steps", "experts", "text_encoder")
+
+TEXT_LEN, TEXT_VOCAB, TEXT_WIDTH = 24, 512, 64   # tiny text encoder: our choice
+CLIP_DIM = 512                                     # CLIP ViT-B/32 joint embedding width
+
+
+# ----------------------------------------------------------------------------------------------
+# ADM UNet (guided-diffusion unet.py), rewritten. Module names and order reproduce the official
+# state_dict keys, e.g. input_blocks.4.0.in_layers.2.weight; gaps in indices are the SiLU /
+# Dropout positions that hold no parameters.
+# ----------------------------------------------------------------------------------------------
+
+def timestep_embedding(t, dim, max_period=10000):
+    """ADM's sinusoid: [cos(t f_k), sin(t f_k)], f_k = exp(-ln(10000) k / half). t may be fractional
+    (schedule matching hands a model non-integer timesteps)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                            device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first, as ADM
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32 groups, eps 1e-5) computed in float32 (ADM's `normalization`)."""
+
+    def __init__(self, channels):
+        super().__init__(32, channels)
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def zero_module(module):
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (`op`) or, without a conv, 2x2 average pooling."""
+
+    def __init__(self, channels, use_conv):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else \
+            nn.AvgPool2d(2)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then an optional 3x3 conv (`conv`)."""
+
+    def __init__(self, channels, use_conv):
+        super().__init__()
+        if use_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.use_conv = use_conv
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class ResBlock(nn.Module):
+    """GN -> SiLU -> [up/down] -> conv; AdaGN: GN(h) * (1 + scale) + shift from the embedding
+    (use_scale_shift_norm) or h + emb; SiLU -> dropout -> zero-init conv; plus the skip."""
+
+    def __init__(self, channels, emb_channels, dropout, out_channels, use_scale_shift_norm,
+                 up=False, down=False, use_checkpoint=False):
+        super().__init__()
+        self.use_scale_shift_norm, self.use_checkpoint = use_scale_shift_norm, use_checkpoint
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm
+                                 else out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = nn.Identity() if out_channels == channels else \
+            nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        if self.use_checkpoint and self.training:
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x, emb):
+        if self.updown:  # resample between the norm/SiLU and the conv, on h and on the skip
+            h = self.in_layers[:-1](x)
+            h, x = self.h_upd(h), self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)  # scale first, then shift
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels: GN -> qkv (Conv1d) -> multi-head attention -> zero-init proj.
+
+    Legacy order (ADM-128/256, the face model) splits heads before q/k/v: qkv is read as
+    (B*H, 3*d, T); the new order (ADM-64) chunks q, k, v first, then splits heads. q and k are
+    each scaled by d^(-1/4); the softmax runs in float32.
+    """
+
+    def __init__(self, channels, num_heads, num_head_channels, use_new_attention_order,
+                 use_checkpoint=False):
+        super().__init__()
+        self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
+        self.new_order, self.use_checkpoint = use_new_attention_order, use_checkpoint
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x, emb=None):
+        if self.use_checkpoint and self.training:
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x):
+        b, c, hgt, wid = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))                       # (B, 3C, T)
+        heads, d, t = self.num_heads, c // self.num_heads, x.shape[-1]
+        if self.new_order:
+            q, k, v = (z.reshape(b * heads, d, t) for z in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.reshape(b * heads, 3 * d, t).split(d, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(d))
+        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)   # (B*H, T, T)
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, t)
+        return (x + self.proj_out(a)).reshape(b, c, hgt, wid)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """nn.Sequential whose ResBlocks / attention also receive the embedding."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
+        return x
+
+
+def parse_mult(channel_mult, image_size):
+    """create_model(): "" picks ADM's per-resolution default; else "1,2,2" or a tuple."""
+    if channel_mult in ("", None):
+        table = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
+                 64: (1, 2, 3, 4)}
+        if image_size not in table:
+            raise common.UserError(f"channel_mult must be given for image_size {image_size}; "
+                                   f"ADM has defaults only for {sorted(table)}.")
+        return table[image_size]
+    if isinstance(channel_mult, str):
+        return tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+    return tuple(channel_mult)
+
+
+class UNet(nn.Module):
+    """guided-diffusion's UNetModel built from create_model()'s flags: UNet(**adm_flags).
+
+    Our additions, absent by default so the official key set is unchanged: `map_channels`
+    (a spatial condition concatenated to z_t: input conv takes in_channels + map_channels),
+    `cond_dim` (a condition vector projected by `cond_proj` and added to the time embedding) and
+    `num_classes` (ADM fixes 1000). Null conditions: label -1 adds no class embedding (ADM has no
+    null label), an all-zero map, an all-zero vector (its projection is skipped, row by row).
+    `use_fp16` runs the torso under float16 autocast on CUDA (ADM converts the torso weights;
+    GroupNorm and softmax stay float32 in both). `use_checkpoint`: gradient checkpointing.
+    """
+
+    def __init__(self, image_size=64, num_channels=128, num_res_blocks=2, channel_mult="",
+                 attention_resolutions="16,8", num_heads=4, num_head_channels=-1,
+                 num_heads_upsample=-1, learn_sigma=False, class_cond=False,
+                 use_scale_shift_norm=True, resblock_updown=False, use_new_attention_order=False,
+                 dropout=0.0, use_checkpoint=False, use_fp16=False, in_channels=3,
+                 num_classes=1000, map_channels=0, cond_dim=0):
+        super().__init__()
+        mult = parse_mult(channel_mult, image_size)
+        if isinstance(attention_resolutions, str):
+            attention_resolutions = [int(r) for r in attention_resolutions.split(",") if r]
+        attention_ds = {image_size // int(r) for r in attention_resolutions}  # feature res -> rate
+        heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        C, emb_dim = num_channels, 4 * num_channels
+        self.model_channels, self.in_channels, self.map_channels = C, in_channels, map_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.learn_sigma, self.use_fp16, self.cond_dim = learn_sigma, use_fp16, cond_dim
+        self.num_classes = num_classes if class_cond else None
+
+        def res(ch_in, ch_out, **kw):
+            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm,
+                            use_checkpoint=use_checkpoint, **kw)
+
+        def attn(ch, heads):
+            return AttentionBlock(ch, heads, num_head_channels, use_new_attention_order,
+                                  use_checkpoint)
+
+        self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if self.num_classes is not None:
+            self.label_emb = nn.Embedding(self.num_classes, emb_dim)
+        if cond_dim:
+            self.cond_proj = nn.Linear(cond_dim, emb_dim)
+        ch = int(mult[0] * C)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(
+            nn.Conv2d(in_channels + map_channels, ch, 3, padding=1))])
+        skip_chans, ds = [ch], 1
+        for level, m in enumerate(mult):
+            for _ in range(num_res_blocks):
+                layers = [res(ch, int(m * C))]
+                ch = int(m * C)
+                if ds in attention_ds:
+                    layers.append(attn(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(mult) - 1:  # every level but the last ends with a downsample
+                self.input_blocks.append(TimestepEmbedSequential(
+                    res(ch, ch, down=True) if resblock_updown else Downsample(ch, True)))
+                skip_chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, num_heads), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, m in list(enumerate(mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), int(C * m))]  # input: current + skip width
+                ch = int(C * m)
+                if ds in attention_ds:
+                    layers.append(attn(ch, heads_up))
+                if level and i == num_res_blocks:  # the last block of a level upsamples
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, True))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
+                                 zero_module(nn.Conv2d(int(mult[0] * C), self.out_channels, 3,
+                                                       padding=1)))
+
+    def null_cond(self, batch, device):
+        """The fully null condition of `batch` rows, in this model's keyword arguments."""
+        cond = {}
+        if self.num_classes is not None:
+            cond["y"] = torch.full((batch,), -1, dtype=torch.long, device=device)
+        if self.map_channels:
+            cond["cond_map"] = None  # zeros, built in forward at the input's size
+        if self.cond_dim:
+            cond["cond_vec"] = torch.zeros(batch, self.cond_dim, device=device)
+        return cond
+
+    def forward(self, x, timesteps, y=None, cond_map=None, cond_vec=None):
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None and y is not None:
+            keep = (y >= 0).to(emb.dtype)[:, None]
+            emb = emb + self.label_emb(y.clamp(min=0)) * keep
+        if self.cond_dim and cond_vec is not None:
+            keep = (cond_vec.abs().sum(1) > 0).to(emb.dtype)[:, None]
+            emb = emb + self.cond_proj(cond_vec) * keep
+        if self.map_channels:
+            if cond_map is None:
+                cond_map = x.new_zeros(x.shape[0], self.map_channels, *x.shape[2:])
+            x = torch.cat([x, cond_map.to(x.dtype)], dim=1)
+        fp16 = self.use_fp16 and x.is_cuda
+        with torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+            skips, h = [], x
+            for block in self.input_blocks:
+                h = block(h, emb)
+                skips.append(h)
+            h = self.middle_block(h, emb)
+            for block in self.output_blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h.float() if fp16 else h)
+
+
+def unet_flags(args, map_channels=0, cond_dim=0):
+    """create_model() flags from the command line (class_cond: our experts use maps / text)."""
+    return dict(image_size=args.size, num_channels=args.num_channels,
+                num_res_blocks=args.num_res_blocks, channel_mult=args.channel_mult,
+                attention_resolutions=args.attention_resolutions, num_heads=args.num_heads,
+                num_head_channels=args.num_head_channels, learn_sigma=args.learn_sigma,
+                dropout=args.dropout, use_scale_shift_norm=True, resblock_updown=True,
+                map_channels=map_channels, cond_dim=cond_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text conditions. Built-in data: a tokenizer that needs no download (words hashed into a fixed
+# table, crc32) and a small transformer trained with its expert by the diffusion loss (our
+# choice: no pretrained CLIP offline). Real data: CLIP, image embedding at training and text
+# embedding at sampling (supp. §7.3, Eq. 20), so no captions are needed for training.
+# ----------------------------------------------------------------------------------------------
+
+def hash_tokenize(captions, length=TEXT_LEN, vocab=TEXT_VOCAB):
+    """Lower-case words -> ids 1..vocab-1 by crc32 (0 = padding) -> (B, length) int64."""
+    out = torch.zeros(len(captions), length, dtype=torch.long)
+    for b, caption in enumerate(captions):
+        words = "".join(c if c.isalnum() else " " for c in caption.lower()).split()[:length]
+        out[b, :len(words)] = torch.tensor([1 + zlib.crc32(w.encode()) % (vocab - 1)
+                                            for w in words], dtype=torch.long)
+    return out
+
+
+class TextEncoder(nn.Module):
+    """Token + position embeddings, 2 transformer layers, masked mean pool, L2-normalised
+    (never all-zero, so a zero vector stays free to mean "no caption")."""
+
+    def __init__(self, width=TEXT_WIDTH, layers=2, heads=4, vocab=TEXT_VOCAB, length=TEXT_LEN):
+        super().__init__()
+        self.token = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.randn(length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, tokens):
+        pad = tokens == 0                                           # (B, L)
+        h = self.encoder(self.token(tokens) + self.position, src_key_padding_mask=pad)
+        keep = (~pad).float()[..., None]
+        h = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return F.normalize(self.proj(h), dim=-1)
+
+
+class ClipText:
+    """Supp. §7.3: CLIP image embedding of the training image, CLIP text embedding at sampling,
+    both L2-normalised. Frozen; pretrained weights from common.CLIP (download on first use)."""
+
+    def __init__(self, device):
+        if not hasattr(common, "CLIP"):
+            raise common.UserError("--text_encoder clip needs common.CLIP, which this checkout "
+                                   "lacks; use --text_encoder tiny.")
+        self.model = common.CLIP("ViT-B/32", pretrained=True).to(device).eval()
+        self.tokenizer = common.CLIPTokenizer()
+        self.device = device
+
+    @torch.no_grad()
+    def image(self, images):  # images in [-1, 1]
+        x = F.interpolate((images + 1) / 2, size=224, mode="bicubic", align_corners=False)
+        return F.normalize(self.model.encode_image(x.clamp(0, 1)).float(), dim=-1)
+
+    @torch.no_grad()
+    def text(self, captions):
+        tokens = self.tokenizer(captions).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion: schedules, respacing, the training loss (DDPM, Ho et al. 2020; ADM / Improved DDPM)
+# ----------------------------------------------------------------------------------------------
+
+def make_betas(schedule, steps):
+    """Linear: beta from 1e-4 to 0.02, scaled by 1000/steps (ADM). Cosine (Nichol & Dhariwal):
+    abar(t) = cos^2((t/T + 0.008)/1.008 * pi/2), beta_t = 1 - abar(t+1)/abar(t) capped at 0.999."""
+    if schedule == "linear":
+        scale = 1000 / steps
+        return np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
+    if schedule == "cosine":
+        abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - abar((i + 1) / steps) / abar(i / steps), 0.999)
+                         for i in range(steps)], dtype=np.float64)
+    raise common.UserError(f"unknown --noise_schedule {schedule}; expected linear or cosine.")
+
+
+def space_timesteps(num_steps, spec):
+    """ADM respacing: "ddimN" keeps every (num_steps // N)-th step from 0; "N" or "N1,N2,..."
+    splits [0, num_steps) into equal sections and keeps N_k evenly spaced steps of each."""
+    if isinstance(spec, str) and spec.startswith("ddim"):
+        n = int(spec[4:])
+        for stride in range(1, num_steps):
+            if len(range(0, num_steps, stride)) == n:
+                return sorted(range(0, num_steps, stride))
+        raise common.UserError(f"cannot take exactly {n} evenly strided steps of {num_steps}.")
+    counts = [int(c) for c in str(spec).split(",")]
+    size, extra = divmod(num_steps, len(counts))
+    kept, start = [], 0
+    for k, count in enumerate(counts):
+        section = size + (1 if k < extra else 0)
+        if not 1 <= count <= section:
+            raise common.UserError(f"cannot keep {count} steps of a section of {section}; "
+                                   f"--sample_steps must be 1..{num_steps}.")
+        stride, pos = (section - 1) / (count - 1) if count > 1 else 1, 0.0
+        for _ in range(count):  # accumulated float stride, rounded: ADM's exact index choice
+            kept.append(start + round(pos))
+            pos += stride
+        start += section
+    return sorted(set(kept))
+
+
+class Schedule:
+    """The quantities of one (possibly respaced) chain, float64 as ADM. `timestep_map[i]` is the
+    original index of step i: models always see original timesteps."""
+
+    def __init__(self, betas, timestep_map=None):
+        self.betas = np.asarray(betas, dtype=np.float64)
+        self.num_steps = len(self.betas)
+        self.timestep_map = np.arange(self.num_steps) if timestep_map is None else \
+            np.asarray(timestep_map)
+        alphas = 1.0 - self.betas
+        self.abar = np.cumprod(alphas)
+        self.abar_prev = np.append(1.0, self.abar[:-1])
+        # q(z_{t-1} | z_t, x_0) = N(coef1 x_0 + coef2 z_t, beta_tilde) (DDPM Eq. 6-7)
+        self.post_var = self.betas * (1 - self.abar_prev) / (1 - self.abar)
+        self.post_logvar = np.log(np.append(self.post_var[1], self.post_var[1:]))
+        self.post_coef1 = self.betas * np.sqrt(self.abar_prev) / (1 - self.abar)
+        self.post_coef2 = (1 - self.abar_prev) * np.sqrt(alphas) / (1 - self.abar)
+
+    @classmethod
+    def make(cls, schedule, steps):
+        return cls(make_betas(schedule, steps))
+
+    def respaced(self, spec):
+        """ADM respacing: keep steps `use`, recompute beta_i = 1 - abar_i / abar_prev_kept."""
+        use = space_timesteps(self.num_steps, spec)
+        betas, last = [], 1.0
+        for i in use:
+            betas.append(1 - self.abar[i] / last)
+            last = self.abar[i]
+        return Schedule(betas, self.timestep_map[use])
+
+
+def gather(array, t, x):
+    """array[t] (numpy float64) as a float32 tensor broadcastable to x (B, ...)."""
+    out = torch.as_tensor(array, device=x.device)[t].float()
+    return out.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def q_sample(sched, x0, t, noise):
+    """Forward process (DDPM Eq. 4): z_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+    return gather(np.sqrt(sched.abar), t, x0) * x0 + gather(np.sqrt(1 - sched.abar), t, x0) * noise
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_nll(x, mean, log_scale):
+    """-log P(x) of 8-bit data in [-1, 1] under a Gaussian integrated over each bin (DDPM §3.3)."""
+    def cdf(v):  # tanh approximation of the standard normal CDF
+        return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
+    inv = torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inv * (x - mean + 1 / 255)), cdf(inv * (x - mean - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    logp = torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return -logp
+
+
+def learned_logvar(sched, v, t, x):
+    """Improved DDPM Eq. 15: log sigma^2 = frac log beta + (1 - frac) log beta_tilde, frac=(v+1)/2."""
+    min_log, max_log = gather(sched.post_logvar, t, x), gather(np.log(sched.betas), t, x)
+    frac = (v + 1) / 2
+    return frac * max_log + (1 - frac) * min_log
+
+
+def diffusion_loss(model, x0, cond, sched):
+    """eps-prediction MSE (DDPM Eq. 14, "L_simple"); with learn_sigma, ADM's hybrid loss adds
+    L_vlb for the variance with the mean frozen (Improved DDPM §3.1), scaled by T/1000."""
+    b = x0.shape[0]
+    t = torch.randint(0, sched.num_steps, (b,), device=x0.device)
+    noise = torch.randn_like(x0)
+    x_t = q_sample(sched, x0, t, noise)
+    out = model(x_t, t, **cond)
+    eps = out[:, :x0.shape[1]]
+    mse = (eps.float() - noise).pow(2).mean()
+    if out.shape[1] == x0.shape[1]:
+        return mse
+    v = out[:, x0.shape[1]:].float()
+    x0_hat = (x_t - gather(np.sqrt(1 - sched.abar), t, x0) * eps.detach().float()) / \
+        gather(np.sqrt(sched.abar), t, x0)
+    mean = gather(sched.post_coef1, t, x0) * x0_hat + gather(sched.post_coef2, t, x0) * x_t
+    true_mean = gather(sched.post_coef1, t, x0) * x0 + gather(sched.post_coef2, t, x0) * x_t
+    logvar = learned_logvar(sched, v, t, x0)
+    kl = normal_kl(true_mean, gather(sched.post_logvar, t, x0), mean, logvar).flatten(1).mean(1)
+    nll = discretized_gaussian_nll(x0, mean, 0.5 * logvar).flatten(1).mean(1)
+    vb = torch.where(t == 0, nll, kl) / math.log(2.0)  # bits per dimension
+    return mse + vb.mean() * sched.num_steps / 1000.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Composition (§3.2)
+# ----------------------------------------------------------------------------------------------
+
+def check_weights(a, w):
+    """Reliabilities a_j >= 0 summing to 1 (§3.2, Eq. 5) and guidance weights w_i >= 1 (Eq. 10)."""
+    a, w = [float(v) for v in a], [float(v) for v in w]
+    if not a or any(v < 0 for v in a) or abs(sum(a) - 1) > 1e-6:
+        raise common.UserError(f"reliabilities {a} must be non-negative and sum to 1 "
+                               f"(Eq. 5), one per expert.")
+    if not w or any(v < 1 for v in w):
+        raise common.UserError(f"guidance weights {w} must each be at least 1 (Eq. 10), "
+                               f"one per condition.")
+    return a, w
+
+
+def compose_eps(eps_cond, eps_null, a, w):
+    """Eq. (10): eps_c = sum_i w_i eps_i(z_t, x_i) - (sum_i w_i - 1) sum_j a_j eps_j(z_t, null).
+
+    eps_cond: N conditional predictions (list or (N, B, ...) tensor), one per condition i;
+    eps_null: M null predictions, one per expert j (M = N in the paper; one expert may carry
+    several conditions); a: M reliabilities, sum 1; w: N weights >= 1. The coefficients sum to 1.
+
+    The printed Eq. (8) (the w_i = 1 case) runs its inner sum from j = i; supp. Eq. (18) and
+    Eq. (10) run it from j = 1, which is what the product-of-experts derivation (Eq. 6) gives, so
+    Eq. (8) is read as sum_i eps_i(x_i) - (N - 1) sum_j a_j eps_j(null). N = 1, a = 1, w = 1 + s
+    is classifier-free guidance (Eq. 11): (1 + s) eps(c) - s eps(null). Experts with a_j = 0
+    (e.g. ADM checkpoints, never trained with a null label) may pass None as their null.
+    """
+    a, w = check_weights(a, w)
+    if len(eps_cond) != len(w) or len(eps_null) != len(a):
+        raise common.UserError(f"{len(eps_cond)} conditional predictions need {len(eps_cond)} "
+                               f"guidance weights (got {len(w)}) and {len(eps_null)} null "
+                               f"predictions {len(eps_null)} reliabilities (got {len(a)}).")
+    out = sum(wi * e for wi, e in zip(w, eps_cond))
+    if sum(w) != 1:
+        null = sum(aj * e for aj, e in zip(a, eps_null) if aj != 0)
+        out = out - (sum(w) - 1) * null
+    return out
+
+
+class Expert:
+    """One diffusion model at sampling time: the network, its own full noise schedule, and
+    whether its null prediction is usable (trained with condition dropout)."""
+
+    def __init__(self, name, model, sched, has_null=True):
+        self.name, self.model, self.sched, self.has_null = name, model, sched, has_null
+        self.learn_sigma = getattr(model, "learn_sigma", False)
+
+
+def match_timesteps(expert_sched, ref, tol=0.01):
+    """Supp. §7.2: a model with another variance schedule is asked at the noise level of the
+    sampler's step, not at its index. For each step of the reference chain `ref`, the
+    (fractional) timestep of `expert_sched` with the same abar, interpolated in log abar.
+    Both chains are variance preserving, so the same z_t and the same eps parameterisation serve
+    both. Refused when the expert never saw a noise level within `tol` (signal or noise scale)."""
+    own = np.log(expert_sched.abar)                        # decreasing in t
+    target = ref.abar                                      # abar of every kept step
+    t = np.interp(-np.log(target), -own, np.arange(len(own)))  # clamps at both ends
+    reached = np.exp(np.interp(t, np.arange(len(own)), own))
+    gap = np.maximum(np.abs(np.sqrt(reached) - np.sqrt(target)),
+                     np.abs(np.sqrt(1 - reached) - np.sqrt(1 - target)))
+    if gap.max() > tol:
+        raise common.UserError(f"an expert's noise schedule cannot reach the sampler's noise "
+                               f"levels (signal or noise scale off by {gap.max():.3f} > {tol}); "
+                               f"compose models whose schedules cover the same range.")
+    return t
+
+
+class Composition:
+    """What one sampling run composes: experts, conditions (expert index, condition kwargs of
+    B rows), a guidance weight w_i per condition and a reliability a_j per expert (Eq. 10).
+
+    Per step every expert runs ONE forward pass on its rows stacked in a batch: one block of B
+    rows per condition it serves and, only where its null is used (a_j > 0, sum w != 1), one
+    null block. Models on another noise schedule get matched timesteps (supp. §7.2); models see
+    original timestep indices, never respaced ones.
+    """
+
+    def __init__(self, experts, conditions, w, a, ref):
+        self.experts, self.conditions, self.ref = experts, conditions, ref
+        self.a, self.w = check_weights(a, w)
+        if len(self.a) != len(experts) or len(self.w) != len(conditions):
+            raise common.UserError(f"{len(experts)} experts need {len(experts)} reliabilities "
+                                   f"(got {len(self.a)}) and {len(conditions)} conditions need "
+                                   f"{len(conditions)} guidance weights (got {len(self.w)}).")
+        self.need_null = [aj > 0 and sum(self.w) != 1 for aj in self.a]
+        for e, need in zip(experts, self.need_null):
+            if need and not e.has_null:
+                raise common.UserError(f"expert {e.name} was never trained with a null "
+                                       f"condition; give it reliability 0.")
+        self.model_t = [ref.timestep_map.astype(np.float64) if same_schedule(e.sched, ref)
+                        else match_timesteps(e.sched, ref) for e in experts]
+
+    def eps_and_var(self, x, i):
+        """Composed eps (Eq. 10) at sampler step i, and the variance output v of the first
+        condition's expert when it learns sigma on the sampler's schedule (the official code
+        also takes the first row's variance), else None (fixed variance)."""
+        b, c = x.shape[0], x.shape[1]
+        eps_cond, eps_null, v = [None] * len(self.conditions), [None] * len(self.experts), None
+        for j, e in enumerate(self.experts):
+            rows = [k for k, (ej, _) in enumerate(self.conditions) if ej == j]
+            conds = [self.conditions[k][1] for k in rows]
+            if self.need_null[j]:
+                conds.append(e.model.null_cond(b, x.device))
+            if not conds:
+                continue
+            n, t = len(conds), self.model_t[j][i]
+            t = torch.full((n * b,), t, device=x.device,
+                           dtype=torch.long if float(t).is_integer() else torch.float32)
+            out = e.model(x.repeat(n, 1, 1, 1), t, **cat_conds(conds)).float()
+            chunks = out.chunk(n)
+            for k, chunk in zip(rows, chunks):
+                eps_cond[k] = chunk[:, :c]
+                if k == 0 and e.learn_sigma and same_schedule(e.sched, self.ref):
+                    v = chunk[:, c:]
+            if self.need_null[j]:
+                eps_null[j] = chunks[-1][:, :c]
+        return compose_eps(eps_cond, eps_null, self.a, self.w), v
+
+
+def same_schedule(sched, ref):
+    return len(sched.abar) == len(ref.full_abar) and np.allclose(sched.abar, ref.full_abar)
+
+
+def cat_conds(conds):
+    """Stack per-block condition dicts along the batch; a map given as None means zeros."""
+    out = {}
+    for key in conds[0]:
+        parts = [c[key] for c in conds]
+        like = next((p for p in parts if p is not None), None)
+        out[key] = None if like is None else \
+            torch.cat([p if p is not None else torch.zeros_like(like) for p in parts])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers. The composed eps replaces a single model's eps before the update (official code);
+# x_0 is clipped to [-1, 1] and eps re-derived from it, as ADM does.
+# ----------------------------------------------------------------------------------------------
+
+def sampler_schedule(full, spec):
+    """The respaced chain a sampler walks, remembering the full abar (for schedule matching)."""
+    ref = full.respaced(spec)
+    ref.full_abar = full.abar
+    return ref
+
+
+def predict_x0(ref, x, i, eps, clip):
+    x0 = (x - math.sqrt(1 - ref.abar[i]) * eps) / math.sqrt(ref.abar[i])
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - math.sqrt(ref.abar[i]) * x0) / math.sqrt(1 - ref.abar[i])
+    return x0, eps
+
+
+def ddpm_step(ref, x, i, eps, v=None, clip=True, noise=None):
+    """Ancestral step (DDPM Alg. 2 via the posterior mean of x_0): z_{t-1} = coef1 x0 + coef2 z_t
+    + sigma_t eta. Eq. (9) of the paper writes sigma_t^2 * eta; the Gaussian reverse step adds the
+    standard deviation sigma_t = sqrt(var), which we use. var: learned (Improved DDPM) or
+    beta_tilde ("fixed small")."""
+    x0, _ = predict_x0(ref, x, i, eps, clip)
+    mean = ref.post_coef1[i] * x0 + ref.post_coef2[i] * x
+    if i == 0:
+        return mean
+    if v is not None:
+        logvar = learned_logvar(ref, v, torch.full((x.shape[0],), i, device=x.device), x)
+    else:
+        logvar = torch.full_like(x[:1], float(ref.post_logvar[i]))
+    noise = torch.randn_like(x) if noise is None else noise
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+def ddim_step(ref, x, i, eps, eta=0.0, clip=True, noise=None):
+    """DDIM (Song et al. 2021, Eq. 12): z_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps
+    + s eta, s = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev)."""
+    x0, eps = predict_x0(ref, x, i, eps, clip)
+    ab, ab_prev = ref.abar[i], ref.abar_prev[i]
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
+    out = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
+    if sigma > 0 and i > 0:
+        out = out + sigma * (torch.randn_like(x) if noise is None else noise)
+    return out
+
+
+@torch.no_grad()
+def sample(eps_fn, ref, shape, sampler="ddim", eta=0.0, clip=True, x_T=None, generator=None,
+           device="cpu"):
+    """Walk the respaced chain `ref` from z_T ~ N(0, I). eps_fn(x, i) -> (eps, v or None)."""
+    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.clone()
+    for i in reversed(range(ref.num_steps)):
+        eps, v = eps_fn(x, i)
+        noise = torch.randn(shape, generator=generator, device=device)
+        if sampler == "ddim":
+            x = ddim_step(ref, x, i, eps, eta, clip, noise)
+        else:
+            x = ddpm_step(ref, x, i, eps, v, clip, noise)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts and data: cross-dataset training (§4.1). The training set is split into two disjoint
+# halves that act as two datasets; each expert sees only its own half and its own condition.
+# ----------------------------------------------------------------------------------------------
+
+class Half(torch.utils.data.Dataset):
+    """Items 2k + offset of a dataset: two disjoint "datasets" (offset 0: maps, 1: captions)."""
+
+    def __init__(self, dataset, offset):
+        self.dataset, self.offset = dataset, offset
+
+    def __len__(self):
+        return (len(self.dataset) - self.offset + 1) // 2
+
+    def __getitem__(self, k):
+        return self.dataset[2 * k + self.offset]
+
+
+class Pooled(torch.utils.data.Dataset):
+    """A built-in dataset drawn at 32 px and average-pooled by `factor` (our choice, for the CPU
+    budget: data.py draws shapes at 32 px and up). Maps take each block's majority id."""
+
+    def __init__(self, dataset, factor):
+        self.dataset, self.factor = dataset, factor
+        for key in ("num_classes", "channels", "has", "class_names", "palette"):
+            setattr(self, key, getattr(dataset, key))
+        self.size = tuple(s // factor for s in dataset.size)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = dict(self.dataset[index])
+        f = self.factor
+        item["image"] = F.avg_pool2d(item["image"][None], f)[0]
+        for key in ("label", "instance"):
+            ids = item[key]
+            votes = F.avg_pool2d(F.one_hot(ids, int(ids.max()) + 1).permute(2, 0, 1)[None].float(), f)
+            item[key] = votes[0].argmax(0)
+        return item
+
+
+def load_dataset(args, split):
+    if args.data in ("shapes", "hshape", "letters") and args.size < 32:
+        factor = 32 // args.size
+        if factor * args.size != 32 or factor & (factor - 1):
+            raise common.UserError(f"--size {args.size} must be 32 or more, or 16 or 8 for the "
+                                   f"built-in data (drawn at 32 px, then pooled).")
+        return Pooled(data.get_dataset(args.data, args.data_dir, split, 32), factor)
+    return data.get_dataset(args.data, args.data_dir, split, args.size)
+
+
+class Trained(nn.Module):
+    """A trained expert: its UNet and, for captions with the tiny encoder, its text encoder (run
+    inside forward, so DDP syncs its gradients too)."""
+
+    def __init__(self, conditions, args, num_labels):
+        super().__init__()
+        self.conditions = conditions
+        self.tiny_text = "text" in conditions and args.text_encoder == "tiny"
+        cond_dim = 0
+        if "text" in conditions:
+            cond_dim = TEXT_WIDTH if self.tiny_text else CLIP_DIM
+        if self.tiny_text:
+            self.text = TextEncoder()
+        self.unet = UNet(**unet_flags(args, num_labels if "map" in conditions else 0, cond_dim))
+        self.learn_sigma = self.unet.learn_sigma
+
+    def forward(self, x, t, cond_tokens=None, **cond):
+        if self.tiny_text:  # all-padding rows are the null caption: a zero vector
+            cond["cond_vec"] = self.text(cond_tokens) * (cond_tokens > 0).any(1, keepdim=True)
+        return self.unet(x, t, **cond)
+
+    def null_cond(self, batch, device):
+        cond = self.unet.null_cond(batch, device)
+        if self.tiny_text:
+            del cond["cond_vec"]
+            cond["cond_tokens"] = torch.zeros(batch, TEXT_LEN, dtype=torch.long, device=device)
+        return cond
+
+
+def condition_inputs(expert, batch, num_labels, clip=None, use_map=True, text_from="caption"):
+    """Keyword arguments of an expert for a batch: the one-hot label map (null: zeros) and the
+    caption (tokens for the tiny encoder, a CLIP vector otherwise; null: zeros). text_from:
+    "caption", "image" (CLIP image embedding of the training image, supp. §7.3) or None (null)."""
+    cond = expert.null_cond(len(batch["image"]), batch["image"].device)
+    if "map" in expert.conditions and use_map:
+        cond["cond_map"] = F.one_hot(batch["label"], num_labels).permute(0, 3, 1, 2).float()
+    if "text" in expert.conditions and text_from is not None:
+        if expert.tiny_text:
+            cond["cond_tokens"] = hash_tokenize(batch["caption"]).to(batch["image"].device)
+        else:
+            cond["cond_vec"] = clip.image(batch["image"]) if text_from == "image" else \
+                clip.text(batch["caption"])
+    return cond
+
+
+def drop_conditions(cond, p):
+    """Classifier-free training (Ho & Salimans): each condition is nulled per example with
+    probability p, independently (so the joint model also sees every partial combination)."""
+    for key, value in cond.items():
+        if value is None:
+            continue
+        drop = torch.rand(value.shape[0], device=value.device) < p
+        if key == "y":
+            cond[key] = torch.where(drop, torch.full_like(value, -1), value)
+        else:
+            cond[key] = value * (~drop).to(value.dtype).reshape(-1, *([1] * (value.dim() - 1)))
+    return cond
+
+
+def build_experts(args, num_labels):
+    names = [n for n in args.experts.split(",") if n]
+    bad = [n for n in names if n not in EXPERT_CONDITIONS]
+    if bad or not names:
+        raise common.UserError(f"--experts {args.experts} must list some of "
+                               f"{', '.join(EXPERT_CONDITIONS)}, separated by commas.")
+    return {n: Trained(EXPERT_CONDITIONS[n], args, num_labels) for n in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: every expert on its own dataset half, side by side in one loop
+# ----------------------------------------------------------------------------------------------
+
+def train(args, rt):
+    train_set = load_dataset(args, "train")
+    num_labels = train_set.num_classes
+    halves = {"map": Half(train_set, 0), "text": Half(train_set, 1)}
+    experts = build_experts(args, num_labels)
+    clip = ClipText(rt.device) if args.text_encoder == "clip" and \
+        any("text" in e.conditions for e in experts.values()) else None
+    sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
+    models = {n: common.prepare_model(e, rt, args.compile) for n, e in experts.items()}
+    opts = {n: torch.optim.AdamW(e.parameters(), lr=args.lr, weight_decay=0.0)
+            for n, e in experts.items()}
+    emas = {n: common.EMA(e, args.ema_decay) for n, e in experts.items()}
+    objects = {**{f"model_{n}": e for n, e in experts.items()},
+               **{f"ema_{n}": m for n, m in emas.items()},
+               **{f"opt_{n}": o for n, o in opts.items()}, "scaler": rt.scaler}
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    start = 0
+    if args.resume:
+        start = common.load_checkpoint(ckpt_path, "compose_diffusion", vars(args), ARCH_KEYS,
+                                       objects)["iter"]
+    streams = {k: common.batch_stream(h, args.batch_size, rt, args.seed + s, start,
+                                      args.num_workers)
+               for s, (k, h) in enumerate(halves.items())}
+    logger = common.Logger(args.out_dir, args.iters, start, rt.is_main)
+    for it in range(start, args.iters):
+        batches = {k: common.to_device(next(s), rt.device) for k, s in streams.items()}
+        losses = {}
+        for n, model in models.items():
+            conds = experts[n].conditions
+            # The joint model (Table 4 ablation) alternates datasets across iterations (§4.1).
+            source = conds[it % len(conds)]
+            batch = batches[source]
+            text_from = None if source != "text" else "image" if clip is not None else "caption"
+            with rt.autocast():
+                cond = condition_inputs(experts[n], batch, num_labels, clip,
+                                        use_map=source == "map", text_from=text_from)
+                cond = drop_conditions(cond, args.p_uncond)
+                loss = diffusion_loss(model, batch["image"], cond, sched)
+            opts[n].zero_grad(set_to_none=True)
+            rt.scaler.scale(loss).backward()
+            rt.scaler.unscale_(opts[n])
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # our choice (lucidrains, nanoGPT)
+            rt.scaler.step(opts[n])
+            rt.scaler.update()
+            emas[n].update(model)
+            losses[f"loss_{n}"] = common.reduce_mean(loss.item(), rt)
+        logger.step(args.batch_size)
+        done = it + 1
+        if done % args.log_every == 0 or done == args.iters:
+            logger.log(done, **losses)
+        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
+            common.save_checkpoint(ckpt_path, "compose_diffusion", vars(args), done, objects)
+        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+            ema_models = {n: m.model for n, m in emas.items()}
+            sample_grids(args, rt, ema_models, sched, train_set,
+                         os.path.join(args.out_dir, f"samples_{done:06d}.png"), quick=True)
+    logger.close()
+    return {n: m.model for n, m in emas.items()}, sched, train_set
+
+# ----------------------------------------------------------------------------------------------
+# Sampling controls
+# ----------------------------------------------------------------------------------------------
+
+def parse_floats(text, n, flag):
+    values = [float(v) for v in str(text).split(",") if v != ""]
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise common.UserError(f"--{flag} {text} needs 1 or {n} comma-separated values.")
+    return values
+
+
+def generate(args, comp, n, device, seed):
+    """Images from one Composition with the configured sampler; fixed z_T per seed, so rows of a
+    sweep share their noise (as Fig. 6)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x_T = torch.randn(n, 3, args.size, args.size, generator=gen).to(device)
+    return sample(comp.eps_and_var, comp.ref, x_T.shape, args.sampler, args.eta,
+                  x_T=x_T, generator=torch.Generator(device=device).manual_seed(seed + 1),
+                  device=device)
+
+
+class Setup:
+    """The trained experts as sampling Experts, the sampler's chain, and condition builders."""
+
+    def __init__(self, args, models, sched, num_labels, device, clip=None):
+        self.args, self.device, self.num_labels, self.clip = args, device, num_labels, clip
+        self.models = {n: m.to(device).eval() for n, m in models.items()}
+        self.experts = {n: Expert(n, m, sched) for n, m in self.models.items()}
+        self.ref = sampler_schedule(sched, str(args.sample_steps))
+        self.official = None
+
+    def cond(self, name, batch, use_map=True, use_text=True):
+        return condition_inputs(self.models[name], batch, self.num_labels, self.clip,
+                                use_map=use_map, text_from="caption" if use_text else None)
+
+    def alone(self, name, batch, w):
+        """One expert with classifier-free guidance (Eq. 11 = Eq. 10 with N = 1)."""
+        return Composition([self.experts[name]], [(0, self.cond(name, batch))], [w], [1.0],
+                           self.ref)
+
+    def composed(self, batch, w, a):
+        """The label-map expert and the caption expert, each on its own condition (Eq. 10);
+        with --ckpt, the official ADM model joins with its class and reliability 0."""
+        experts = [self.experts["label"], self.experts["caption"]]
+        conds = [(0, self.cond("label", batch)), (1, self.cond("caption", batch))]
+        if self.official is not None:
+            experts.append(self.official)
+            y = torch.full((len(batch["image"]),), self.args.ckpt_class, device=self.device)
+            conds.append((2, {"y": y}))
+            w, a = list(w) + [w[0]], list(a) + [0.0]
+        return Composition(experts, conds, w, a, self.ref)
+
+    def joint_usual(self, batch, w):
+        """Table 4 ablation: the jointly trained model given both conditions in one forward pass,
+        guided against its fully null prediction (regular sampling)."""
+        return Composition([self.experts["joint"]], [(0, self.cond("joint", batch))], [w], [1.0],
+                           self.ref)
+
+    def joint_composed(self, batch, w, a_unused=None):
+        """The same single model, its two conditions composed as two rows (Fig. 5 / Fig. 27)."""
+        conds = [(0, self.cond("joint", batch, use_text=False)),
+                 (0, self.cond("joint", batch, use_map=False))]
+        return Composition([self.experts["joint"]], conds, w, [1.0], self.ref)
+
+
+def load_official(args, setup, device):
+    """--ckpt: an official guided-diffusion checkpoint as one more expert (strict load)."""
+    if args.ckpt_config not in ADM_CONFIGS:
+        raise common.UserError(f"--ckpt_config must be one of {', '.join(ADM_CONFIGS)}.")
+    flags = ADM_CONFIGS[args.ckpt_config]
+    if flags["image_size"] != args.size:
+        raise common.UserError(f"{args.ckpt} makes {flags['image_size']} px images and the "
+                               f"experts {args.size} px; composed models must share z_t's shape "
+                               f"(paper §6).")
+    try:
+        state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise common.UserError(f"{args.ckpt} is not a readable guided-diffusion checkpoint "
+                               f"({type(err).__name__}).") from None
+    model = UNet(**flags)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise common.UserError(f"{args.ckpt} does not match --ckpt_config {args.ckpt_config}: "
+                               f"{len(missing)} missing and {len(unexpected)} unexpected keys.")
+    sched = Schedule.make(ADM_SCHEDULES[args.ckpt_config], 1000)
+    setup.official = Expert("adm", model.to(device).eval(), sched, has_null=False)
+
+
+def test_batch(dataset, n, device, offset=0):
+    items = [dataset[offset + k] for k in range(n)]
+    batch = torch.utils.data.default_collate(items)
+    return common.to_device(batch, device)
+
+
+def sample_grids(args, rt, models, sched, dataset, path, quick=False, setup=None):
+    """Rows: label map | ground truth | label expert alone | caption expert alone | composition
+    (| joint model, usual sampling). Captions go to a .txt file beside the PNG."""
+    was_training = {n: m.training for n, m in models.items()}
+    setup = setup or Setup(args, models, sched, dataset.num_classes, rt.device)
+    n = 8
+    test = load_dataset(args, "test") if dataset is None or args.data == "shapes" else dataset
+    batch = test_batch(test, n, rt.device)
+    w = parse_floats(args.guidance, 2, "guidance")
+    a = parse_floats(args.reliability, 2, "reliability")
+    rows = [list(batch["label"].cpu()), list(batch["image"].cpu())]
+    if "label" in setup.experts:
+        rows.append(list(generate(args, setup.alone("label", batch, w[0]), n, rt.device, 1).cpu()))
+    if "caption" in setup.experts:
+        rows.append(list(generate(args, setup.alone("caption", batch, w[1]), n, rt.device, 1).cpu()))
+    if "label" in setup.experts and "caption" in setup.experts:
+        rows.append(list(generate(args, setup.composed(batch, w, a), n, rt.device, 1).cpu()))
+    if "joint" in setup.experts and not quick:
+        rows.append(list(generate(args, setup.joint_usual(batch, w[0]), n, rt.device, 1).cpu()))
+    common.save_grid(path, rows, palette=test.palette)
+    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+        f.write("rows: label map | ground truth | label expert | caption expert | composition"
+                + ("" if quick else " | joint model (usual sampling)") + "\n")
+        f.writelines(f"{k}: {c}\n" for k, c in enumerate(batch["caption"]))
+    for name, m in models.items():
+        m.train(was_training[name])
+
+
+def sweep_grids(args, rt, setup, test):
+    """Fig. 6: reliability of the caption expert from 0 (label expert is the null) to 1, rows;
+    and a guidance sweep w in {1, 2, 3, 5}, rows. Same z_T in every row."""
+    n = 8
+    batch = test_batch(test, n, rt.device, offset=8)
+    w = parse_floats(args.guidance, 2, "guidance")
+    rows = [list(batch["label"].cpu()), list(batch["image"].cpu())]
+    for r in (0.0, 0.25, 0.5, 0.75, 1.0):
+        rows.append(list(generate(args, setup.composed(batch, w, [1 - r, r]), n, rt.device, 2).cpu()))
+    common.save_grid(os.path.join(args.out_dir, "reliability.png"), rows, palette=test.palette)
+    a = parse_floats(args.reliability, 2, "reliability")
+    rows = rows[:2]
+    for g in (1.0, 2.0, 3.0, 5.0):
+        rows.append(list(generate(args, setup.composed(batch, [g, g], a), n, rt.device, 2).cpu()))
+    common.save_grid(os.path.join(args.out_dir, "guidance.png"), rows, palette=test.palette)
+    with open(os.path.join(args.out_dir, "sweeps.txt"), "w") as f:
+        f.write("reliability.png rows: label map | ground truth | a_caption = 0, .25, .5, .75, 1\n"
+                "guidance.png rows: label map | ground truth | w = 1, 2, 3, 5 (both experts)\n")
+        f.writelines(f"{k}: {c}\n" for k, c in enumerate(batch["caption"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on shapes: exact toy metrics (data.py's scoring helpers, no learned network)
+# ----------------------------------------------------------------------------------------------
+
+def shapes_scores(images, batch):
+    """Condition 1 (label map): `layout` = fraction of the map's objects whose region shows a
+    colour of their class's palette, `layout_iou` = IoU of palette-coloured pixels with the map's
+    foreground. Condition 2 (caption): data.shapes_caption_accuracy (`caption_colour`,
+    `caption_shape`, `caption_object`: that shape in that colour, anywhere). Both: `both` =
+    fraction of the map's objects whose region shows the colour the caption names for them."""
+    fid = data.shapes_colour_fidelity(images, batch["instance"], batch["inst_class"],
+                                      batch["inst_valid"])
+    valid = batch["inst_valid"].bool()
+    near = fid["distance"] <= data.SHAPES_MODE_TOLERANCE
+    rgb = ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)          # (B, H, W, 3)
+    centres = torch.tensor(list(data.SHAPES_COLOURS.values()))          # (K, 3)
+    dist = (rgb[..., None, :] - centres).norm(dim=-1).amin(-1)
+    dark = (rgb[..., None, :] - data.SHAPES_STRIPE_DARK * centres).norm(dim=-1).amin(-1)
+    fg = (dist <= data.SHAPES_MODE_TOLERANCE) | (dark <= data.SHAPES_MODE_TOLERANCE / 2)
+    gt = batch["label"] > 0
+    iou = ((fg & gt).sum((1, 2)) / (fg | gt).sum((1, 2)).clamp(min=1)).float()
+    cap = data.shapes_caption_accuracy(images, batch["caption"])
+    return {"layout": float(near[valid].float().mean()), "layout_iou": float(iou.mean()),
+            "caption_colour": cap["colour"], "caption_shape": cap["shape"],
+            "caption_object": cap["object"],
+            "both": float((near & (fid["mode"] == batch["inst_mode"]))[valid].float().mean())}
+
+
+@torch.no_grad()
+def evaluate(args, rt, setup):
+    if args.data != "shapes":
+        raise common.UserError("--eval has exact toy metrics for --data shapes only; FID and "
+                               "LPIPS on real data are not implemented yet.")
+    test = load_dataset(args, "test")
+    w = parse_floats(args.guidance, 2, "guidance")
+    a = parse_floats(args.reliability, 2, "reliability")
+    methods = {"label expert alone": lambda b: setup.alone("label", b, w[0]),
+               "caption expert alone": lambda b: setup.alone("caption", b, w[1]),
+               "composition (Eq. 10)": lambda b: setup.composed(b, w, a)}
+    if "joint" in setup.experts:
+        methods["joint model, usual sampling (Table 4 ablation)"] = \
+            lambda b: setup.joint_usual(b, w[0])
+        methods["joint model, composed sampling"] = lambda b: setup.joint_composed(b, w)
+    missing = {"label", "caption"} - set(setup.experts)
+    if missing:
+        raise common.UserError(f"--eval needs the experts label and caption in the checkpoint; "
+                               f"it lacks {', '.join(sorted(missing))}.")
+    results, chunk, t0 = {}, 64, time.perf_counter()
+    for name, make in methods.items():
+        sums, count = {}, 0
+        for start in range(0, args.eval_n, chunk):
+            n = min(chunk, args.eval_n - start)
+            batch = test_batch(test, n, rt.device, offset=start)
+            images = generate(args, make(batch), n, rt.device, 1000 + start).cpu()
+            scores = shapes_scores(images, common.to_device(batch, "cpu"))
+            for k, v in scores.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            count += n
+        results[name] = {k: round(v / count, 4) for k, v in sums.items()}
+        print(f"{name:50s} " + " ".join(f"{k}={v:.3f}" for k, v in results[name].items()))
+    out = {"n": args.eval_n, "guidance": w, "reliability": a, "sampler": args.sampler,
+           "sample_steps": args.sample_steps, "seconds": round(time.perf_counter() - t0, 1),
+           "results": results}
+    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: wall time per sampling step (CONVENTIONS: ratios against a baseline in one run)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def benchmark(args, rt, n_experts=(2, 3), batch=8, steps=10):
+    """Per step, N experts with their own condition each: (a) Eq. 10 composition, one forward per
+    model on 2B rows (cond + null); (b) N separate classifier-free-guided samplers, each its own
+    step; (c) the composition without row batching (2N forwards of B rows); (d) the bare
+    forwards of (a), no sampler. Untrained models of the preset's shape."""
+    args.text_encoder = "tiny"
+    sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
+    ref = sampler_schedule(sched, str(args.sample_steps))
+    num_labels = 5
+    results = {}
+    for n in n_experts:
+        models = [Trained(("map",), args, num_labels).to(rt.device).eval() for _ in range(n)]
+        experts = [Expert(f"e{k}", m, sched) for k, m in enumerate(models)]
+        lab = torch.randint(0, num_labels, (batch, args.size, args.size), device=rt.device)
+        cond = {"cond_map": F.one_hot(lab, num_labels).permute(0, 3, 1, 2).float()}
+        x = torch.randn(batch, 3, args.size, args.size, device=rt.device)
+        comp = Composition(experts, [(k, cond) for k in range(n)], [2.0] * n, [1 / n] * n, ref)
+        cfgs = [Composition([e], [(0, cond)], [2.0], [1.0], ref) for e in experts]
+
+        def composed():
+            eps, _ = comp.eps_and_var(x, 5)
+            return ddim_step(ref, x, 5, eps)
+
+        def separate():
+            return [ddim_step(ref, x, 5, c.eps_and_var(x, 5)[0]) for c in cfgs]
+
+        def unbatched():
+            t = torch.full((batch,), int(ref.timestep_map[5]), device=rt.device)
+            eps = [m(x, t, **cond)[:, :3] for m in models]
+            null = [m(x, t, **m.null_cond(batch, rt.device))[:, :3] for m in models]
+            return ddim_step(ref, x, 5, compose_eps(eps, null, [1 / n] * n, [2.0] * n))
+
+        def bare():
+            t = torch.full((2 * batch,), int(ref.timestep_map[5]), device=rt.device)
+            both = cat_conds([cond, models[0].null_cond(batch, rt.device)])
+            return [m(x.repeat(2, 1, 1, 1), t, **both) for m in models]
+
+        timings = {}
+        for name, fn in (("bare_forwards", bare), ("composition", composed),
+                         ("separate_cfg_samplers", separate), ("unbatched_composition", unbatched)):
+            fn()  # warm-up
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            timings[name] = (time.perf_counter() - t0) / steps * 1000
+        base = timings["bare_forwards"]
+        results[f"N={n}"] = {k: {"ms_per_step": round(v, 2), "ratio_to_bare": round(v / base, 3)}
+                             for k, v in timings.items()}
+        print(f"N={n}: " + ", ".join(f"{k} {v:.1f} ms ({v / base:.2f}x)"
+                                     for k, v in timings.items()))
+    out = {"device": str(rt.device), "threads": torch.get_num_threads(), "batch": batch,
+           "size": args.size, "num_channels": args.num_channels, "results": results}
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = common.base_parser(__doc__.split("\n")[0])
+    g = p.add_argument_group("compose_diffusion")
+    # ADM create_model() flags (same names)
+    g.add_argument("--num_channels", type=int, default=None)
+    g.add_argument("--num_res_blocks", type=int, default=None)
+    g.add_argument("--channel_mult", default=None, help='e.g. "1,2,2"; "" = ADM default for size')
+    g.add_argument("--attention_resolutions", default=None, help='feature sizes, e.g. "32,16,8"')
+    g.add_argument("--num_heads", type=int, default=None)
+    g.add_argument("--num_head_channels", type=int, default=None, help="-1: use num_heads")
+    g.add_argument("--dropout", type=float, default=None)
+    g.add_argument("--learn_sigma", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+    g.add_argument("--noise_schedule", default=None, choices=["linear", "cosine"])
+    g.add_argument("--diffusion_steps", type=int, default=None)
+    # training
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--ema_decay", type=float, default=None)
+    g.add_argument("--p_uncond", type=float, default=None, help="null-condition dropout per cond")
+    g.add_argument("--experts", default=None, help="comma list of label, caption, joint")
+    g.add_argument("--text_encoder", default=None, choices=["tiny", "clip"])
+    # sampling and composition
+    g.add_argument("--sampler", default=None, choices=["ddim", "ddpm"])
+    g.add_argument("--sample_steps", default=None, help='respacing: "25", "ddim25", "10,15"')
+    g.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    g.add_argument("--guidance", default=None, help="w_i >= 1 per condition (Eq. 10)")
+    g.add_argument("--reliability", default=None, help="a_j >= 0 per expert, sum 1 (Eq. 5)")
+    g.add_argument("--eval_n", type=int, default=None, help="test items per method for --eval")
+    g.add_argument("--ckpt", default=None, help="an official guided-diffusion checkpoint to compose")
+    g.add_argument("--ckpt_config", default="adm64", help=f"one of {', '.join(ADM_CONFIGS)}")
+    g.add_argument("--ckpt_class", type=int, default=0, help="ImageNet class for --ckpt")
+    g.add_argument("--bench", action="store_true", help="time sampling steps, write bench.json")
+    return p
+
+
+def main(argv=None):
+    args = common.parse_args(build_parser(), PRESETS, "compose_diffusion", "shapes", argv)
+    rt = common.setup_runtime(args)
+    if args.dry_run:
+        experts = build_experts(args, 5 if args.data == "shapes" else 19)
+        nets = {n: e for n, e in experts.items()}
+        if args.ckpt:
+            with torch.device("meta"):
+                nets[args.ckpt_config] = UNet(**ADM_CONFIGS.get(args.ckpt_config, {}))
+        common.print_dry_run(nets)
+        return
+    if args.bench:
+        benchmark(args, rt)
+        return
+    if args.sample or args.eval:
+        test = load_dataset(args, "test")
+        models = build_experts(args, test.num_classes)
+        common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "compose_diffusion",
+                               vars(args), ARCH_KEYS,
+                               {f"ema_{n}": m for n, m in models.items()}, restore_rng=False)
+        sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
+        clip = ClipText(rt.device) if args.text_encoder == "clip" else None
+        setup = Setup(args, models, sched, test.num_classes, rt.device, clip)
+        if args.ckpt:
+            load_official(args, setup, rt.device)
+        if args.sample:
+            sample_grids(args, rt, setup.models, sched, test,
+                         os.path.join(args.out_dir, "experts.png"), setup=setup)
+            sweep_grids(args, rt, setup, test)
+        if args.eval:
+            evaluate(args, rt, setup)
+        return
+    train(args, rt)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
