@@ -120,9 +120,8 @@ def to_image_tensor(array):
 
 
 def box_downsample(image, factor=8):
-    """The mean of every factor x factor block: (C, H, W) -> (C, H/f, W/f)."""
-    c, h, w = image.shape
-    return image.reshape(c, h // factor, factor, w // factor, factor).mean(dim=(2, 4))
+    """The mean of every factor x factor block: tensor (C, H, W) -> (C, H/f, W/f)."""
+    return torch.nn.functional.avg_pool2d(image[None], factor)[0]
 
 
 def instance_edges(ids):
@@ -269,7 +268,7 @@ def shapes_layout(rng, objects, h, w, drop=True):
     object is dropped (drop=True) or the last try is kept (style images: every colour stays).
     """
     ids = np.zeros((h, w), np.int64)  # (H, W) 0 = background, j + 1 = object j
-    areas, visible, placed = np.zeros(0), np.zeros(0), []
+    areas, visible, placed = [], [], []  # per placed object: its area, its visible pixels
     for obj in objects:
         same = [k + 1 for k, p in enumerate(placed) if _same_colour(p, obj)]  # their instance ids
         for attempt in range(20):
@@ -282,16 +281,17 @@ def shapes_layout(rng, objects, h, w, drop=True):
             xx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5
             mask = shape_mask(obj["cls"], cy, cx, r, yy, xx)  # (y1-y0, x1-x0) window
             window = ids[y0:y1, x0:x1]
-            hidden = np.bincount(window[mask], minlength=len(placed) + 1)[1:]
-            if np.all(visible - hidden >= SHAPES_MIN_VISIBLE * areas) and \
-                    not (same and np.isin(window, same).any()):
+            hidden = np.bincount(window[mask], minlength=len(placed) + 1)[1:].tolist()
+            if all(v - hd >= SHAPES_MIN_VISIBLE * a for v, hd, a in zip(visible, hidden, areas)) \
+                    and not any((window == k).any() for k in same):
                 break
         else:
             if drop:
                 continue
         window[mask] = len(placed) + 1
-        area = mask.sum()
-        visible, areas = np.append(visible - hidden, area), np.append(areas, area)
+        area = int(mask.sum())
+        visible = [v - hd for v, hd in zip(visible, hidden)] + [area]
+        areas.append(area)
         placed.append(dict(obj, cy=cy, cx=cx, r=r, window=(y0, y1, x0, x1)))
     return ids, placed
 
@@ -341,8 +341,7 @@ def shapes_item(rng, h, w):
     """One shapes item (see the module docstring for the keys)."""
     objects, background = shapes_appearance(rng)
     ids, placed = shapes_layout(rng, objects, h, w)
-    image = shapes_paint(ids, placed, background)  # (H, W, 3) in [0, 1]
-    lowres = image.reshape(h // 8, 8, w // 8, 8, 3).mean((1, 3))  # 8x box-downsampling
+    image = to_image_tensor(shapes_paint(ids, placed, background))  # (3, H, W)
     # Style reference: the same objects (classes, modes, colours), another layout and stripes.
     restyled = [dict(p, angle=rng.uniform(0, math.pi), phase=rng.uniform(0, 1)) for p in placed]
     style_ids, style_placed = shapes_layout(rng, restyled, h, w, drop=False)
@@ -359,13 +358,13 @@ def shapes_item(rng, h, w):
         inst_box[j] = (wy0 + rows[0], wx0 + cols[0], wy0 + rows[-1] + 1, wx0 + cols[-1] + 1)
         inst_class[j], inst_mode[j], inst_color[j] = p["cls"], p["mode"], p["colour"]
     return {
-        "image": to_image_tensor(image),
+        "image": image,
         "label": torch.from_numpy(np.take(cls_of_id, ids)),
         "instance": torch.from_numpy(ids),
         "sketch": torch.from_numpy(instance_edges(ids)[None].astype(np.float32)),
         "caption": shapes_caption(placed),
         "style": to_image_tensor(shapes_paint(style_ids, style_placed, background)),
-        "lowres": to_image_tensor(lowres),
+        "lowres": box_downsample(image),  # (3, H/8, W/8)
         "inst_class": torch.from_numpy(inst_class),
         "inst_mode": torch.from_numpy(inst_mode),
         "inst_color": torch.from_numpy(inst_color),
