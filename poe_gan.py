@@ -58,7 +58,7 @@ SPATIAL = ("seg", "sketch")                           # only these have skips / 
 ITEM_KEY = {"text": "caption", "seg": "label", "sketch": "sketch", "style": "style"}
 THETA_PRIOR, THETA_EXPERT = 1.0, 10.0   # supp: logvar limited by theta*tanh(logvar/theta)
 GRAD_CLIP = 10.0                        # supp: gradient-norm clip 10
-BYTE_VOCAB, SOT, EOT = 259, 257, 258    # byte tokenizer of the small text tower: byte+1, pad 0
+SMALL_TEXT = dict(context_length=64, layers=2, heads=4)  # the CPU text tower: our choice
 
 PAPER = dict(             # MM-CelebA-HQ 256x256 (Table 3) unless a dataset overrides
     size=256,
@@ -82,10 +82,10 @@ PAPER = dict(             # MM-CelebA-HQ 256x256 (Table 3) unless a dataset over
 CPU = dict(               # our choice throughout: what learns in minutes on 2 CPU cores
     size=32, ch_base=512, ch_max=32, z_base=64, z_max=8, feat_dim=64, z0_dim=32, w_dim=64,
     text_width=64,        # a small CLIP-shaped text tower trained with the model (no download)
-    batch_size=16, lr=0.002, r1_gamma=1.0, r1_every=16, ema_decay=0.99,
+    batch_size=8, lr=0.002, r1_gamma=1.0, r1_every=16, ema_decay=0.99,
     w_text=0.05, w_seg=0.1, w_sketch=1.0, w_style=0.01, lambda_cx=3.0, lambda_cy=0.3, tau=0.3,
-    dropout_p=0.5, cx_features="pixels", pretrained=0, iters=600, eval_n=256,
-    sample_every=100, ckpt_every=100, log_every=25,
+    dropout_p=0.5, cx_features="pixels", pretrained=0, iters=1000, eval_n=256,
+    sample_every=250, ckpt_every=250, log_every=25,
 )
 PRESETS = {
     "shapes": dict(CPU),
@@ -257,42 +257,6 @@ class StyleEncoder(nn.Module):
         return self.to_vec(torch.cat(stats, 1))
 
 
-def byte_tokenize(captions, context):
-    """Byte-level tokens for the small text tower (CLIP's BPE with no merges, ids remapped to a
-    259-entry vocabulary: byte+1, SOT, EOT, 0 = pad). Text is lower-cased, whitespace collapsed."""
-    ids = torch.zeros(len(captions), context, dtype=torch.long)
-    for i, text in enumerate(captions):
-        body = [b + 1 for b in " ".join(text.lower().split()).encode("utf-8")][:context - 2]
-        row = [SOT] + body + [EOT]
-        ids[i, :len(row)] = torch.tensor(row)
-    return ids
-
-
-class SmallTextTower(nn.Module):
-    """CLIP's text-tower shape at toy width (Radford et al. 2021): token + position embedding,
-    pre-LN causal transformer, final LayerNorm, the EOT position, a linear projection. Randomly
-    initialised and trained with the network that owns it (the CPU stand-in for frozen CLIP)."""
-
-    def __init__(self, width, context=64, layers=2, heads=4):
-        super().__init__()
-        self.context = context
-        self.token_embedding = nn.Embedding(BYTE_VOCAB, width)
-        self.positional_embedding = nn.Parameter(torch.randn(context, width) * 0.01)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.ln_final = nn.LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.randn(width, width) / math.sqrt(width))
-        self.register_buffer("causal", torch.full((context, context), -float("inf")).triu(1),
-                             persistent=False)
-
-    def forward(self, ids):                                               # (B, L) -> (B, width)
-        x = self.token_embedding(ids) + self.positional_embedding[:ids.shape[1]]
-        x = self.transformer(x, mask=self.causal[:ids.shape[1], :ids.shape[1]])
-        x = self.ln_final(x)[torch.arange(len(ids)), ids.argmax(-1)]      # at the EOT token
-        return x @ self.text_projection
-
-
 def mlp(dims):
     """EqualLinear + LReLU stack (the last layer linear)."""
     layers = []
@@ -303,18 +267,29 @@ def mlp(dims):
     return nn.Sequential(*layers)
 
 
+def byte_tokenizer():
+    """CLIP's tokenizer with no BPE merges: byte-level, 514 ids, nothing to download."""
+    return common.CLIPTokenizer(bpe_path="", context_length=SMALL_TEXT["context_length"])
+
+
 class TextEncoder(nn.Module):
-    """Text -> feature vector: (frozen CLIP features | small tower) -> 4-layer MLP, width feat_dim
-    (supp: frozen CLIP text encoder + 4-layer MLP of width 512)."""
+    """Text -> feature vector: CLIP text features -> 4-layer MLP of width feat_dim (supp: frozen
+    CLIP text encoder + 4-layer MLP of width 512). With --pretrained 1 the features come from the
+    frozen ViT-B/32 text tower, computed once outside (Conditioner); offline (text_width > 0) this
+    module owns a small randomly initialised CLIP-shaped text tower on byte-level tokens, trained
+    with the network (our stand-in: it knows no language beyond the captions it is trained on)."""
 
     def __init__(self, args, feat_dim):
         super().__init__()
-        self.tower = SmallTextTower(args.text_width) if args.text_width else None
-        in_dim = args.text_width or 512                                   # CLIP ViT-B/32: 512
-        self.mlp = mlp([in_dim] + [feat_dim] * 4)
+        self.tower = None
+        if args.text_width:
+            self.tower = common.CLIP.small(byte_tokenizer().vocab_size, width=args.text_width,
+                                           embed_dim=args.text_width, **SMALL_TEXT)
+            self.tower.logit_scale.requires_grad_(False)                 # unused here
+        self.mlp = mlp([args.text_width or 512] + [feat_dim] * 4)        # CLIP ViT-B/32: 512
 
-    def forward(self, text):         # tokens (B, L) for the small tower, CLIP features (B, 512)
-        return self.mlp(self.tower(text) if self.tower is not None else text)
+    def forward(self, text):        # byte tokens (B, L) for the small tower, CLIP features (B, 512)
+        return self.mlp(self.tower.encode_text(text) if self.tower is not None else text)
 
 
 def make_encoders(args, num_classes, channels, modalities, feat_dim):
@@ -359,6 +334,8 @@ class LGAdaIN(nn.Module):
         with torch.no_grad():
             self.global_affine.bias[:channels] = 1.0
         self.local_affine = conv3(z_ch, 2 * channels)
+        with torch.no_grad():   # start as plain AdaIN: gamma_z = 1, beta_z = 0 (our choice, as
+            self.local_affine.weight.zero_()   # StyleGAN's noise scales start at zero)
 
     def forward(self, h, z, w):
         gamma_w, beta_w = self.global_affine(w)[:, :, None, None].chunk(2, 1)   # (B, C, 1, 1)
@@ -633,17 +610,18 @@ class Conditioner:
 
     def __init__(self, args, info, device):
         self.modalities, self.num_classes, self.device = info["modalities"], info["num_classes"], device
-        self.clip = self.tokenizer = None
-        if "text" in self.modalities and args.pretrained:
-            self.clip = common.CLIP("ViT-B/32", pretrained=True).to(device).eval().requires_grad_(False)
-            self.tokenizer = common.CLIPTokenizer()
+        self.clip, self.tokenizer = None, None
+        if "text" in self.modalities:
+            if args.pretrained:
+                self.clip = common.CLIP("ViT-B/32", pretrained=True, vision=False).to(device)
+                self.tokenizer = common.CLIPTokenizer()
+            else:
+                self.tokenizer = byte_tokenizer()
 
     @torch.no_grad()
-    def text(self, captions, context=64):
-        if self.clip is None:
-            return byte_tokenize(captions, context).to(self.device)
-        return self.clip.encode_text(self.tokenizer.tokenize(captions, truncate=True)
-                                     .to(self.device)).float()
+    def text(self, captions):
+        ids = self.tokenizer(list(captions), truncate=True).to(self.device)
+        return ids if self.clip is None else self.clip.encode_text(ids).float()
 
     def __call__(self, batch):
         cond = {}
@@ -875,6 +853,9 @@ def pixel_diversity(a, b):
 
 @torch.no_grad()
 def evaluate(args):
+    """Per modality subset: two samples per test input (same seed for every subset), scored by
+    FID and LPIPS diversity (pretrained nets) or pixel diversity, plus the shapes toy metrics;
+    the real images are scored too (the toy metrics' ceiling)."""
     rt = common.setup_runtime(args)
     info = dataset_info(args)
     G, _ = build(args, info)
@@ -882,28 +863,24 @@ def evaluate(args):
     common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "poe_gan", config_of(args),
                            ARCH_KEYS, {"ema": ema}, restore_rng=False)
     G = ema.model.to(rt.device).eval()
-    ds = load_data(args, split="test" if args.data != "shapes" else "val")
+    ds = load_data(args, split="test")
     cond_of = Conditioner(args, info, rt.device)
-    n = min(args.eval_n, len(ds))
-    bs = min(args.batch_size, 64)
-    mods = G.modalities
+    n, bs, mods = min(args.eval_n, len(ds)), min(args.batch_size, 64), G.modalities
+    batches = [torch.utils.data.default_collate([ds[i] for i in range(s, min(s + bs, n))])
+               for s in range(0, n, bs)]
+    conds = [cond_of(common.to_device(b, rt.device)) for b in batches]
+    real = torch.cat([b["image"] for b in batches])
     results = {}
+    if args.data == "shapes":
+        results["real"] = toy_metrics(real, collate_all(batches))
     for subset in all_subsets(mods):
         name = "+".join(subset) or "uncond"
         torch.manual_seed(args.seed)
-        fakes, fakes2, reals, batches = [], [], [], []
-        for start in range(0, n, bs):
-            items = [ds[i] for i in range(start, min(start + bs, n))]
-            batch = torch.utils.data.default_collate(items)
-            cond = cond_of(common.to_device(batch, rt.device))
-            mask = subset_mask(subset, mods, len(items), rt.device)
-            fakes.append(G(cond, mask)[0].cpu())
-            fakes2.append(G(cond, mask)[0].cpu())
-            reals.append(batch["image"])
-            batches.append(batch)
-        fake, fake2, real = torch.cat(fakes), torch.cat(fakes2), torch.cat(reals)
-        results[name] = subset_metrics(args, fake, fake2, real, batches, subset, rt.device)
-        print(name, json.dumps(results[name]))
+        pairs = [[G(c, subset_mask(subset, mods, len(b["image"]), rt.device))[0].cpu()
+                  for _ in range(2)] for b, c in zip(batches, conds)]
+        fake, fake2 = (torch.cat([p[i] for p in pairs]) for i in range(2))
+        results[name] = subset_metrics(args, fake, fake2, real, batches, rt.device)
+        print(name, json.dumps({k: round(v, 4) for k, v in results[name].items()}))
     out = os.path.join(args.out_dir, "eval.json")
     with open(out + ".tmp", "w") as f:
         json.dump({"n": n, "subsets": results}, f, indent=1)
@@ -911,7 +888,7 @@ def evaluate(args):
     print(f"wrote {out}")
 
 
-def subset_metrics(args, fake, fake2, real, batches, subset, device):
+def subset_metrics(args, fake, fake2, real, batches, device):
     """FID and LPIPS diversity (pretrained nets), or pixel diversity + the shapes toy metrics."""
     m = {}
     if args.pretrained:
@@ -919,7 +896,7 @@ def subset_metrics(args, fake, fake2, real, batches, subset, device):
         m["lpips_diversity"] = float(torch.cat([lp(a.to(device), b.to(device)).cpu() for a, b in
                                                 zip(fake.split(32), fake2.split(32))]).mean())
         inception = common.FIDInception(pretrained=True).to(device)
-        feats = [torch.cat([inception(x.to(device)).cpu() for x in t.split(32)])
+        feats = [torch.cat([inception((x.to(device) + 1) / 2).cpu() for x in t.split(32)])
                  for t in (real, fake)]
         m["fid"] = float(common.fid(*feats))
     else:

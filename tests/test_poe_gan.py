@@ -280,7 +280,7 @@ def test_dry_run_parameter_counts(capsys):
     code, out, _ = run_main(["--dry_run"], capsys)
     assert code == 0
     counts = json.loads(out.strip().splitlines()[-1])["params"]
-    assert counts == {"G": 497303, "D": 394564}
+    assert counts == {"G": 513624, "D": 410885}
     # paper preset (MM-CelebA-HQ 256, text + seg + sketch; the frozen CLIP tower not counted)
     code, out, _ = run_main(["--dry_run", "--data", "mm-celeba-hq"], capsys)
     counts = json.loads(out.strip().splitlines()[-1])["params"]
