@@ -85,7 +85,8 @@ PRESETS = {
     "letters": dict(CPU, K=2, chars="AB"),       # Fig. 7/8 letters 'A'/'B' (paper: 64x64 grey)
     "folder": dict(PAPER),                       # Cats & Dogs (K=2), Cars (K=4), LSUN (K=16)
 }
-ARCH_KEYS = ("K", "mode", "size", "style_dim", "max_channels", "channel_base", "channels")
+ARCH_KEYS = ("K", "mode", "size", "style_dim", "max_channels", "channel_base", "channels",
+             "mapping_lr_mul")  # lr_mul scales the stored mapping weights at run time
 
 
 def build_parser():

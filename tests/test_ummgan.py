@@ -296,3 +296,22 @@ def test_bad_input_gives_one_sentence_and_exit_2(tmp_path, capsys):
     err = run_cli(RUN + ["--out_dir", out, "--resume", "--K", "3"], capsys)
     assert "--K 2 (asked: 3)" in err
     assert "already exists" in run_cli(RUN + ["--out_dir", out], capsys)
+
+
+def test_sample_and_eval_write_the_controls(tmp_path, capsys):
+    """--sample: one mode_style row per constant (Fig. 7), one modes tile per constant (Fig. 10);
+    --eval: Jaccard indices in [0, 1], the real-vs-real ceiling above the untrained generator."""
+    from PIL import Image
+    out = str(tmp_path / "run")
+    ummgan.main(RUN + ["--out_dir", out, "--iters", "2", "--K", "3"])
+    ummgan.main(RUN + ["--out_dir", out, "--K", "3", "--sample", "--psi", "0.7"])
+    usage = json.loads(capsys.readouterr().out.strip().splitlines()[-2])["mode_usage_argmax"]
+    assert len(usage) == 3 and abs(sum(usage) - 1) < 1e-5
+    tile = 32 + 2
+    assert Image.open(os.path.join(out, "mode_style.png")).size == (8 * tile + 2, 3 * tile + 2)
+    assert Image.open(os.path.join(out, "modes.png")).size == (3 * tile + 2, tile + 2)
+    ummgan.main(RUN + ["--out_dir", out, "--K", "3", "--eval", "--eval_n", "200"])
+    result = json.load(open(os.path.join(out, "eval.json")))
+    assert 0 <= result["jaccard"] <= 1 and result["fid"] is None
+    assert result["jaccard_real_vs_real"] > result["jaccard"]
+    assert os.path.exists(os.path.join(out, "densities.png"))
