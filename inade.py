@@ -21,19 +21,20 @@ Map of this file:
     training loop            Adam (0, 0.9), TTUR, constant then linear decay; exact resume
     sampling controls        (a) random (b) one class (c) one instance (d) reference (e) reconstruction
     evaluation               FID, LPIPS, mCSD/mOCD, mISD/mOID; shapes: colour, modes, locality
-    main
+    main                     --dry_run, --bench, --sample, --eval or training
 
     python inade.py                                    # built-in shapes, CPU, ~5 min
     python inade.py --sample                           # the five control grids from that run
     python inade.py --eval                             # toy metrics (shapes) -> eval.json
     python inade.py --data deepfashion --dry_run       # 84.63M generator parameters (Table 3)
     python inade.py --data cityscapes --noise_nc 8 --dry_run     # 76.78M (Table 4)
+    python inade.py --bench 20                         # img/s and peak memory of training steps
     torchrun --nproc_per_node=8 inade.py --data deepfashion --dtype bfloat16   # paper scale
 """
 
 import json
-import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -85,8 +86,8 @@ PRESETS = {
     "shapes": dict(num_classes=None, size=32, ngf=8, ndf=16, nef=16, num_d=2, z_dim=32, noise_nc=16,
                    lr_g=4e-4, lr_d=8e-4, beta1=0.0, beta2=0.9, lambda_fm=10.0, lambda_rec=10.0,
                    lambda_kl=0.05, perceptual="l1", pretrained=0, batch_size=16,
-                   num_up="normal", aspect_ratio=1.0, iters=1500, log_every=25,
-                   sample_every=500, ckpt_every=500, eval_n=256),
+                   num_up="normal", aspect_ratio=1.0, iters=800, log_every=25,
+                   sample_every=400, ckpt_every=400, eval_n=256),
 }
 
 # Generator sizes the paper reports (Table 3, C0 = 64; Table 4, C0 = 8 / 128), in millions.
@@ -128,7 +129,11 @@ def build_parser():
     p.add_argument("--sample_instance", type=int, default=None, help="instance id for (c)")
     p.add_argument("--target_index", type=int, default=0, help="test item for controls (b)-(e)")
     p.add_argument("--ref_index", type=int, default=1, help="test item used as reference (d)")
+    p.add_argument("--ref_instance", type=int, default=None,
+                   help="instance of the reference for (d); default its largest of the class")
     p.add_argument("--n_styles", type=int, default=6, help="columns per control grid")
+    p.add_argument("--bench", type=int, default=None,
+                   help="time N training steps on a synthetic batch (fp32 eager vs --dtype/--compile)")
     return p
 
 
@@ -410,6 +415,9 @@ class ReconstructionLoss(nn.Module):
     def __init__(self, kind, pretrained):
         super().__init__()
         self.kind = kind
+        if kind.startswith("vgg") and not pretrained:
+            raise common.UserError(f"--perceptual {kind} needs the pretrained VGG-19 (--pretrained "
+                                   f"1); without it use --perceptual l1 or off.")
         if kind.startswith("vgg"):
             self.vgg = common.VGG19(pretrained=bool(pretrained), normalize=False)
             self.weights = VGG_WEIGHTS[kind]
@@ -521,6 +529,7 @@ def train(args):
     G, E, D = build_models(args)
     if rt.ddp and rt.device.type == "cuda":
         G = nn.SyncBatchNorm.convert_sync_batchnorm(G)  # paper supp. §6: synchronised BN
+    G, E, D = G.to(rt.device), E.to(rt.device), D.to(rt.device)  # before optimiser state loads
     rec_loss = ReconstructionLoss(args.perceptual, args.pretrained).to(rt.device)
     GE = nn.ModuleDict(dict(G=G, E=E))  # the encoder joins G's optimiser (official)
     opt_g = torch.optim.Adam(GE.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
@@ -564,14 +573,14 @@ def train(args):
 
 def test_set(args):
     import data
-    ds = data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size)
-    return ds
+    return data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size)
 
 
 def fixed_batch(args, device, n=6):
+    """The first n test layouts (shown during training) and the dataset's label palette."""
     ds = test_set(args)
     items = [ds[i] for i in range(min(n, len(ds)))]
-    return common.to_device(torch.utils.data.default_collate(items), device)
+    return common.to_device(torch.utils.data.default_collate(items), device), ds.palette
 
 
 def item_batch(ds, index, device):
@@ -587,118 +596,121 @@ def random_noise(G, inst, n=None):
 
 
 @torch.no_grad()
-def training_grid(args, G, E, batch, path):
+def training_grid(args, G, E, fixed, path):
     """Rows: label, real, reconstruction (encoder, Eq. 5), then random styles (N(0, 1) noise).
     The global RNG is restored afterwards, so a run that samples more often stays the same run."""
     rng = common.rng_state()
     G.eval(), E.eval()
+    batch, palette = fixed
     rec, _, _ = generate(G, E, batch)
     rows = [list(batch["label"]), list(batch["image"]), list(rec)]
     for _ in range(3):
         rows.append(list(generate(G, E, batch, use_encoder=False)[0]))
-    common.save_grid(path, rows, dataset_palette(args))
+    scale = max(1, 96 // args.size)
+    common.save_grid(path, [[show(t, scale) for t in row] for row in rows], palette)
     G.train(), E.train()
     common.set_rng_state(rng)
 
 
-def dataset_palette(args):
-    import data
-    return data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size).palette
-
-
-def pick_instance(inst, label, wanted=None):
-    """The instance to resample: --sample_instance, or the largest non-background instance."""
+def pick_instance(inst, label, wanted=None, flag="--sample_instance"):
+    """An instance of a one-item batch: `wanted`, or the largest non-background instance."""
     ids, counts = inst[0].unique(return_counts=True)
     if wanted is not None:
         if wanted not in ids.tolist():
-            raise common.UserError(f"--sample_instance {wanted} is not in the target layout; "
-                                   f"its instance ids are {ids.tolist()}.")
+            raise common.UserError(f"{flag} {wanted} is not in that layout; its instance ids "
+                                   f"are {ids.tolist()}.")
         return wanted
-    background = inst[0][label[0] == 0].unique().tolist()
-    order = [i for i in counts.argsort(descending=True).tolist() if ids[i] not in background]
-    return int(ids[order[0]]) if order else int(ids[counts.argmax()])
+    cls = instance_classes(label, inst, num_instances(inst))[0]
+    order = [int(ids[i]) for i in counts.argsort(descending=True)]
+    objects = [i for i in order if cls[i] != 0]
+    return objects[0] if objects else order[0]
+
+
+def show(tile, scale):
+    """A grid tile enlarged (nearest) so that small toy images stay readable: an image (C, H, W),
+    a label map (H, W) int, or a region mask (H, W) bool drawn white on black."""
+    if tile.dtype == torch.bool:
+        tile = tile[None].float() * 2 - 1
+    if scale == 1:
+        return tile
+    big = F.interpolate((tile[None, None] if tile.dim() == 2 else tile[None]).float(),
+                        scale_factor=scale, mode="nearest")
+    return big[0, 0].long() if tile.dim() == 2 else big[0]
 
 
 @torch.no_grad()
 def control_grids(args, G, E, ds, device, out_dir):
-    """Writes sample_{random,class,instance,reference,reconstruction}.png; returns the paths."""
-    n = args.n_styles
+    """The five controls, one PNG each (label map first); returns the paths."""
+    n, scale = args.n_styles, max(1, 96 // args.size)
     tgt = item_batch(ds, args.target_index, device)
     ref = item_batch(ds, args.ref_index, device)
     label, inst = tgt["label"], tgt["instance"]
-    pal, paths = ds.palette, {}
-    z = torch.randn(1, G.z_dim, device=device)
-    base = random_noise(G, inst)
-    save = lambda name, rows: paths.setdefault(name, common.save_grid(
-        os.path.join(out_dir, f"sample_{name}.png"), rows, pal) is not None and
-        os.path.join(out_dir, f"sample_{name}.png"))
+    B = lambda t: t.expand(n, *t.shape[1:])              # one layout, n outputs
+    z = torch.randn(1, G.z_dim, device=device)           # global vector kept in (b)-(d)
+    base = random_noise(G, inst)                         # every instance's noise, kept in (b)-(d)
+    paths = {}
 
-    # (a) random styles: fresh z and fresh noise for every instance, for 4 test layouts
-    rows = []
-    for i in range(min(4, len(ds))):
-        b = item_batch(ds, i, device)
-        zs = torch.randn(n, G.z_dim, device=device)
-        fakes = G(zs, b["label"].expand(n, -1, -1), b["instance"].expand(n, -1, -1),
-                  random_noise(G, b["instance"], n))
-        rows.append([b["label"][0], b["image"][0]] + list(fakes))
-    save("random", rows)
+    def save(name, rows):
+        paths[name] = os.path.join(out_dir, f"sample_{name}.png")
+        common.save_grid(paths[name], [[show(t, scale) for t in row] for row in rows], ds.palette)
 
-    def resample(mask_ids, rows_n=2):
-        """Rows of n outputs in which only the instances `mask_ids` get new noise."""
-        out = []
-        for _ in range(rows_n):
-            noise = base.expand(n, -1, -1, -1).clone()
-            noise[:, mask_ids] = torch.randn(n, len(mask_ids), 2, G.noise_nc, device=device)
-            fakes = G(z.expand(n, -1), label.expand(n, -1, -1), inst.expand(n, -1, -1), noise)
-            out.append(list(fakes))
-        return out
+    def own_style_rows(noise_of):
+        rows = []
+        for i in range(min(4, len(ds))):
+            b = item_batch(ds, i, device)
+            fakes = G(torch.randn(n, G.z_dim, device=device), B(b["label"]), B(b["instance"]),
+                      noise_of(b))
+            rows.append([b["label"][0], b["image"][0]] + list(fakes))
+        return rows
 
-    # (b) semantic level (Fig. 1 left): every instance of one class resampled together
+    # (a) random styles: fresh z and fresh N(0, 1) noise for every instance (§3.3)
+    save("random", own_style_rows(lambda b: random_noise(G, b["instance"], n)))
+
+    def resample(ids):
+        """n outputs in which only the instances `ids` draw new noise; z and the rest kept."""
+        noise = B(base).clone()
+        noise[:, ids] = torch.randn(n, len(ids), 2, G.noise_nc, device=device)
+        return list(G(B(z), B(label), B(inst), noise))
+
+    # (b) semantic level (Fig. 1 left): all instances of one class resampled together
+    k = pick_instance(inst, label, args.sample_instance)
     cls = args.sample_class
     if cls is None:
-        cls = int(label[0][inst[0] == pick_instance(inst, label)][0])
-    class_inst = inst[0][label[0] == cls].unique().tolist()
-    if not class_inst:
+        cls = int(label[0][inst[0] == k][0])
+    class_ids = inst[0][label[0] == cls].unique().tolist()
+    if not class_ids:
         raise common.UserError(f"--sample_class {cls} does not occur in test item "
                                f"{args.target_index}; its classes are {label.unique().tolist()}.")
-    class_mask = (label[0] == cls).long()
-    rows = resample(class_inst)
-    save("class", [[label[0], class_mask] + r for r in rows])
+    save("class", [[label[0], label[0] == cls] + resample(class_ids) for _ in range(2)])
 
     # (c) instance level (Fig. 1 right): one instance resampled, the others kept
-    k = pick_instance(inst, label, args.sample_instance)
-    rows = resample([k])
-    save("instance", [[label[0], (inst[0] == k).long()] + r for r in rows])
+    save("instance", [[label[0], inst[0] == k] + resample([k]) for _ in range(2)])
 
-    # (d) reference-guided (Fig. 6a): the (mu, sigma) of an instance of the same class in the
-    # reference (the first such instance, as the official demo) replaces instance k's noise law
+    # (d) reference-guided (Fig. 6a): instance k takes the encoded (mu, sigma) of an instance of
+    # the same class in the reference image (Eq. 5), separately for gamma and beta
     k_cls = int(label[0][inst[0] == k][0])
-    ref_ids = ref["instance"][0][ref["label"][0] == k_cls]
-    rows = []
-    if len(ref_ids):
-        r = int(ref_ids[0])
-        mu, logvar = E(ref["image"], ref["instance"], num_instances(ref["instance"]))
-        noise = base.expand(n, -1, -1, -1).clone()
-        eps = torch.randn(n, 2, G.noise_nc, device=device)
-        noise[:, k] = eps * torch.exp(0.5 * logvar[:, r]) + mu[:, r]  # Eq. (5), gamma and beta
-        before = G(z, label, inst, base)[0]
-        after = G(z.expand(n, -1), label.expand(n, -1, -1), inst.expand(n, -1, -1), noise)
-        rows = [[label[0], (inst[0] == k).long(), before, ref["image"][0],
-                 (ref["instance"][0] == r).long()] + list(after)]
-    else:
-        rows = [[label[0], ref["label"][0]]]  # no instance of that class in the reference
-    save("reference", rows)
+    ref_label, ref_inst = ref["label"], ref["instance"]
+    ids, counts = ref_inst[0][ref_label[0] == k_cls].unique(return_counts=True)
+    r = int(ids[counts.argmax()]) if len(ids) else None     # the largest such instance
+    if args.ref_instance is not None:
+        r = args.ref_instance if args.ref_instance in ids.tolist() else None
+    if r is None:
+        raise common.UserError(f"reference item {args.ref_index} has no instance "
+                               f"{'' if args.ref_instance is None else args.ref_instance + ' '}"
+                               f"of class {k_cls}; its instances of that class are "
+                               f"{ids.tolist()} (see --ref_index, --ref_instance).")
+    mu, logvar = E(ref["image"], ref_inst, num_instances(ref_inst))
+    noise = B(base).clone()
+    noise[:, k] = remap_noise(B(mu[:, r]), B(logvar[:, r]))
+    after = G(B(z), B(label), B(inst), noise)
+    save("reference", [[label[0], inst[0] == k, G(z, label, inst, base)[0], ref["image"][0],
+                        ref_inst[0] == r] + list(after)])
 
-    # (e) reconstruction from the image's own style (encoder on the target itself)
-    rows = []
-    for i in range(min(4, len(ds))):
-        b = item_batch(ds, i, device)
+    # (e) reconstruction from the image's own style (encoder on the target itself, Eq. 5)
+    def own_noise(b):
         mu, logvar = E(b["image"], b["instance"], num_instances(b["instance"]))
-        noise = remap_noise(mu.expand(n, -1, -1, -1), logvar.expand(n, -1, -1, -1))
-        zs = torch.randn(n, G.z_dim, device=device)
-        fakes = G(zs, b["label"].expand(n, -1, -1), b["instance"].expand(n, -1, -1), noise)
-        rows.append([b["label"][0], b["image"][0]] + list(fakes))
-    save("reconstruction", rows)
+        return remap_noise(B(mu), B(logvar))
+    save("reconstruction", own_style_rows(own_noise))
     return paths
 
 
@@ -879,10 +891,71 @@ def dry_run(args):
     common.print_dry_run({"G": G, "E": E, "D": D})
 
 
+def synthetic_batch(args, n, device):
+    """A batch without dataset files for --bench: an 8x8 grid of cells, each its own instance of
+    a random class (64 instances, about a Cityscapes scene's count), random pixels."""
+    H, W = gen_hw(args)
+    g = torch.Generator().manual_seed(0)
+    cells = lambda t: F.interpolate(t[:, None].float(), size=(H, W), mode="nearest")[:, 0].long()
+    label = cells(torch.randint(0, args.num_classes, (n, 8, 8), generator=g))
+    inst = cells(torch.arange(64).view(1, 8, 8).expand(n, -1, -1))
+    image = torch.rand(n, 3, H, W, generator=g) * 2 - 1
+    return common.to_device(dict(image=image, label=label, instance=inst), device)
+
+
+def bench(args):
+    """img/s and peak memory of training steps: float32 eager as the baseline, then the asked
+    --dtype / --compile, in the same process on the same batch."""
+    import resource
+    rt = common.setup_runtime(args)
+    if args.data == "shapes":  # built-in: time on its real layouts (1-4 objects)
+        ds = load_data(args, "train")
+        fill_num_classes(args, ds)
+        batch = common.to_device(torch.utils.data.default_collate(
+            [ds[i] for i in range(args.batch_size)]), rt.device)
+    else:
+        batch = synthetic_batch(args, args.batch_size, rt.device)
+    configs = [("float32", False)]
+    if (args.dtype, args.compile) != ("float32", False):
+        configs.append((args.dtype, args.compile))
+    rows = []
+    for dtype, compile_model in configs:
+        torch.manual_seed(args.seed)
+        run = common.Runtime(rt.device, getattr(torch, dtype))
+        G, E, D = [common.prepare_model(m, run, compile_model, ddp=False) for m in build_models(args)]
+        rec = ReconstructionLoss(args.perceptual, args.pretrained).to(rt.device)
+        opt_g = torch.optim.Adam(list(G.parameters()) + list(E.parameters()), args.lr_g,
+                                 betas=(args.beta1, args.beta2))
+        opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
+        step = lambda: train_step(args, run, G, E, D, rec, opt_g, opt_d, batch)
+        for _ in range(3):  # warm-up (and compilation)
+            step()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.bench):
+            step()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        else:  # the process's peak resident memory so far (Linux reports KiB)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        ips = args.bench * args.batch_size / (time.perf_counter() - t0)
+        rows.append(dict(dtype=dtype, compile=compile_model, img_per_s=round(ips, 2),
+                         peak_mem_gib=round(peak, 3)))
+        print(json.dumps(rows[-1]))
+    rows[-1]["speedup_vs_fp32_eager"] = round(rows[-1]["img_per_s"] / rows[0]["img_per_s"], 3)
+    print(json.dumps({"bench": rows, "device": str(rt.device), "batch_size": args.batch_size,
+                      "size": list(gen_hw(args)), "threads": torch.get_num_threads()}))
+
+
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, "inade", "shapes", argv)
     if args.dry_run:
         dry_run(args)
+    elif args.bench:
+        bench(args)
     elif args.sample:
         rt, ds, G, E, ckpt = load_for_inference(args)
         paths = control_grids(args, G, E, ds, rt.device, args.out_dir)
