@@ -20,14 +20,20 @@ them use, so that each script can stay about its paper. Map of this file:
 import argparse
 import contextlib
 import copy
+import gzip
+import html
 import json
 import math
 import os
 import random
 import sys
 import time
+import urllib.parse
+import warnings
 
+import ftfy
 import numpy as np
+import regex
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -688,11 +694,1069 @@ def contrastive_loss(u, v, temperature):
     target = torch.arange(len(u), device=u.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
+# ==============================================================================================
+# Pretrained networks and metrics
+#
+# Every network is written out by hand with the official parameter names and shapes, so the
+# official files load with `load_state_dict(strict=True)` and no torchvision / clip / lpips package
+# is needed. The official files are downloaded on first use into the torch hub cache; without
+# network the user gets one sentence saying where to put the file by hand. `pretrained=False`
+# builds the same architecture with random weights: the tests and the CPU defaults use that.
+#
+#     VGG19           torchvision vgg19 `features`, named taps (relu4_1, conv5_4, ...)
+#     CLIPTokenizer   OpenAI's byte-level BPE; any merges file, or none (bytes only)
+#     CLIP            OpenAI CLIP ViT-B/32 and ViT-B/16 (text and image towers), or a small
+#                     text tower to train from scratch
+#     FIDInception    pytorch-fid's Inception-v3 (the TF FID graph), pool3 features (2048)
+#     fid             Frechet distance from features or saved statistics (float64, no scipy)
+#     LPIPS           lpips v0.1, AlexNet or VGG-16 backbone
+#     lpips_diversity, masked_lpips   the diversity protocols of INADE, cIMLE and PoE-GAN
+# ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# Pretrained networks and metrics: being written in pretrained_draft.py, merged here when done.
+# Downloads: the official addresses, into the torch hub cache
 # ----------------------------------------------------------------------------------------------
-try:
-    from pretrained_draft import *  # noqa: F401,F403  (temporary, until the merge)
-except ImportError:
-    pass
+
+# torchvision files: the 8 hex digits in the name are the start of the file's SHA-256.
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+# OpenAI CLIP: the hex path segment of the URL is the archive's full SHA-256.
+CLIP_URLS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
+                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+}
+CLIP_BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
+CLIP_BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+# pytorch-fid: the suffix 6726825d is not known to be a SHA-256 prefix (pytorch-fid never checks
+# it), so this file is downloaded without a hash check.
+FID_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                     "pt_inception-2015-12-05-6726825d.pth")
+# lpips v0.1 linear layers (also inside the `lpips` wheel at lpips/weights/v0.1/); SHA-256 prefixes
+# checked against the files of lpips 0.1.4.
+LPIPS_LIN_URL = ("https://github.com/richzhang/PerceptualSimilarity/raw/master/"
+                 "lpips/weights/v0.1/{}.pth")
+LPIPS_LIN_SHA256 = {"alex": "df73285e35b22355", "vgg": "a78928a0af1e5f0f"}
+
+
+def hub_checkpoint_path(filename):
+    """Where torch.hub keeps downloaded weights: <torch.hub.get_dir()>/checkpoints/<filename>."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def load_pretrained_file(url, filename=None, sha256_prefix=None):
+    """Local path of the file at `url`, downloaded into the torch hub cache on first use.
+
+    The download is checked against `sha256_prefix` where the official name gives one. Any
+    failure (no network, HTTP error, hash mismatch, read-only cache) becomes one sentence with the
+    address and the exact path where the user may place the file by hand.
+    """
+    filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
+    path = hub_checkpoint_path(filename)
+    if os.path.isfile(path):
+        return path
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Writes to a temporary file and renames it only after the hash check passed.
+        torch.hub.download_url_to_file(url, path, hash_prefix=sha256_prefix, progress=True)
+    except Exception as err:
+        raise UserError(f"Could not download {url}; place the file by hand at {path}.") from err
+    return path
+
+
+def load_weights(path):
+    """A state_dict file, read with weights_only=True (tensors only, no arbitrary pickles)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path} is not a readable PyTorch weights file; delete it so that it "
+                        f"is downloaded again, or replace it with the official file.") from err
+
+
+def load_official(module, state, source):
+    """Strict load; a file with other keys or shapes (a wrong file placed by hand) is bad input."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first_problem = str(err).splitlines()[1].strip()[:300]
+        raise UserError(f"{source} does not hold the expected weights ({first_problem}); "
+                        f"replace it with the official file.") from err
+
+
+class FrozenNet(nn.Module):
+    """Base of the measuring networks (VGG-19, FID Inception, LPIPS).
+
+    They measure and never train: they stay in eval mode even inside a parent's .train() (FID
+    Inception has BatchNorm, LPIPS has Dropout), and their parameters do not require gradients.
+    Gradients still flow to the *input*, so a VGG or LPIPS loss trains the generator.
+    """
+
+    def freeze(self):
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# VGG-19 (torchvision `vgg19`, config "E"), and the VGG feature stacks LPIPS uses
+# ----------------------------------------------------------------------------------------------
+
+def vgg_layer_names(convs_per_block):
+    """Names of a torchvision VGG `features` Sequential, index by index.
+
+    (2, 2, 4, 4, 4) is VGG-19: conv1_1 relu1_1 conv1_2 relu1_2 pool1 conv2_1 ... pool5 (37 names);
+    (2, 2, 3, 3, 3) is VGG-16.
+    """
+    names = []
+    for block, n_convs in enumerate(convs_per_block, start=1):
+        for i in range(1, n_convs + 1):
+            names += [f"conv{block}_{i}", f"relu{block}_{i}"]
+        names.append(f"pool{block}")
+    return names
+
+
+def vgg_features(convs_per_block, pool="max"):
+    """torchvision's VGG `features`: 3x3 convs (stride 1, pad 1, bias), ReLU, 2x2 pools.
+
+    Same indices as torchvision, so its keys `features.N.weight` load unchanged. The ReLUs are not
+    in-place: a pre-ReLU tap (conv5_4 for cIMLE) must stay intact. pool="avg" swaps every max
+    pool for an average pool (the MatConvNet variant of cIMLE's layout distance); no weights change.
+    """
+    if pool not in ("max", "avg"):
+        raise ValueError(f"pool must be 'max' or 'avg', not {pool!r}")
+    layers, c_in = [], 3
+    for block, n_convs in enumerate(convs_per_block):
+        c_out = (64, 128, 256, 512, 512)[block]
+        for _ in range(n_convs):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+            c_in = c_out
+        layers.append(nn.MaxPool2d(2, 2) if pool == "max" else nn.AvgPool2d(2, 2))
+    for m in layers:
+        if isinstance(m, nn.Conv2d):  # torchvision's random init (used only with pretrained=False)
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
+class VGG19(FrozenNet):
+    """VGG-19 feature extractor with torchvision's `vgg19` weights (IMAGENET1K_V1, top-1 72.376).
+
+    vgg = VGG19(pretrained=True)
+    acts = vgg(x, ["relu1_1", "relu4_1", "conv5_4"])    # dict name -> (B, C, h, w)
+
+    x is RGB in [0, 1], ImageNet-normalised inside (mean 0.485 0.456 0.406, std 0.229 0.224
+    0.225); normalize=False feeds x unchanged (SPADE/INADE put the [-1, 1] generator output
+    straight in). Only `features` is kept, under torchvision's indices: state_dict keys are
+    features.{0,2,5,...,34}.{weight,bias} (32 keys, 20,024,384 parameters). The file's
+    classifier.* keys (the ImageNet head, 123.6M parameters no tap reads) are dropped before the
+    strict load. Runs only as deep as the deepest tap asked for.
+    """
+
+    LAYERS = vgg_layer_names((2, 2, 4, 4, 4))  # LAYERS[i] names torchvision's features[i]
+
+    def __init__(self, pretrained=True, normalize=True, pool="max"):
+        super().__init__()
+        self.features = vgg_features((2, 2, 4, 4, 4), pool)
+        self.normalize = normalize
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+                             persistent=False)
+        if pretrained:
+            path = load_pretrained_file(VGG19_URL, sha256_prefix="dcbb9e9d")
+            state = load_weights(path)
+            load_official(self, {k: v for k, v in state.items() if k.startswith("features.")}, path)
+        self.freeze()
+
+    def forward(self, x, layers):
+        names = [layers] if isinstance(layers, str) else list(layers)
+        unknown = [n for n in names if n not in self.LAYERS]
+        if unknown:
+            raise ValueError(f"unknown VGG-19 layers {unknown}; known: {self.LAYERS}")
+        wanted = {self.LAYERS.index(n) for n in names}
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        taps = {}
+        for i, layer in enumerate(self.features[:max(wanted) + 1]):
+            x = layer(x)
+            if i in wanted:
+                taps[self.LAYERS[i]] = x
+        return {n: taps[n] for n in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP tokenizer: OpenAI's byte-level BPE (clip/simple_tokenizer.py)
+# ----------------------------------------------------------------------------------------------
+
+def bytes_to_unicode():
+    """The 256 bytes as 256 printable characters (GPT-2 / CLIP byte-level BPE).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) are mapped
+    in byte order to chr(256), chr(257), ... The order of this dict (printable ones first) is the
+    order of the first 256 vocabulary ids: '!' is id 0, 'a' id 64.
+    """
+    # '!'..'~', '¡'..'¬', '®'..'ÿ'
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + k) for k, b in enumerate(others)})
+    return table
+
+
+def read_bpe_merges(path):
+    """Merge rules from a CLIP vocab file (gzip or plain text): one "left right" pair per line.
+
+    The official file's first line is a header ('"bpe_simple_vocab_16e6.txt#version: 0.2'), and it
+    holds far more merges than CLIP uses: we keep the first 49152 - 256 - 2 = 48894, as OpenAI
+    does. A first line containing '#version' is skipped; a file without one starts with merges.
+    """
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"Could not read the BPE merges file {path}.") from err
+    if lines and "#version" in lines[0]:
+        lines = lines[1:]
+    return [tuple(line.split()) for line in lines[:49152 - 256 - 2] if line.strip()]
+
+
+class CLIPTokenizer:
+    """OpenAI CLIP's tokenizer: clean, pre-tokenise, byte-level BPE, wrap in SOT/EOT, pad.
+
+    tok = CLIPTokenizer()                  # the official vocab (downloaded once, SHA-256 checked)
+    ids = tok(["a photo of a cat"])        # LongTensor (N, 77): 49406, 320, 1125, 539, 320, 2368,
+                                           # 49407, 0, 0, ...
+    CLIPTokenizer(bpe_path="path/merges.txt")  # another merges file (gzip or text)
+    CLIPTokenizer(merges=[("a", "b</w>")])     # merges given directly
+    CLIPTokenizer(bpe_path="")                 # bytes only: no merges, no download
+
+    Vocabulary: 256 byte symbols, the same 256 with the end-of-word mark "</w>", one entry per
+    merge, then <|startoftext|> and <|endoftext|>: 256 + 256 + len(merges) + 2 ids, so SOT and EOT
+    are the two largest ids (49406 and 49407 for the official 48894 merges; 512 and 513 for bytes
+    only). CLIP's text tower pools at the largest id of each row, i.e. at EOT.
+
+    Known official ids (without SOT/EOT): "a photo of a cat" [320, 1125, 539, 320, 2368];
+    "a diagram" [320, 22697]; "a dog" [320, 1929]; "Hello, World!" [3306, 267, 1002, 256].
+    """
+
+    # Special tokens, contractions, letter runs, single digits, runs of other non-space symbols.
+    PATTERN = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                            r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+    SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+    def __init__(self, bpe_path=None, merges=None, context_length=77):
+        if merges is None:
+            if bpe_path is None:
+                bpe_path = load_pretrained_file(CLIP_BPE_URL, sha256_prefix=CLIP_BPE_SHA256)
+            merges = read_bpe_merges(bpe_path) if bpe_path else []
+        merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in merges]
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        symbols = list(self.byte_encoder.values())
+        self.vocab = (symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+                      + list(self.SPECIAL))
+        self.encoder = {token: i for i, token in enumerate(self.vocab)}
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # lower rank merges first
+        self.sot, self.eot = len(self.vocab) - 2, len(self.vocab) - 1
+        self.vocab_size = len(self.vocab)
+        self.context_length = context_length
+        self.cache = {s: [s] for s in self.SPECIAL}
+
+    def bpe(self, word):
+        """Merge one pre-token (a string of byte symbols) into vocabulary strings.
+
+        The last symbol carries "</w>"; then, repeatedly, the adjacent pair with the lowest merge
+        rank is joined everywhere it occurs (left to right, without overlaps), until no adjacent
+        pair has a rank.
+        """
+        if word in self.cache:
+            return self.cache[word]
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            best = min(zip(parts, parts[1:]), key=lambda p: self.ranks.get(p, math.inf))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = parts
+        return parts
+
+    def encode(self, text):
+        """One string -> list of ids (no SOT/EOT)."""
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()  # mojibake, &amp;amp;
+        text = regex.sub(r"\s+", " ", text).strip().lower()
+        ids = []
+        for piece in self.PATTERN.findall(text):
+            symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids += [self.encoder[token] for token in self.bpe(symbols)]
+        return ids
+
+    def decode(self, ids):
+        """Ids -> text, stopping at EOT; each end of word becomes a space."""
+        tokens = []
+        for i in map(int, ids):
+            if i == self.eot:
+                break
+            if i != self.sot:
+                tokens.append(self.vocab[i])
+        data = bytes(self.byte_decoder[c] for c in "".join(tokens))
+        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+    def __call__(self, texts, context_length=None, truncate=False):
+        """List of strings -> LongTensor (N, context_length): SOT, ids, EOT, zero padding.
+
+        A text that does not fit raises a UserError, unless truncate=True (cut, and end on EOT).
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        length = context_length or self.context_length
+        out = torch.zeros(len(texts), length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.sot] + self.encode(text) + [self.eot]
+            if len(ids) > length:
+                if not truncate:
+                    raise UserError(f"The text {text[:40]!r} is {len(ids)} tokens long with its "
+                                    f"start and end tokens, more than the context of {length}.")
+                ids = ids[:length - 1] + [self.eot]
+            out[row, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP (OpenAI clip/model.py): text transformer and ViT image tower
+# ----------------------------------------------------------------------------------------------
+
+CLIP_CONFIGS = {
+    "ViT-B/32": dict(embed_dim=512, context_length=77, vocab_size=49408, text_width=512,
+                     text_heads=8, text_layers=12, image_resolution=224, vision_patch_size=32,
+                     vision_width=768, vision_heads=12, vision_layers=12),
+    "ViT-B/16": dict(embed_dim=512, context_length=77, vocab_size=49408, text_width=512,
+                     text_heads=8, text_layers=12, image_resolution=224, vision_patch_size=16,
+                     vision_width=768, vision_heads=12, vision_layers=12),
+}
+
+
+class CLIPLayerNorm(nn.LayerNorm):
+    """LayerNorm (eps 1e-5) computed in float32 whatever the input dtype, as OpenAI's fp16 model."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                            self.bias.float(), self.eps).to(x.dtype)
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameters (the official layer).
+
+    in_proj_weight (3D, D) stacks the q, k and v projections (rows 0:D, D:2D, 2D:3D); out_proj is
+    a Linear. The official module runs on (L, N, D); we run batch-first (N, L, D) with the same
+    weights and get the same numbers.
+    """
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):  # x (N, L, D)
+        n, length, width = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(width, dim=-1)
+        q, k, v = (t.view(n, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        # causal=True is the text tower's additive (L, L) mask, -inf strictly above the diagonal:
+        # position i attends to positions <= i only.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (N, heads, L, D/heads)
+        return self.out_proj(y.transpose(1, 2).reshape(n, length, width))
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = QuickGELU()
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class CLIPBlock(nn.Module):
+    """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = CLIPLayerNorm(width)
+        self.attn = CLIPAttention(width, heads)
+        self.ln_2 = CLIPLayerNorm(width)
+        self.mlp = CLIPMLP(width)
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CLIPTransformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = nn.ModuleList(CLIPBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+
+class CLIPVisionTower(nn.Module):
+    """ViT image tower (keys visual.*): patch conv, class token, transformer, class-token output."""
+
+    def __init__(self, resolution, patch_size, width, layers, heads, embed_dim):
+        super().__init__()
+        self.resolution = resolution
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(
+            torch.empty((resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = CLIPLayerNorm(width)
+        self.transformer = CLIPTransformer(width, layers, heads)
+        self.ln_post = CLIPLayerNorm(width)
+        self.proj = nn.Parameter(torch.empty(width, embed_dim))
+
+    def forward(self, x):  # x (B, 3, R, R), already CLIP-normalised
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+grid^2, W)
+        x = self.transformer(self.ln_pre(x))  # no mask: every patch sees every patch
+        return self.ln_post(x[:, 0]) @ self.proj  # the class token is the image embedding
+
+
+class CLIP(nn.Module):
+    """OpenAI CLIP (Radford et al. 2021) with the official key names: ViT-B/32 and ViT-B/16.
+
+    clip = CLIP("ViT-B/32", pretrained=True)            # frozen, eval mode
+    t = clip.encode_text(tok(["a photo of a cat"]))     # (N, 512), not normalised
+    i = clip.encode_image(x)                            # x (B, 3, H, W) RGB in [0, 1] -> (B, 512)
+
+    Text tower (150 keys with logit_scale): token + positional embedding -> 12 pre-LN blocks with a
+    causal mask -> ln_final -> the feature at the EOT position (the largest id of each row) ->
+    @ text_projection. Image tower (152 keys under visual.*): see CLIPVisionTower. encode_image
+    first does CLIP's preprocessing on the tensor: bicubic resize of the shorter side to 224, centre
+    crop, CLIP mean/std (preprocess=False skips it). OpenAI resizes a PIL image; we resize the
+    tensor with antialiased bicubic and clamp to [0, 1], close to PIL but not bit-identical.
+
+    vision=False builds the text tower only (its keys are the text keys of the file).
+    CLIP.small(...) is a small randomly initialised text tower of the same design, to train from
+    scratch; pretrained=False with keyword overrides (text_width, text_layers, ...) builds any size.
+    """
+
+    IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+    IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, name="ViT-B/32", pretrained=True, vision=True, **overrides):
+        super().__init__()
+        if name not in CLIP_CONFIGS:
+            raise UserError(f"Unknown CLIP model {name!r}; choose {' or '.join(CLIP_CONFIGS)}.")
+        if pretrained and overrides:
+            raise ValueError(f"CLIP size overrides {sorted(overrides)} need pretrained=False")
+        cfg = {**CLIP_CONFIGS[name], **overrides}
+        self.config = cfg
+        self.token_embedding = nn.Embedding(cfg["vocab_size"], cfg["text_width"])
+        self.positional_embedding = nn.Parameter(
+            torch.empty(cfg["context_length"], cfg["text_width"]))
+        self.transformer = CLIPTransformer(cfg["text_width"], cfg["text_layers"], cfg["text_heads"])
+        self.ln_final = CLIPLayerNorm(cfg["text_width"])
+        self.text_projection = nn.Parameter(torch.empty(cfg["text_width"], cfg["embed_dim"]))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # a 0-d parameter
+        self.visual = None
+        if vision:
+            self.visual = CLIPVisionTower(cfg["image_resolution"], cfg["vision_patch_size"],
+                                          cfg["vision_width"], cfg["vision_layers"],
+                                          cfg["vision_heads"], cfg["embed_dim"])
+        self.reset_parameters()
+        if pretrained:
+            load_official(self, clip_state_dict(name, vision=vision), clip_converted_path(name))
+            for p in self.parameters():
+                p.requires_grad_(False)
+            self.eval()
+
+    @classmethod
+    def small(cls, vocab_size, context_length=77, width=256, layers=4, heads=4, embed_dim=256):
+        """A randomly initialised text-only CLIP of another size (e.g. for a byte-level tokenizer:
+        vocab_size=CLIPTokenizer(bpe_path="").vocab_size)."""
+        return cls(pretrained=False, vision=False, vocab_size=vocab_size,
+                   context_length=context_length, text_width=width, text_layers=layers,
+                   text_heads=heads, embed_dim=embed_dim)
+
+    def reset_parameters(self):
+        """OpenAI's initialisation (model.py initialize_parameters)."""
+        width, layers = self.config["text_width"], self.config["text_layers"]
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        self._init_blocks(self.transformer, width, layers)
+        if self.visual is not None:
+            scale = self.config["vision_width"] ** -0.5
+            for p in (self.visual.class_embedding, self.visual.positional_embedding,
+                      self.visual.proj):
+                nn.init.normal_(p, std=scale)
+            self._init_blocks(self.visual.transformer, self.config["vision_width"],
+                              self.config["vision_layers"])
+
+    @staticmethod
+    def _init_blocks(transformer, width, layers):
+        for block in transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.zeros_(block.attn.in_proj_bias)
+            nn.init.normal_(block.attn.out_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+
+    def encode_text(self, ids):  # ids (N, L<=context) LongTensor from CLIPTokenizer -> (N, embed)
+        n, length = ids.shape
+        x = self.token_embedding(ids) + self.positional_embedding[:length]  # (N, L, width)
+        x = self.ln_final(self.transformer(x, causal=True))
+        # Pool at EOT: it is the largest id in each row (and, causally, it has read the whole text).
+        x = x[torch.arange(n, device=ids.device), ids.argmax(dim=-1)]  # (N, width)
+        return x @ self.text_projection
+
+    def preprocess(self, x):
+        """(B, 3, H, W) RGB in [0, 1] -> CLIP's input: shorter side resized (bicubic) to the
+        resolution, centre crop, CLIP mean/std (as OpenAI's Resize, CenterCrop, Normalize)."""
+        res = self.visual.resolution
+        h, w = x.shape[-2:]
+        if (h, w) != (res, res):
+            size = (res, int(res * w / h)) if h <= w else (int(res * h / w), res)
+            if size != (h, w):
+                x = F.interpolate(x, size=size, mode="bicubic", align_corners=False,
+                                  antialias=True).clamp(0, 1)
+            top, left = int(round((size[0] - res) / 2)), int(round((size[1] - res) / 2))
+            x = x[..., top:top + res, left:left + res]
+        mean = torch.tensor(self.IMAGE_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.IMAGE_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def encode_image(self, x, preprocess=True):  # -> (B, embed)
+        if self.visual is None:
+            raise ValueError("this CLIP was built with vision=False")
+        return self.visual(self.preprocess(x) if preprocess else x)
+
+    def forward(self, image, ids):
+        """Cosine similarities scaled by exp(logit_scale): (images x texts, texts x images)."""
+        img = F.normalize(self.encode_image(image), dim=-1)
+        txt = F.normalize(self.encode_text(ids), dim=-1)
+        logits = self.logit_scale.exp() * img @ txt.t()
+        return logits, logits.t()
+
+
+def convert_clip_archive(archive_path, out_path):
+    """OpenAI's TorchScript archive -> a plain float32 state_dict file (done once per model).
+
+    The .pt files are TorchScript zips, which torch.load(weights_only=True) refuses; reading them
+    runs torch.jit.load once, here. We keep its state_dict minus the three scalar attributes
+    input_resolution, context_length and vocab_size (not parameters of the model), cast the fp16
+    weights to float32, and write the result atomically. Later loads use weights_only=True.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load is deprecated; this is its last use
+            scripted = torch.jit.load(archive_path, map_location="cpu")
+    except Exception as err:
+        raise UserError(f"{archive_path} is not a readable CLIP TorchScript archive; delete it so "
+                        f"that it is downloaded again.") from err
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in scripted.state_dict().items()
+             if k not in ("input_resolution", "context_length", "vocab_size")}
+    torch.save(state, out_path + ".tmp")
+    os.replace(out_path + ".tmp", out_path)
+
+
+def clip_converted_path(name):
+    """The converted weights of a CLIP model: <hub>/checkpoints/ViT-B-32.state_dict.pt."""
+    archive_name = os.path.basename(urllib.parse.urlparse(CLIP_URLS[name]).path)  # ViT-B-32.pt
+    return hub_checkpoint_path(archive_name.replace(".pt", ".state_dict.pt"))
+
+
+def clip_state_dict(name, vision=True):
+    """The official CLIP weights as a state_dict (downloads and converts on first use)."""
+    converted = clip_converted_path(name)
+    if not os.path.isfile(converted):
+        url = CLIP_URLS[name]
+        sha256 = urllib.parse.urlparse(url).path.split("/")[-2]  # the URL names the full SHA-256
+        convert_clip_archive(load_pretrained_file(url, sha256_prefix=sha256), converted)
+    state = load_weights(converted)
+    if not vision:
+        state = {k: v for k, v in state.items() if not k.startswith("visual.")}
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# FID Inception (pytorch-fid's port of the TF FID graph, inception-2015-12-05)
+# ----------------------------------------------------------------------------------------------
+
+class InceptionConv(nn.Module):
+    """conv (no bias) -> BatchNorm (eps 1e-3, the TF value) -> ReLU; keys conv.*, bn.*."""
+
+    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-3)
+        # Random init (pretrained=False only): keeps activations O(1) through 94 convs.
+        nn.init.kaiming_normal_(self.conv.weight, nonlinearity="relu")
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def fid_avg_pool(x):
+    # The TF graph's 3x3 average pool ignores the zero padding: count_include_pad=False
+    # (torchvision's Inception counts it: one of pytorch-fid's patches).
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # Mixed_5b, 5c, 5d
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = InceptionConv(c_in, 64, 1)
+        self.branch5x5_1 = InceptionConv(c_in, 48, 1)
+        self.branch5x5_2 = InceptionConv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = InceptionConv(c_in, 64, 1)
+        self.branch3x3dbl_2 = InceptionConv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = InceptionConv(96, 96, 3, padding=1)
+        self.branch_pool = InceptionConv(c_in, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(fid_avg_pool(x))], dim=1)
+
+
+class InceptionB(nn.Module):  # Mixed_6a: halves the resolution
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = InceptionConv(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = InceptionConv(c_in, 64, 1)
+        self.branch3x3dbl_2 = InceptionConv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = InceptionConv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, 3, stride=2)], dim=1)
+
+
+class InceptionC(nn.Module):  # Mixed_6b..6e: factorised 7x7 convs, c7 inner channels
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.branch1x1 = InceptionConv(c_in, 192, 1)
+        self.branch7x7_1 = InceptionConv(c_in, c7, 1)
+        self.branch7x7_2 = InceptionConv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = InceptionConv(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = InceptionConv(c_in, c7, 1)
+        self.branch7x7dbl_2 = InceptionConv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = InceptionConv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = InceptionConv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = InceptionConv(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = InceptionConv(c_in, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = x
+        for i in range(1, 6):
+            b7dbl = getattr(self, f"branch7x7dbl_{i}")(b7dbl)
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(fid_avg_pool(x))], dim=1)
+
+
+class InceptionD(nn.Module):  # Mixed_7a: halves the resolution
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1 = InceptionConv(c_in, 192, 1)
+        self.branch3x3_2 = InceptionConv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = InceptionConv(c_in, 192, 1)
+        self.branch7x7x3_2 = InceptionConv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = InceptionConv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = InceptionConv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = x
+        for i in range(1, 5):
+            b7 = getattr(self, f"branch7x7x3_{i}")(b7)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
+                          F.max_pool2d(x, 3, stride=2)], dim=1)
+
+
+class InceptionE(nn.Module):  # Mixed_7b (pool "avg"), Mixed_7c (pool "max", as in the TF graph)
+    def __init__(self, c_in, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = InceptionConv(c_in, 320, 1)
+        self.branch3x3_1 = InceptionConv(c_in, 384, 1)
+        self.branch3x3_2a = InceptionConv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = InceptionConv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = InceptionConv(c_in, 448, 1)
+        self.branch3x3dbl_2 = InceptionConv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = InceptionConv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = InceptionConv(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = InceptionConv(c_in, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = fid_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+            self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl),
+            self.branch_pool(pooled)], dim=1)
+
+
+class FIDInception(FrozenNet):
+    """The Inception-v3 of FID (pytorch-fid's FID weights, converted from TF inception-2015-12-05).
+
+    inc = FIDInception(pretrained=True)
+    feats = inc(x)        # x (B, 3, H, W) RGB in [0, 1] -> pool3 features (B, 2048)
+
+    As pytorch-fid: bilinear resize to 299x299 (align_corners=False, no antialias), x -> 2x - 1,
+    the blocks, global average pool. Key names are those of torchvision's Inception3 with 1008
+    classes and no aux head (566 keys: 94 conv+BN units of 6 keys, fc.weight, fc.bias); fc is
+    unused for FID but kept so the file loads strictly.
+    """
+
+    def __init__(self, pretrained=True):
+        super().__init__()
+        self.Conv2d_1a_3x3 = InceptionConv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = InceptionConv(32, 32, 3)
+        self.Conv2d_2b_3x3 = InceptionConv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = InceptionConv(64, 80, 1)
+        self.Conv2d_4a_3x3 = InceptionConv(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)
+        if pretrained:
+            path = load_pretrained_file(FID_INCEPTION_URL)
+            load_official(self, load_weights(path), path)
+        self.freeze()
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1  # the TF graph expects [-1, 1]
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, 3, stride=2)                                     # (B, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                        # (B, 192, 71, 71)
+        x = F.max_pool2d(x, 3, stride=2)                                     # (B, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))                   # (B, 288, 35, 35)
+        x = self.Mixed_6a(x)                                                 # (B, 768, 17, 17)
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))    # (B, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                   # (B, 2048, 8, 8)
+        return x.mean(dim=(2, 3))                                            # pool3 (B, 2048)
+
+
+@torch.no_grad()
+def inception_features(inc, batches, device=None, progress=False):
+    """pool3 features of a stream of image batches -> float32 array (N, 2048).
+
+    `batches` yields (B, 3, H, W) tensors, float in [0, 1] or uint8 in [0, 255] (or tuples/lists
+    whose first item is one), e.g. a DataLoader or a generator that samples a model batch by
+    batch: only one batch of images is ever in memory (50k features take 400 MB). Runs in float32
+    even under an outer autocast.
+    """
+    device = torch.device(device) if device is not None else next(inc.parameters()).device
+    inc.eval()
+    feats = []
+    for batch in tqdm(batches, desc="inception features", disable=not progress):
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        scale = 1 / 255 if batch.dtype == torch.uint8 else 1.0
+        with torch.autocast(device.type, enabled=False):
+            feats.append(inc(batch.to(device, torch.float32) * scale).cpu().numpy())
+    return np.concatenate(feats)
+
+
+def fid_stats(feats):
+    """Mean and covariance (N - 1 normalisation, as np.cov) of features (N, D), in float64.
+
+    The covariance is accumulated in chunks, so a float32 (50000, 2048) array never gets a full
+    float64 copy.
+    """
+    feats = feats.detach().cpu().numpy() if torch.is_tensor(feats) else np.asarray(feats)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise UserError(f"FID needs at least 2 feature vectors per set; got shape {feats.shape}.")
+    mu = feats.mean(axis=0, dtype=np.float64)
+    sigma = np.zeros((feats.shape[1], feats.shape[1]))
+    for start in range(0, len(feats), 4096):
+        centred = feats[start:start + 4096].astype(np.float64) - mu
+        sigma += centred.T @ centred
+    return mu, sigma / (len(feats) - 1)
+
+
+def save_fid_stats(path, mu, sigma):
+    """pytorch-fid's statistics format: .npz with arrays `mu` and `sigma` (written atomically)."""
+    with open(path + ".tmp", "wb") as f:
+        np.savez_compressed(f, mu=mu, sigma=sigma)
+    os.replace(path + ".tmp", path)
+
+
+def load_fid_stats(path):
+    try:
+        with np.load(path) as f:
+            return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"Could not read FID statistics from {path}: expected an .npz file with "
+                        f"arrays 'mu' and 'sigma' (pytorch-fid's format).") from err
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr S1 + Tr S2 - 2 Tr sqrt(S1 S2), in float64, without scipy.
+
+    S1 S2 has the eigenvalues of sqrt(S1) S2 sqrt(S1), which is symmetric positive semi-definite,
+    so Tr sqrt(S1 S2) = sum of sqrt(eigenvalues of sqrt(S1) S2 sqrt(S1)): two `eigh` calls.
+    Eigenvalues below D * eps * the largest are rounding noise (or the null space when a set has
+    fewer samples than dimensions) and count as zero; a square root would blow them up.
+    pytorch-fid computes scipy.linalg.sqrtm(S1 S2) instead: the same value up to rounding.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1 = np.atleast_2d(sigma1).astype(np.float64)
+    sigma2 = np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise UserError(f"FID statistics of different sizes: {mu1.shape} vs {mu2.shape}.")
+
+    def clean(eigenvalues):
+        tol = len(eigenvalues) * np.finfo(np.float64).eps * max(eigenvalues.max(), 0)
+        return np.where(eigenvalues > tol, eigenvalues, 0.0)
+
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(clean(w))) @ v.T  # sqrt(S1)
+    middle = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(clean(np.linalg.eigvalsh((middle + middle.T) / 2))).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def fid(a, b):
+    """Frechet Inception Distance between two sets, each given as features (N, 2048) (array or
+    tensor), as a (mu, sigma) tuple, or as the path of a saved .npz (save_fid_stats)."""
+
+    def stats(x):
+        if isinstance(x, (str, os.PathLike)):
+            return load_fid_stats(x)
+        if isinstance(x, tuple):
+            return x
+        return fid_stats(x)
+
+    return frechet_distance(*stats(a), *stats(b))
+
+
+# ----------------------------------------------------------------------------------------------
+# LPIPS v0.1 (Zhang et al. 2018, richzhang/PerceptualSimilarity, `lpips` package)
+# ----------------------------------------------------------------------------------------------
+
+def alexnet_features():
+    """torchvision AlexNet `features[:12]` (up to relu5), torchvision indices."""
+    layers = [nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(),    # 0, 1 relu1
+              nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(),     # 2-4 relu2
+              nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),    # 5-7 relu3
+              nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),                        # 8, 9 relu4
+              nn.Conv2d(256, 256, 3, padding=1), nn.ReLU()]                        # 10, 11 relu5
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
+LPIPS_NETS = {  # backbone file, its SHA-256 prefix, channels and indices of the five taps
+    "alex": (ALEXNET_URL, "7be5be79", (64, 192, 384, 256, 256), (1, 4, 7, 9, 11)),
+    "vgg": (VGG16_URL, "397923af", (64, 128, 256, 512, 512), (3, 8, 15, 22, 29)),  # VGG-16
+}
+
+
+class LPIPSLinear(nn.Module):
+    """One learned layer weight: Dropout, then a 1x1 conv to one channel without bias (weights
+    >= 0). The Dropout sits at index 0 so the key is lin<k>.model.1.weight, as in the files."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, bias=False))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class LPIPS(FrozenNet):
+    """LPIPS v0.1: learned perceptual distance. x, y (B, 3, H, W) in [-1, 1] -> (B,).
+
+    lp = LPIPS(net="alex", pretrained=True)   # "vgg" is VGG-16 (as in lpips), not VGG-19
+    d = lp(x, y)                              # normalize=True takes [0, 1] inputs instead
+
+    Per tap k (relu1..relu5 of AlexNet; relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of VGG-16):
+    unit-normalise the features over channels (f / (|f| + 1e-10)), square the difference, weight
+    the channels with lin_k (a 1x1 conv), average over space; sum over the five taps. The input is
+    first shifted and scaled by lpips' ScalingLayer (an ImageNet normalisation for [-1, 1]).
+
+    Keys: features.N.* under torchvision's indices (from torchvision's file) and
+    lin0..lin4.model.1.weight (from lpips' v0.1 file): both load strictly into this module. (The
+    lpips module's own names, net.sliceK.N.* and lins.K.*, differ; the files' names are these.)
+    pretrained=False: random backbone, lin weights 1/C, so the metric's properties still hold.
+    """
+
+    def __init__(self, net="alex", pretrained=True):
+        super().__init__()
+        if net not in LPIPS_NETS:
+            raise UserError(f"Unknown LPIPS backbone {net!r}; choose 'alex' or 'vgg'.")
+        url, sha256, channels, self.taps = LPIPS_NETS[net]
+        self.features = alexnet_features() if net == "alex" else vgg_features((2, 2, 3, 3, 3))[:30]
+        for k, c in enumerate(channels):
+            lin = LPIPSLinear(c)
+            nn.init.constant_(lin.model[1].weight, 1 / c)  # random-init stand-in: non-negative
+            self.add_module(f"lin{k}", lin)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1),
+                             persistent=False)
+        if pretrained:
+            backbone_path = load_pretrained_file(url, sha256_prefix=sha256)
+            lin_path = load_pretrained_file(LPIPS_LIN_URL.format(net),
+                                            filename=f"lpips_v0.1_{net}.pth",
+                                            sha256_prefix=LPIPS_LIN_SHA256[net])
+            state = {k: v for k, v in load_weights(backbone_path).items()
+                     if k.startswith("features.")}
+            state.update(load_weights(lin_path))
+            load_official(self, state, f"{backbone_path} with {lin_path}")
+        self.freeze()
+
+    @property
+    def lins(self):
+        return [getattr(self, f"lin{k}") for k in range(len(self.taps))]
+
+    def distance_maps(self, x, y, normalize=False):
+        """Per-tap distance maps before the spatial mean: list of (B, 1, h_k, w_k)."""
+        if normalize:  # [0, 1] -> [-1, 1]
+            x, y = 2 * x - 1, 2 * y - 1
+        h = (torch.cat([x, y]) - self.shift) / self.scale  # one backbone pass for both
+        maps, tap = [], 0
+        for i, layer in enumerate(self.features[:self.taps[-1] + 1]):
+            h = layer(h)
+            if i == self.taps[tap]:
+                f = h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)  # unit length per pixel
+                fx, fy = f.chunk(2)
+                maps.append(self.lins[tap]((fx - fy) ** 2))
+                tap += 1
+        return maps
+
+    def forward(self, x, y, normalize=False, spatial=False):
+        """(B,) distances; spatial=True gives the (B, 1, H, W) map (each tap's map bilinearly
+        upsampled to the input size, then summed), as lpips' spatial=True."""
+        maps = self.distance_maps(x, y, normalize)
+        if spatial:
+            return sum(F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                       for m in maps)
+        return sum(m.mean(dim=(2, 3)) for m in maps).flatten()
+
+
+# ----------------------------------------------------------------------------------------------
+# Diversity protocols built on LPIPS
+# ----------------------------------------------------------------------------------------------
+
+def diversity_pairs(n_samples, pairs="all", repeats=10, seed=0):
+    """Which samples of one input are compared: a list of index pairs (i, j), the same for every
+    input. "all": every i < j. "consecutive": (0, 1), (2, 3), ... "random": `repeats` pairs of
+    distinct indices drawn with `seed`."""
+    if n_samples < 2:
+        raise UserError(f"LPIPS diversity needs at least 2 samples per input; got {n_samples}.")
+    if pairs == "all":
+        return [(i, j) for i in range(n_samples) for j in range(i + 1, n_samples)]
+    if pairs == "consecutive":
+        return [(i, i + 1) for i in range(0, n_samples - 1, 2)]
+    if pairs == "random":
+        rng = np.random.default_rng(seed)
+        return [tuple(int(k) for k in rng.choice(n_samples, 2, replace=False))
+                for _ in range(repeats)]
+    raise ValueError(f"pairs must be 'all', 'consecutive' or 'random', not {pairs!r}")
+
+
+@torch.no_grad()
+def lpips_diversity(lpips_fn, samples, pairs="all", repeats=10, seed=0, batch_size=32,
+                    device=None):
+    """Mean LPIPS between samples generated for the same input (higher = more diverse).
+
+    samples: (N_inputs, M, C, H, W) in [-1, 1], or an iterable of (M, C, H, W) tensors, one per
+    input, so that only one input's samples are in memory. lpips_fn(x, y) -> (B,): an LPIPS, or
+    any distance with that signature. For every input the LPIPS of each pair of diversity_pairs
+    is computed and averaged; the result is the mean over inputs. The papers' protocols:
+
+    - cIMLE (§5.2.6): 100 layouts, 40 pairs of samples each -> M = 80, pairs="consecutive".
+    - PoE-GAN: two outputs per input -> M = 2 (either mode gives the one pair).
+    - INADE (supp. §8): 10 groups of results over the test set (M = 10); LPIPS between 2 random
+      groups, averaged over the set, repeated 10 times and averaged -> pairs="random",
+      repeats=10 (the pair of groups is shared by all inputs, as with whole result folders).
+    - pairs="all": every pair of the M samples (the most samples for the least variance).
+
+    None of the papers names the LPIPS backbone: the caller chooses (our default is lpips'
+    default, "alex").
+    """
+    index_pairs, per_input = None, []
+    for group in samples:  # (M, C, H, W)
+        if device is not None:
+            group = group.to(device)
+        if index_pairs is None:
+            index_pairs = torch.tensor(diversity_pairs(len(group), pairs, repeats, seed))
+        dists = [lpips_fn(group[chunk[:, 0]], group[chunk[:, 1]])
+                 for chunk in index_pairs.split(batch_size)]
+        per_input.append(torch.cat(dists).double().mean().item())
+    return float(np.mean(per_input))
+
+
+@torch.no_grad()
+def masked_lpips(lpips, a, b, mask, normalize=False):
+    """LPIPS between a and b inside and outside a region: (inside (B,), outside (B,)).
+
+    a, b (B, 3, H, W) in [-1, 1]; mask (B, 1, H, W) or (B, H, W), 1 inside the region. Our
+    definition (no official code exists for these metrics): each tap's distance map
+    (LPIPS.distance_maps, before the spatial mean) is averaged with weights given by the mask
+    area-resized to that tap's resolution (the fraction of each feature cell inside the region),
+    and the five averages are summed, as LPIPS sums its taps. With a mask of ones, inside equals
+    LPIPS(a, b). An empty region gives NaN (skip it, e.g. with torch.nanmean).
+
+    Protocols (INADE §4, from GroupDNet):
+    - mISD / mOID: for an instance k, two images that differ only in k's noise; inside = LPIPS
+      within k's mask (mISD, higher is better), outside = LPIPS elsewhere (mOID, lower is better);
+      averaged over instances and test inputs.
+    - mCSD / mOCD: the same with the mask of a semantic class whose noise is resampled.
+    """
+    mask = (mask if mask.dim() == 4 else mask.unsqueeze(1)).float()
+    inside = outside = 0
+    for d in lpips.distance_maps(a, b, normalize):  # (B, 1, h, w)
+        m = F.adaptive_avg_pool2d(mask, d.shape[-2:])
+        inside = inside + (d * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3))
+        outside = outside + (d * (1 - m)).sum(dim=(1, 2, 3)) / (1 - m).sum(dim=(1, 2, 3))
+    return inside, outside

@@ -3,10 +3,13 @@
 The pretrained networks and metrics have their own section further down.
 """
 
+import gzip
 import json
+import math
 import os
 import socket
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -329,3 +332,623 @@ def test_contrastive_loss_is_eq_10_written_as_sums():
     log_scale = torch.tensor(1.0, requires_grad=True)  # a learnable temperature gets a gradient
     common.contrastive_loss(u, v, torch.exp(-log_scale)).backward()
     assert log_scale.grad is not None and log_scale.grad != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained networks and metrics
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A private, empty torch hub cache; a download attempt records its arguments and fails."""
+    calls = []
+
+    def no_network(url, path, hash_prefix=None, progress=True):
+        calls.append({"url": url, "path": path, "hash_prefix": hash_prefix})
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    os.makedirs(tmp_path / "checkpoints")
+    return tmp_path / "checkpoints", calls
+
+
+def random_state(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+
+
+def shapes_of(module):
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads
+# ---------------------------------------------------------------------------------------------
+
+def test_missing_weights_without_network_is_one_sentence_with_url_path_and_exit_2(
+        offline_hub, capsys):
+    ckpt, calls = offline_hub
+    path = os.path.join(str(ckpt), "vgg19-dcbb9e9d.pth")
+    with pytest.raises(common.UserError) as err:
+        common.VGG19(pretrained=True)
+    assert str(err.value) == (f"Could not download {common.VGG19_URL}; "
+                              f"place the file by hand at {path}.")
+    # The torchvision name's 8 hex digits are the SHA-256 prefix the download is checked against.
+    assert calls == [{"url": common.VGG19_URL, "path": path, "hash_prefix": "dcbb9e9d"}]
+
+    def main():
+        common.CLIPTokenizer()  # the official vocab, checked against its full SHA-256
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(main)
+    assert exit_info.value.code == 2
+    err_line = capsys.readouterr().err.strip()
+    assert err_line.count("\n") == 0 and common.CLIP_BPE_URL in err_line
+    assert os.path.join(str(ckpt), "bpe_simple_vocab_16e6.txt.gz") in err_line
+    assert calls[-1]["hash_prefix"] == common.CLIP_BPE_SHA256
+    # LPIPS needs two files; the generic lin file name gets a distinct cache name.
+    torch.save({}, ckpt / "alexnet-owt-7be5be79.pth")  # the backbone is there, the lin file not
+    with pytest.raises(common.UserError, match=r"lpips_v0\.1_alex\.pth\.$"):
+        common.LPIPS("alex", pretrained=True)
+    assert calls[-1]["url"].endswith("/lpips/weights/v0.1/alex.pth")
+
+
+def test_an_unreadable_weights_file_is_a_user_error(offline_hub):
+    ckpt, _ = offline_hub
+    (ckpt / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UserError, match="not a readable PyTorch weights file"):
+        common.FIDInception(pretrained=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG-19
+# ---------------------------------------------------------------------------------------------
+
+VGG19_CONVS = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]  # torchvision indices
+VGG19_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512]
+
+
+def vgg19_official_shapes():
+    shapes, c_in = {}, 3
+    for idx, c_out in zip(VGG19_CONVS, VGG19_WIDTHS):
+        shapes[f"features.{idx}.weight"] = (c_out, c_in, 3, 3)
+        shapes[f"features.{idx}.bias"] = (c_out,)
+        c_in = c_out
+    return shapes
+
+
+def test_vgg19_loads_the_torchvision_file_strictly_and_taps_by_torchvision_index(offline_hub):
+    ckpt, calls = offline_hub
+    official = random_state(vgg19_official_shapes())
+    # The file also holds the ImageNet head (38 keys in all); the loader drops it. (Tiny stand-ins
+    # here: the real head is 123.6M parameters.)
+    head = {f"classifier.{i}.{p}": torch.zeros(2) for i in (0, 3, 6) for p in ("weight", "bias")}
+    torch.save({**official, **head}, ckpt / "vgg19-dcbb9e9d.pth")
+    vgg = common.VGG19(pretrained=True)
+    assert calls == []  # found in the cache, not downloaded
+    assert shapes_of(vgg) == vgg19_official_shapes()  # 32 keys
+    assert sum(p.numel() for p in vgg.parameters()) == 20_024_384  # "≈20.02M"
+    assert all(torch.equal(vgg.state_dict()[k], v) for k, v in official.items())
+    assert not any(p.requires_grad for p in vgg.parameters()) and not vgg.training
+    vgg.train()
+    assert not vgg.training  # a measuring network stays in eval mode
+
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    taps = vgg(x, ["relu1_1", "conv5_4", "relu5_4", "conv1_1"])
+    assert list(taps) == ["relu1_1", "conv5_4", "relu5_4", "conv1_1"]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    conv1_1 = F.conv2d((x - mean) / std, official["features.0.weight"], official["features.0.bias"],
+                       padding=1)
+    torch.testing.assert_close(taps["conv1_1"], conv1_1)
+    torch.testing.assert_close(taps["relu1_1"], conv1_1.relu())
+    assert taps["conv5_4"].shape == (2, 512, 1, 1) and (taps["conv5_4"] < 0).any()  # pre-ReLU
+    torch.testing.assert_close(taps["relu5_4"], taps["conv5_4"].relu())
+    # Gradients reach the input (perceptual losses train the generator), not the weights.
+    taps["relu5_4"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+    # normalize=False feeds the input unchanged (the SPADE/INADE [-1, 1] convention).
+    raw = common.VGG19(pretrained=False, normalize=False)
+    raw.load_state_dict(vgg.state_dict())
+    torch.testing.assert_close(raw((x - mean) / std, "relu3_1")["relu3_1"],
+                               vgg(x, "relu3_1")["relu3_1"])
+    # pool="avg" only swaps the pools.
+    avg = common.VGG19(pretrained=False, pool="avg")
+    avg.load_state_dict(vgg.state_dict())
+    torch.testing.assert_close(avg(x, "pool1")["pool1"],
+                               F.avg_pool2d(vgg(x, "relu1_2")["relu1_2"], 2))
+
+
+def test_vgg19_runs_only_as_deep_as_the_deepest_tap():
+    vgg = common.VGG19(pretrained=False)
+    ran = []
+    for i, layer in enumerate(vgg.features):
+        layer.register_forward_hook(lambda m, inp, out, i=i: ran.append(i))
+    vgg(torch.rand(1, 3, 16, 16), ["relu2_1", "relu1_1"])
+    assert ran == list(range(7))  # relu2_1 is features[6]
+    assert common.VGG19.LAYERS[20] == "relu4_1" and common.VGG19.LAYERS[29] == "relu5_1"
+    with pytest.raises(ValueError):
+        vgg(torch.rand(1, 3, 16, 16), ["relu6_1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP tokenizer
+# ---------------------------------------------------------------------------------------------
+
+# Byte ids: printable bytes first ('!' = 0, ..., 'a' = 97 - 33 = 64), "</w>" variants at +256.
+def byte_id(ch, end_of_word=False):
+    return ord(ch) - 33 + (256 if end_of_word else 0)
+
+
+def test_bpe_on_a_small_merges_file_gives_hand_computed_ids(tmp_path):
+    path = tmp_path / "merges.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:  # header line, then merges by rank
+        f.write("#version: 0.2\nl o</w>\nh e\nhe l\nhel lo</w>\n")
+    tok = common.CLIPTokenizer(bpe_path=str(path), context_length=12)
+    # Vocabulary: 256 bytes, 256 bytes + "</w>", 4 merges (512..515), SOT 516, EOT 517.
+    assert (tok.vocab_size, tok.sot, tok.eot) == (256 + 256 + 4 + 2, 516, 517)
+    assert [tok.encoder[t] for t in ("lo</w>", "he", "hel", "hello</w>")] == [512, 513, 514, 515]
+    # "hello": h e l l o</w> -> rank 0 (l, o</w>) -> h e l lo</w> -> rank 1 (h, e) -> he l lo</w>
+    # -> rank 2 (he, l) -> hel lo</w> -> rank 3 -> hello</w> (515).
+    assert tok.encode("hello") == [515]
+    # "hell": h e l l</w> -> he l l</w> -> hel l</w>; (hel, l</w>) has no rank: stop.
+    assert tok.encode("hell") == [514, byte_id("l", True)]
+    assert tok.encode("lo") == [512]
+    # Cleaning: HTML unescaped twice, whitespace collapsed, lower case; "!" is its own piece;
+    # digits are single pieces; "'s" is a piece; UTF-8 bytes of "é" are C3 A9 (ids 127, 102).
+    assert tok.encode("  HELLO &amp;amp;\n\tHeLLo! ") == [
+        515, byte_id("&", True), 515, byte_id("!", True)]
+    assert tok.encode("42") == [byte_id("4", True), byte_id("2", True)]
+    assert tok.encode("it's") == [byte_id("i"), byte_id("t", True),
+                                  byte_id("'"), byte_id("s", True)]
+    assert tok.encode("é") == [127, 102 + 256]
+    assert tok.encode("<|endoftext|>") == [517]
+    ids = tok(["Hello hello!", "lo"])
+    assert ids.dtype == torch.long and ids.shape == (2, 12)
+    assert ids[0].tolist() == [516, 515, 515, byte_id("!", True), 517] + [0] * 7
+    assert ids[1].tolist() == [516, 512, 517] + [0] * 9
+    # A plain-text merges file without header and merges given as a list agree.
+    (tmp_path / "m.txt").write_text("l o</w>\nh e\nhe l\nhel lo</w>\n")
+    for other in (common.CLIPTokenizer(bpe_path=str(tmp_path / "m.txt"), context_length=12),
+                  common.CLIPTokenizer(merges=[("l", "o</w>"), "h e", "he l", "hel lo</w>"],
+                                       context_length=12)):
+        assert torch.equal(other(["Hello hello!", "lo"]), ids)
+
+
+def test_byte_level_tokenizer_needs_no_file_pads_truncates_and_decodes():
+    tok = common.CLIPTokenizer(bpe_path="", context_length=6)
+    assert (tok.vocab_size, tok.sot, tok.eot) == (514, 512, 513)
+    assert tok.encode("ab") == [byte_id("a"), byte_id("b", True)] == [64, 321]
+    assert tok.decode(tok("héllo wörld", context_length=20)[0]) == "héllo wörld "
+    with pytest.raises(common.UserError, match="more than the context of 6"):
+        tok(["abcdef"])
+    cut = tok(["abcdef"], truncate=True)[0].tolist()
+    assert cut == [512, 64, 65, 66, 67, 513]  # cut, and the last id forced to EOT
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP
+# ---------------------------------------------------------------------------------------------
+
+def clip_official_shapes(width=512, layers=12, vocab=49408, context=77, embed=512, prefix=""):
+    block = {"ln_1.weight": (width,), "ln_1.bias": (width,),
+             "attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
+             "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,),
+             "ln_2.weight": (width,), "ln_2.bias": (width,),
+             "mlp.c_fc.weight": (4 * width, width), "mlp.c_fc.bias": (4 * width,),
+             "mlp.c_proj.weight": (width, 4 * width), "mlp.c_proj.bias": (width,)}
+    shapes = {f"{prefix}transformer.resblocks.{i}.{k}": s
+              for i in range(layers) for k, s in block.items()}
+    if prefix == "":  # text tower
+        shapes.update({"token_embedding.weight": (vocab, width),
+                       "positional_embedding": (context, width),
+                       "ln_final.weight": (width,), "ln_final.bias": (width,),
+                       "text_projection": (width, embed), "logit_scale": ()})
+    return shapes
+
+
+def clip_visual_shapes(patch, width=768, layers=12, resolution=224, embed=512):
+    shapes = clip_official_shapes(width, layers, prefix="visual.")
+    shapes.update({"visual.conv1.weight": (width, 3, patch, patch),
+                   "visual.class_embedding": (width,),
+                   "visual.positional_embedding": ((resolution // patch) ** 2 + 1, width),
+                   "visual.ln_pre.weight": (width,), "visual.ln_pre.bias": (width,),
+                   "visual.ln_post.weight": (width,), "visual.ln_post.bias": (width,),
+                   "visual.proj": (width, embed)})
+    return shapes
+
+
+def test_clip_has_openai_key_names_shapes_and_parameter_counts():
+    with torch.device("meta"):  # shapes without memory
+        b32 = common.CLIP("ViT-B/32", pretrained=False)
+        b16 = common.CLIP("ViT-B/16", pretrained=False)
+        text = common.CLIP("ViT-B/32", pretrained=False, vision=False)
+    text_shapes = clip_official_shapes()
+    assert len(text_shapes) == 150 and shapes_of(text) == text_shapes
+    assert len(clip_visual_shapes(32)) == 152
+    assert shapes_of(b32) == {**text_shapes, **clip_visual_shapes(32)}  # 302 keys
+    assert shapes_of(b16) == {**text_shapes, **clip_visual_shapes(16)}
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(text), count(b32), count(b16)) == (63_428_097, 151_277_313, 149_620_737)
+    # Strict load of a state dict with exactly the official names and shapes.
+    official = {k: torch.empty(s, device="meta") for k, s in shapes_of(b32).items()}
+    b32.load_state_dict(official, strict=True, assign=True)
+    with pytest.raises(RuntimeError):
+        b32.load_state_dict({**official, "input_resolution": torch.empty((), device="meta")},
+                            assign=True)
+
+
+def test_clip_attention_is_nn_multiheadattention_with_the_same_weights():
+    torch.manual_seed(0)
+    ours = common.CLIPAttention(32, 4)
+    nn.init.normal_(ours.in_proj_weight, std=0.2)
+    nn.init.normal_(ours.in_proj_bias, std=0.2)
+    official = nn.MultiheadAttention(32, 4)  # what OpenAI's model uses, on (L, N, D)
+    official.load_state_dict(ours.state_dict(), strict=True)  # same key names and shapes
+    x = torch.randn(3, 7, 32)  # (N, L, D)
+    mask = torch.full((7, 7), float("-inf")).triu(1)  # OpenAI's build_attention_mask
+    for causal, attn_mask in ((True, mask), (False, None)):
+        ref = official(*(x.transpose(0, 1),) * 3, need_weights=False, attn_mask=attn_mask)[0]
+        torch.testing.assert_close(ours(x, causal), ref.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def small_clip(**vision):
+    torch.manual_seed(0)
+    if vision:
+        return common.CLIP(pretrained=False, vocab_size=514, context_length=16, text_width=32,
+                           text_layers=2, text_heads=4, embed_dim=24, **vision).eval()
+    return common.CLIP.small(vocab_size=514, context_length=16, width=32, layers=2, heads=4,
+                             embed_dim=24).eval()
+
+
+def test_clip_text_tower_is_causal_and_pools_at_the_end_of_text_token():
+    clip, tok = small_clip(), common.CLIPTokenizer(bpe_path="", context_length=16)
+    assert clip.visual is None and all(p.requires_grad for p in clip.parameters())  # trainable
+    ids = tok(["a cat"])  # SOT a</w> c a t</w> EOT 0 ...: EOT (513) at position 5
+    eot = int(ids.argmax())
+    assert eot == 5 and ids[0, eot] == tok.eot
+    with torch.no_grad():
+        emb = clip.encode_text(ids)
+        assert emb.shape == (1, 24)
+        after = ids.clone()
+        after[0, eot + 1:] = torch.randint(1, 500, (16 - eot - 1,))
+        torch.testing.assert_close(clip.encode_text(after), emb, atol=0, rtol=0)  # causal mask
+        before = ids.clone()
+        before[0, eot - 1] = 100
+        assert (clip.encode_text(before) - emb).abs().max() > 1e-3
+        # By hand: the ln_final output at the EOT position, times text_projection.
+        h = clip.token_embedding(ids) + clip.positional_embedding
+        for block in clip.transformer.resblocks:
+            h = block(h, causal=True)
+        torch.testing.assert_close(emb, clip.ln_final(h)[:, eot] @ clip.text_projection)
+
+
+def test_clip_image_tower_takes_zero_one_rgb_and_does_clips_preprocessing():
+    clip = small_clip(image_resolution=32, vision_patch_size=8, vision_width=32, vision_layers=1,
+                      vision_heads=2)
+    mean = torch.tensor(common.CLIP.IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(common.CLIP.IMAGE_STD).view(1, 3, 1, 1)
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        emb = clip.encode_image(x)
+        assert emb.shape == (2, 24)
+        torch.testing.assert_close(emb, clip.encode_image((x - mean) / std, preprocess=False))
+        # Non-square: the shorter side to 32 (bicubic), then the centre 32x32.
+        wide = torch.rand(1, 3, 40, 60)
+        resized = F.interpolate(wide, size=(32, 48), mode="bicubic", align_corners=False,
+                                antialias=True).clamp(0, 1)
+        torch.testing.assert_close(clip.preprocess(wide), (resized[..., 8:40] - mean) / std)
+        logits_img, logits_txt = clip(x, common.CLIPTokenizer(bpe_path="", context_length=16)(
+            ["a", "b", "c"]))
+    assert logits_img.shape == (2, 3) and torch.equal(logits_txt, logits_img.t())
+
+
+def test_clip_torchscript_archive_is_converted_once_to_a_weights_only_state_dict(
+        offline_hub, monkeypatch):
+    ckpt, calls = offline_hub
+    clip = small_clip(image_resolution=32, vision_patch_size=8, vision_width=32, vision_layers=1,
+                      vision_heads=2)
+    # A stand-in archive shaped like OpenAI's: TorchScript, fp16 weights, three scalar attributes.
+    archived = small_clip(image_resolution=32, vision_patch_size=8, vision_width=32,
+                          vision_layers=1, vision_heads=2)
+    archived.load_state_dict(clip.state_dict())
+    archived.visual.conv1.half()
+    for name in ("input_resolution", "context_length", "vocab_size"):
+        archived.register_buffer(name, torch.tensor(77))
+    ids = common.CLIPTokenizer(bpe_path="", context_length=16)(["a cat"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.trace_module(archived, {"encode_text": ids})
+        torch.jit.save(scripted, str(ckpt / "ViT-B-32.pt"))
+
+    state = common.clip_state_dict("ViT-B/32")
+    assert calls == []  # the archive was found in the cache
+    assert os.path.isfile(ckpt / "ViT-B-32.state_dict.pt")
+    assert torch.load(ckpt / "ViT-B-32.state_dict.pt", weights_only=True).keys() == state.keys()
+    assert all(v.dtype == torch.float32 for v in state.values())
+    fresh = small_clip(image_resolution=32, vision_patch_size=8, vision_width=32, vision_layers=1,
+                       vision_heads=2)
+    fresh.load_state_dict(state, strict=True)  # the three scalars are gone
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.encode_text(ids), clip.encode_text(ids))
+    # Later loads never run TorchScript again; vision=False keeps the text keys only.
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("converted twice"))
+    text_only = common.clip_state_dict("ViT-B/32", vision=False)
+    assert text_only.keys() == {k for k in state if not k.startswith("visual.")}
+
+
+# ---------------------------------------------------------------------------------------------
+# FID Inception and FID
+# ---------------------------------------------------------------------------------------------
+
+INCEPTION_UNITS = {  # pytorch-fid / torchvision Inception3 BasicConv2d names per block type
+    "A": ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2",
+          "branch3x3dbl_3", "branch_pool"],
+    "B": ["branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"],
+    "C": ["branch1x1", "branch7x7_1", "branch7x7_2", "branch7x7_3", "branch7x7dbl_1",
+          "branch7x7dbl_2", "branch7x7dbl_3", "branch7x7dbl_4", "branch7x7dbl_5", "branch_pool"],
+    "D": ["branch3x3_1", "branch3x3_2", "branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3",
+          "branch7x7x3_4"],
+    "E": ["branch1x1", "branch3x3_1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_1",
+          "branch3x3dbl_2", "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool"],
+}
+INCEPTION_BLOCKS = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B",
+                    "Mixed_6b": "C", "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C",
+                    "Mixed_7a": "D", "Mixed_7b": "E", "Mixed_7c": "E"}
+
+
+def test_fid_inception_has_pytorch_fids_keys_and_loads_its_file_strictly(offline_hub):
+    ckpt, calls = offline_hub
+    units = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+    units += [f"{block}.{unit}" for block, kind in INCEPTION_BLOCKS.items()
+              for unit in INCEPTION_UNITS[kind]]
+    assert len(units) == 94
+    expected = {f"{u}.{k}" for u in units for k in ("conv.weight", "bn.weight", "bn.bias",
+                "bn.running_mean", "bn.running_var", "bn.num_batches_tracked")}
+    expected |= {"fc.weight", "fc.bias"}
+    inc = common.FIDInception(pretrained=False)
+    shapes = shapes_of(inc)
+    assert set(shapes) == expected and len(shapes) == 566
+    assert sum(p.numel() for p in inc.parameters()) == 23_850_960  # "≈23.85M"
+    assert shapes["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3)
+    assert shapes["Mixed_7c.branch_pool.conv.weight"] == (192, 2048, 1, 1)
+    assert shapes["fc.weight"] == (1008, 2048) and shapes["fc.bias"] == (1008,)
+    c7 = [shapes[f"Mixed_6{b}.branch7x7_1.conv.weight"][0] for b in "bcde"]
+    assert c7 == [128, 160, 160, 192]
+    assert all(m.eps == 1e-3 for m in inc.modules() if isinstance(m, nn.BatchNorm2d))
+    # The pretrained path: the file in the cache loads strictly (a file with any other key set
+    # would raise), and BatchNorm statistics come from the file.
+    official = inc.state_dict()
+    official["Mixed_5b.branch1x1.bn.running_var"] = torch.full((64,), 2.0)
+    torch.save(official, ckpt / "pt_inception-2015-12-05-6726825d.pth")
+    loaded = common.FIDInception(pretrained=True)
+    assert calls == []
+    assert torch.equal(loaded.Mixed_5b.branch1x1.bn.running_var, torch.full((64,), 2.0))
+    with pytest.raises(common.UserError, match="does not hold the expected weights.*fc.bias"):
+        common.load_official(loaded, {k: v for k, v in official.items() if k != "fc.bias"}, "f")
+
+
+class StopForward(Exception):
+    pass
+
+
+def test_fid_inception_takes_zero_one_rgb_resizes_to_299_and_gives_pool3():
+    torch.manual_seed(0)
+    inc = common.FIDInception(pretrained=False)
+    assert (inc.Mixed_7b.pool, inc.Mixed_7c.pool) == ("avg", "max")  # as in the TF graph
+    # The TF graph's 3x3 average pool ignores the padding: count_include_pad=False.
+    assert torch.equal(common.fid_avg_pool(torch.ones(1, 1, 5, 5)), torch.ones(1, 1, 5, 5))
+    seen = []
+
+    def capture(module, inputs):
+        seen.append(inputs[0])
+        raise StopForward  # what enters the first conv is all this part checks
+
+    hook = inc.Conv2d_1a_3x3.register_forward_pre_hook(capture)
+    x = torch.rand(2, 3, 48, 40)  # RGB in [0, 1], any size
+    with pytest.raises(StopForward):
+        inc(x)
+    # pytorch-fid: bilinear resize to 299 (align_corners=False, no antialias), then 2x - 1.
+    expected = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    torch.testing.assert_close(seen[0], expected)
+    hook.remove()
+    with torch.no_grad():
+        feats = inc(x[:1])
+    assert feats.shape == (1, 2048) and (feats >= 0).all()  # pool3: mean of ReLU outputs
+
+
+def test_inception_features_streams_batches_without_gradients_in_float32():
+    seen = []
+
+    class Probe(nn.Module):  # stands in for FIDInception: (B, 3, H, W) -> (B, 2048)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2048))
+
+        def forward(self, x):
+            seen.append((x.shape[0], x.dtype, torch.is_grad_enabled()))
+            return x.mean(dim=(1, 2, 3))[:, None] * self.w
+
+    x = torch.randint(0, 256, (6, 3, 8, 8)).float() / 255
+
+    def batches():  # a generator, as when sampling a model batch by batch
+        yield x[:2].double()
+        yield (x[2:5], torch.arange(3))  # (images, labels), as a DataLoader gives
+        yield (x[5:] * 255).round().to(torch.uint8)  # uint8 images count as [0, 255]
+    feats = common.inception_features(Probe(), batches())
+    assert feats.shape == (6, 2048) and feats.dtype == np.float32
+    np.testing.assert_allclose(feats[:, 0], x.mean(dim=(1, 2, 3)).numpy(), rtol=1e-5)
+    assert seen == [(n, torch.float32, False) for n in (2, 3, 1)]
+
+
+def gaussian_fid(mu1, s1, mu2, s2):
+    """Closed form for 2x2 covariances: Tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2))
+    (a 2x2 PSD square root M has tr(M)^2 = tr(M^2) + 2 det M)."""
+    tr_root = math.sqrt(np.trace(s1 @ s2) + 2 * math.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_root)
+
+
+def test_fid_matches_the_closed_form_for_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([2.0, -1.0])
+    s1 = np.array([[2.0, 0.8], [0.8, 1.0]])
+    s2 = np.array([[1.0, -0.5], [-0.5, 3.0]])  # does not commute with s1
+    assert not np.allclose(s1 @ s2, s2 @ s1)
+    want = gaussian_fid(mu1, s1, mu2, s2)
+    assert common.fid((mu1, s1), (mu2, s2)) == pytest.approx(want, rel=1e-10)
+    # Diagonal covariances in 64-d: ||mu1 - mu2||^2 + sum (sqrt(d1) - sqrt(d2))^2.
+    rng = np.random.default_rng(0)
+    d1, d2 = rng.uniform(0.5, 2, 64), rng.uniform(0.5, 2, 64)
+    m1, m2 = rng.normal(size=64), rng.normal(size=64)
+    diagonal = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2)
+    assert common.fid((m1, np.diag(d1)), (m2, np.diag(d2))) == pytest.approx(diagonal, rel=1e-10)
+    # From samples: statistics with np.cov's N - 1, and the FID near the population value.
+    a = rng.multivariate_normal(mu1, s1, size=200_000)
+    b = rng.multivariate_normal(mu2, s2, size=200_000)
+    mu_a, sigma_a = common.fid_stats(a.astype(np.float32))
+    np.testing.assert_allclose(sigma_a, np.cov(a.astype(np.float32), rowvar=False), rtol=1e-6)
+    np.testing.assert_allclose(mu_a, a.astype(np.float32).mean(0), rtol=1e-5)
+    assert common.fid(a, b) == pytest.approx(want, rel=0.02)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_saved_stats_give_the_same_value(tmp_path):
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(300, 32)) @ rng.normal(size=(32, 32))
+    assert abs(common.fid(feats, feats)) < 1e-8
+    few = rng.normal(size=(20, 64))  # fewer samples than dimensions: singular covariance
+    assert abs(common.fid(few, few)) < 1e-8
+    other = rng.normal(size=(400, 32)) + 0.5
+    path = str(tmp_path / "stats.npz")
+    common.save_fid_stats(path, *common.fid_stats(other))
+    with np.load(path) as f:
+        assert set(f.files) == {"mu", "sigma"}  # pytorch-fid's format
+    value = common.fid(feats, other)
+    assert value > 0
+    assert common.fid(feats, path) == pytest.approx(value, rel=1e-12)
+    from_tensor = common.fid(torch.from_numpy(feats), common.fid_stats(other))
+    assert from_tensor == pytest.approx(value, rel=1e-12)
+    with pytest.raises(common.UserError, match="mu"):
+        common.fid(feats, str(tmp_path / "missing.npz"))
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS and the diversity protocols
+# ---------------------------------------------------------------------------------------------
+
+LPIPS_OFFICIAL = {  # torchvision conv indices and shapes; lin channels (lpips v0.1)
+    "alex": ({0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3),
+              10: (256, 256, 3)}, (64, 192, 384, 256, 256)),
+    "vgg": ({0: (64, 3, 3), 2: (64, 64, 3), 5: (128, 64, 3), 7: (128, 128, 3), 10: (256, 128, 3),
+             12: (256, 256, 3), 14: (256, 256, 3), 17: (512, 256, 3), 19: (512, 512, 3),
+             21: (512, 512, 3), 24: (512, 512, 3), 26: (512, 512, 3), 28: (512, 512, 3)},
+            (64, 128, 256, 512, 512)),
+}
+
+
+def lpips_official_shapes(net):
+    convs, lins = LPIPS_OFFICIAL[net]
+    backbone = {}
+    for i, (c_out, c_in, k) in convs.items():
+        backbone[f"features.{i}.weight"] = (c_out, c_in, k, k)
+        backbone[f"features.{i}.bias"] = (c_out,)
+    return backbone, {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(lins)}
+
+
+def test_lpips_loads_the_torchvision_backbone_and_the_lin_file_strictly(offline_hub):
+    ckpt, calls = offline_hub
+    for net in ("alex", "vgg"):
+        backbone, lins = lpips_official_shapes(net)
+        assert shapes_of(common.LPIPS(net, pretrained=False)) == {**backbone, **lins}
+    backbone, lins = lpips_official_shapes("alex")
+    backbone_file = random_state(backbone)
+    lin_file = {k: v.abs() for k, v in random_state(lins, seed=1).items()}
+    head = {"classifier.1.weight": torch.zeros(2)}  # dropped by the loader
+    torch.save({**backbone_file, **head}, ckpt / "alexnet-owt-7be5be79.pth")
+    torch.save(lin_file, ckpt / "lpips_v0.1_alex.pth")
+    lp = common.LPIPS("alex", pretrained=True)
+    assert calls == []
+    state = lp.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in {**backbone_file, **lin_file}.items())
+    assert not any(p.requires_grad for p in lp.parameters())
+
+
+def lpips_by_hand(lp, x, y):
+    """LPIPS v0.1 from its definition (common.md), with the module's weights."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    hx, hy, total, start = (x - shift) / scale, (y - shift) / scale, 0, 0
+    for k, end in enumerate([2, 5, 8, 10, 12]):  # alex relu1..relu5 = features[0:2], [2:5], ...
+        hx, hy = lp.features[start:end](hx), lp.features[start:end](hy)
+        start = end
+        fx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        fy = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        w = getattr(lp, f"lin{k}").model[1].weight  # (1, C, 1, 1)
+        total = total + ((fx - fy) ** 2 * w).sum(1).mean((1, 2))
+    return total
+
+
+def test_lpips_is_zero_on_identical_images_symmetric_positive_and_takes_minus_one_one():
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    alex = common.LPIPS("alex", pretrained=False)
+    for lin in alex.lins:  # unequal non-negative channel weights, like the real ones
+        lin.model[1].weight.data.uniform_(0, 0.1)
+    with torch.no_grad():
+        d = alex(x, y)
+        assert d.shape == (2,) and (d > 0).all()
+        torch.testing.assert_close(d, lpips_by_hand(alex, x, y))
+        for lp in (alex, common.LPIPS("vgg", pretrained=False)):
+            d = lp(x, y)
+            assert lp(x, x).abs().max() < 1e-7 and (d > 0).all()
+            torch.testing.assert_close(lp(y, x), d)
+            # normalize=True takes the same images in [0, 1].
+            torch.testing.assert_close(lp((x + 1) / 2, (y + 1) / 2, normalize=True), d)
+            assert lp(x, y, spatial=True).shape == (2, 1, 32, 32)
+
+
+def test_diversity_pairs_follow_the_papers_protocols():
+    assert common.diversity_pairs(4, "all") == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    cimle = common.diversity_pairs(80, "consecutive")  # 40 pairs of samples per layout
+    assert len(cimle) == 40 and cimle[:2] == [(0, 1), (2, 3)] and cimle[-1] == (78, 79)
+    assert common.diversity_pairs(2, "consecutive") == common.diversity_pairs(2, "all") == [(0, 1)]
+    inade = common.diversity_pairs(10, "random", repeats=10, seed=3)  # 2 of 10 groups, 10 times
+    assert len(inade) == 10 and all(i != j and 0 <= i < 10 and 0 <= j < 10 for i, j in inade)
+    assert inade == common.diversity_pairs(10, "random", repeats=10, seed=3)
+    with pytest.raises(common.UserError):
+        common.diversity_pairs(1)
+
+
+def test_lpips_diversity_averages_over_pairs_then_inputs():
+    # Constant images with values v[n, m]; a mean-|difference| distance gives |v_i - v_j|.
+    values = torch.tensor([[0.0, 0.1, 0.3, 0.6], [0.0, 0.0, 0.0, 0.6]])
+    samples = values.view(2, 4, 1, 1, 1).expand(2, 4, 3, 8, 8)
+    l1 = lambda a, b: (a - b).abs().mean(dim=(1, 2, 3))  # noqa: E731
+    # all pairs: input 0: (.1+.3+.6+.2+.5+.3)/6 = 2/6; input 1: (0+0+.6+0+.6+.6)/6 = 1.8/6.
+    assert common.lpips_diversity(l1, samples) == pytest.approx((2 / 6 + 1.8 / 6) / 2)
+    # consecutive pairs (0,1), (2,3): input 0: (.1 + .3)/2 = .2; input 1: (0 + .6)/2 = .3.
+    assert common.lpips_diversity(l1, samples, pairs="consecutive") == pytest.approx(0.25)
+    # An iterable of per-input tensors (one input in memory at a time) gives the same.
+    assert common.lpips_diversity(l1, iter(samples), batch_size=2) == pytest.approx(3.8 / 12)
+    lp = common.LPIPS("alex", pretrained=False)
+    same = torch.rand(2, 1, 3, 32, 32).expand(2, 3, 3, 32, 32) * 2 - 1  # 3 equal samples per input
+    assert abs(common.lpips_diversity(lp, same, pairs="random", repeats=4)) < 1e-7
+
+
+def test_masked_lpips_inside_and_outside_a_region():
+    torch.manual_seed(0)
+    lp = common.LPIPS("alex", pretrained=False)
+    a = torch.rand(2, 3, 128, 128) * 2 - 1
+    b = a.clone()
+    b[:, :, :, :64] = torch.rand(2, 3, 128, 64) * 2 - 1  # b differs from a in the left half only
+    left = torch.zeros(2, 1, 128, 128)
+    left[..., :64] = 1
+    inside, outside = common.masked_lpips(lp, a, b, left)
+    assert inside.shape == outside.shape == (2,)
+    assert (inside > 2 * outside).all()  # the change is measured where it was made
+    whole_in, whole_out = common.masked_lpips(lp, a, b, torch.ones(2, 128, 128))
+    with torch.no_grad():
+        torch.testing.assert_close(whole_in, lp(a, b))  # a mask of ones is plain LPIPS
+    assert torch.isnan(whole_out).all()  # empty outside region: NaN, to be skipped
+    zero_in, zero_out = common.masked_lpips(lp, a, a, left)
+    assert zero_in.abs().max() < 1e-7 and zero_out.abs().max() < 1e-7
