@@ -398,3 +398,22 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
                         "--experts", "label,nope"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --experts label,nope")
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_null_caption_rows_are_finite_and_independent_of_the_batch():
+    # the official face model gates the embedding on the WHOLE batch's sum; ours is per row, and
+    # an empty caption must not turn into NaN in eval mode (fully masked attention)
+    torch.manual_seed(0)
+    model = cd.Trained(("text",), tiny_args(), 5).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # no zero-initialised layers left
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([10, 500, 990])
+    tokens = cd.hash_tokenize(["a red circle", "", "a blue square above a red circle"])
+    with torch.no_grad():
+        mixed = model(x, t, cond_tokens=tokens)
+        alone = model(x[1:2], t[1:2], **model.null_cond(1, "cpu"))
+        texted = model(x[:1], t[:1], cond_tokens=tokens[:1])
+    assert torch.isfinite(mixed).all()
+    assert torch.allclose(mixed[1:2], alone, atol=1e-5) and torch.allclose(mixed[:1], texted, atol=1e-5)
+    assert not torch.allclose(texted, model(x[:1], t[:1], **model.null_cond(1, "cpu")), atol=1e-4)
