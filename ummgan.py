@@ -77,7 +77,7 @@ CPU = dict(               # our choice throughout: what learns in minutes on 2 C
     K=3, mode="umm", size=32, style_dim=64, max_channels=32, channel_base=512,
     batch_size=32, lr=0.002, mapping_lr_mul=0.1, r1_gamma=1.0, mixing_prob=0.9,
     ema_decay=0.99, cls_weight=1.0, progressive=1, init_size=8, phase_iters=200,
-    iters=1000, psi=1.0, eval_n=2000, pretrained=0,
+    iters=1000, psi=1.0, eval_n=5000, pretrained=0,
     sample_every=250, ckpt_every=250, log_every=25, chars=None,
 )
 PRESETS = {
