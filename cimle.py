@@ -1080,13 +1080,16 @@ def bench(args, reps=3):
 # ----------------------------------------------------------------------------------------------
 
 def dry_run(args):
-    """Parameter counts (no data touched) against the official networks' sizes (cimle.md)."""
-    if args.task == "layout":
-        args.num_classes = {"gta5": 20, "cityscapes": 35}.get(args.data, len(data.SHAPES_CLASSES))
-        G = build_generator(args)
-        nets = {"G": G.crn, "E": G.encoder}
-    else:
-        nets = {"G": build_generator(args)}
+    """Parameter counts (no data touched, no memory: built on the meta device) against the
+    official networks' sizes (cimle.md)."""
+    with torch.device("meta"):
+        if args.task == "layout":
+            args.num_classes = {"gta5": 20, "cityscapes": 35}.get(args.data,
+                                                                  len(data.SHAPES_CLASSES))
+            G = build_generator(args)
+            nets = {"G": G.crn, "E": G.encoder}
+        else:
+            nets = {"G": build_generator(args)}
     for name, net in nets.items():
         ref = REFERENCE_PARAMS[args.task][name]
         count = common.count_params(net)
