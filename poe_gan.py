@@ -865,7 +865,7 @@ def evaluate(args):
     G = ema.model.to(rt.device).eval()
     ds = load_data(args, split="test")
     cond_of = Conditioner(args, info, rt.device)
-    n, bs, mods = min(args.eval_n, len(ds)), min(args.batch_size, 64), G.modalities
+    n, bs, mods = min(args.eval_n, len(ds)), 64, G.modalities
     batches = [torch.utils.data.default_collate([ds[i] for i in range(s, min(s + bs, n))])
                for s in range(0, n, bs)]
     conds = [cond_of(common.to_device(b, rt.device)) for b in batches]

@@ -302,6 +302,13 @@ def test_resume_is_exact(tmp_path, capsys):
     assert os.path.isfile(os.path.join(a, "samples_4.png"))
     log = [json.loads(line) for line in open(os.path.join(b, "log.jsonl"))]
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
+    # the controls and the metrics run from the checkpoint: 16 subsets + the real ceiling
+    assert run_main(TINY + ["--sample", "--out_dir", a], capsys)[0] == 0
+    assert os.path.isfile(os.path.join(a, "subsets_0.png"))
+    assert run_main(TINY + ["--eval", "--eval_n", "8", "--out_dir", a], capsys)[0] == 0
+    subsets = json.load(open(os.path.join(a, "eval.json")))["subsets"]
+    assert len(subsets) == 17 and subsets["real"]["label_fg_acc"] == 1.0
+    assert subsets["uncond"]["pixel_diversity"] > 0
 
 
 def test_bad_inputs_give_one_sentence(tmp_path, capsys):
