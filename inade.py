@@ -868,6 +868,8 @@ def shapes_summary(rows):
             "colour_error": dist[valid].mean().item(),          # RGB distance to nearest mode
             "in_mode": in_mode[valid].float().mean().item(),    # within tolerance of a mode
             "mode_coverage": cover["coverage"], "mode_tv": cover["tv"], "mode_counts": cover["counts"],
+            # the same over every visible object by its nearest mode, in tolerance or not
+            "mode_coverage_nearest": data.shapes_mode_coverage(mode, cls, valid)["coverage"],
             "same_class_pairs_differ": same_class_pairs_differ(mode, cls, in_mode),
         }
         if name == "recon":  # prior noise remapping: the reference's own mode comes back
