@@ -75,6 +75,7 @@ PAPER = dict(             # MM-CelebA-HQ 256x256 (Table 3) unless a dataset over
     w_text=0.05, w_seg=0.1, w_sketch=1.0, w_style=0.01,  # supp: omega_i (landscape config)
     lambda_cx=3.0, lambda_cy=0.3, tau=0.3,  # supp: lambda1 3, lambda2 0.3; tau 0.3 (fixed, ports)
     dropout_p=0.5,               # supp: modality dropout p 0.5; per sample: our choice
+    kl_warmup=0,                 # iterations of linear KL warm-up (NVAE's); 0 = off, as the paper
     cx_features="vgg",           # paper Eq. (11): pretrained VGG (relu5_1, pooled: supp)
     pretrained=1, iters=400_000, eval_n=5000,  # iters: our choice (supp gives hours, not steps)
     sample_every=5000, ckpt_every=5000, log_every=100,
@@ -84,7 +85,7 @@ CPU = dict(               # our choice throughout: what learns in minutes on 2 C
     text_width=64,        # a small CLIP-shaped text tower trained with the model (no download)
     batch_size=8, lr=0.002, r1_gamma=1.0, r1_every=16, ema_decay=0.99,
     w_text=0.05, w_seg=0.1, w_sketch=1.0, w_style=0.01, lambda_cx=3.0, lambda_cy=0.3, tau=0.3,
-    dropout_p=0.5, cx_features="pixels", pretrained=0, iters=1000, eval_n=256,
+    dropout_p=0.5, kl_warmup=0, cx_features="pixels", pretrained=0, iters=1000, eval_n=256,
     sample_every=250, ckpt_every=250, log_every=25,
 )
 PRESETS = {
@@ -109,7 +110,7 @@ def build_parser():
     p.add_argument("--no_modality_dropout", action="store_true",
                    help="train with every modality present (Table 3 row (c))")
     for name in ("ch_base", "ch_max", "z_base", "z_max", "feat_dim", "z0_dim", "w_dim",
-                 "text_width", "r1_every", "eval_n"):
+                 "text_width", "r1_every", "eval_n", "kl_warmup"):
         p.add_argument(f"--{name}", type=int, default=None)
     for name in ("lr", "r1_gamma", "ema_decay", "w_text", "w_seg", "w_sketch", "w_style",
                  "lambda_cx", "lambda_cy", "tau", "dropout_p"):
@@ -665,6 +666,8 @@ def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, vgg):
         fake_logits, fake_emb = D(fake, cond, mask, encoded)
         loss_g = common.ns_g_loss(fake_logits)
         kl = zero if args.no_kl or args.fusion == "concat" else kl_loss(kls, mask, mods, args)
+        if args.kl_warmup:   # optional NVAE-style warm-up (our addition, off in every preset)
+            kl = kl * min(1.0, it / args.kl_warmup)
         any_given = mask.sum(1) > 0     # the real image is a positive only if something was given
         cx = masked_contrastive(image_features(real, vgg), image_features(fake, vgg),
                                 any_given, args.tau)

@@ -233,7 +233,8 @@ def test_no_kl_and_no_dropout_flags(shapes_batch):
     batch, _ = shapes_batch
     for flags, check in ((["--no_kl"], lambda s: s["kl"] == 0.0),
                          (["--fusion", "concat"], lambda s: s["kl"] == 0.0),
-                         ([], lambda s: s["kl"] > 0.0)):
+                         (["--kl_warmup", "1000"], lambda s: 0.0 < s["kl"] < 0.01),
+                         ([], lambda s: s["kl"] > 0.05)):
         args, info, G, D = build_tiny(*flags)
         opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, betas=(0.0, 0.99))
         opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.0, 0.99))
