@@ -27,7 +27,7 @@ Map of this file:
     main
 
     python cimle.py                                   # layouts on built-in shapes, CPU ~5 min
-    python cimle.py --pretrain_iters 100000           # the same network as z = 0 regression
+    python cimle.py --pretrain_iters 1000             # the same network as z = 0 regression
     python cimle.py --task sr                         # x8 SR on shapes (stripes are ambiguous)
     python cimle.py --sample                          # grids from out/cimle-shapes/ckpt.pt
     python cimle.py --eval                            # metrics -> out/cimle-shapes/eval.json
