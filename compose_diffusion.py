@@ -90,7 +90,12 @@ ADM_PARAMS = {"adm64": 295_904_454, "adm128": 421_529_606, "adm256": 553_838_086
 # embedding, which every ResBlock's adaptive group norm reads (§7.3: "adaptive group
 # normalization"); "joint" = one model trained on both datasets alternately, for the Table 4
 # ablation (sampled "as usual": both conditions in one forward pass).
-EXPERT_CONDITIONS = {"label": ("map",), "caption": ("text",), "joint": ("map", "text")}
+EXPERT_CONDITIONS = {"label": ("map",), "caption": ("text",), "sketch": ("sketch",),
+                     "class": ("class",), "joint": ("map", "text")}
+# Which half of the training set ("dataset") feeds each condition: maps and sketches the even
+# items, captions and class labels the odd ones (our choice; the paper: CelebA-HQ vs FFHQ).
+SOURCE_HALF = {"map": 0, "sketch": 0, "text": 1, "class": 1}
+NEEDS_KEY = {"map": "label", "sketch": "sketch", "text": "caption", "class": "class"}
 
 PRESETS = {
     # Built-in data, scaled to a 2-core CPU: all "our choice" except where marked.
@@ -101,9 +106,10 @@ PRESETS = {
                    diffusion_steps=1000,                     # paper/official: 1000 steps
                    p_uncond=0.2,                             # CFG paper (Ho & Salimans): 0.1-0.2
                    experts="label,caption", text_encoder="tiny",
-                   sampler="ddim", sample_steps=25, eta=0.0,
-                   guidance="2,2", reliability="0.5,0.5",
-                   log_every=50, sample_every=300, ckpt_every=300, eval_n=192),
+                   sampler="ddim", sample_steps=25,
+                   eta=1.0,  # eta = 0 amplifies the eps errors of a 500-iteration CPU model
+                   guidance="2", reliability="uniform",
+                   log_every=50, sample_every=250, ckpt_every=250, eval_n=96),
     # Paper §4.1 faces (hair map / skin map / text), official face UNet trunk: 256 px, 192 ch,
     # mult (1,1,2,2,4,4), 2 res blocks, attention 32/16/8 with 64-ch heads (legacy order),
     # scale-shift, resblock up/down, dropout 0, 6 output channels; linear schedule, 1000 steps;
@@ -116,10 +122,16 @@ PRESETS = {
                          dropout=0.0, learn_sigma=True, noise_schedule="linear",
                          diffusion_steps=1000, p_uncond=0.125, experts="label,caption",
                          text_encoder="clip", sampler="ddim", sample_steps=100, eta=0.0,
-                         guidance="1,1", reliability="0.5,0.5",
+                         guidance="1", reliability="uniform",
                          log_every=100, sample_every=5000, ckpt_every=5000, eval_n=3000),
 }
 PRESETS["celebamask-hq"] = dict(PRESETS["mm-celeba-hq"], experts="label")  # map expert only
+# Class-conditional expert on a folder of class sub-folders, ADM's ImageNet-64 trunk (flags from
+# the ADM README; lr 3e-4, EMA 0.9999 from the ADM paper; batch and iterations our choice).
+PRESETS["folder"] = dict(PRESETS["mm-celeba-hq"], size=64, num_channels=192, num_res_blocks=3,
+                         channel_mult="1,2,3,4", dropout=0.1, noise_schedule="cosine", lr=3e-4,
+                         batch_size=256, iters=200_000, experts="class", guidance="2",
+                         text_encoder="tiny")
 
 # Flags that fix the architecture and schedule: a checkpoint is refused when they differ.
 ARCH_KEYS = ("size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions",
@@ -407,14 +419,15 @@ class UNet(nn.Module):
         return self.out(h.float() if fp16 else h)
 
 
-def unet_flags(args, map_channels=0, cond_dim=0):
-    """create_model() flags from the command line (class_cond: our experts use maps / text)."""
+def unet_flags(args, map_channels=0, cond_dim=0, num_classes=0):
+    """create_model() flags from the command line, plus our condition inputs."""
     return dict(image_size=args.size, num_channels=args.num_channels,
                 num_res_blocks=args.num_res_blocks, channel_mult=args.channel_mult,
                 attention_resolutions=args.attention_resolutions, num_heads=args.num_heads,
                 num_head_channels=args.num_head_channels, learn_sigma=args.learn_sigma,
                 dropout=args.dropout, use_scale_shift_norm=True, resblock_updown=True,
-                map_channels=map_channels, cond_dim=cond_dim)
+                map_channels=map_channels, cond_dim=cond_dim, class_cond=num_classes > 0,
+                num_classes=num_classes or 1000)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -838,7 +851,8 @@ class Pooled(torch.utils.data.Dataset):
     budget: data.py draws shapes at 32 px and up). Maps take each block's majority id. Items
     are pure functions of the index, so they are kept after the first draw (keys we use only)."""
 
-    KEYS = ("image", "label", "instance", "caption", "inst_class", "inst_mode", "inst_valid")
+    KEYS = ("image", "label", "instance", "sketch", "caption", "class", "inst_class", "inst_mode",
+            "inst_valid")
 
     def __init__(self, dataset, factor):
         self.dataset, self.factor, self.cache = dataset, factor, {}
@@ -855,6 +869,8 @@ class Pooled(torch.utils.data.Dataset):
         item = {k: v for k, v in self.dataset[index].items() if k in self.KEYS}
         f = self.factor
         item["image"] = F.avg_pool2d(item["image"][None], f)[0]
+        if "sketch" in item:  # an edge survives pooling
+            item["sketch"] = F.max_pool2d(item["sketch"][None], f)[0]
         for key in ("label", "instance"):
             ids = item[key]
             votes = F.avg_pool2d(F.one_hot(ids, int(ids.max()) + 1).permute(2, 0, 1)[None].float(), f)
@@ -877,7 +893,7 @@ class Trained(nn.Module):
     """A trained expert: its UNet and, for captions with the tiny encoder, its text encoder (run
     inside forward, so DDP syncs its gradients too)."""
 
-    def __init__(self, conditions, args, num_labels):
+    def __init__(self, conditions, args, num_labels, num_classes=0):
         super().__init__()
         self.conditions = conditions
         self.tiny_text = "text" in conditions and args.text_encoder == "tiny"
@@ -886,7 +902,9 @@ class Trained(nn.Module):
             cond_dim = TEXT_WIDTH if self.tiny_text else CLIP_DIM
         if self.tiny_text:
             self.text = TextEncoder()
-        self.unet = UNet(**unet_flags(args, num_labels if "map" in conditions else 0, cond_dim))
+        map_ch = (num_labels if "map" in conditions else 0) + (1 if "sketch" in conditions else 0)
+        self.unet = UNet(**unet_flags(args, map_ch, cond_dim,
+                                      num_classes if "class" in conditions else 0))
         self.learn_sigma = self.unet.learn_sigma
 
     def forward(self, x, t, cond_tokens=None, **cond):
@@ -903,18 +921,31 @@ class Trained(nn.Module):
         return cond
 
 
-def condition_inputs(expert, batch, num_labels, clip=None, use_map=True, text_from="caption"):
-    """Keyword arguments of an expert for a batch: the one-hot label map (null: zeros) and the
-    caption (tokens for the tiny encoder, a CLIP vector otherwise; null: zeros). text_from:
-    "caption", "image" (CLIP image embedding of the training image, supp. §7.3) or None (null)."""
-    cond = expert.null_cond(len(batch["image"]), batch["image"].device)
-    if "map" in expert.conditions and use_map:
-        cond["cond_map"] = F.one_hot(batch["label"], num_labels).permute(0, 3, 1, 2).float()
-    if "text" in expert.conditions and text_from is not None:
+def condition_inputs(expert, batch, num_labels, clip=None, active=None, text_from="caption"):
+    """Keyword arguments of an expert for a batch. Conditions of the expert not in `active` are
+    null: zero map channels (one-hot label map, edge sketch), label -1, zero caption. Captions
+    are tokens for the tiny encoder or a CLIP vector; text_from "image" takes the CLIP image
+    embedding of the training image instead (supp. §7.3)."""
+    active = set(expert.conditions if active is None else active)
+    image = batch["image"]
+    cond = expert.null_cond(len(image), image.device)
+    maps = []
+    if "map" in expert.conditions:
+        onehot = F.one_hot(batch["label"], num_labels).permute(0, 3, 1, 2).float() \
+            if "map" in active else image.new_zeros(len(image), num_labels, *image.shape[2:])
+        maps.append(onehot)
+    if "sketch" in expert.conditions:
+        maps.append(batch["sketch"].float() if "sketch" in active else
+                    image.new_zeros(len(image), 1, *image.shape[2:]))
+    if maps and active & {"map", "sketch"}:
+        cond["cond_map"] = torch.cat(maps, dim=1)
+    if "class" in expert.conditions and "class" in active:
+        cond["y"] = batch["class"].long()
+    if "text" in expert.conditions and "text" in active and text_from is not None:
         if expert.tiny_text:
-            cond["cond_tokens"] = hash_tokenize(batch["caption"]).to(batch["image"].device)
+            cond["cond_tokens"] = hash_tokenize(batch["caption"]).to(image.device)
         else:
-            cond["cond_vec"] = clip.image(batch["image"]) if text_from == "image" else \
+            cond["cond_vec"] = clip.image(image) if text_from == "image" else \
                 clip.text(batch["caption"])
     return cond
 
@@ -933,13 +964,20 @@ def drop_conditions(cond, p):
     return cond
 
 
-def build_experts(args, num_labels):
+def build_experts(args, num_labels, num_classes=0, has=None):
+    """The experts named by --experts; `has` (the dataset's keys) is checked when given."""
     names = [n for n in args.experts.split(",") if n]
     bad = [n for n in names if n not in EXPERT_CONDITIONS]
     if bad or not names:
         raise common.UserError(f"--experts {args.experts} must list some of "
                                f"{', '.join(EXPERT_CONDITIONS)}, separated by commas.")
-    return {n: Trained(EXPERT_CONDITIONS[n], args, num_labels) for n in names}
+    for n in names:
+        for c in EXPERT_CONDITIONS[n]:
+            if has is not None and NEEDS_KEY[c] not in has and \
+                    not (c == "text" and args.text_encoder == "clip"):
+                raise common.UserError(f"expert {n} needs '{NEEDS_KEY[c]}' items, which "
+                                       f"--data {args.data} does not provide.")
+    return {n: Trained(EXPERT_CONDITIONS[n], args, num_labels, num_classes) for n in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -949,8 +987,9 @@ def build_experts(args, num_labels):
 def train(args, rt):
     train_set = load_dataset(args, "train")
     num_labels = train_set.num_classes
-    halves = {"map": Half(train_set, 0), "text": Half(train_set, 1)}
-    experts = build_experts(args, num_labels)
+    experts = build_experts(args, num_labels, len(train_set.class_names), train_set.has)
+    sources = sorted({c for e in experts.values() for c in e.conditions})
+    halves = {c: Half(train_set, SOURCE_HALF[c]) for c in sources}
     clip = ClipText(rt.device) if args.text_encoder == "clip" and \
         any("text" in e.conditions for e in experts.values()) else None
     sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
@@ -978,10 +1017,9 @@ def train(args, rt):
             # The joint model (Table 4 ablation) alternates datasets across iterations (§4.1).
             source = conds[it % len(conds)]
             batch = batches[source]
-            text_from = None if source != "text" else "image" if clip is not None else "caption"
+            text_from = "image" if clip is not None else "caption"
             with rt.autocast():
-                cond = condition_inputs(experts[n], batch, num_labels, clip,
-                                        use_map=source == "map", text_from=text_from)
+                cond = condition_inputs(experts[n], batch, num_labels, clip, {source}, text_from)
                 cond = drop_conditions(cond, args.p_uncond)
                 loss = diffusion_loss(model, batch["image"], cond, sched)
             opts[n].zero_grad(set_to_none=True)
@@ -1010,6 +1048,8 @@ def train(args, rt):
 # ----------------------------------------------------------------------------------------------
 
 def parse_floats(text, n, flag):
+    if text == "uniform":  # a_j = 1/N (paper §4.1)
+        return [1.0 / n] * n
     values = [float(v) for v in str(text).split(",") if v != ""]
     if len(values) == 1:
         values = values * n
@@ -1036,11 +1076,11 @@ class Setup:
         self.models = {n: m.to(device).eval() for n, m in models.items()}
         self.experts = {n: Expert(n, m, sched) for n, m in self.models.items()}
         self.ref = sampler_schedule(sched, str(args.sample_steps))
+        self.names = [n for n in self.models if n != "joint"]  # the experts composed
         self.official = None
 
-    def cond(self, name, batch, use_map=True, use_text=True):
-        return condition_inputs(self.models[name], batch, self.num_labels, self.clip,
-                                use_map=use_map, text_from="caption" if use_text else None)
+    def cond(self, name, batch, active=None):
+        return condition_inputs(self.models[name], batch, self.num_labels, self.clip, active)
 
     def alone(self, name, batch, w):
         """One expert with classifier-free guidance (Eq. 11 = Eq. 10 with N = 1)."""
@@ -1048,14 +1088,14 @@ class Setup:
                            self.ref)
 
     def composed(self, batch, w, a):
-        """The label-map expert and the caption expert, each on its own condition (Eq. 10);
-        with --ckpt, the official ADM model joins with its class and reliability 0."""
-        experts = [self.experts["label"], self.experts["caption"]]
-        conds = [(0, self.cond("label", batch)), (1, self.cond("caption", batch))]
+        """Every expert but the joint model, each on its own condition (Eq. 10); with --ckpt,
+        the official ADM model joins with its class and reliability 0."""
+        experts = [self.experts[n] for n in self.names]
+        conds = [(j, self.cond(n, batch)) for j, n in enumerate(self.names)]
         if self.official is not None:
             experts.append(self.official)
             y = torch.full((len(batch["image"]),), self.args.ckpt_class, device=self.device)
-            conds.append((2, {"y": y}))
+            conds.append((len(experts) - 1, {"y": y}))
             w, a = list(w) + [w[0]], list(a) + [0.0]
         return Composition(experts, conds, w, a, self.ref)
 
@@ -1067,8 +1107,7 @@ class Setup:
 
     def joint_composed(self, batch, w, a_unused=None):
         """The same single model, its two conditions composed as two rows (Fig. 5 / Fig. 27)."""
-        conds = [(0, self.cond("joint", batch, use_text=False)),
-                 (0, self.cond("joint", batch, use_map=False))]
+        conds = [(0, self.cond("joint", batch, {"map"})), (0, self.cond("joint", batch, {"text"}))]
         return Composition([self.experts["joint"]], conds, w, [1.0], self.ref)
 
 
@@ -1102,52 +1141,60 @@ def test_batch(dataset, n, device, offset=0):
 
 
 def sample_grids(args, rt, models, sched, dataset, path, quick=False, setup=None):
-    """Rows: label map | ground truth | label expert alone | caption expert alone | composition
-    (| joint model, usual sampling). Captions go to a .txt file beside the PNG."""
+    """Rows: label map | ground truth | each expert alone (classifier-free guidance) | their
+    composition (| joint model, usual sampling). Captions go to a .txt file beside the PNG."""
     was_training = {n: m.training for n, m in models.items()}
     setup = setup or Setup(args, models, sched, dataset.num_classes, rt.device)
-    n = 8
-    test = load_dataset(args, "test") if dataset is None or args.data == "shapes" else dataset
+    n, names = 8, setup.names
+    test = load_dataset(args, "test") if args.data == "shapes" else dataset
     batch = test_batch(test, n, rt.device)
-    w = parse_floats(args.guidance, 2, "guidance")
-    a = parse_floats(args.reliability, 2, "reliability")
-    rows = [list(batch["label"].cpu()), list(batch["image"].cpu())]
-    if "label" in setup.experts:
-        rows.append(list(generate(args, setup.alone("label", batch, w[0]), n, rt.device, 1).cpu()))
-    if "caption" in setup.experts:
-        rows.append(list(generate(args, setup.alone("caption", batch, w[1]), n, rt.device, 1).cpu()))
-    if "label" in setup.experts and "caption" in setup.experts:
+    w = parse_floats(args.guidance, len(names), "guidance")
+    a = parse_floats(args.reliability, len(names), "reliability")
+    rows = [list(batch["label"].cpu()) if "label" in batch else [], list(batch["image"].cpu())]
+    titles = ["label map", "ground truth"]
+    for k, name in enumerate(names):
+        rows.append(list(generate(args, setup.alone(name, batch, w[k]), n, rt.device, 1).cpu()))
+        titles.append(f"{name} expert alone")
+    if len(names) > 1:
         rows.append(list(generate(args, setup.composed(batch, w, a), n, rt.device, 1).cpu()))
+        titles.append("composition (Eq. 10)")
     if "joint" in setup.experts and not quick:
         rows.append(list(generate(args, setup.joint_usual(batch, w[0]), n, rt.device, 1).cpu()))
-    common.save_grid(path, rows, palette=test.palette)
+        titles.append("joint model, usual sampling")
+    common.save_grid(path, [r for r in rows if r], palette=test.palette)
     with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-        f.write("rows: label map | ground truth | label expert | caption expert | composition"
-                + ("" if quick else " | joint model (usual sampling)") + "\n")
-        f.writelines(f"{k}: {c}\n" for k, c in enumerate(batch["caption"]))
+        f.write("rows: " + " | ".join(t for t, r in zip(titles, rows) if r) + "\n")
+        f.writelines(f"{k}: {c}\n" for k, c in enumerate(batch.get("caption", [])))
     for name, m in models.items():
         m.train(was_training[name])
 
 
 def sweep_grids(args, rt, setup, test):
-    """Fig. 6: reliability of the caption expert from 0 (label expert is the null) to 1, rows;
-    and a guidance sweep w in {1, 2, 3, 5}, rows. Same z_T in every row."""
-    n = 8
+    """Fig. 6: reliability moved from the first expert (a = 0 for the last) to the last (a = 1),
+    rows; and a guidance sweep w in {1, 2, 3, 5} for all experts, rows. Same z_T in every row."""
+    n, k = 8, len(setup.names)
+    if k < 2:
+        return
     batch = test_batch(test, n, rt.device, offset=8)
-    w = parse_floats(args.guidance, 2, "guidance")
-    rows = [list(batch["label"].cpu()), list(batch["image"].cpu())]
+    w = parse_floats(args.guidance, k, "guidance")
+    head = [list(batch["label"].cpu()) if "label" in batch else [], list(batch["image"].cpu())]
+    rows = list(head)
     for r in (0.0, 0.25, 0.5, 0.75, 1.0):
-        rows.append(list(generate(args, setup.composed(batch, w, [1 - r, r]), n, rt.device, 2).cpu()))
-    common.save_grid(os.path.join(args.out_dir, "reliability.png"), rows, palette=test.palette)
-    a = parse_floats(args.reliability, 2, "reliability")
-    rows = rows[:2]
+        a = [1 - r] + [0.0] * (k - 2) + [r]
+        rows.append(list(generate(args, setup.composed(batch, w, a), n, rt.device, 2).cpu()))
+    common.save_grid(os.path.join(args.out_dir, "reliability.png"), [r for r in rows if r],
+                     palette=test.palette)
+    a = parse_floats(args.reliability, k, "reliability")
+    rows = list(head)
     for g in (1.0, 2.0, 3.0, 5.0):
-        rows.append(list(generate(args, setup.composed(batch, [g, g], a), n, rt.device, 2).cpu()))
-    common.save_grid(os.path.join(args.out_dir, "guidance.png"), rows, palette=test.palette)
+        rows.append(list(generate(args, setup.composed(batch, [g] * k, a), n, rt.device, 2).cpu()))
+    common.save_grid(os.path.join(args.out_dir, "guidance.png"), [r for r in rows if r],
+                     palette=test.palette)
     with open(os.path.join(args.out_dir, "sweeps.txt"), "w") as f:
-        f.write("reliability.png rows: label map | ground truth | a_caption = 0, .25, .5, .75, 1\n"
-                "guidance.png rows: label map | ground truth | w = 1, 2, 3, 5 (both experts)\n")
-        f.writelines(f"{k}: {c}\n" for k, c in enumerate(batch["caption"]))
+        f.write(f"reliability.png rows: label map | ground truth | a_{setup.names[-1]} = 0, .25, "
+                f".5, .75, 1 (a_{setup.names[0]} = 1 - that)\n"
+                "guidance.png rows: label map | ground truth | w = 1, 2, 3, 5 (every expert)\n")
+        f.writelines(f"{j}: {c}\n" for j, c in enumerate(batch.get("caption", [])))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1186,17 +1233,17 @@ def evaluate(args, rt, setup):
     test = load_dataset(args, "test")
     w = parse_floats(args.guidance, 2, "guidance")
     a = parse_floats(args.reliability, 2, "reliability")
-    methods = {"label expert alone": lambda b: setup.alone("label", b, w[0]),
-               "caption expert alone": lambda b: setup.alone("caption", b, w[1]),
+    if sorted(setup.names) != ["caption", "label"]:
+        raise common.UserError(f"--eval composes exactly the experts label and caption (plus "
+                               f"joint for the ablation); this run has {', '.join(setup.names)}.")
+    wl, wc = w[setup.names.index("label")], w[setup.names.index("caption")]
+    methods = {"label expert alone": lambda b: setup.alone("label", b, wl),
+               "caption expert alone": lambda b: setup.alone("caption", b, wc),
                "composition (Eq. 10)": lambda b: setup.composed(b, w, a)}
     if "joint" in setup.experts:
         methods["joint model, usual sampling (Table 4 ablation)"] = \
-            lambda b: setup.joint_usual(b, w[0])
-        methods["joint model, composed sampling"] = lambda b: setup.joint_composed(b, w)
-    missing = {"label", "caption"} - set(setup.experts)
-    if missing:
-        raise common.UserError(f"--eval needs the experts label and caption in the checkpoint; "
-                               f"it lacks {', '.join(sorted(missing))}.")
+            lambda b: setup.joint_usual(b, wl)
+        methods["joint model, composed sampling"] = lambda b: setup.joint_composed(b, [wl, wc])
     results, chunk, t0 = {}, 64, time.perf_counter()
     for name, make in methods.items():
         sums, count = {}, 0
@@ -1317,7 +1364,8 @@ def build_parser():
     g.add_argument("--sample_steps", default=None, help='respacing: "25", "ddim25", "10,15"')
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     g.add_argument("--guidance", default=None, help="w_i >= 1 per condition (Eq. 10)")
-    g.add_argument("--reliability", default=None, help="a_j >= 0 per expert, sum 1 (Eq. 5)")
+    g.add_argument("--reliability", default=None,
+                   help='a_j >= 0 per expert, sum 1 (Eq. 5); "uniform" = 1/N')
     g.add_argument("--eval_n", type=int, default=None, help="test items per method for --eval")
     g.add_argument("--ckpt", default=None, help="an official guided-diffusion checkpoint to compose")
     g.add_argument("--ckpt_config", default="adm64", help=f"one of {', '.join(ADM_CONFIGS)}")
@@ -1330,7 +1378,7 @@ def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, "compose_diffusion", "shapes", argv)
     rt = common.setup_runtime(args)
     if args.dry_run:
-        experts = build_experts(args, 5 if args.data == "shapes" else 19)
+        experts = build_experts(args, 5 if args.data == "shapes" else 19, 1000)  # 1000: ImageNet
         nets = {n: e for n, e in experts.items()}
         if args.ckpt:
             with torch.device("meta"):
@@ -1342,7 +1390,7 @@ def main(argv=None):
         return
     if args.sample or args.eval:
         test = load_dataset(args, "test")
-        models = build_experts(args, test.num_classes)
+        models = build_experts(args, test.num_classes, len(test.class_names), test.has)
         common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "compose_diffusion",
                                vars(args), ARCH_KEYS,
                                {f"ema_{n}": m for n, m in models.items()}, restore_rng=False)

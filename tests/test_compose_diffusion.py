@@ -385,6 +385,10 @@ def test_dry_run_prints_exact_counts(capsys):
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]
     args = common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion", "shapes", [])
     assert counts == {n: common.count_params(m) for n, m in cd.build_experts(args, 5).items()}
+    # the folder preset's class expert is ADM's ImageNet-64 trunk: the official count exactly
+    cd.main(["--data", "folder", "--dry_run"])
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]
+    assert counts == {"class": cd.ADM_PARAMS["adm64"]}
 
 
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
@@ -417,3 +421,33 @@ def test_null_caption_rows_are_finite_and_independent_of_the_batch():
     assert torch.isfinite(mixed).all()
     assert torch.allclose(mixed[1:2], alone, atol=1e-5) and torch.allclose(mixed[:1], texted, atol=1e-5)
     assert not torch.allclose(texted, model(x[:1], t[:1], **model.null_cond(1, "cpu")), atol=1e-4)
+
+
+def test_official_checkpoint_joins_the_composition_with_reliability_zero(tmp_path, monkeypatch):
+    # a guided-diffusion state dict (official key names, class-conditional, linear schedule),
+    # loaded strictly as a third expert beside the two trained ones
+    flags = dict(SMALL["new_order"][0], image_size=16, attention_resolutions="8")
+    monkeypatch.setitem(cd.ADM_CONFIGS, "tiny", flags)
+    monkeypatch.setitem(cd.ADM_SCHEDULES, "tiny", "linear")
+    path = str(tmp_path / "adm.pt")
+    torch.save(cd.UNet(**flags).state_dict(), path)
+    args = tiny_args(["--ckpt", path, "--ckpt_config", "tiny", "--ckpt_class", "3",
+                      "--sample_steps", "10"])
+    models = cd.build_experts(args, 5)
+    setup = cd.Setup(args, models, cd.Schedule.make("cosine", 1000), 5, torch.device("cpu"))
+    cd.load_official(args, setup, torch.device("cpu"))
+    assert not setup.official.has_null
+    ds = cd.load_dataset(args, "test")
+    batch = cd.test_batch(ds, 2, "cpu")
+    comp = setup.composed(batch, [2.0, 2.0], [0.5, 0.5])
+    assert comp.a == [0.5, 0.5, 0.0] and len(comp.experts) == 3
+    assert not np.allclose(comp.model_t[2], comp.ref.timestep_map)   # linear vs cosine: matched
+    eps, _ = comp.eps_and_var(torch.randn(2, 3, 16, 16), 3)
+    assert eps.shape == (2, 3, 16, 16) and torch.isfinite(eps).all()
+    monkeypatch.setitem(cd.ADM_CONFIGS, "tiny", dict(flags, image_size=32))
+    with pytest.raises(common.UserError, match="share z_t's shape"):
+        cd.load_official(args, setup, torch.device("cpu"))
+    torch.save({"junk": torch.zeros(1)}, path)
+    monkeypatch.setitem(cd.ADM_CONFIGS, "tiny", flags)
+    with pytest.raises(common.UserError, match="does not match"):
+        cd.load_official(args, setup, torch.device("cpu"))
