@@ -134,7 +134,9 @@ def build_parser():
     a = p.add_argument
     a("--task", default=None, choices=["sr", "layout"], help="super-resolution or layouts")
     a("--S", type=int, default=None, help="Algorithm 1 |S|: examples per outer iteration")
-    a("--m", type=int, default=None, help="Algorithm 1 m: latent codes drawn per example")
+    a("--m", "--candidates", dest="m", type=int, default=None,
+      help="Algorithm 1 m: latent codes drawn per example (under torchrun write --candidates: "
+           "torchrun's own parser mistakes --m for one of its flags)")
     a("--L", type=int, default=None, help="Algorithm 1 L: inner steps per outer iteration")
     a("--lr", type=float, default=None, help="Adam learning rate (Algorithm 1's eta)")
     a("--lr_milestones", default=None, help="comma-separated iterations where lr *= lr_gamma")
@@ -580,10 +582,14 @@ def rarity_cache_path(args, n):
     return os.path.join(folder, f"cimle_rarity_{args.data}_{args.size}_{n}.pt")
 
 
-def load_rarity(args, ds, n):
+def load_rarity(args, ds, n, rt=None):
     """Rarity scores R (n, P) and class areas (P,), computed once with a progress bar and cached
-    beside the dataset (written atomically)."""
+    beside the dataset (written atomically; under torchrun by rank 0 while the others wait)."""
     path = rarity_cache_path(args, n)
+    if rt is not None and rt.ddp:
+        if rt.is_main:
+            load_rarity(args, ds, n)
+        torch.distributed.barrier()
     if os.path.isfile(path):
         cached = torch.load(path, weights_only=True)
         if cached["R"].shape == (n, args.num_classes):
@@ -748,7 +754,7 @@ def train(args):
     G = build_generator(args).to(rt.device)
     opt, sched = make_optimiser(G, args)
     distance = make_distance(args, rt.device)
-    rarity = load_rarity(args, ds, n) if args.task == "layout" and (
+    rarity = load_rarity(args, ds, n, rt) if args.task == "layout" and (
         args.rebalance_data or args.rebalance_loss) else None
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     objects = dict(G=G, opt=opt, sched=sched, scaler=rt.scaler)
