@@ -189,12 +189,14 @@ def parse(argv=None):
 def check_args(args):
     for name in ("S", "m", "L", "batch_size", "iters", "search_examples", "search_chunk"):
         if getattr(args, name) < 1:
-            raise common.UserError(f"--{name} must be a positive integer (got {getattr(args, name)}).")
+            raise common.UserError(f"--{name} must be a positive integer "
+                                   f"(got {getattr(args, name)}).")
     if args.batch_size > args.S:
         raise common.UserError(f"--batch_size {args.batch_size} (|S~|) must not exceed --S "
                                f"{args.S}, since mini-batches are drawn from S (Algorithm 1).")
     if args.distance == "official" and args.task != "sr":
-        raise common.UserError("--distance official is SRIM's distance; it exists for --task sr only.")
+        raise common.UserError("--distance official is SRIM's distance; it exists for "
+                               "--task sr only.")
     if args.distance != "pixel" and not args.pretrained:
         raise common.UserError(f"--distance {args.distance} needs the pretrained VGG-19: "
                                f"pass --pretrained 1, or use --distance pixel.")
@@ -212,7 +214,8 @@ def parse_ints(text, flag):
     try:
         return [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise common.UserError(f"--{flag} must be comma-separated integers (got '{text}').") from None
+        raise common.UserError(f"--{flag} must be comma-separated integers "
+                               f"(got '{text}').") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1077,9 +1080,11 @@ def bench(args, reps=3):
               "same_indices": bool(torch.equal(chunked[0].cpu(), naive_out[0].cpu())),
               "time_s": {k: round(v, 3) for k, v in best.items()}, "peak_bytes": peaks,
               "time_ratio_naive_over_select": round(best["naive"] / best["select_latents"], 3),
-              "peak_ratio_naive_over_select": round(peaks["naive"] / max(peaks["select_latents"], 1), 3),
-              "fraction_outside_generator": round(max(best["select_latents"] - best["forwards_only"],
-                                                      0.0) / best["select_latents"], 4)}
+              "peak_ratio_naive_over_select": round(peaks["naive"] /
+                                                    max(peaks["select_latents"], 1), 3),
+              "fraction_outside_generator": round(
+                  max(best["select_latents"] - best["forwards_only"], 0.0)
+                  / best["select_latents"], 4)}
     print(json.dumps(result))
     return result
 
