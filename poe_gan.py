@@ -828,6 +828,7 @@ def subset_grid(G, batch, cond_of, ds, path, n_inputs=2, n_samples=4):
 
 
 def sample(args):
+    """--sample: two Fig. 1 grids (two test inputs each, every subset, six samples per row)."""
     rt = common.setup_runtime(args)
     info = dataset_info(args)
     G, _ = build(args, info)
@@ -835,7 +836,7 @@ def sample(args):
     common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "poe_gan", config_of(args),
                            ARCH_KEYS, {"ema": ema}, restore_rng=False)
     G = ema.model.to(rt.device)
-    ds = load_data(args, split="test" if args.data != "shapes" else "train")
+    ds = load_data(args, split="test")
     batch = next(iter(common.batch_stream(ds, min(4, len(ds)), rt, args.seed + 2)))
     for j in range(2):
         one = {k: v[j * 2:(j + 1) * 2] for k, v in batch.items()}
