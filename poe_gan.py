@@ -327,6 +327,11 @@ class LGAdaIN(nn.Module):
 
     mu, sigma: channel-wise instance statistics; gamma_w, beta_w vectors from w (initialised to 1,
     0); gamma_z = 1 + conv(z), beta_z = conv(z) maps from z^k (SPADE's 1 + gamma: our choice).
+    The z^k conv keeps its ordinary N(0, 1) equalised-lr init (as SPADE's). It must not start at
+    zero: then z^k has no effect on the image, the GAN gives the local experts no gradient, and the
+    KL (Eq. 9), which acts from the first step, switches the seg/sketch experts off (log-variance
+    +5..+9, under 1% of the precision) long before the zero weights have grown (equalised lr: an
+    Adam step moves the effective weight by lr / sqrt(9 c_k)); the experts never recover.
     """
 
     def __init__(self, channels, w_dim, z_ch):
@@ -335,8 +340,6 @@ class LGAdaIN(nn.Module):
         with torch.no_grad():
             self.global_affine.bias[:channels] = 1.0
         self.local_affine = conv3(z_ch, 2 * channels)
-        with torch.no_grad():   # start as plain AdaIN: gamma_z = 1, beta_z = 0 (our choice, as
-            self.local_affine.weight.zero_()   # StyleGAN's noise scales start at zero)
 
     def forward(self, h, z, w):
         gamma_w, beta_w = self.global_affine(w)[:, :, None, None].chunk(2, 1)   # (B, C, 1, 1)

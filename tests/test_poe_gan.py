@@ -134,6 +134,22 @@ def test_lg_adain_matches_eq5():
     assert torch.allclose(layer(h, z, w), want, atol=1e-5)
 
 
+def test_image_gradient_reaches_every_local_expert_at_init(shapes_batch):
+    """At initialisation the image must depend on z^k, so the GAN loss can teach the seg/sketch
+    experts before the KL switches them off (a zero-initialised z^k conv in LG-AdaIN blocked it)."""
+    batch, _ = shapes_batch
+    args, info, G, _ = build_tiny()
+    cond = P.Conditioner(args, info, torch.device("cpu"))(batch)
+    x, _ = G(cond, torch.ones(4, 4))
+    x.square().sum().backward()
+    for block in G.blocks:
+        for s in P.SPATIAL:
+            grad = block.experts[s].net[-1].weight.grad
+            assert grad is not None and grad.abs().sum() > 0, (block.res, s)
+    for m in G.modalities:
+        assert G.global_experts[m][-1].weight.grad.abs().sum() > 0, m
+
+
 # ---------------------------------------------------------------- discriminator (Eq. 7)
 
 def test_discriminator_logits_are_eq7():
