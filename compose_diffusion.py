@@ -108,8 +108,8 @@ PRESETS = {
                    experts="label,caption", text_encoder="tiny",
                    sampler="ddim", sample_steps=25,
                    eta=1.0,  # eta = 0 amplifies the eps errors of a 500-iteration CPU model
-                   guidance="2", reliability="uniform",
-                   log_every=50, sample_every=250, ckpt_every=250, eval_n=96),
+                   guidance="3", reliability="uniform",  # w = 3: best of 1, 2, 3 (eval)
+                   log_every=50, sample_every=250, ckpt_every=250, eval_n=256),
     # Paper §4.1 faces (hair map / skin map / text), official face UNet trunk: 256 px, 192 ch,
     # mult (1,1,2,2,4,4), 2 res blocks, attention 32/16/8 with 64-ch heads (legacy order),
     # scale-shift, resblock up/down, dropout 0, 6 output channels; linear schedule, 1000 steps;
@@ -475,17 +475,13 @@ class ClipText:
     both L2-normalised. Frozen; pretrained weights from common.CLIP (download on first use)."""
 
     def __init__(self, device):
-        if not hasattr(common, "CLIP"):
-            raise common.UserError("--text_encoder clip needs common.CLIP, which this checkout "
-                                   "lacks; use --text_encoder tiny.")
         self.model = common.CLIP("ViT-B/32", pretrained=True).to(device).eval()
         self.tokenizer = common.CLIPTokenizer()
         self.device = device
 
     @torch.no_grad()
-    def image(self, images):  # images in [-1, 1]
-        x = F.interpolate((images + 1) / 2, size=224, mode="bicubic", align_corners=False)
-        return F.normalize(self.model.encode_image(x.clamp(0, 1)).float(), dim=-1)
+    def image(self, images):  # images in [-1, 1]; encode_image resizes and normalises as CLIP
+        return F.normalize(self.model.encode_image(((images + 1) / 2).clamp(0, 1)).float(), dim=-1)
 
     @torch.no_grad()
     def text(self, captions):
@@ -1135,7 +1131,8 @@ def load_official(args, setup, device):
 
 
 def test_batch(dataset, n, device, offset=0):
-    items = [dataset[offset + k] for k in range(n)]
+    """Items offset .. offset + n - 1 as one batch (wrapping around a dataset smaller than that)."""
+    items = [dataset[(offset + k) % len(dataset)] for k in range(n)]
     batch = torch.utils.data.default_collate(items)
     return common.to_device(batch, device)
 
@@ -1198,7 +1195,7 @@ def sweep_grids(args, rt, setup, test):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation on shapes: exact toy metrics (data.py's scoring helpers, no learned network)
+# Evaluation: exact toy metrics on shapes (data.py's scoring helpers); FID and LPIPS on real data
 # ----------------------------------------------------------------------------------------------
 
 def shapes_scores(images, batch):
@@ -1225,39 +1222,58 @@ def shapes_scores(images, batch):
             "both": float((near & (fid["mode"] == batch["inst_mode"]))[valid].float().mean())}
 
 
-@torch.no_grad()
-def evaluate(args, rt, setup):
-    if args.data != "shapes":
-        raise common.UserError("--eval has exact toy metrics for --data shapes only; FID and "
-                               "LPIPS on real data are not implemented yet.")
-    test = load_dataset(args, "test")
-    w = parse_floats(args.guidance, 2, "guidance")
-    a = parse_floats(args.reliability, 2, "reliability")
-    if sorted(setup.names) != ["caption", "label"]:
-        raise common.UserError(f"--eval composes exactly the experts label and caption (plus "
-                               f"joint for the ablation); this run has {', '.join(setup.names)}.")
-    wl, wc = w[setup.names.index("label")], w[setup.names.index("caption")]
-    methods = {"label expert alone": lambda b: setup.alone("label", b, wl),
-               "caption expert alone": lambda b: setup.alone("caption", b, wc),
-               "composition (Eq. 10)": lambda b: setup.composed(b, w, a)}
+def eval_methods(setup):
+    """What --eval compares: each expert alone (classifier-free guidance), their composition
+    (Eq. 10) and, when a joint model was trained, the Table 4 ablation (both conditions in one
+    forward pass) and the same model's conditions composed."""
+    names, args = setup.names, setup.args
+    w = parse_floats(args.guidance, len(names), "guidance")
+    a = parse_floats(args.reliability, len(names), "reliability")
+    methods = {f"{n} expert alone": (lambda b, n=n, wn=wn: setup.alone(n, b, wn))
+               for n, wn in zip(names, w)}
+    if len(names) > 1:
+        methods["composition (Eq. 10)"] = lambda b: setup.composed(b, w, a)
     if "joint" in setup.experts:
         methods["joint model, usual sampling (Table 4 ablation)"] = \
-            lambda b: setup.joint_usual(b, wl)
-        methods["joint model, composed sampling"] = lambda b: setup.joint_composed(b, [wl, wc])
-    results, chunk, t0 = {}, 64, time.perf_counter()
+            lambda b: setup.joint_usual(b, w[0])
+        methods["joint model, composed sampling"] = lambda b: setup.joint_composed(b, w[:2])
+    return methods, w, a
+
+
+@torch.no_grad()
+def evaluate(args, rt, setup):
+    """shapes: exact toy metrics (shapes_scores). Real data: FID between the eval_n test images
+    and the samples for their conditions (pytorch-fid Inception), and LPIPS-alex of each sample
+    to its ground truth (the paper's Tables 1-2 protocol; lower is better). Weights download on
+    first use. Every method samples the same test items with the same seeds."""
+    test = load_dataset(args, "test")
+    n_items = min(args.eval_n, len(test))
+    methods, w, a = eval_methods(setup)
+    shapes, chunk, results, t0 = args.data == "shapes", 64, {}, time.perf_counter()
+    if not shapes:
+        inception = common.FIDInception(pretrained=True).to(rt.device)
+        lpips = common.LPIPS(net="alex", pretrained=True).to(rt.device)
+        real_batches = (test_batch(test, min(chunk, n_items - s), rt.device, s)["image"]
+                        for s in range(0, n_items, chunk))
+        real = common.inception_features(inception, ((x + 1) / 2 for x in real_batches))
     for name, make in methods.items():
-        sums, count = {}, 0
-        for start in range(0, args.eval_n, chunk):
-            n = min(chunk, args.eval_n - start)
+        sums, feats = {}, []
+        for start in range(0, n_items, chunk):
+            n = min(chunk, n_items - start)
             batch = test_batch(test, n, rt.device, offset=start)
-            images = generate(args, make(batch), n, rt.device, 1000 + start).cpu()
-            scores = shapes_scores(images, common.to_device(batch, "cpu"))
+            images = generate(args, make(batch), n, rt.device, 1000 + start).clamp(-1, 1)
+            if shapes:
+                scores = shapes_scores(images.cpu(), common.to_device(batch, "cpu"))
+            else:
+                feats.append(common.inception_features(inception, [(images + 1) / 2]))
+                scores = {"lpips_to_gt": float(lpips(images, batch["image"]).mean())}
             for k, v in scores.items():
                 sums[k] = sums.get(k, 0.0) + v * n
-            count += n
-        results[name] = {k: round(v / count, 4) for k, v in sums.items()}
+        results[name] = {k: round(v / n_items, 4) for k, v in sums.items()}
+        if not shapes:
+            results[name]["fid"] = round(common.fid(real, np.concatenate(feats)), 3)
         print(f"{name:50s} " + " ".join(f"{k}={v:.3f}" for k, v in results[name].items()))
-    out = {"n": args.eval_n, "guidance": w, "reliability": a, "sampler": args.sampler,
+    out = {"n": n_items, "guidance": w, "reliability": a, "sampler": args.sampler,
            "sample_steps": args.sample_steps, "seconds": round(time.perf_counter() - t0, 1),
            "results": results}
     with open(os.path.join(args.out_dir, "eval.json"), "w") as f:

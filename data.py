@@ -1454,6 +1454,9 @@ def preview(name, root=None, path=None, n=8, size=None):
         for c, tile in enumerate(row):
             grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
     path = path or f"/tmp/data_preview_{name}.png"
+    if os.path.isdir(path) or not os.path.splitext(path)[1]:  # a folder: name the file inside it
+        os.makedirs(path, exist_ok=True)
+        path = os.path.join(path, f"preview_{name}.png")
     Image.fromarray(grid).save(path)
     return path
 
@@ -1463,7 +1466,7 @@ def main():
     p.add_argument("--bench", action="store_true", help="items/s of the synthetic sets, one thread")
     p.add_argument("--preview", default=None, help="write a sample grid of this dataset")
     p.add_argument("--root", default=None)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="PNG path or folder (default /tmp/data_preview_NAME.png)")
     p.add_argument("--size", type=int, default=None)
     args = p.parse_args()
     if args.bench:

@@ -3,8 +3,9 @@ eps oracle, respacing, the ADM UNet's official key set and computation, training
 
 The ADM fixtures (sha256 of the ordered "key:shape" list, parameter counts, outputs under
 deterministic weights) were computed once with guided-diffusion's own create_model() (the
-guided_diffusion package of PyPI's guided-diffusion-sdk 1.0.0, a copy of openai/guided-diffusion);
-the tests need neither that package nor the network.
+guided_diffusion package of PyPI's guided-diffusion-sdk 1.0.0, a copy of openai/guided-diffusion)
+and checked again against openai/guided-diffusion's unet.py itself (bit-identical outputs, strict
+loads both ways); the tests need neither that code nor the network.
 """
 
 import hashlib
@@ -451,3 +452,29 @@ def test_official_checkpoint_joins_the_composition_with_reliability_zero(tmp_pat
     monkeypatch.setitem(cd.ADM_CONFIGS, "tiny", flags)
     with pytest.raises(common.UserError, match="does not match"):
         cd.load_official(args, setup, torch.device("cpu"))
+
+
+def test_eval_on_real_data_reports_fid_and_lpips_per_method(tmp_path, monkeypatch):
+    # a folder of two classes -> a class expert; the pretrained nets are swapped for random ones
+    # (no download), so the numbers are meaningless but the protocol runs end to end
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for sub in ("cats", "dogs"):
+        os.makedirs(tmp_path / "data" / sub)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / sub / f"{k}.png")
+    inception, lpips = common.FIDInception, common.LPIPS
+    monkeypatch.setattr(common, "FIDInception", lambda pretrained: inception(False))
+    monkeypatch.setattr(common, "LPIPS", lambda net, pretrained: lpips(net, False))
+    flags = ["--data", "folder", "--data_dir", str(tmp_path / "data"), "--size", "32",
+             "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+             "--attention_resolutions", "16", "--num_head_channels", "32", "--batch_size", "2",
+             "--iters", "1", "--sample_steps", "2", "--eval_n", "5",
+             "--out_dir", str(tmp_path / "run")]
+    cd.main(flags)
+    cd.main(flags + ["--eval"])
+    result = json.load(open(tmp_path / "run" / "eval.json"))["results"]
+    assert list(result) == ["class expert alone"]
+    assert set(result["class expert alone"]) == {"lpips_to_gt", "fid"}
+    assert all(math.isfinite(v) and v >= 0 for v in result["class expert alone"].values())
