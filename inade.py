@@ -871,6 +871,7 @@ def shapes_summary(rows):
             # the same over every visible object by its nearest mode, in tolerance or not
             "mode_coverage_nearest": data.shapes_mode_coverage(mode, cls, valid)["coverage"],
             "same_class_pairs_differ": same_class_pairs_differ(mode, cls, in_mode),
+            "same_class_pairs_differ_nearest": same_class_pairs_differ(mode, cls, valid),
         }
         if name == "recon":  # prior noise remapping: the reference's own mode comes back
             out[name]["mode_accuracy"] = (mode == true_mode)[valid].float().mean().item()
