@@ -86,7 +86,7 @@ PRESETS = {
     "shapes": dict(num_classes=None, size=32, ngf=8, ndf=16, nef=16, num_d=2, z_dim=32, noise_nc=16,
                    lr_g=4e-4, lr_d=8e-4, beta1=0.0, beta2=0.9, lambda_fm=10.0, lambda_rec=10.0,
                    lambda_kl=0.05, perceptual="l1", pretrained=0, batch_size=16,
-                   num_up="normal", aspect_ratio=1.0, iters=800, log_every=25,
+                   num_up="normal", aspect_ratio=1.0, iters=1600, log_every=25,
                    sample_every=400, ckpt_every=400, eval_n=256),
 }
 
