@@ -691,6 +691,11 @@ def evaluate(args):
         result["jaccard_vs_true_H"] = data.hshape_jaccard(fake_w, bins)     # generated vs the H
         real2_w = data.hshape_measure(real_images(load_data(args, "test"), len(real)))
         result["jaccard_real_vs_real"] = jaccard_index(real_w, real2_w, bins, max_w)  # ceiling
+        # w1 + w2 (mean, std): a generator that keeps the total white area fixed puts every
+        # sample on one anti-diagonal line of the plane (what our CPU runs do; README, Fig. 6)
+        s_real, s_fake = real_w.sum(1), fake_w.sum(1)
+        result["width_sum"] = {"real": [float(s_real.mean()), float(s_real.std())],
+                               "generated": [float(s_fake.mean()), float(s_fake.std())]}
         tiles = [density_image(density(real_w, bins, max_w)),
                  density_image(density(fake_w, bins, max_w))]
         per_mode = []

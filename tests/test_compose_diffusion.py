@@ -477,4 +477,16 @@ def test_eval_on_real_data_reports_fid_and_lpips_per_method(tmp_path, monkeypatc
     result = json.load(open(tmp_path / "run" / "eval.json"))["results"]
     assert list(result) == ["class expert alone"]
     assert set(result["class expert alone"]) == {"lpips_to_gt", "fid"}
-    assert all(math.isfinite(v) and v >= 0 for v in result["class expert alone"].values())
+    assert all(math.isfinite(v) and v > 0 for v in result["class expert alone"].values())
+    # the protocol itself: a sampler that returns each item's own ground truth scores FID 0 and
+    # LPIPS 0 (same items, same pairing); the same images in another order keep FID 0 (up to the
+    # float32 rounding of a 2048-d covariance of 5 images) but not LPIPS
+    test = cd.load_dataset(common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion",
+                                             "folder", flags), "test")
+    for shift, lpips_zero in ((0, True), (1, False)):
+        monkeypatch.setattr(cd, "generate", lambda args, comp, n, device, seed: cd.test_batch(
+            test, n, device, (seed - 1000 + shift) % n)["image"])
+        cd.main(flags + ["--eval"])
+        got = json.load(open(tmp_path / "run" / "eval.json"))["results"]["class expert alone"]
+        assert got["fid"] < 1e-3 * result["class expert alone"]["fid"]
+        assert (got["lpips_to_gt"] == 0) == lpips_zero

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
 import ummgan  # noqa: E402
 
 TINY = ["--size", "16", "--style_dim", "16", "--max_channels", "16", "--channel_base", "128"]
@@ -314,4 +315,9 @@ def test_sample_and_eval_write_the_controls(tmp_path, capsys):
     result = json.load(open(os.path.join(out, "eval.json")))
     assert 0 <= result["jaccard"] <= 1 and result["fid"] is None
     assert result["jaccard_real_vs_real"] > result["jaccard"]
+    real_sum = data.hshape_measure(ummgan.real_images(ummgan.load_data(
+        common.parse_args(ummgan.build_parser(), ummgan.PRESETS, "ummgan", "hshape",
+                          RUN + ["--out_dir", out])), 200)).sum(1)
+    assert result["width_sum"]["real"] == pytest.approx([float(real_sum.mean()),
+                                                         float(real_sum.std())], rel=1e-5)
     assert os.path.exists(os.path.join(out, "densities.png"))
