@@ -334,8 +334,9 @@ class LGAdaIN(nn.Module):
     The z^k conv keeps its ordinary N(0, 1) equalised-lr init (as SPADE's). It must not start at
     zero: then z^k has no effect on the image, the GAN gives the local experts no gradient, and the
     KL (Eq. 9), which acts from the first step, switches the seg/sketch experts off (log-variance
-    +5..+9, under 1% of the precision) long before the zero weights have grown (equalised lr: an
-    Adam step moves the effective weight by lr / sqrt(9 c_k)); the experts never recover.
+    +2.5..+8 vs the prior's -0.9: 0.1-4% of the precision) long before the zero weights have
+    grown (equalised lr: an Adam step moves the effective weight by lr / sqrt(9 c_k)); the
+    experts never recover.
     """
 
     def __init__(self, channels, w_dim, z_ch):
