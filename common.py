@@ -235,6 +235,51 @@ def reduce_mean(value, rt):
     return t.item() / rt.world_size
 
 
+def bench_training(args, rt, make_step, warmup=3):
+    """--bench N: images/s and peak memory of N training steps, float32 eager first as the
+    baseline, then the asked --dtype / --compile, in one process (CONVENTIONS: ratios in one run).
+    make_step(run) builds fresh networks for Runtime `run` and returns a no-argument step that
+    trains on one fixed batch of args.batch_size images. Prints one JSON line per configuration,
+    then a summary line; returns the summary."""
+    import resource
+    configs = [("float32", False)]
+    if (args.dtype, args.compile) != ("float32", False):
+        configs.append((args.dtype, args.compile))
+    cuda = rt.device.type == "cuda"
+    rows = []
+    for dtype, compile_model in configs:
+        torch.manual_seed(args.seed)
+        step = make_step(Runtime(rt.device, getattr(torch, dtype)), compile_model)
+        for _ in range(warmup):  # cudnn autotuning, compilation
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.bench):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        else:  # the process's peak resident memory so far (Linux reports KiB)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        seconds = time.perf_counter() - t0
+        rows.append(dict(dtype=dtype, compile=compile_model,
+                         img_per_s=round(args.bench * args.batch_size / seconds, 2),
+                         ms_per_step=round(1000 * seconds / args.bench, 1),
+                         peak_mem_gib=round(peak, 3)))
+        print(json.dumps(rows[-1]), flush=True)
+        del step
+        if cuda:
+            torch.cuda.empty_cache()
+    rows[-1]["speedup_vs_fp32_eager"] = round(rows[-1]["img_per_s"] / rows[0]["img_per_s"], 3)
+    summary = {"bench": rows, "data": args.data, "batch_size": args.batch_size,
+               "size": args.size, "device": torch.cuda.get_device_name(rt.device) if cuda
+               else "cpu", "threads": torch.get_num_threads()}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 # ----------------------------------------------------------------------------------------------
 # Data feeding: an endless, resumable stream of batches
 # ----------------------------------------------------------------------------------------------

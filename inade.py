@@ -34,7 +34,6 @@ Map of this file:
 
 import json
 import os
-import time
 
 import numpy as np
 import torch
@@ -907,9 +906,8 @@ def synthetic_batch(args, n, device):
 
 
 def bench(args):
-    """img/s and peak memory of training steps: float32 eager as the baseline, then the asked
-    --dtype / --compile, in the same process on the same batch."""
-    import resource
+    """--bench N: training steps on one fixed batch (common.bench_training: fp32 eager, then the
+    asked --dtype / --compile)."""
     rt = common.setup_runtime(args)
     if args.data == "shapes":  # built-in: time on its real layouts (1-4 objects)
         ds = load_data(args, "train")
@@ -918,39 +916,16 @@ def bench(args):
             [ds[i] for i in range(args.batch_size)]), rt.device)
     else:
         batch = synthetic_batch(args, args.batch_size, rt.device)
-    configs = [("float32", False)]
-    if (args.dtype, args.compile) != ("float32", False):
-        configs.append((args.dtype, args.compile))
-    rows = []
-    for dtype, compile_model in configs:
-        torch.manual_seed(args.seed)
-        run = common.Runtime(rt.device, getattr(torch, dtype))
+
+    def make_step(run, compile_model):
         G, E, D = [common.prepare_model(m, run, compile_model, ddp=False) for m in build_models(args)]
         rec = ReconstructionLoss(args.perceptual, args.pretrained).to(rt.device)
         opt_g = torch.optim.Adam(list(G.parameters()) + list(E.parameters()), args.lr_g,
                                  betas=(args.beta1, args.beta2))
         opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
-        step = lambda: train_step(args, run, G, E, D, rec, opt_g, opt_d, batch)
-        for _ in range(3):  # warm-up (and compilation)
-            step()
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.bench):
-            step()
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30
-        else:  # the process's peak resident memory so far (Linux reports KiB)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        ips = args.bench * args.batch_size / (time.perf_counter() - t0)
-        rows.append(dict(dtype=dtype, compile=compile_model, img_per_s=round(ips, 2),
-                         peak_mem_gib=round(peak, 3)))
-        print(json.dumps(rows[-1]))
-    rows[-1]["speedup_vs_fp32_eager"] = round(rows[-1]["img_per_s"] / rows[0]["img_per_s"], 3)
-    print(json.dumps({"bench": rows, "device": str(rt.device), "batch_size": args.batch_size,
-                      "size": list(gen_hw(args)), "threads": torch.get_num_threads()}))
+        return lambda: train_step(args, run, G, E, D, rec, opt_g, opt_d, batch)
+
+    common.bench_training(args, rt, make_step)
 
 
 def main(argv=None):

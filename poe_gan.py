@@ -33,6 +33,7 @@ Map of this file:
     python poe_gan.py --eval                       # per-subset metrics -> eval.json
     python poe_gan.py --data mm-celeba-hq          # paper scale, 256x256, text + seg + sketch
     python poe_gan.py --data coco-stuff --dry_run  # parameter counts
+    python poe_gan.py --data mm-celeba-hq --bench 16 --dtype bfloat16  # img/s, memory
 """
 
 import itertools
@@ -123,6 +124,8 @@ def build_parser():
                    help="features of the image contrastive loss: VGG-19 relu5_1 or 8x8 pixels")
     p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
                    help="1: frozen CLIP text tower, VGG, Inception, LPIPS (download once)")
+    p.add_argument("--bench", type=int, default=None,
+                   help="time N training steps on one batch (fp32 eager vs --dtype/--compile)")
     return p
 
 
@@ -617,13 +620,13 @@ class Conditioner:
     """Turns a batch into the networks' inputs: one-hot labels, sketches, style images and text
     (byte tokens for the small towers, frozen CLIP features otherwise)."""
 
-    def __init__(self, args, info, device):
+    def __init__(self, args, info, device, weights=True):
         self.modalities, self.num_classes, self.device = info["modalities"], info["num_classes"], device
         self.clip, self.tokenizer = None, None
         if "text" in self.modalities:
-            if args.pretrained:
-                self.clip = common.CLIP("ViT-B/32", pretrained=True, vision=False).to(device)
-                self.tokenizer = common.CLIPTokenizer()
+            if args.pretrained:   # weights=False: same tower, random weights (--bench, offline)
+                self.clip = common.CLIP("ViT-B/32", pretrained=weights, vision=False).to(device)
+                self.tokenizer = common.CLIPTokenizer(bpe_path=None if weights else "")
             else:
                 self.tokenizer = byte_tokenizer()
 
@@ -701,8 +704,9 @@ def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, vgg):
     r1 = zero
     if args.r1_gamma > 0 and it % args.r1_every == 0:
         real_r1 = real.detach().requires_grad_(True)
-        with rt.autocast():
-            logits, _ = D(real_r1, cond, mask, encoded)
+        # float32 even under --dtype bfloat16: R1's double backward through bf16 convolutions
+        # took 4.5x the float32 time on an H200 (cuDNN; measured with ummgan.py, README).
+        logits, _ = D(real_r1, cond, mask, encoded)
         r1 = common.r1_penalty(r1_score(logits).float(), real_r1)
         total_d = total_d + args.r1_gamma / 2 * r1 * args.r1_every      # lazy: scaled by interval
     opt_d.zero_grad(set_to_none=True)
@@ -732,10 +736,11 @@ def config_of(args):
             if k not in ("resume", "sample", "eval", "dry_run", "device", "num_workers")}
 
 
-def make_vgg(args, device):
+def make_vgg(args, device, weights=True):
     if args.cx_features == "pixels":
         return None
-    return common.VGG19(pretrained=bool(args.pretrained)).to(device).eval().requires_grad_(False)
+    return common.VGG19(pretrained=bool(args.pretrained) and weights).to(device).eval() \
+        .requires_grad_(False)
 
 
 def train(args):
@@ -777,6 +782,38 @@ def train(args):
         if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
             common.save_checkpoint(ckpt_path, "poe_gan", config_of(args), done, objects)
     log.close()
+
+
+def bench(args):
+    """--bench N: training steps on one fixed batch (common.bench_training). shapes times its own
+    items; the paper sets a synthetic batch of their shapes (random label cells, sketch = their
+    edges, one caption repeated) with the frozen networks at random weights (no download)."""
+    rt = common.setup_runtime(args)
+    info = dataset_info(args)
+    B, S = args.batch_size, args.size
+    if args.data == "shapes":
+        ds = load_data(args)
+        batch = torch.utils.data.default_collate([ds[i % len(ds)] for i in range(B)])
+    else:
+        g = torch.Generator().manual_seed(0)
+        cells = torch.randint(0, info["num_classes"], (B, 1, 8, 8), generator=g).float()
+        label = F.interpolate(cells, size=(S, S), mode="nearest")[:, 0].long()
+        batch = dict(image=torch.rand(B, 3, S, S, generator=g) * 2 - 1, label=label,
+                     sketch=data.instance_edges(label)[:, None].float(),
+                     caption=["This woman has wavy black hair and is smiling."] * B)
+    batch = common.to_device(batch, rt.device)
+    cond = Conditioner(args, info, rt.device, weights=False)(batch)
+    vgg = make_vgg(args, rt.device, weights=False)
+
+    def make_step(run, compile_model):
+        G, D = (common.prepare_model(m, run, compile_model, ddp=False) for m in build(args, info))
+        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+        it = iter(range(10 ** 9))   # a real iteration count, so lazy R1 runs every r1_every
+        return lambda: train_step(G, D, opt_g, opt_d, batch["image"], cond, next(it), args, run,
+                                  vgg)
+
+    common.bench_training(args, rt, make_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -992,6 +1029,8 @@ def main(argv=None):
             print("text: frozen CLIP ViT-B/32 text tower, not counted in G or D")
         common.print_dry_run(nets)
         return
+    if args.bench:
+        return bench(args)
     if args.sample:
         return sample(args)
     if args.eval:

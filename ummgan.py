@@ -31,8 +31,10 @@ Map of this file:
     python ummgan.py --eval                           # Jaccard index (hshape) / FID -> eval.json
     python ummgan.py --data folder --data_dir data/cats_dogs --K 2   # paper scale, 128x128
     python ummgan.py --data folder --dry_run --K 4    # parameter counts, added params vs K = 1
+    python ummgan.py --data folder --bench 20 --dtype bfloat16  # img/s, memory at 128x128
 """
 
+import contextlib
 import json
 import math
 import os
@@ -112,6 +114,8 @@ def build_parser():
     p.add_argument("--eval_n", type=int, default=None, help="images per side for --eval")
     p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
                    help="FID with the pretrained Inception (downloads once)")
+    p.add_argument("--bench", type=int, default=None,
+                   help="time N training steps at --size (fp32 eager vs --dtype/--compile)")
     p.add_argument("--chars", default=None,
                    help="letters: the characters, e.g. AB (Fig. 7), ABC, or all (the 62 of Fig. 9)")
     return p
@@ -401,8 +405,11 @@ def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
     with torch.no_grad(), rt.autocast():
         fake = G(step=step, alpha=alpha, modes=modes, **sample_styles_args(g, B, args, rt.device))
     real.requires_grad_(args.r1_gamma > 0)
-    with rt.autocast():
+    # With R1 on, D sees the real images in float32 even under --dtype bfloat16: R1's double
+    # backward through bf16 convolutions took 4.5x the float32 time on an H200 (cuDNN; README).
+    with rt.autocast() if args.r1_gamma == 0 else contextlib.nullcontext():
         real_logit, real_cls = D(real, step, alpha)
+    with rt.autocast():
         fake_logit, _ = D(fake.detach(), step, alpha)
         loss_d = common.ns_d_loss(real_logit, fake_logit)
         cls_d = smm_class_loss(real_cls, labels) if smm else torch.zeros(())
@@ -744,11 +751,38 @@ def dry_run(args):
     common.print_dry_run({"G": G, "D": D})
 
 
+def bench(args):
+    """--bench N: training steps at the full --size (no growing) on one fixed batch of random
+    images (the built-in sets: their own images), via common.bench_training."""
+    rt = common.setup_runtime(args)
+    args.progressive = 0                      # time the final resolution, alpha = 1
+    if args.data == "folder":
+        args.channels = image_channels(args)
+        images = torch.rand(args.batch_size, args.channels, args.size, args.size) * 2 - 1
+        labels = torch.randint(0, args.K, (args.batch_size,))
+    else:
+        ds = load_data(args)
+        batch = torch.utils.data.default_collate([ds[i] for i in range(args.batch_size)])
+        images, labels = batch["image"], batch.get("class")
+    images = images.to(rt.device)
+    labels = None if labels is None else labels.to(rt.device)
+
+    def make_step(run, compile_model):
+        G, D = (common.prepare_model(m, run, compile_model, ddp=False) for m in build(args))
+        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+        return lambda: train_step(G, D, opt_g, opt_d, images, labels, 0, args, run)
+
+    common.bench_training(args, rt, make_step)
+
+
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv)
     check_args(args)
     if args.dry_run:
         dry_run(args)
+    elif args.bench:
+        bench(args)
     elif args.sample:
         sample(args)
     elif args.eval:

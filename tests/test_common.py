@@ -56,6 +56,27 @@ def test_dry_run_prints_exact_counts_as_last_line(capsys):
         {"params": {"G": 3 * 5 + 5, "D": 2 * 4 * 9 + 4}}
 
 
+def test_bench_training_times_float32_then_the_asked_dtype(capsys):
+    """--bench: fresh networks per configuration, warm-up then N timed steps each, float32 eager
+    first as the baseline, the summary last with the speed-up."""
+    import argparse
+    args = argparse.Namespace(bench=2, batch_size=4, dtype="bfloat16", compile=False, seed=0,
+                              data="toy", size=8)
+    made, calls = [], []
+
+    def make_step(run, compile_model):
+        made.append((run.dtype, compile_model))
+        return lambda: calls.append(run.dtype)
+
+    summary = common.bench_training(args, common.Runtime(torch.device("cpu"), torch.float32),
+                                    make_step)
+    assert made == [(torch.float32, False), (torch.bfloat16, False)]
+    assert calls == [torch.float32] * 5 + [torch.bfloat16] * 5      # 3 warm-up + 2 timed each
+    assert [r["dtype"] for r in summary["bench"]] == ["float32", "bfloat16"]
+    assert "speedup_vs_fp32_eager" in summary["bench"][-1]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches, checkpoints, resume
 # ---------------------------------------------------------------------------------------------

@@ -293,6 +293,16 @@ def run_main(argv, capsys):
     return code, out.out, out.err
 
 
+def test_bench_runs_the_training_step_on_shapes_and_on_a_synthetic_paper_batch(capsys):
+    for extra in ([], ["--data", "mm-celeba-hq", "--text_width", "0", "--pretrained", "1",
+                       "--cx_features", "pixels"]):
+        code, out, err = run_main(TINY + ["--bench", "1", "--dtype", "bfloat16"] + extra, capsys)
+        assert code == 0, err
+        rows = json.loads(out.strip().splitlines()[-1])["bench"]
+        assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+        assert all(r["img_per_s"] > 0 for r in rows)
+
+
 def test_dry_run_parameter_counts(capsys):
     code, out, _ = run_main(["--dry_run"], capsys)
     assert code == 0

@@ -285,6 +285,13 @@ def run_cli(argv, capsys):
     return err
 
 
+def test_bench_times_training_at_full_size(capsys):
+    for extra in ([], ["--data", "folder", "--mode", "smm", "--K", "2"]):
+        ummgan.main(["--bench", "1", "--batch_size", "4", *RUN_TINY, *extra])
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["size"] == 32 and summary["bench"][0]["img_per_s"] > 0
+
+
 def test_bad_input_gives_one_sentence_and_exit_2(tmp_path, capsys):
     assert "--K must be at least 1" in run_cli(["--K", "0", "--dry_run"], capsys)
     assert "power of two" in run_cli(["--size", "24", "--dry_run"], capsys)
