@@ -83,7 +83,10 @@ CPU = dict(               # our choice throughout: what learns in minutes on 2 C
     sample_every=250, ckpt_every=250, log_every=25, chars=None,
 )
 PRESETS = {
-    "hshape": dict(CPU),                         # Fig. 6 (paper: K = 3, 10,000 samples)
+    # Fig. 6 (paper: K = 3, 10,000 samples). No style mixing here (our choice): the image mean is
+    # set by the last AdaIN's bias alone (see Generator.synthesis), so with mixing it comes from
+    # z2 while the layout comes from z, and G learns to keep w1 + w2 constant (README, Fig. 6).
+    "hshape": dict(CPU, mixing_prob=0.0),
     "letters": dict(CPU, K=2, chars="AB"),       # Fig. 7/8 letters 'A'/'B' (paper: 64x64 grey)
     "folder": dict(PAPER),                       # Cats & Dogs (K=2), Cars (K=4), LSUN (K=16)
 }
@@ -274,6 +277,8 @@ class Generator(nn.Module):
                 prev = x
             x = self.layers[2 * s](x, styles[:, 2 * s], noise_off)
             x = self.layers[2 * s + 1](x, styles[:, 2 * s + 1], noise_off)
+        # The image is a 1x1 conv of the last AdaIN's output, whose spatial mean per channel is
+        # exactly that AdaIN's bias: the image mean is a linear function of the last style alone.
         img = self.to_rgb[step](x)
         if prev is not None:
             skip = F.interpolate(self.to_rgb[step - 1](prev), scale_factor=2, mode="nearest")

@@ -285,6 +285,20 @@ def run_cli(argv, capsys):
     return err
 
 
+def test_image_mean_depends_on_the_last_style_only():
+    """Why style mixing hurts on hshape: the last AdaIN sets each channel's spatial mean to its
+    bias, and to_rgb is linear, so with the last style from z2 the image mean ignores z."""
+    args, G, _ = build("--K", "2")
+    gen = torch.Generator().manual_seed(0)
+    z1, z1b, z2 = (torch.randn(4, args.style_dim, generator=gen) for _ in range(3))
+    last = G.n_styles - 1
+    with torch.no_grad():
+        a = G(z=z1, z2=z2, crossover=last)
+        b = G(z=z1b, z2=z2, crossover=last)
+    assert (a - b).abs().mean() > 1e-2                        # z changes the image ...
+    torch.testing.assert_close(a.mean((1, 2, 3)), b.mean((1, 2, 3)), atol=1e-5, rtol=0)  # ... not its mean
+
+
 def test_bench_times_training_at_full_size(capsys):
     for extra in ([], ["--data", "folder", "--mode", "smm", "--K", "2"]):
         ummgan.main(["--bench", "1", "--batch_size", "4", *RUN_TINY, *extra])
