@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -83,14 +84,16 @@ PAPER = dict(             # MM-CelebA-HQ 256x256 (Table 3) unless a dataset over
 )
 CPU = dict(               # our choice throughout: what learns in minutes on 2 CPU cores
     size=32, ch_base=512, ch_max=32, z_base=64, z_max=8, feat_dim=64, z0_dim=32, w_dim=64,
-    text_width=64,        # a small CLIP-shaped text tower trained with the model (no download)
+    text_width=64,        # a small CLIP-shaped text tower trained with the model, on the words of
+                          # the shapes captions (WordTokenizer; no download)
     batch_size=8, lr=0.002, r1_gamma=1.0, r1_every=16, ema_decay=0.99,
     w_text=0.05, w_seg=0.1, w_style=0.01, lambda_cx=3.0, lambda_cy=0.3, tau=0.3,  # supp
     w_sketch=0.1,         # supp gives 1 (landscape 1024 config). On shapes the sketch is nearly the
                           # label map's outline, and at 10x seg's weight the KL switched the sketch
                           # expert off on one of two seeds at this budget (sketch F1 0.396 vs 0.395
                           # unconditional); seg's 0.1 keeps it on (0.51-0.62 vs 0.42): our choice
-    dropout_p=0.5, kl_warmup=0, cx_features="pixels", pretrained=0, iters=1000, eval_n=256,
+    dropout_p=0.5, kl_warmup=0, pretrained=0, iters=1000, eval_n=256,
+    cx_features="random+pixels",  # offline stand-in for pooled VGG features (see image_features)
     sample_every=250, ckpt_every=250, log_every=25,
 )
 PRESETS = {
@@ -120,8 +123,10 @@ def build_parser():
     for name in ("lr", "r1_gamma", "ema_decay", "w_text", "w_seg", "w_sketch", "w_style",
                  "lambda_cx", "lambda_cy", "tau", "dropout_p"):
         p.add_argument(f"--{name}", type=float, default=None)
-    p.add_argument("--cx_features", default=None, choices=["vgg", "pixels"],
-                   help="features of the image contrastive loss: VGG-19 relu5_1 or 8x8 pixels")
+    p.add_argument("--cx_features", default=None,
+                   choices=["vgg", "pixels", "random", "random+pixels"],
+                   help="features of the image contrastive loss (see image_features): pooled VGG-19 "
+                        "relu5_1, the image at 8x8, pooled fixed random conv features, or both")
     p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
                    help="1: frozen CLIP text tower, VGG, Inception, LPIPS (download once)")
     p.add_argument("--bench", type=int, default=None,
@@ -280,18 +285,73 @@ def byte_tokenizer():
     return common.CLIPTokenizer(bpe_path="", context_length=SMALL_TEXT["context_length"])
 
 
+# The words data.shapes_caption writes around the colour and shape names ("a red circle above a
+# blue striped diamond and a ..."); tests/test_poe_gan.py checks that no shapes caption has others.
+SHAPES_CAPTION_WORDS = ("a", "and", "above", "below", "left", "right", "of", "striped")
+
+
+class WordTokenizer:
+    """A word vocabulary of the built-in shapes captions for the small offline text tower (our
+    choice; the paper uses CLIP's BPE and its frozen tower). Measured: on byte-level tokens the
+    tower, trained from scratch with the GAN, had not learned the colour words in 1,000 iterations
+    (text alone did not steer the colours); with one id per word it only has to learn what each
+    id means.
+
+    Same call as common.CLIPTokenizer: list of str -> LongTensor (N, context_length) holding SOT,
+    the word ids, EOT, then zero padding. Ids: 0 padding, 1 <unk> (any word outside the
+    vocabulary), the words, then SOT and EOT as the two largest ids, so that CLIP's text tower
+    pools at EOT (the largest id of each row) exactly as with CLIP's own tokenizer. The vocabulary
+    is built deterministically from data.py's colour and shape names."""
+
+    def __init__(self, words, context_length):
+        self.vocab = ["<pad>", "<unk>"] + sorted(set(words)) + ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {w: i for i, w in enumerate(self.vocab)}
+        self.unk, self.sot, self.eot = 1, len(self.vocab) - 2, len(self.vocab) - 1
+        self.vocab_size, self.context_length = len(self.vocab), context_length
+
+    def encode(self, text):
+        """One string -> list of word ids (no SOT/EOT): lower case, runs of letters are words,
+        every other non-space character is a word of its own."""
+        words = re.findall(r"[a-z]+|[^\sa-z]", text.lower())
+        return [self.encoder.get(w, self.unk) for w in words]
+
+    def __call__(self, texts, context_length=None, truncate=False):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        length = context_length or self.context_length
+        out = torch.zeros(len(texts), length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.sot] + self.encode(text) + [self.eot]
+            if len(ids) > length:
+                if not truncate:
+                    raise common.UserError(f"The text {text[:40]!r} is {len(ids)} words long with "
+                                           f"its start and end marks; the context holds {length}.")
+                ids = ids[:length - 1] + [self.eot]
+            out[row, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+def text_tokenizer(args):
+    """The small tower's tokenizer: shapes captions' words on the built-in set, CLIP's byte-level
+    tokens elsewhere (real captions have an open vocabulary)."""
+    if args.data == "shapes":
+        words = list(data.SHAPES_COLOURS) + data.SHAPES_CLASSES[1:] + list(SHAPES_CAPTION_WORDS)
+        return WordTokenizer(words, SMALL_TEXT["context_length"])
+    return byte_tokenizer()
+
+
 class TextEncoder(nn.Module):
     """Text -> feature vector: CLIP text features -> 4-layer MLP of width feat_dim (supp: frozen
     CLIP text encoder + 4-layer MLP of width 512). With --pretrained 1 the features come from the
     frozen ViT-B/32 text tower, computed once outside (Conditioner); offline (text_width > 0) this
-    module owns a small randomly initialised CLIP-shaped text tower on byte-level tokens, trained
-    with the network (our stand-in: it knows no language beyond the captions it is trained on)."""
+    module owns a small randomly initialised CLIP-shaped text tower, trained with the network, on
+    the words of the shapes captions (WordTokenizer) or, on other data, on byte-level tokens (our
+    stand-in: it knows no language beyond the captions it is trained on)."""
 
     def __init__(self, args, feat_dim):
         super().__init__()
         self.tower = None
         if args.text_width:
-            self.tower = common.CLIP.small(byte_tokenizer().vocab_size, width=args.text_width,
+            self.tower = common.CLIP.small(text_tokenizer(args).vocab_size, width=args.text_width,
                                            embed_dim=args.text_width, **SMALL_TEXT)
             self.tower.logit_scale.requires_grad_(False)                 # unused here
         self.mlp = mlp([args.text_width or 512] + [feat_dim] * 4)        # CLIP ViT-B/32: 512
@@ -562,12 +622,45 @@ def kl_loss(kls, mask, modalities, args):
     return total
 
 
-def image_features(x, vgg):
-    """E_vgg for Eq. (11): VGG-19 relu5_1, global-average pooled (supp); or, offline on the CPU,
-    the image average-pooled to 8x8 (our stand-in, says nothing about semantics)."""
-    if vgg is None:
-        return F.adaptive_avg_pool2d(x, 8).flatten(1)
-    return vgg((x + 1) / 2, ["relu5_1"])["relu5_1"].mean((2, 3))
+class RandomConvFeatures(nn.Module):
+    """Offline stand-in for the pooled VGG features of Eq. (11) (our choice; no pretrained VGG on
+    the CPU preset): a fixed two-layer conv net with seeded random weights (never trained), its
+    ReLU features average-pooled over all locations as the VGG relu5_1 features are (supp). They
+    say what is drawn (colours, edges, stripes), not where."""
+
+    def __init__(self, channels, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w1 = torch.randn(32, channels, 3, 3, generator=g) / math.sqrt(9 * channels)
+        w2 = torch.randn(64, 32, 3, 3, generator=g) / math.sqrt(9 * 32)      # (out, in, 3, 3)
+        self.register_buffer("w1", w1)
+        self.register_buffer("w2", w2)
+
+    def forward(self, x):                                                # (B, C, H, W) in [-1, 1]
+        h = F.relu(F.conv2d(x, self.w1, padding=1))
+        h = F.relu(F.conv2d(F.avg_pool2d(h, 2), self.w2, padding=1))
+        return h.mean((2, 3))                                            # (B, 64)
+
+
+def image_features(x, net, kind):
+    """E_vgg for Eq. (11), by --cx_features (net: make_image_net's):
+      vgg            VGG-19 relu5_1, global-average pooled (supp)
+      pixels         the image average-pooled to 8x8 (says where the colours are)
+      random         RandomConvFeatures (what is drawn, not where)
+      random+pixels  both, each part unit length, so the cosine of Eq. (10) is the mean of the two
+    The three offline ones are our stand-ins and know nothing of semantics. Measured on shapes
+    (README): "pixels" alone, for a modality that gives no layout (style, text), makes the faint
+    average of all layouts the contrastive optimum (style alone gave faint haze); "random" alone
+    leaves the label map and sketch to the GAN loss, which at the CPU budget did not learn them on
+    one of two seeds; "random+pixels" is the CPU preset's."""
+    if kind == "vgg":
+        return net((x + 1) / 2, ["relu5_1"])["relu5_1"].mean((2, 3))
+    parts = []
+    if kind in ("random", "random+pixels"):
+        parts.append(net(x))
+    if kind in ("pixels", "random+pixels"):
+        parts.append(F.adaptive_avg_pool2d(x, 8).flatten(1))
+    return parts[0] if len(parts) == 1 else torch.cat([F.normalize(p, dim=1) for p in parts], 1)
 
 
 def masked_contrastive(u, v, keep, tau):
@@ -628,7 +721,7 @@ class Conditioner:
                 self.clip = common.CLIP("ViT-B/32", pretrained=weights, vision=False).to(device)
                 self.tokenizer = common.CLIPTokenizer(bpe_path=None if weights else "")
             else:
-                self.tokenizer = byte_tokenizer()
+                self.tokenizer = text_tokenizer(args)
 
     @torch.no_grad()
     def text(self, captions):
@@ -658,7 +751,7 @@ def dropout_mask(batch, n_modalities, p, device):
     return (torch.rand(batch, n_modalities, device=device) >= p).float()
 
 
-def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, vgg):
+def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
     """One iteration (Eq. 14): the fakes are drawn once (as pix2pixHD), G steps against the current
     D, then D steps on the same fakes, detached. Returns the logged scalars."""
     g, d = common.unwrap(G), common.unwrap(D)
@@ -680,8 +773,9 @@ def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, vgg):
         if args.kl_warmup:   # optional NVAE-style warm-up (our addition, off in every preset)
             kl = kl * min(1.0, it / args.kl_warmup)
         any_given = mask.sum(1) > 0     # the real image is a positive only if something was given
-        cx = masked_contrastive(image_features(real, vgg), image_features(fake, vgg),
-                                any_given, args.tau)
+        cx = masked_contrastive(image_features(real, image_net, args.cx_features),
+                                image_features(fake, image_net, args.cx_features), any_given,
+                                args.tau)
         cy_g = (masked_contrastive(fake_emb["image"], fake_emb["text"], has_text, args.tau)
                 if "text" in mods else zero)
     total_g = loss_g + kl + args.lambda_cx * cx + args.lambda_cy * cy_g
@@ -736,11 +830,15 @@ def config_of(args):
             if k not in ("resume", "sample", "eval", "dry_run", "device", "num_workers")}
 
 
-def make_vgg(args, device, weights=True):
+def make_image_net(args, device, weights=True):
+    """The network behind image_features: VGG-19 (--cx_features vgg), the fixed random conv net
+    (random, random+pixels) or none (pixels)."""
+    if args.cx_features == "vgg":
+        return common.VGG19(pretrained=bool(args.pretrained) and weights).to(device).eval() \
+            .requires_grad_(False)
     if args.cx_features == "pixels":
         return None
-    return common.VGG19(pretrained=bool(args.pretrained) and weights).to(device).eval() \
-        .requires_grad_(False)
+    return RandomConvFeatures(dataset_info(args)["channels"]).to(device)
 
 
 def train(args):
@@ -760,7 +858,7 @@ def train(args):
     ema.model.to(rt.device)
     Gt = common.prepare_model(G, rt, args.compile)
     Dt = common.prepare_model(D, rt, args.compile)
-    vgg = make_vgg(args, rt.device)
+    image_net = make_image_net(args, rt.device)
     cond_of = Conditioner(args, info, rt.device)
     stream = common.batch_stream(ds, rt.local_batch(args.batch_size), rt, args.seed, start,
                                  args.num_workers)
@@ -769,7 +867,8 @@ def train(args):
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     for it in range(start, args.iters):
         batch = common.to_device(next(stream), rt.device)
-        stats = train_step(Gt, Dt, opt_g, opt_d, batch["image"], cond_of(batch), it, args, rt, vgg)
+        stats = train_step(Gt, Dt, opt_g, opt_d, batch["image"], cond_of(batch), it, args, rt,
+                           image_net)
         ema.update(G)
         done = it + 1
         log.step(args.batch_size)
@@ -803,15 +902,15 @@ def bench(args):
                      caption=["This woman has wavy black hair and is smiling."] * B)
     batch = common.to_device(batch, rt.device)
     cond = Conditioner(args, info, rt.device, weights=False)(batch)
-    vgg = make_vgg(args, rt.device, weights=False)
+    image_net = make_image_net(args, rt.device, weights=False)
 
     def make_step(run, compile_model):
         G, D = (common.prepare_model(m, run, compile_model, ddp=False) for m in build(args, info))
         opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
-        it = iter(range(10 ** 9))   # a real iteration count, so lazy R1 runs every r1_every
-        return lambda: train_step(G, D, opt_g, opt_d, batch["image"], cond, next(it), args, run,
-                                  vgg)
+        counter = itertools.count()   # iterations 0, 1, ...: lazy R1 runs every r1_every-th
+        return lambda: train_step(G, D, opt_g, opt_d, batch["image"], cond, next(counter), args,
+                                  run, image_net)
 
     common.bench_training(args, rt, make_step)
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import data
@@ -177,6 +178,76 @@ def test_discriminator_logits_are_eq7():
     assert [f.shape[-1] for f in logits[:-1]] == [16, 8, 4]     # multiscale (Fig. 5c)
 
 
+# ---------------------------------------------------------------- image contrastive features
+
+def test_offline_image_features_are_fixed_and_pooled_over_locations():
+    net = P.RandomConvFeatures(3)
+    assert list(net.parameters()) == [] and torch.equal(net.w1, P.RandomConvFeatures(3).w1)
+    def square(colour, y, x):                            # a flat square on a zero background
+        img = torch.zeros(1, 3, 32, 32)
+        img[0, :, y:y + 8, x:x + 8] = torch.tensor(colour)[:, None, None]
+        return img
+    red, red_moved, blue = square((1, -1, -1), 4, 4), square((1, -1, -1), 18, 12), \
+        square((-1, -1, 1), 4, 4)
+    f = {k: net(v)[0] for k, v in (("red", red), ("moved", red_moved), ("blue", blue))}
+    assert f["red"].shape == (64,)
+    assert torch.allclose(f["red"], f["moved"], atol=1e-6)      # where it is drawn: no matter
+    assert F.cosine_similarity(f["red"], f["blue"], dim=0) < 0.9   # what colour: matters
+    # so with "random" the contrastive loss of Eq. (11) cannot tell a moved copy from the image
+    x, y = torch.cat([red, blue]), torch.cat([red_moved, blue])
+    loss = lambda a, b, kind: P.masked_contrastive(                    # noqa: E731
+        P.image_features(a, net, kind), P.image_features(b, net, kind), torch.ones(2), 0.3)
+    assert torch.allclose(loss(x, y, "random"), loss(x, x, "random"))
+    assert loss(x, y, "pixels") > loss(x, x, "pixels") + 0.1             # "pixels" can
+    both = P.image_features(x, net, "random+pixels")                    # the CPU preset's
+    assert both.shape == (2, 64 + 3 * 64)
+    assert torch.allclose(both[:, :64].norm(dim=1), torch.ones(2))
+    assert torch.allclose(both[:, 64:].norm(dim=1), torch.ones(2))
+    assert loss(x, x, "random+pixels") < loss(x, y, "random+pixels") < loss(x, y, "pixels")
+    assert tiny_args().cx_features == "random+pixels"
+
+
+# ---------------------------------------------------------------- offline text tokenizer
+
+def test_word_tokenizer_known_ids_unknown_words_padding_and_truncation():
+    tok = P.text_tokenizer(tiny_args())                     # shapes: one id per caption word
+    assert isinstance(tok, P.WordTokenizer) and tok.vocab_size == 23
+    assert (tok.sot, tok.eot) == (21, 22)                   # the two largest ids: CLIP's EOT pooling
+    ids = tok(["A red circle above a blue striped diamond"])
+    assert ids.shape == (1, 64) and ids.dtype == torch.long
+    assert ids[0, :10].tolist() == [21, 2, 14, 7, 3, 2, 6, 17, 9, 22]
+    assert ids[0, 10:].eq(0).all()                          # zero padding after EOT
+    assert int(ids[0].argmax()) == 9                        # the tower pools here
+    assert tok(["a purple circle!"])[0, :6].tolist() == [21, 2, 1, 7, 1, 22]   # <unk> = 1
+    long = " ".join(["red"] * 100)
+    row = tok([long], truncate=True)[0]
+    assert row[0] == tok.sot and row[-1] == tok.eot and (row[1:-1] == 14).all()
+    with pytest.raises(common.UserError, match="context holds 64"):
+        tok([long])
+    # every built-in caption is in the vocabulary and fits (data.shapes_caption's words)
+    ds = data.get_dataset("shapes", size=32)
+    for i in range(300):
+        caption = ds[i]["caption"]
+        ids = tok.encode(caption)
+        assert tok.unk not in ids and len(ids) + 2 <= 64, caption
+        assert [tok.vocab[j] for j in ids] == caption.split()
+    # real captions keep CLIP's byte-level tokens (an open vocabulary)
+    other = P.text_tokenizer(tiny_args("--data", "mm-celeba-hq"))
+    assert isinstance(other, common.CLIPTokenizer) and other.vocab_size == 514
+
+
+def test_text_tower_reads_the_colour_word():
+    args, info, G, _ = build_tiny()
+    tok = P.Conditioner(args, info, torch.device("cpu")).tokenizer
+    enc = G.encoders["text"]
+    assert enc.tower.token_embedding.num_embeddings == tok.vocab_size
+    with torch.no_grad():
+        a, b = (enc(tok([c])) for c in ("a red circle", "a blue circle"))
+        a_short = enc(tok(["a red circle"])[:, :8])               # padding after EOT is unread
+    assert (a - b).abs().max() > 1e-3
+    assert torch.allclose(a, a_short, atol=1e-5)
+
+
 # ---------------------------------------------------------------- every subset, G and D
 
 def test_every_subset_runs_and_absent_inputs_are_ignored(shapes_batch):
@@ -237,7 +308,8 @@ def test_training_steps_lower_d_loss_and_contrastive(shapes_batch):
     rt = common.Runtime(torch.device("cpu"), torch.float32)
     cond = P.Conditioner(args, info, rt.device)(batch)
     torch.manual_seed(0)
-    hist = [P.train_step(G, D, opt_g, opt_d, batch["image"], cond, it, args, rt, None)
+    hist = [P.train_step(G, D, opt_g, opt_d, batch["image"], cond, it, args, rt,
+                         P.RandomConvFeatures(3))
             for it in range(24)]
     first = lambda k: sum(h[k] for h in hist[:4]) / 4          # noqa: E731
     last = lambda k: sum(h[k] for h in hist[-4:]) / 4           # noqa: E731
@@ -257,7 +329,8 @@ def test_no_kl_and_no_dropout_flags(shapes_batch):
         rt = common.Runtime(torch.device("cpu"), torch.float32)
         cond = P.Conditioner(args, info, rt.device)(batch)
         torch.manual_seed(1)
-        assert check(P.train_step(G, D, opt_g, opt_d, batch["image"], cond, 1, args, rt, None))
+        features = P.RandomConvFeatures(3)
+        assert check(P.train_step(G, D, opt_g, opt_d, batch["image"], cond, 1, args, rt, features))
 
 
 # ---------------------------------------------------------------- toy metrics
@@ -295,7 +368,7 @@ def run_main(argv, capsys):
 
 def test_bench_runs_the_training_step_on_shapes_and_on_a_synthetic_paper_batch(capsys):
     for extra in ([], ["--data", "mm-celeba-hq", "--text_width", "0", "--pretrained", "1",
-                       "--cx_features", "pixels"]):
+                       "--cx_features", "random"]):
         code, out, err = run_main(TINY + ["--bench", "1", "--dtype", "bfloat16"] + extra, capsys)
         assert code == 0, err
         rows = json.loads(out.strip().splitlines()[-1])["bench"]
@@ -307,7 +380,8 @@ def test_dry_run_parameter_counts(capsys):
     code, out, _ = run_main(["--dry_run"], capsys)
     assert code == 0
     counts = json.loads(out.strip().splitlines()[-1])["params"]
-    assert counts == {"G": 513624, "D": 410885}
+    # shapes: the text towers' token embeddings hold 23 word ids (WordTokenizer), 64 wide
+    assert counts == {"G": 482200, "D": 379461}
     # paper preset (MM-CelebA-HQ 256, text + seg + sketch; the frozen CLIP tower not counted)
     code, out, _ = run_main(["--dry_run", "--data", "mm-celeba-hq"], capsys)
     counts = json.loads(out.strip().splitlines()[-1])["params"]
