@@ -617,17 +617,21 @@ def sample(args):
                   modes=_smm(G, 5, args))
         grid.append(list(resize_to(left, args.size)) + list(resize_to(mixed, args.size)))
     common.save_grid(os.path.join(out, "style_mixing.png"), grid)
-    # Mode usage of uMM-GAN: how often each constant dominates w_R over 10,000 z.
-    info = {"step": step, "alpha": alpha, "psi": args.psi}
-    if G.mapping.mix_head is not None:
-        z = torch.randn(10_000, args.style_dim, generator=gen).to(device)
-        w_R = G.mapping(z)[1]
-        info["mode_usage_argmax"] = torch.bincount(w_R.argmax(1), minlength=G.K).div(
-            len(z)).tolist()
-        info["mean_w_R"] = w_R.mean(0).tolist()
-        info["mean_max_w_R"] = w_R.max(1).values.mean().item()
+    info = {"step": step, "alpha": alpha, "psi": args.psi, **mode_usage(G, device)}
     print(json.dumps(info))
     print(f"wrote mode_style.png, modes.png, style_mixing.png into {out}")
+
+
+@torch.no_grad()
+def mode_usage(G, device, n=10_000, seed=0):
+    """uMM-GAN: how often each constant dominates w_R over n random z, the mean w_R and its mean
+    largest entry (1 = every z picks one constant outright). {} without a w_R branch."""
+    if G.mapping.mix_head is None:
+        return {}
+    z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    w_R = G.mapping(z)[1]
+    return {"mode_usage_argmax": torch.bincount(w_R.argmax(1), minlength=G.K).div(n).tolist(),
+            "mean_w_R": w_R.mean(0).tolist(), "mean_max_w_R": w_R.max(1).values.mean().item()}
 
 
 def _smm(G, n, args):
@@ -708,6 +712,11 @@ def evaluate(args):
         s_real, s_fake = real_w.sum(1), fake_w.sum(1)
         result["width_sum"] = {"real": [float(s_real.mean()), float(s_real.std())],
                                "generated": [float(s_fake.mean()), float(s_fake.std())]}
+        # Share of samples off the H (the gaps between legs and bar, which a continuous map
+        # from one Gaussian tends to fill: §4's argument for several constants). Real: 0 up to
+        # the width read-back.
+        result["outside_H"] = {n: float((data.hshape_region(w) < 0).float().mean())
+                               for n, w in (("real", real_w), ("generated", fake_w))}
         tiles = [density_image(density(real_w, bins, max_w)),
                  density_image(density(fake_w, bins, max_w))]
         per_mode = []
@@ -717,6 +726,7 @@ def evaluate(args):
                                                   device, modes=k, seed=k + 1))
                 per_mode.append(density_image(density(wk, bins, max_w)))
         common.save_grid(os.path.join(args.out_dir, "densities.png"), [tiles + per_mode])
+    result.update(mode_usage(G, device))
     if args.pretrained:
         inception = common.FIDInception(pretrained=True).to(device).eval()
         feats = [common.inception_features(inception, (to_rgb01(c) for c in x.split(100)))

@@ -341,4 +341,6 @@ def test_sample_and_eval_write_the_controls(tmp_path, capsys):
                           RUN + ["--out_dir", out])), 200)).sum(1)
     assert result["width_sum"]["real"] == pytest.approx([float(real_sum.mean()),
                                                          float(real_sum.std())], rel=1e-5)
+    assert result["outside_H"]["real"] < 0.01 and 0 <= result["outside_H"]["generated"] <= 1
+    assert len(result["mean_w_R"]) == 3 and abs(sum(result["mode_usage_argmax"]) - 1) < 1e-5
     assert os.path.exists(os.path.join(out, "densities.png"))
