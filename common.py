@@ -54,6 +54,8 @@ def run_main(main):
     """Run `main()`; a UserError becomes one sentence on stderr and exit status 2, no traceback."""
     try:
         main()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # all ranks done (rank 0's last checkpoint) before any tears gloo down
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

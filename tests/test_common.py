@@ -235,6 +235,9 @@ def _ddp_worker(rank, port, out_dir):
     F.mse_loss(model(batch["x"]).squeeze(1), batch["y"]).backward()
     if rt.is_main:
         torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, "ddp.pt"))
+    # Both ranks leave together: a rank that tears gloo down while the other is still saving
+    # was seen to abort ("terminate called without an active exception") on a loaded CI machine.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
