@@ -1085,6 +1085,9 @@ def toy_metrics(images, batch):
       sketch_f1       edges of the image vs the sketch, 1-pixel tolerance (sketch)
       caption_*       the objects the caption names are found, by colour / shape / both (text)
       style_colour    colours of the style reference's objects found in the image (style)
+      colour_precision  share of the objects found whose colour is one the item asks for (its
+                      caption names and its style reference shows the same colours): recall
+                      (caption_colour, style_colour) also rewards multicoloured blobs (text, style)
       mode_coverage   fraction of (class, palette mode) pairs drawn at least once, over the
                       objects found in all images, and mode_tv their distance to the set's weights
     """
@@ -1099,18 +1102,20 @@ def toy_metrics(images, batch):
     caps = data.shapes_caption_accuracy(images, batch["caption"])
     m.update({f"caption_{k}": v for k, v in caps.items()})
     found = data.shapes_find_objects(images)
-    hits, total, modes, classes = 0, 0, [], []
+    hits, total, asked, modes, classes = 0, 0, 0, [], []
     for objs, cls, mode, valid in zip(found, batch["inst_class"], batch["inst_mode"],
                                       batch["inst_valid"]):
         wanted = {data.SHAPES_MODE_NAMES[c][k] for c, k, v in zip(cls.tolist(), mode.tolist(),
                                                                   valid.tolist()) if v}
         seen = {o["colour"] for o in objs}
         hits, total = hits + len(wanted & seen), total + len(wanted)
+        asked += sum(o["colour"] in wanted for o in objs)
         for o in objs:
             names = data.SHAPES_MODE_NAMES[o["cls"]]
             modes.append(names.index(o["colour"]) if o["colour"] in names else -1)
             classes.append(o["cls"])
     m["style_colour"] = hits / max(total, 1)
+    m["colour_precision"] = asked / max(len(classes), 1)
     cover = data.shapes_mode_coverage(torch.tensor(modes, dtype=torch.long),
                                       torch.tensor(classes, dtype=torch.long))
     m["mode_coverage"], m["mode_tv"] = cover["coverage"], cover["tv"]

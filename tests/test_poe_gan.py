@@ -342,8 +342,13 @@ def test_toy_metrics_reward_the_right_images():
     shuffled = P.toy_metrics(batch["image"].roll(1, 0), batch)
     assert real["label_fg_acc"] == 1.0 and real["in_mode"] == 1.0
     assert real["caption_colour"] > 0.95 and real["style_colour"] > 0.95
-    for k in ("label_fg_acc", "in_mode", "sketch_f1", "caption_object", "style_colour"):
+    for k in ("label_fg_acc", "in_mode", "sketch_f1", "caption_object", "style_colour",
+              "colour_precision"):
         assert real[k] > shuffled[k] + 0.1, k
+    assert real["colour_precision"] > 0.95
+    # precision, unlike recall, drops when extra objects in unasked colours are drawn
+    both = torch.maximum(batch["image"], batch["image"].roll(1, 0))
+    assert P.toy_metrics(both, batch)["colour_precision"] < real["colour_precision"] - 0.1
 
 
 # ---------------------------------------------------------------- command line, resume, errors
