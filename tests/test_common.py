@@ -235,10 +235,14 @@ def _ddp_worker(rank, port, out_dir):
     F.mse_loss(model(batch["x"]).squeeze(1), batch["y"]).backward()
     if rt.is_main:
         torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, "ddp.pt"))
-    # Both ranks leave together: a rank that tears gloo down while the other is still saving
-    # was seen to abort ("terminate called without an active exception") on a loaded CI machine.
+    # Both ranks leave together, and skip the interpreter's teardown: on the CI machine a rank
+    # was seen to abort there ("terminate called without an active exception", a C++ thread of
+    # the process group still joinable at exit) after its work was done.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
