@@ -240,8 +240,8 @@ def reduce_mean(value, rt):
 def bench_training(args, rt, make_step, warmup=3):
     """--bench N: images/s and peak memory of N training steps, float32 eager first as the
     baseline, then the asked --dtype / --compile, in one process (CONVENTIONS: ratios in one run).
-    make_step(run) builds fresh networks for Runtime `run` and returns a no-argument step that
-    trains on one fixed batch of args.batch_size images. Prints one JSON line per configuration,
+    make_step(run, compile_model) builds fresh networks for Runtime `run` (compiled if asked) and
+    returns a no-argument step that trains on one fixed batch of args.batch_size images. Prints one JSON line per configuration,
     then a summary line; returns the summary."""
     import resource
     configs = [("float32", False)]

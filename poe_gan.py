@@ -290,21 +290,21 @@ def byte_tokenizer():
 SHAPES_CAPTION_WORDS = ("a", "and", "above", "below", "left", "right", "of", "striped")
 
 
-class WordTokenizer:
+class WordTokenizer(common.CLIPTokenizer):
     """A word vocabulary of the built-in shapes captions for the small offline text tower (our
     choice; the paper uses CLIP's BPE and its frozen tower). Measured: on byte-level tokens the
     tower, trained from scratch with the GAN, had not learned the colour words in 1,000 iterations
     (text alone did not steer the colours); with one id per word it only has to learn what each
     id means.
 
-    Same call as common.CLIPTokenizer: list of str -> LongTensor (N, context_length) holding SOT,
-    the word ids, EOT, then zero padding. Ids: 0 padding, 1 <unk> (any word outside the
+    Only the vocabulary and `encode` differ from common.CLIPTokenizer; its call (SOT, ids, EOT,
+    zero padding, truncation) is reused. Ids: 0 padding, 1 <unk> (any word outside the
     vocabulary), the words, then SOT and EOT as the two largest ids, so that CLIP's text tower
     pools at EOT (the largest id of each row) exactly as with CLIP's own tokenizer. The vocabulary
     is built deterministically from data.py's colour and shape names."""
 
-    def __init__(self, words, context_length):
-        self.vocab = ["<pad>", "<unk>"] + sorted(set(words)) + ["<|startoftext|>", "<|endoftext|>"]
+    def __init__(self, words, context_length):   # no BPE: CLIPTokenizer.__init__ is not needed
+        self.vocab = ["<pad>", "<unk>"] + sorted(set(words)) + list(self.SPECIAL)
         self.encoder = {w: i for i, w in enumerate(self.vocab)}
         self.unk, self.sot, self.eot = 1, len(self.vocab) - 2, len(self.vocab) - 1
         self.vocab_size, self.context_length = len(self.vocab), context_length
@@ -314,20 +314,6 @@ class WordTokenizer:
         every other non-space character is a word of its own."""
         words = re.findall(r"[a-z]+|[^\sa-z]", text.lower())
         return [self.encoder.get(w, self.unk) for w in words]
-
-    def __call__(self, texts, context_length=None, truncate=False):
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        length = context_length or self.context_length
-        out = torch.zeros(len(texts), length, dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids = [self.sot] + self.encode(text) + [self.eot]
-            if len(ids) > length:
-                if not truncate:
-                    raise common.UserError(f"The text {text[:40]!r} is {len(ids)} words long with "
-                                           f"its start and end marks; the context holds {length}.")
-                ids = ids[:length - 1] + [self.eot]
-            out[row, :len(ids)] = torch.tensor(ids)
-        return out
 
 
 def text_tokenizer(args):

@@ -772,8 +772,7 @@ def bench(args):
     rt = common.setup_runtime(args)
     args.progressive = 0                      # time the final resolution, alpha = 1
     if args.data == "folder":
-        args.channels = image_channels(args)
-        images = torch.rand(args.batch_size, args.channels, args.size, args.size) * 2 - 1
+        images = torch.rand(args.batch_size, image_channels(args), args.size, args.size) * 2 - 1
         labels = torch.randint(0, args.K, (args.batch_size,))
     else:
         ds = load_data(args)

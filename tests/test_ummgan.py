@@ -299,11 +299,23 @@ def test_image_mean_depends_on_the_last_style_only():
     torch.testing.assert_close(a.mean((1, 2, 3)), b.mean((1, 2, 3)), atol=1e-5, rtol=0)  # ... not its mean
 
 
-def test_bench_times_training_at_full_size(capsys):
+def test_bench_times_training_at_full_size(capsys, monkeypatch):
+    steps = []
+    train_step = ummgan.train_step
+
+    def recorded(*a, **k):
+        steps.append(train_step(*a, **k))
+        return steps[-1]
+    monkeypatch.setattr(ummgan, "train_step", recorded)
     for extra in ([], ["--data", "folder", "--mode", "smm", "--K", "2"]):
+        steps.clear()
         ummgan.main(["--bench", "1", "--batch_size", "4", *RUN_TINY, *extra])
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert summary["size"] == 32 and summary["bench"][0]["img_per_s"] > 0
+        assert summary["bench"][0]["img_per_s"] > 0
+        assert len(steps) == 3 + 1                               # warm-up + timed, one dtype
+        assert all(s["res"] == 32 and s["alpha"] == 1.0 for s in steps)   # no growing
+        if "smm" in extra:
+            assert all(s["cls_d"] > 0 for s in steps)            # D's classifier is trained too
 
 
 def test_bad_input_gives_one_sentence_and_exit_2(tmp_path, capsys):
