@@ -770,46 +770,47 @@ def train(args):
         if extra["subset"] is not None and not new_outer(start, args):
             subset, codes = extra["subset"], extra["codes"]
             items = gather_items(ds, subset, args, rarity)
-    elif rt.is_main and os.path.exists(ckpt_path):
-        raise common.UserError(f"{ckpt_path} already exists; pass --resume to continue it or "
-                               f"choose another --out_dir.")
     Gw = common.prepare_model(G, rt, args.compile)
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     fixed = fixed_examples(ds, args)
     losses, search = [], {}
-    for it in range(start, args.iters):
-        G.upsample_mode = "bilinear" if it >= args.bilinear_from > 0 else "nearest"
-        if new_outer(it, args):  # Algorithm 1: pick S, then search sigma(i) for every i in S
-            outer = it // args.L if it < args.pretrain_iters else \
-                args.pretrain_iters // args.L + 1 + (it - args.pretrain_iters) // args.L
-            subset = pick_subset(outer, n, args, rarity)
-            items = gather_items(ds, subset, args, rarity)
-            if it < args.pretrain_iters:
-                codes = torch.zeros(len(subset), *G.latent_shape(items[0]))
-            else:
-                t0 = time.perf_counter()
-                G.eval()
-                codes, sel = outer_search(G, distance, items, outer, args, rt)
-                G.train()
-                search = dict(selected_distance=sel, search_s=time.perf_counter() - t0)
-        losses.append(inner_step(Gw, distance, opt, sched, items, codes, it, args, rt))
-        log.step(args.batch_size)
-        done = it + 1
-        if done % args.log_every == 0 or done == args.iters:
-            log.log(done, loss=common.reduce_mean(np.mean(losses), rt),
-                    lr=sched.get_last_lr()[0], **search)
-            losses, search = [], {}
-        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
-            with torch.random.fork_rng(devices=[]):
-                G.eval()
-                samples_grid(G, fixed, args, rt.device,
-                             os.path.join(args.out_dir, f"samples_{done:06d}.png"), ds.palette
-                             if args.task == "layout" else None)
-                G.train()
-        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
-            extra = dict(subset=subset, codes=codes, distance_weights=distance.weights.cpu(),
-                         calibrated=distance.calibrated)
-            common.save_checkpoint(ckpt_path, "cimle", config_of(args), done, objects, extra)
+    with common.StopSignals() as signals:
+        for it in range(start, args.iters):
+            G.upsample_mode = "bilinear" if it >= args.bilinear_from > 0 else "nearest"
+            if new_outer(it, args):  # Algorithm 1: pick S, then search sigma(i) for every i in S
+                outer = it // args.L if it < args.pretrain_iters else \
+                    args.pretrain_iters // args.L + 1 + (it - args.pretrain_iters) // args.L
+                subset = pick_subset(outer, n, args, rarity)
+                items = gather_items(ds, subset, args, rarity)
+                if it < args.pretrain_iters:
+                    codes = torch.zeros(len(subset), *G.latent_shape(items[0]))
+                else:
+                    t0 = time.perf_counter()
+                    G.eval()
+                    codes, sel = outer_search(G, distance, items, outer, args, rt)
+                    G.train()
+                    search = dict(selected_distance=sel, search_s=time.perf_counter() - t0)
+            losses.append(inner_step(Gw, distance, opt, sched, items, codes, it, args, rt))
+            log.step(args.batch_size)
+            done = it + 1
+            if done % args.log_every == 0 or done == args.iters:
+                log.log(done, loss=common.reduce_mean(np.mean(losses), rt),
+                        lr=sched.get_last_lr()[0], **search)
+                losses, search = [], {}
+            if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+                with common.preserved_rng():  # grids must not move the training RNG
+                    G.eval()
+                    samples_grid(G, fixed, args, rt.device,
+                                 os.path.join(args.out_dir, f"samples_{done:06d}.png"), ds.palette
+                                 if args.task == "layout" else None)
+                    G.train()
+            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
+            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
+                extra = dict(subset=subset, codes=codes, distance_weights=distance.weights.cpu(),
+                             calibrated=distance.calibrated)
+                common.save_checkpoint(ckpt_path, "cimle", config_of(args), done, objects, extra)
+            if stop:
+                signals.stop(done, ckpt_path)
     log.close()
 
 

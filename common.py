@@ -21,11 +21,13 @@ import argparse
 import contextlib
 import copy
 import gzip
+import hashlib
 import html
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import urllib.parse
@@ -50,18 +52,49 @@ class UserError(Exception):
     """Bad input from the user: main() prints the one-sentence message and exits with status 2."""
 
 
+class Stopped(Exception):
+    """Training stopped on a signal after writing its checkpoint; carries the exit status."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
 def run_main(main):
-    """Run `main()`; a UserError becomes one sentence on stderr and exit status 2, no traceback."""
+    """Run `main()`; a UserError becomes one sentence on stderr and exit status 2, no traceback.
+
+    A stop on a signal (see StopSignals) prints how to resume and exits with 128 + the signal's
+    number, as a shell reports a process ended by that signal.
+    """
+    status = 0
     try:
         main()
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # all ranks done (rank 0's last checkpoint) before any tears gloo down
+        barrier()  # all ranks done (rank 0's last checkpoint) before any tears gloo down
     except UserError as err:
+        close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
+    except Stopped as stop:
+        barrier()
+        close_progress_bars()
+        print(stop, file=sys.stderr)
+        status = stop.status
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if status:
+        sys.exit(status)
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def close_progress_bars():
+    """Close every open tqdm bar, so that a message starts on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,11 +128,13 @@ def base_parser(description):
     return p
 
 
-def parse_args(parser, presets, method, default_data, argv=None):
-    """Parse the command line, then fill every flag left at None from the dataset's preset.
+def parse_args(parser, presets, method, default_data, argv=None, check=None):
+    """Parse the command line, fill every flag left at None from the dataset's preset, check every
+    flag, and make sure the run folder can be used; all of it before any data or model is built.
 
     `presets` maps a dataset name to a dict of flag values (the paper's settings); a flag given on
-    the command line always wins. Returns the args namespace with `args.method` set.
+    the command line always wins. `check(args)` is the script's own flag check (it raises
+    UserError). Returns the args namespace with `args.method` set.
     """
     args = parser.parse_args(argv)
     args.method = method
@@ -118,7 +153,68 @@ def parse_args(parser, presets, method, default_data, argv=None):
             setattr(args, key, value)
     args.data_dir = args.data_dir or os.path.join("data", args.data)
     args.out_dir = args.out_dir or os.path.join("out", f"{method}-{args.data}")
+    check_common_flags(args)
+    if check is not None:
+        check(args)
+    prepare_out_dir(args)
     return args
+
+
+def require(ok, sentence):
+    """Bad input unless `ok`: the sentence says what was expected (flag checks read as a list)."""
+    if not ok:
+        raise UserError(sentence)
+
+
+def at_least(args, low, *flags):
+    """Every named flag (when set) is a number >= low."""
+    for flag in flags:
+        value = getattr(args, flag)
+        require(value is None or value >= low, f"--{flag} must be at least {low} (got {value}).")
+
+
+def world_size():
+    """The number of processes of this launch (torchrun sets WORLD_SIZE), known before DDP."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_common_flags(args):
+    at_least(args, 1, "iters", "batch_size", "size", "log_every", "sample_every", "ckpt_every")
+    at_least(args, 0, "num_workers")
+    world = world_size()
+    require(args.batch_size is None or args.batch_size % world == 0,
+            f"--batch_size {args.batch_size} is the global batch and must divide evenly over the "
+            f"{world} processes of this torchrun launch.")
+
+
+def training_run(args):
+    """True when this command trains (not --sample, --eval, --dry_run or --bench)."""
+    return not (args.sample or args.eval or args.dry_run or getattr(args, "bench", None))
+
+
+def prepare_out_dir(args):
+    """Refuse to train over an earlier run unless --resume; create the folder and prove that it is
+    writable, so that a bad --out_dir fails now and not after data and models were built."""
+    if args.dry_run or getattr(args, "bench", None):
+        return
+    ckpt, log = (os.path.join(args.out_dir, name) for name in ("ckpt.pt", "log.jsonl"))
+    if training_run(args) and not args.resume:
+        found = [p for p in (ckpt, log) if os.path.exists(p)]
+        require(not found, f"{found[0] if found else ''} already exists: pass --resume to continue "
+                           f"that run, or choose another --out_dir.")
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # rank 0 alone writes into the run folder
+    if not training_run(args) and not os.path.isdir(args.out_dir):
+        return  # --sample / --eval: load_checkpoint names the missing checkpoint
+    probe = os.path.join(args.out_dir, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"--out_dir {args.out_dir} cannot be written to ({err.strerror or err}); "
+                        f"choose a folder you can write.") from None
 
 
 def count_params(module):
@@ -295,6 +391,9 @@ class ResumableBatches(torch.utils.data.Sampler):
     """
 
     def __init__(self, n_items, batch_size, seed, start_iter=0, rank=0, world_size=1):
+        require(batch_size % world_size == 0,
+                f"--batch_size {batch_size} is the global batch and must divide evenly over the "
+                f"{world_size} processes of this torchrun launch.")
         if n_items < batch_size:
             raise UserError(f"the dataset has {n_items} items, fewer than one batch of "
                             f"{batch_size}; lower --batch_size or add data.")
@@ -315,7 +414,10 @@ class ResumableBatches(torch.utils.data.Sampler):
 
 
 def batch_stream(dataset, batch_size, rt, seed, start_iter=0, num_workers=0):
-    """Endless iterator of collated batches (dicts of tensors / lists), resumable at start_iter."""
+    """Endless iterator of collated batches (dicts of tensors / lists), resumable at start_iter.
+
+    `batch_size` is the GLOBAL batch (--batch_size): each rank yields its share of it.
+    """
     sampler = ResumableBatches(len(dataset), batch_size, seed, start_iter, rt.rank, rt.world_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers,
@@ -360,6 +462,18 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block (a sample grid, say) without moving any training random generator (Python,
+    NumPy, torch CPU and every CUDA device), so that a run that samples more often, or resumes,
+    draws the same training noise."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def save_checkpoint(path, method, config, iteration, objects, extra=None):
     """Write {method, config, iter, state of every object, RNG} atomically.
 
@@ -398,17 +512,92 @@ def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, resto
         other = ckpt.get("method") if isinstance(ckpt, dict) else None
         raise UserError(f"{path} was written by {other or 'something else'}, not {method}.py.")
     if config is not None:
-        diff = [k for k in arch_keys if ckpt["config"].get(k) != config.get(k)]
+        saved = ckpt.get("config", {})
+        diff = [k for k in arch_keys if saved.get(k) != config.get(k)]
         if diff:
-            shown = ", ".join(f"--{k} {ckpt['config'].get(k)} (asked: {config.get(k)})"
+            shown = ", ".join(f"--{k} {saved.get(k)} (asked: {config.get(k)})"
                               for k in diff)
             raise UserError(f"{path} was trained with {shown}; pass the same flags to use it.")
     for name, obj in (objects or {}).items():
         target = unwrap(obj) if isinstance(obj, nn.Module) else obj
-        target.load_state_dict(ckpt["state"][name])
+        if name not in ckpt["state"]:
+            raise UserError(f"{path} holds no '{name}' (it holds {', '.join(ckpt['state'])}); it "
+                            f"was written by another version of {method}.py.")
+        state = ckpt["state"][name]
+        if isinstance(target, (nn.Module, EMA)):
+            require_same_tensors(path, name, target.state_dict(), state)
+        try:
+            target.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:  # optimisers, schedulers
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+            raise UserError(f"{path}: '{name}' does not fit this run ({reason}); it was written "
+                            f"with other flags or by another version of {method}.py.") from None
     if restore_rng:
         set_rng_state(ckpt["rng"])
     return ckpt
+
+
+def require_same_tensors(path, name, expected, saved):
+    """One sentence naming the first key that is missing, unexpected, or of another shape/dtype."""
+    problems = [f"{k} is missing" for k in expected if k not in saved]
+    problems += [f"{k} is not expected" for k in saved if k not in expected]
+    for k in expected:
+        if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape):
+            problems.append(f"{k} has shape {tuple(saved[k].shape)}, "
+                            f"expected {tuple(expected[k].shape)}")
+        elif k in saved and saved[k].dtype != expected[k].dtype:
+            problems.append(f"{k} is {saved[k].dtype}, expected {expected[k].dtype}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{path}: in '{name}', {problems[0]}{more}; it was written with other "
+                        f"flags or by another version of this script.")
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR1 and Ctrl-C (SIGINT) ask training to stop at the end of the current step.
+
+    A cluster sends SIGTERM before it pre-empts a job (SLURM can send SIGUSR1 before a time
+    limit): the loop then writes its checkpoint and leaves, instead of losing everything since
+    the last periodic one. A second Ctrl-C aborts at once. Use as a context manager around the
+    training loop; `requested(rt)` agrees over all ranks under DDP (one tiny all-reduce a step).
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        for name in self.SIGNALS:
+            if hasattr(signal, name):
+                self.previous[name] = signal.signal(getattr(signal, name), self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+    def handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: abort now
+        self.received = signal.Signals(signum)
+
+    def requested(self, rt):
+        if not rt.ddp:
+            return self.received is not None
+        flag = torch.tensor(0 if self.received is None else int(self.received), device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+                self.received = signal.Signals(int(flag.item()))
+        return bool(flag.item())
+
+    def stop(self, iteration, ckpt_path):
+        """Leave training (after the checkpoint at `iteration` was written) with a resume hint."""
+        name = self.received.name
+        raise Stopped(f"{name}: stopped after iteration {iteration}; the checkpoint is "
+                      f"{ckpt_path}. Continue with the same command and --resume.",
+                      128 + int(self.received))
 
 
 class EMA:
@@ -444,25 +633,36 @@ class EMA:
 class Logger:
     """One JSON object per log step in out_dir/log.jsonl, and a tqdm bar showing losses and img/s.
 
-    On resume, lines past the resumed iteration (written after the checkpoint) are dropped, so
-    the log reads as one uninterrupted run.
+    Nothing is written until the first log step, so a run that fails at start-up leaves an
+    earlier log as it was. On resume, the lines past the resumed iteration (written after the
+    checkpoint) and a half-written last line (a killed run) are dropped, atomically, so the log
+    reads as one uninterrupted run.
     """
 
     def __init__(self, out_dir, total_iters, start_iter=0, enabled=True):
-        self.enabled = enabled
+        self.enabled, self.start_iter = enabled, start_iter
         self.path = os.path.join(out_dir, "log.jsonl")
         self.bar = tqdm(total=total_iters, initial=start_iter, disable=not enabled,
                         dynamic_ncols=True, smoothing=0.1)
         self.last_time, self.images = time.perf_counter(), 0
-        if not enabled:
-            return
-        os.makedirs(out_dir, exist_ok=True)
+        self.started = False
+
+    def start(self):
+        """The run is under way: keep the log's lines up to the resumed iteration, atomically."""
+        self.started = True
         kept = []
-        if start_iter > 0 and os.path.exists(self.path):
+        if self.start_iter > 0 and os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line).get("iter", 0) <= start_iter]
-        with open(self.path, "w") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short when the earlier run was killed
+                    if record.get("iter", 0) <= self.start_iter:
+                        kept.append(json.dumps(record) + "\n")
+        with open(self.path + ".tmp", "w") as f:
             f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def step(self, images):
         """Count one training iteration that processed `images` images (all ranks together)."""
@@ -475,10 +675,12 @@ class Logger:
         self.last_time, self.images = now, 0
         if not self.enabled:
             return
+        if not self.started:
+            self.start()
         record = {"iter": iteration, **{k: round(float(v), 6) for k, v in scalars.items()},
                   "img_per_s": round(img_per_s, 2)}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record) + "\n")  # one write: a kill leaves at most one cut line
         shown = {k: f"{float(v):.3g}" for k, v in scalars.items()}
         self.bar.set_postfix(shown | {"img/s": f"{img_per_s:.1f}"}, refresh=False)
 
@@ -793,24 +995,97 @@ def hub_checkpoint_path(filename):
     return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
 
 
-def load_pretrained_file(url, filename=None, sha256_prefix=None):
-    """Local path of the file at `url`, downloaded into the torch hub cache on first use.
+def pretrained_files(*files):
+    """Local paths of pretrained files, each given as (url, filename or None, SHA-256 prefix or
+    None), all resolved before any network is built.
 
-    The download is checked against `sha256_prefix` where the official name gives one. Any
-    failure (no network, HTTP error, hash mismatch, read-only cache) becomes one sentence with the
-    address and the exact path where the user may place the file by hand.
+    A missing file is downloaded into the torch hub cache; a file already there (downloaded
+    earlier or placed by hand) is checked against the SHA-256 prefix on first use, and a marker
+    beside it (size, mtime, hash) spares the next runs from hashing it again. Every file that
+    cannot be had is named, with its address and the cause, in one sentence.
     """
+    paths, problems = [], []
+    for url, filename, sha256_prefix in files:
+        try:
+            paths.append(fetch_verified(url, filename, sha256_prefix))
+        except _FetchProblem as problem:
+            problems.append(str(problem))
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+    return paths
+
+
+def load_pretrained_file(url, filename=None, sha256_prefix=None):
+    """One file of `pretrained_files`."""
+    return pretrained_files((url, filename, sha256_prefix))[0]
+
+
+class _FetchProblem(Exception):
+    pass
+
+
+def fetch_verified(url, filename=None, sha256_prefix=None):
     filename = filename or os.path.basename(urllib.parse.urlparse(url).path)
     path = hub_checkpoint_path(filename)
-    if os.path.isfile(path):
-        return path
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # Writes to a temporary file and renames it only after the hash check passed.
-        torch.hub.download_url_to_file(url, path, hash_prefix=sha256_prefix, progress=True)
-    except Exception as err:
-        raise UserError(f"Could not download {url}; place the file by hand at {path}.") from err
+    if not os.path.isfile(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # Writes to a temporary file and renames it only after the hash check passed.
+            torch.hub.download_url_to_file(url, path, hash_prefix=sha256_prefix, progress=True)
+        except Exception as err:
+            raise _FetchProblem(f"{url} could not be downloaded ({fetch_cause(err)}); place the "
+                                f"file by hand at {path}") from None
+    if sha256_prefix:
+        verify_sha256(path, sha256_prefix, url)
     return path
+
+
+def fetch_cause(err):
+    """The reason of a failed download in a few words: no network, HTTP status, hash, disk."""
+    import urllib.error
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):
+        return f"no network: {err.reason}"
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    if "hash" in str(err):
+        return "the downloaded file has the wrong SHA-256"
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''}"
+
+
+def verify_sha256(path, sha256_prefix, url):
+    """Check a cached file against the published SHA-256 (prefix), once per version of the file."""
+    if has_marker(path, sha256_prefix):
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(sha256_prefix):
+        raise _FetchProblem(f"{path} is not the official file (its SHA-256 starts "
+                            f"{digest.hexdigest()[:len(sha256_prefix)]}, the official one "
+                            f"{sha256_prefix}); delete it and run again to download it from {url}")
+    write_marker(path, sha256_prefix)
+
+
+def has_marker(path, tag):
+    """True when path's marker was written for this very file (same size and mtime) and tag."""
+    stat = os.stat(path)
+    marker = path + ".sha256-ok"
+    if not os.path.isfile(marker):
+        return False
+    with open(marker) as f:
+        return f.read() == f"{stat.st_size} {stat.st_mtime_ns} {tag}"
+
+
+def write_marker(path, tag):
+    stat = os.stat(path)
+    try:
+        with open(path + ".sha256-ok", "w") as f:
+            f.write(f"{stat.st_size} {stat.st_mtime_ns} {tag}")
+    except OSError:
+        pass  # a read-only cache: the file is simply checked again next time
 
 
 def load_weights(path):
@@ -908,6 +1183,7 @@ class VGG19(FrozenNet):
 
     def __init__(self, pretrained=True, normalize=True, pool="max"):
         super().__init__()
+        path = load_pretrained_file(VGG19_URL, sha256_prefix="dcbb9e9d") if pretrained else None
         self.features = vgg_features((2, 2, 4, 4, 4), pool)
         self.normalize = normalize
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
@@ -915,7 +1191,6 @@ class VGG19(FrozenNet):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
                              persistent=False)
         if pretrained:
-            path = load_pretrained_file(VGG19_URL, sha256_prefix="dcbb9e9d")
             state = load_weights(path)
             load_official(self, {k: v for k, v in state.items() if k.startswith("features.")}, path)
         self.freeze()
@@ -1223,6 +1498,7 @@ class CLIP(nn.Module):
             raise UserError(f"Unknown CLIP model {name!r}; choose {' or '.join(CLIP_CONFIGS)}.")
         if pretrained and overrides:
             raise ValueError(f"CLIP size overrides {sorted(overrides)} need pretrained=False")
+        official = clip_state_dict(name, vision=vision) if pretrained else None  # files first
         cfg = {**CLIP_CONFIGS[name], **overrides}
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg["vocab_size"], cfg["text_width"])
@@ -1239,7 +1515,7 @@ class CLIP(nn.Module):
                                           cfg["vision_heads"], cfg["embed_dim"])
         self.reset_parameters()
         if pretrained:
-            load_official(self, clip_state_dict(name, vision=vision), clip_converted_path(name))
+            load_official(self, official, clip_converted_path(name))
             for p in self.parameters():
                 p.requires_grad_(False)
             self.eval()
@@ -1334,6 +1610,7 @@ def convert_clip_archive(archive_path, out_path):
              if k not in ("input_resolution", "context_length", "vocab_size")}
     torch.save(state, out_path + ".tmp")
     os.replace(out_path + ".tmp", out_path)
+    write_marker(out_path, "converted")
 
 
 def clip_converted_path(name):
@@ -1345,7 +1622,8 @@ def clip_converted_path(name):
 def clip_state_dict(name, vision=True):
     """The official CLIP weights as a state_dict (downloads and converts on first use)."""
     converted = clip_converted_path(name)
-    if not os.path.isfile(converted):
+    # Converted here from the hash-checked archive, or else (placed by hand, changed) made again.
+    if not (os.path.isfile(converted) and has_marker(converted, "converted")):
         url = CLIP_URLS[name]
         sha256 = urllib.parse.urlparse(url).path.split("/")[-2]  # the URL names the full SHA-256
         convert_clip_archive(load_pretrained_file(url, sha256_prefix=sha256), converted)
@@ -1492,6 +1770,8 @@ class FIDInception(FrozenNet):
 
     def __init__(self, pretrained=True):
         super().__init__()
+        # pytorch-fid publishes no hash of this file: it is checked by the strict load alone.
+        path = load_pretrained_file(FID_INCEPTION_URL) if pretrained else None
         self.Conv2d_1a_3x3 = InceptionConv(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = InceptionConv(32, 32, 3)
         self.Conv2d_2b_3x3 = InceptionConv(32, 64, 3, padding=1)
@@ -1510,7 +1790,6 @@ class FIDInception(FrozenNet):
         self.Mixed_7c = InceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, 1008)
         if pretrained:
-            path = load_pretrained_file(FID_INCEPTION_URL)
             load_official(self, load_weights(path), path)
         self.freeze()
 
@@ -1681,6 +1960,10 @@ class LPIPS(FrozenNet):
         if net not in LPIPS_NETS:
             raise UserError(f"Unknown LPIPS backbone {net!r}; choose 'alex' or 'vgg'.")
         url, sha256, channels, self.taps = LPIPS_NETS[net]
+        if pretrained:  # both files named at once when missing, before anything is built
+            backbone_path, lin_path = pretrained_files(
+                (url, None, sha256),
+                (LPIPS_LIN_URL.format(net), f"lpips_v0.1_{net}.pth", LPIPS_LIN_SHA256[net]))
         self.features = alexnet_features() if net == "alex" else vgg_features((2, 2, 3, 3, 3))[:30]
         for k, c in enumerate(channels):
             lin = LPIPSLinear(c)
@@ -1691,10 +1974,6 @@ class LPIPS(FrozenNet):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1),
                              persistent=False)
         if pretrained:
-            backbone_path = load_pretrained_file(url, sha256_prefix=sha256)
-            lin_path = load_pretrained_file(LPIPS_LIN_URL.format(net),
-                                            filename=f"lpips_v0.1_{net}.pth",
-                                            sha256_prefix=LPIPS_LIN_SHA256[net])
             state = {k: v for k, v in load_weights(backbone_path).items()
                      if k.startswith("features.")}
             state.update(load_weights(lin_path))

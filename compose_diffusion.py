@@ -1005,37 +1005,41 @@ def train(args, rt):
                                       args.num_workers)
                for s, (k, h) in enumerate(halves.items())}
     logger = common.Logger(args.out_dir, args.iters, start, rt.is_main)
-    for it in range(start, args.iters):
-        batches = {k: common.to_device(next(s), rt.device) for k, s in streams.items()}
-        losses = {}
-        for n, model in models.items():
-            conds = experts[n].conditions
-            # The joint model (Table 4 ablation) alternates datasets across iterations (§4.1).
-            source = conds[it % len(conds)]
-            batch = batches[source]
-            text_from = "image" if clip is not None else "caption"
-            with rt.autocast():
-                cond = condition_inputs(experts[n], batch, num_labels, clip, {source}, text_from)
-                cond = drop_conditions(cond, args.p_uncond)
-                loss = diffusion_loss(model, batch["image"], cond, sched)
-            opts[n].zero_grad(set_to_none=True)
-            rt.scaler.scale(loss).backward()
-            rt.scaler.unscale_(opts[n])
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # our choice (lucidrains, nanoGPT)
-            rt.scaler.step(opts[n])
-            rt.scaler.update()
-            emas[n].update(model, min(args.ema_decay, (1 + it) / (10 + it)))  # warm-up: our choice
-            losses[f"loss_{n}"] = common.reduce_mean(loss.item(), rt)
-        logger.step(args.batch_size)
-        done = it + 1
-        if done % args.log_every == 0 or done == args.iters:
-            logger.log(done, **losses)
-        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
-            common.save_checkpoint(ckpt_path, "compose_diffusion", vars(args), done, objects)
-        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
-            ema_models = {n: m.model for n, m in emas.items()}
-            sample_grids(args, rt, ema_models, sched, train_set,
-                         os.path.join(args.out_dir, f"samples_{done:06d}.png"), quick=True)
+    with common.StopSignals() as signals:
+        for it in range(start, args.iters):
+            batches = {k: common.to_device(next(s), rt.device) for k, s in streams.items()}
+            losses = {}
+            for n, model in models.items():
+                conds = experts[n].conditions
+                # The joint model (Table 4 ablation) alternates datasets across iterations (§4.1).
+                source = conds[it % len(conds)]
+                batch = batches[source]
+                text_from = "image" if clip is not None else "caption"
+                with rt.autocast():
+                    cond = condition_inputs(experts[n], batch, num_labels, clip, {source}, text_from)
+                    cond = drop_conditions(cond, args.p_uncond)
+                    loss = diffusion_loss(model, batch["image"], cond, sched)
+                opts[n].zero_grad(set_to_none=True)
+                rt.scaler.scale(loss).backward()
+                rt.scaler.unscale_(opts[n])
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # our choice (lucidrains, nanoGPT)
+                rt.scaler.step(opts[n])
+                rt.scaler.update()
+                emas[n].update(model, min(args.ema_decay, (1 + it) / (10 + it)))  # warm-up: our choice
+                losses[f"loss_{n}"] = common.reduce_mean(loss.item(), rt)
+            logger.step(args.batch_size)
+            done = it + 1
+            if done % args.log_every == 0 or done == args.iters:
+                logger.log(done, **losses)
+            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
+            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
+                common.save_checkpoint(ckpt_path, "compose_diffusion", vars(args), done, objects)
+            if stop:
+                signals.stop(done, ckpt_path)
+            if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+                ema_models = {n: m.model for n, m in emas.items()}
+                sample_grids(args, rt, ema_models, sched, train_set,
+                             os.path.join(args.out_dir, f"samples_{done:06d}.png"), quick=True)
     logger.close()
     return {n: m.model for n, m in emas.items()}, sched, train_set
 

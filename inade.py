@@ -544,25 +544,28 @@ def train(args):
     G = common.prepare_model(G, rt, args.compile)
     E = common.prepare_model(E, rt, args.compile)
     D = common.prepare_model(D, rt, args.compile)
-    stream = common.batch_stream(ds, rt.local_batch(args.batch_size), rt, args.seed, start,
-                                 args.num_workers)
+    stream = common.batch_stream(ds, args.batch_size, rt, args.seed, start, args.num_workers)
     fixed = fixed_batch(args, rt.device)
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     G.train(), E.train(), D.train()
-    for it in range(start, args.iters):
-        batch = common.to_device(next(stream), rt.device)
-        losses = train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch)
-        sched_g.step(), sched_d.step()
-        log.step(args.batch_size)
-        done = it + 1
-        if done % args.log_every == 0 or done == args.iters:
-            log.log(done, **{k: common.reduce_mean(v, rt) for k, v in losses.items()},
-                    lr_g=sched_g.get_last_lr()[0])
-        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
-            training_grid(args, common.unwrap(G), common.unwrap(E), fixed,
-                          os.path.join(args.out_dir, f"samples_{done:06d}.png"))
-        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
-            common.save_checkpoint(ckpt_path, "inade", vars(args), done, objects)
+    with common.StopSignals() as signals:
+        for it in range(start, args.iters):
+            batch = common.to_device(next(stream), rt.device)
+            losses = train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch)
+            sched_g.step(), sched_d.step()
+            log.step(args.batch_size)
+            done = it + 1
+            if done % args.log_every == 0 or done == args.iters:
+                log.log(done, **{k: common.reduce_mean(v, rt) for k, v in losses.items()},
+                        lr_g=sched_g.get_last_lr()[0])
+            if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+                training_grid(args, common.unwrap(G), common.unwrap(E), fixed,
+                              os.path.join(args.out_dir, f"samples_{done:06d}.png"))
+            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
+            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
+                common.save_checkpoint(ckpt_path, "inade", vars(args), done, objects)
+            if stop:
+                signals.stop(done, ckpt_path)
     log.close()
 
 

@@ -846,26 +846,29 @@ def train(args):
     Dt = common.prepare_model(D, rt, args.compile)
     image_net = make_image_net(args, rt.device)
     cond_of = Conditioner(args, info, rt.device)
-    stream = common.batch_stream(ds, rt.local_batch(args.batch_size), rt, args.seed, start,
-                                 args.num_workers)
-    with torch.random.fork_rng(devices=[]):    # grids must not move the training RNG (resume)
+    stream = common.batch_stream(ds, args.batch_size, rt, args.seed, start, args.num_workers)
+    with common.preserved_rng():    # grids must not move the training RNG (resume)
         fixed = next(iter(common.batch_stream(ds, min(4, len(ds)), rt, args.seed + 1)))
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
-    for it in range(start, args.iters):
-        batch = common.to_device(next(stream), rt.device)
-        stats = train_step(Gt, Dt, opt_g, opt_d, batch["image"], cond_of(batch), it, args, rt,
-                           image_net)
-        ema.update(G)
-        done = it + 1
-        log.step(args.batch_size)
-        if done % args.log_every == 0 or done == args.iters:
-            log.log(done, **{k: common.reduce_mean(v, rt) for k, v in stats.items()})
-        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
-            with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-                subset_grid(ema.model, fixed, cond_of, ds,
-                            os.path.join(args.out_dir, f"samples_{done}.png"))
-        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
-            common.save_checkpoint(ckpt_path, "poe_gan", config_of(args), done, objects)
+    with common.StopSignals() as signals:
+        for it in range(start, args.iters):
+            batch = common.to_device(next(stream), rt.device)
+            stats = train_step(Gt, Dt, opt_g, opt_d, batch["image"], cond_of(batch), it, args, rt,
+                               image_net)
+            ema.update(G)
+            done = it + 1
+            log.step(args.batch_size)
+            if done % args.log_every == 0 or done == args.iters:
+                log.log(done, **{k: common.reduce_mean(v, rt) for k, v in stats.items()})
+            if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+                with common.preserved_rng():
+                    subset_grid(ema.model, fixed, cond_of, ds,
+                                os.path.join(args.out_dir, f"samples_{done:06d}.png"))
+            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
+            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
+                common.save_checkpoint(ckpt_path, "poe_gan", config_of(args), done, objects)
+            if stop:
+                signals.stop(done, ckpt_path)
     log.close()
 
 

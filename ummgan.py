@@ -535,31 +535,31 @@ def train(args):
     if args.resume:
         ck = common.load_checkpoint(ckpt_path, "ummgan", config_of(args), ARCH_KEYS, objects)
         start = ck["iter"]
-    elif rt.is_main and os.path.exists(ckpt_path):
-        raise common.UserError(f"{ckpt_path} already exists; pass --resume to continue it or "
-                               f"choose another --out_dir.")
     G = common.prepare_model(G, rt, args.compile, find_unused_parameters=True)
     D = common.prepare_model(D, rt, args.compile, find_unused_parameters=True)
-    batches = common.batch_stream(ds, rt.local_batch(args.batch_size), rt, args.seed, start,
-                                  args.num_workers)
+    batches = common.batch_stream(ds, args.batch_size, rt, args.seed, start, args.num_workers)
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
-    for it in range(start, args.iters):
-        batch = common.to_device(next(batches), rt.device)
-        labels = batch.get("class")
-        scalars = train_step(G, D, opt_g, opt_d, batch["image"], labels, it, args, rt)
-        ema.update(G)
-        log.step(args.batch_size)
-        done = it + 1
-        if done % args.log_every == 0 or done == args.iters:
-            log.log(done, **{k: common.reduce_mean(v, rt) for k, v in scalars.items()})
-        if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
-            step, alpha = schedule(it, args)
-            with torch.random.fork_rng(devices=[]):  # grids must not move the training RNG
-                rows = mode_style_grid(ema.model, step, args, rt.device, alpha=alpha)
-                rows.append(random_row(ema.model, step, alpha, args, rt.device))
-            common.save_grid(os.path.join(args.out_dir, f"samples_{done:06d}.png"), rows)
-        if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters):
-            common.save_checkpoint(ckpt_path, "ummgan", config_of(args), done, objects)
+    with common.StopSignals() as signals:
+        for it in range(start, args.iters):
+            batch = common.to_device(next(batches), rt.device)
+            labels = batch.get("class")
+            scalars = train_step(G, D, opt_g, opt_d, batch["image"], labels, it, args, rt)
+            ema.update(G)
+            log.step(args.batch_size)
+            done = it + 1
+            if done % args.log_every == 0 or done == args.iters:
+                log.log(done, **{k: common.reduce_mean(v, rt) for k, v in scalars.items()})
+            if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
+                step, alpha = schedule(it, args)
+                with common.preserved_rng():  # grids must not move the training RNG
+                    rows = mode_style_grid(ema.model, step, args, rt.device, alpha=alpha)
+                    rows.append(random_row(ema.model, step, alpha, args, rt.device))
+                common.save_grid(os.path.join(args.out_dir, f"samples_{done:06d}.png"), rows)
+            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
+            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
+                common.save_checkpoint(ckpt_path, "ummgan", config_of(args), done, objects)
+            if stop:
+                signals.stop(done, ckpt_path)
     log.close()
 
 

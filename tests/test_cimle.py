@@ -315,7 +315,8 @@ def test_resume_is_exact(tmp_path):
     log_a = [json.loads(line)["loss"] for line in open(os.path.join(full, "log.jsonl"))]
     log_b = [json.loads(line)["loss"] for line in open(os.path.join(part, "log.jsonl"))]
     assert log_a[-1] == log_b[-1]
-    assert os.path.isfile(cimle.rarity_cache_path(cimle.parse(base + ["--out_dir", full]), 48))
+    args = cimle.parse(base + ["--out_dir", full, "--resume"])  # the finished run folder
+    assert os.path.isfile(cimle.rarity_cache_path(args, 48))
 
 
 # ---------------------------------------------------------------------------------------------

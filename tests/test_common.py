@@ -4,9 +4,12 @@ The pretrained networks and metrics have their own section further down.
 """
 
 import gzip
+import hashlib
 import json
 import math
 import os
+import re
+import urllib.error
 import socket
 import sys
 import warnings
@@ -203,10 +206,18 @@ def test_logger_keeps_only_lines_up_to_the_resumed_iteration(tmp_path):
         log.step(8)
         log.log(it, loss=1.0 / it)
     log.close()
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"iter": 8, "loss": 0.1')  # the earlier run was killed mid-line
+    before = (tmp_path / "log.jsonl").read_text()
     log = common.Logger(str(tmp_path), 10, start_iter=4, enabled=True)
+    log.close()  # a resumed run that fails before its first log step changes nothing
+    assert (tmp_path / "log.jsonl").read_text() == before
+    log = common.Logger(str(tmp_path), 10, start_iter=4, enabled=True)
+    log.step(8)
+    log.log(5, loss=0.2)
     log.close()
     lines = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
-    assert [x["iter"] for x in lines] == [2, 4] and lines[0]["img_per_s"] > 0
+    assert [x["iter"] for x in lines] == [2, 4, 5] and lines[0]["img_per_s"] > 0
 
 
 def test_grid_colours_label_maps_with_the_palette(tmp_path):
@@ -373,12 +384,19 @@ def offline_hub(tmp_path, monkeypatch):
 
     def no_network(url, path, hash_prefix=None, progress=True):
         calls.append({"url": url, "path": path, "hash_prefix": hash_prefix})
-        raise OSError("no network in tests")
+        raise urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     os.makedirs(tmp_path / "checkpoints")
     return tmp_path / "checkpoints", calls
+
+
+def place_stand_in(state, path, sha256_prefix):
+    """Random weights at a cache path, marked as hash-checked (the real file's hash cannot be
+    produced by a stand-in): lets the tests exercise the strict loading of the real files."""
+    torch.save(state, path)
+    common.write_marker(str(path), sha256_prefix)
 
 
 def random_state(shapes, seed=0):
@@ -395,13 +413,17 @@ def shapes_of(module):
 # ---------------------------------------------------------------------------------------------
 
 def test_missing_weights_without_network_is_one_sentence_with_url_path_and_exit_2(
-        offline_hub, capsys):
+        offline_hub, capsys, monkeypatch):
     ckpt, calls = offline_hub
     path = os.path.join(str(ckpt), "vgg19-dcbb9e9d.pth")
+
+    def built_too_early(*args, **kwargs):
+        raise AssertionError("the network was built before its file was resolved")
+    monkeypatch.setattr(common, "vgg_features", built_too_early)
     with pytest.raises(common.UserError) as err:
         common.VGG19(pretrained=True)
-    assert str(err.value) == (f"Could not download {common.VGG19_URL}; "
-                              f"place the file by hand at {path}.")
+    assert str(err.value) == (f"{common.VGG19_URL} could not be downloaded (no network: Temporary "
+                              f"failure in name resolution); place the file by hand at {path}.")
     # The torchvision name's 8 hex digits are the SHA-256 prefix the download is checked against.
     assert calls == [{"url": common.VGG19_URL, "path": path, "hash_prefix": "dcbb9e9d"}]
 
@@ -414,11 +436,60 @@ def test_missing_weights_without_network_is_one_sentence_with_url_path_and_exit_
     assert err_line.count("\n") == 0 and common.CLIP_BPE_URL in err_line
     assert os.path.join(str(ckpt), "bpe_simple_vocab_16e6.txt.gz") in err_line
     assert calls[-1]["hash_prefix"] == common.CLIP_BPE_SHA256
-    # LPIPS needs two files; the generic lin file name gets a distinct cache name.
-    torch.save({}, ckpt / "alexnet-owt-7be5be79.pth")  # the backbone is there, the lin file not
-    with pytest.raises(common.UserError, match=r"lpips_v0\.1_alex\.pth\.$"):
+    # LPIPS needs two files: both are named in the one sentence; the generic lin file name gets a
+    # distinct cache name.
+    with pytest.raises(common.UserError) as err:
         common.LPIPS("alex", pretrained=True)
+    assert str(err.value).count("could not be downloaded") == 2
+    assert "alexnet-owt-7be5be79.pth" in str(err.value)
+    assert str(err.value).endswith("lpips_v0.1_alex.pth.")
     assert calls[-1]["url"].endswith("/lpips/weights/v0.1/alex.pth")
+
+
+@pytest.mark.parametrize("error, cause", [
+    (urllib.error.HTTPError("u", 404, "Not Found", {}, None), "HTTP 404 Not Found"),
+    (PermissionError(13, "Permission denied", "/hub/checkpoints"),
+     "Permission denied: /hub/checkpoints"),
+    (RuntimeError('invalid hash value (expected "dcbb9e9d", got "0badf00d")'),
+     "the downloaded file has the wrong SHA-256")])
+def test_the_cause_of_a_failed_download_is_named(offline_hub, monkeypatch, error, cause):
+    def fail(url, path, hash_prefix=None, progress=True):
+        raise error
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+    with pytest.raises(common.UserError, match=re.escape(f"could not be downloaded ({cause})")):
+        common.VGG19(pretrained=True)
+
+
+def test_a_cached_file_is_hash_checked_on_first_use_then_remembered(offline_hub, monkeypatch):
+    ckpt, calls = offline_hub
+    # Random weights at the VGG-19 path are not the pretrained network.
+    fake = ckpt / "vgg19-dcbb9e9d.pth"
+    torch.save(random_state(shapes_of(common.VGG19(pretrained=False))), fake)
+    with pytest.raises(common.UserError) as err:
+        common.VGG19(pretrained=True)
+    assert f"{fake} is not the official file" in str(err.value)
+    assert common.VGG19_URL in str(err.value) and calls == []  # nothing downloaded over it
+    # A file with the right hash is accepted, hashed once, and again after it changes.
+    good = ckpt / "weights.bin"
+    good.write_bytes(b"official bytes")
+    prefix = hashlib.sha256(b"official bytes").hexdigest()[:8]
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(common.hashlib, "sha256", lambda: hashed.append(1) or real_sha256())
+    for _ in range(2):
+        assert common.pretrained_files(("https://x/weights.bin", None, prefix)) == [str(good)]
+    assert len(hashed) == 1
+    good.write_bytes(b"changed bytes!")
+    with pytest.raises(common.UserError, match="is not the official file"):
+        common.pretrained_files(("https://x/weights.bin", None, prefix))
+
+
+def test_a_hand_placed_converted_clip_file_is_not_trusted(offline_hub):
+    ckpt, calls = offline_hub
+    torch.save({}, common.clip_converted_path("ViT-B/32"))  # not made here from the archive
+    with pytest.raises(common.UserError, match="ViT-B-32.pt could not be downloaded"):
+        common.CLIP("ViT-B/32", pretrained=True)
+    assert calls[-1]["url"] == common.CLIP_URLS["ViT-B/32"]
 
 
 def test_an_unreadable_weights_file_is_a_user_error(offline_hub):
@@ -451,7 +522,7 @@ def test_vgg19_loads_the_torchvision_file_strictly_and_taps_by_torchvision_index
     # The file also holds the ImageNet head (38 keys in all); the loader drops it. (Tiny stand-ins
     # here: the real head is 123.6M parameters.)
     head = {f"classifier.{i}.{p}": torch.zeros(2) for i in (0, 3, 6) for p in ("weight", "bias")}
-    torch.save({**official, **head}, ckpt / "vgg19-dcbb9e9d.pth")
+    place_stand_in({**official, **head}, ckpt / "vgg19-dcbb9e9d.pth", "dcbb9e9d")
     vgg = common.VGG19(pretrained=True)
     assert calls == []  # found in the cache, not downloaded
     assert shapes_of(vgg) == vgg19_official_shapes()  # 32 keys
@@ -690,6 +761,7 @@ def test_clip_torchscript_archive_is_converted_once_to_a_weights_only_state_dict
         warnings.simplefilter("ignore")
         scripted = torch.jit.trace_module(archived, {"encode_text": ids})
         torch.jit.save(scripted, str(ckpt / "ViT-B-32.pt"))
+    common.write_marker(str(ckpt / "ViT-B-32.pt"), common.CLIP_URLS["ViT-B/32"].split("/")[-2])
 
     state = common.clip_state_dict("ViT-B/32")
     assert calls == []  # the archive was found in the cache
@@ -892,8 +964,8 @@ def test_lpips_loads_the_torchvision_backbone_and_the_lin_file_strictly(offline_
     backbone_file = random_state(backbone)
     lin_file = {k: v.abs() for k, v in random_state(lins, seed=1).items()}
     head = {"classifier.1.weight": torch.zeros(2)}  # dropped by the loader
-    torch.save({**backbone_file, **head}, ckpt / "alexnet-owt-7be5be79.pth")
-    torch.save(lin_file, ckpt / "lpips_v0.1_alex.pth")
+    place_stand_in({**backbone_file, **head}, ckpt / "alexnet-owt-7be5be79.pth", "7be5be79")
+    place_stand_in(lin_file, ckpt / "lpips_v0.1_alex.pth", common.LPIPS_LIN_SHA256["alex"])
     lp = common.LPIPS("alex", pretrained=True)
     assert calls == []
     state = lp.state_dict()

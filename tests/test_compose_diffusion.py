@@ -482,7 +482,7 @@ def test_eval_on_real_data_reports_fid_and_lpips_per_method(tmp_path, monkeypatc
     # LPIPS 0 (same items, same pairing); the same images in another order keep FID 0 (up to the
     # float32 rounding of a 2048-d covariance of 5 images) but not LPIPS
     test = cd.load_dataset(common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion",
-                                             "folder", flags), "test")
+                                             "folder", flags + ["--eval"]), "test")
     for shift, lpips_zero in ((0, True), (1, False)):
         monkeypatch.setattr(cd, "generate", lambda args, comp, n, device, seed: cd.test_batch(
             test, n, device, (seed - 1000 + shift) % n)["image"])

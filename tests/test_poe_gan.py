@@ -405,7 +405,7 @@ def test_resume_is_exact(tmp_path, capsys):
     for net in ("G", "D", "ema"):
         for k, v in ka["state"][net].items():
             assert torch.equal(v, kb["state"][net][k]), (net, k)
-    assert os.path.isfile(os.path.join(a, "samples_4.png"))
+    assert os.path.isfile(os.path.join(a, "samples_000004.png"))
     log = [json.loads(line) for line in open(os.path.join(b, "log.jsonl"))]
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
     # the controls and the metrics run from the checkpoint: 16 subsets + the real ceiling

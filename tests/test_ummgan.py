@@ -350,7 +350,7 @@ def test_sample_and_eval_write_the_controls(tmp_path, capsys):
     assert result["jaccard_real_vs_real"] > result["jaccard"]
     real_sum = data.hshape_measure(ummgan.real_images(ummgan.load_data(
         common.parse_args(ummgan.build_parser(), ummgan.PRESETS, "ummgan", "hshape",
-                          RUN + ["--out_dir", out])), 200)).sum(1)
+                          RUN + ["--out_dir", out, "--eval"])), 200)).sum(1)
     assert result["width_sum"]["real"] == pytest.approx([float(real_sum.mean()),
                                                          float(real_sum.std())], rel=1e-5)
     assert result["outside_H"]["real"] < 0.01 and 0 <= result["outside_H"]["generated"] <= 1
