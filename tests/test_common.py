@@ -63,7 +63,7 @@ def test_bench_training_times_float32_then_the_asked_dtype(capsys):
     """--bench: fresh networks per configuration, warm-up then N timed steps each, float32 eager
     first as the baseline, the summary last with the speed-up."""
     import argparse
-    args = argparse.Namespace(bench=2, batch_size=4, dtype="bfloat16", compile=False, seed=0,
+    args = argparse.Namespace(bench=2, batch_size=4, dtype="bfloat16", compile=None, seed=0,
                               data="toy", size=8)
     made, calls = [], []
 
@@ -73,7 +73,7 @@ def test_bench_training_times_float32_then_the_asked_dtype(capsys):
 
     summary = common.bench_training(args, common.Runtime(torch.device("cpu"), torch.float32),
                                     make_step)
-    assert made == [(torch.float32, False), (torch.bfloat16, False)]
+    assert made == [(torch.float32, None), (torch.bfloat16, None)]
     assert calls == [torch.float32] * 5 + [torch.bfloat16] * 5      # 3 warm-up + 2 timed each
     assert [r["dtype"] for r in summary["bench"]] == ["float32", "bfloat16"]
     assert "speedup_vs_fp32_eager" in summary["bench"][-1]

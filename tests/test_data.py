@@ -359,15 +359,19 @@ class Fake:
         self.labels = {}   # (split, name) -> expected encoded label at the written size
         self.colour = {}   # encoded label -> RGB written for it
         self.test_image = self.test_label = None  # the first test item's files
+        self.images = {"train": [], "test": []}   # split -> image files, in writing order
+        self.label_files = {"train": [], "test": []}
 
     def pair(self, split, name, image_path, label_path, raw_values, encoded, h, w, rng,
              rgb_label=None):
         """Write image (colour per class) and label (raw ids or RGB); remember the expectation."""
         idx = block_map(rng, h, w, len(raw_values))
         save(COLOURS[idx], image_path)
+        self.images[split].append(image_path)
         raw = np.array(raw_values)[idx]
         if label_path:
             save(rgb_label[idx] if rgb_label is not None else raw.astype(np.uint8), label_path)
+            self.label_files[split].append(label_path)
         self.labels[(split, name)] = np.array(encoded)[idx]
         self.colour.update({e: COLOURS[k] for k, e in enumerate(encoded)})
         if split == "test" and self.test_image is None:
@@ -406,6 +410,7 @@ def fake_deepfashion_smis(root, rng):
             # a 3-channel mask: only channel 0 is the label (make_instances)
             three = np.stack([raw, (raw * 7) % 5, np.full_like(raw, 9)], -1).astype(np.uint8)
             save(three, f"{root}/cihp_{split}_mask/{name}.png")
+            fake.label_files[split].append(f"{root}/cihp_{split}_mask/{name}.png")
             if split == "test" and name == "a":
                 fake.test_label = f"{root}/cihp_{split}_mask/{name}.png"
     fake.remove_for_layout = f"{root}/cihp_test_mask/a.png"
@@ -715,8 +720,21 @@ def test_folder_errors(tmp_path):
     save(np.zeros((8, 8, 3), np.uint8), f"{tmp_path}/imgs/a.png")
     with open(f"{tmp_path}/imgs/b.png", "wb") as f:
         f.write(b"\x89PNG broken")
-    ds = data.get_dataset("folder", root=str(tmp_path / "imgs"), size=16)
-    raises_naming(f"{tmp_path}/imgs/b.png", lambda: ds[1])
+    imgs, broken = str(tmp_path / "imgs"), f"{tmp_path}/imgs/b.png"
+    load = lambda **k: data.get_dataset("folder", root=imgs, size=16, **k)  # noqa: E731
+    raises_naming(broken, load, "cannot be read")  # at start-up
+    ds = load(check_files=False)
+    raises_naming(broken, lambda: ds[1])            # and in training
+
+
+def test_check_reads_a_folder_whose_splits_share_their_images_once(tmp_path, capsys):
+    save(np.zeros((8, 8, 3), np.uint8), f"{tmp_path}/a.png")
+    with open(f"{tmp_path}/b.png", "wb") as f:
+        f.write(b"\x89PNG broken")
+    code, lines, err = run_check(capsys, "folder", "--data_dir", str(tmp_path), "--size", "16")
+    assert code == 2 and lines == [f"{tmp_path}/b.png: cannot be read (not an image, or corrupt "
+                                   "or truncated)"]
+    assert f"1 bad file among the 2 items of folder (train, test) in {tmp_path}" in err
 
 
 def test_mm_celeba_refuses_a_pickle_that_would_run_code(tmp_path):
@@ -734,3 +752,178 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(missing) in err and "leftImg8bit" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Real datasets: bad files found at start-up (pairing, headers) and by python data.py --check
+# ---------------------------------------------------------------------------------------------
+
+def save_other_size(path, shape):
+    """Replace an image or map by one of another (H, W), same mode and format."""
+    img = Image.open(path)
+    img.load()
+    img.resize(shape[::-1], Image.NEAREST).save(path, format=img.format)
+
+
+@pytest.mark.parametrize("key", list(REAL))
+def test_start_up_check_names_missing_partners_and_bad_headers(key, tmp_path):
+    name = dataset_name(key)
+    fake = REAL[key](str(tmp_path), np.random.default_rng(3))
+    load = lambda: data.get_dataset(name, fake.root, "test", fake.size)  # noqa: E731
+    image, label = fake.images["test"][1], fake.label_files["test"][1]
+    original = {p: open(p, "rb").read() for p in (image, label)}
+
+    def restore():
+        for path, content in original.items():
+            with open(path, "wb") as f:
+                f.write(content)
+        load()
+
+    w, h = Image.open(image).size
+    save_other_size(label, (h, w // 2))  # another aspect ratio: refused by every layout
+    raises_naming(label, load, f"is {w // 2}x{h} but its image is {w}x{h}")
+    restore()
+    Image.fromarray(np.full((h, w), 40000, np.uint16)).save(image, format="PNG")  # 16-bit grey
+    raises_naming(image, load, "mode I;16")
+    restore()
+    with open(image, "wb") as f:
+        f.write(b"not an image at all")
+    raises_naming(image, load, "cannot be read")
+    restore()
+    for path in fake.label_files["test"]:  # every missing partner is named, not the first only
+        os.remove(path)
+    message = raises_naming(fake.label_files["test"][0], load, fake.label_files["test"][1])
+    assert message.count(" is missing") == 2 and "--check" in message
+
+
+def test_start_up_check_caps_its_list_and_scales_masks_only_where_allowed(tmp_path, monkeypatch):
+    root = tmp_path / "df"
+    for k in range(8):
+        save(np.zeros((16, 16, 3), np.uint8), f"{root}/test_img/{k}.jpg")
+    os.makedirs(root / "test_label")
+    message = raises_naming(root / "test_label", lambda: data.get_dataset(
+        "deepfashion", root=str(root), split="test"), "8 bad files", "; and 3 more")
+    assert message.count(" is missing") == 5
+    # Above HEADER_SCAN_LIMIT items only a sample's headers are read, every partner is looked for.
+    monkeypatch.setattr(data, "HEADER_SCAN_LIMIT", 4)
+    for k in range(8):
+        save(np.zeros((16, 16), np.uint8), f"{root}/test_label/{k}.png")
+    save(np.zeros((16, 8), np.uint8), f"{root}/test_label/1.png")  # item 1: not in the sample
+    data.get_dataset("deepfashion", root=str(root), split="test")
+    os.remove(f"{root}/test_label/7.png")
+    raises_naming(f"{root}/test_label/7.png", lambda: data.get_dataset(
+        "deepfashion", root=str(root), split="test"), "1 bad file in")
+    # CelebAMask-HQ: g_mask.py's masks are half the size of the images, the same aspect ratio.
+    fake = fake_celebamask(str(tmp_path / "celeba"), np.random.default_rng(0))
+    mask = fake.test_label
+    save_other_size(mask, (64, 64))
+    item = data.get_dataset("celebamask-hq", root=fake.root, split="test", size=32)[0]
+    assert np.array_equal(item["label"].numpy(), fake.labels[("test", "0")])
+    save_other_size(mask, (64, 48))
+    raises_naming(mask, lambda: data.get_dataset("celebamask-hq", root=fake.root, split="test"),
+                  "expected the same aspect ratio")
+
+
+def run_check(capsys, *argv):
+    """python data.py --check ...: (exit status, stdout lines, stderr)."""
+    try:
+        common.run_main(lambda: data.main(["--check", *argv]))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out.splitlines(), out.err
+
+
+def truncate(path):
+    content = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(content[:len(content) // 2])
+
+
+@pytest.mark.parametrize("key", list(REAL))
+def test_check_lists_every_bad_file_and_exits_2(key, tmp_path, capsys):
+    name = dataset_name(key)
+    fake = REAL[key](str(tmp_path), np.random.default_rng(4))
+    flags = [name, "--data_dir", fake.root, "--size", "16"]
+    code, lines, _ = run_check(capsys, *flags)
+    assert code == 0 and lines[-1] == f"4 items of {name} (train, test) in {fake.root}: every " \
+        "file good"
+    truncated, missing = fake.images["train"][0], fake.label_files["train"][1]
+    out_of_range, other_size = fake.label_files["test"]
+    truncate(truncated)                   # header intact: only decoding finds it
+    os.remove(missing)
+    label = np.asarray(Image.open(out_of_range)).copy()
+    if name == "gta5":                    # every colour is valid: a grey label is the bad one
+        Image.fromarray(label[..., 0]).save(out_of_range)
+    elif name == "folder-pairs":          # classes inferred from the values: none out of range
+        out_of_range = None
+    else:                                 # one pixel, dropped by resizing to --size 16
+        label[4, 6] = fake.bad_value
+        Image.fromarray(label).save(out_of_range)
+    h, w = label.shape[:2]
+    save_other_size(other_size, (h, w // 2))
+    code, lines, err = run_check(capsys, *flags)
+    bad = {line.split(": ", 1)[0]: line for line in lines}
+    expected = {truncated, missing, out_of_range, other_size} - {None}
+    assert code == 2 and set(bad) == expected, lines
+    assert "is missing" in bad[missing] and "cannot be read" in bad[truncated]
+    if out_of_range and name != "gta5":
+        assert f"holds value {fake.bad_value}, out of range" in bad[out_of_range]
+    assert err.strip().splitlines()[-1].startswith(f"error: {len(expected)} bad files among")
+    code, lines, _ = run_check(capsys, *flags, "--split", "test")
+    assert code == 2 and {line.split(": ", 1)[0] for line in lines} == expected & {out_of_range,
+                                                                                  other_size}
+
+
+def test_check_reads_instance_maps_and_captions(tmp_path, capsys):
+    fake = fake_deepfashion(str(tmp_path / "df"), np.random.default_rng(5))
+    broken, other_size = f"{fake.root}/train_inst/a.png", f"{fake.root}/test_inst/b.png"
+    truncate(broken)
+    save_other_size(other_size, (32, 16))
+    code, lines, _ = run_check(capsys, "deepfashion", "--data_dir", fake.root)
+    assert code == 2 and sorted(lines) == sorted([
+        f"{broken}: cannot be read (not an image, or corrupt or truncated)",
+        f"{other_size}: is 16x32 but its image is 32x32, expected the same size"])
+    fake = fake_mm_celeba(str(tmp_path / "mm"), np.random.default_rng(5))
+    empty, not_utf8 = (f"{fake.root}/text/celeba-caption/{i}.txt" for i in "03")
+    open(empty, "w").close()
+    with open(not_utf8, "wb") as f:
+        f.write(b"a caption in latin-1: \xe9t\xe9\n")
+    code, lines, _ = run_check(capsys, "mm-celeba-hq", "--data_dir", fake.root)
+    assert code == 2 and lines == [f"{empty}: holds no caption for {fake.root}/image/0.jpg",
+                                   f"{not_utf8}: is not UTF-8 text"]
+    raises_naming(empty, lambda: data.get_dataset("mm-celeba-hq", root=fake.root), "no caption")
+
+
+def test_check_refuses_a_built_in_dataset(capsys):
+    code, _, err = run_check(capsys, "shapes")
+    assert code == 2 and "expected a dataset stored in files" in err
+
+
+def test_folder_split_sub_folders_hold_their_split_only(tmp_path):
+    """Stanford Cars unpacks as cars_train/ and cars_test/: the parent folder trains on
+    cars_train only."""
+    assert [data.folder_split(d) for d in ("train", "trainA", "cars_train", "Training", "test",
+                                            "testB", "cars_test", "val", "valid", "val2017",
+                                            "validation", "cats", "testimonials")] == \
+        ["train"] * 4 + ["test"] * 7 + [None] * 2
+    cars = tmp_path / "cars"
+    for sub, n in (("cars_train", 3), ("cars_test", 2)):
+        for k in range(n):
+            save(np.zeros((24, 32, 3), np.uint8), f"{cars}/{sub}/{k:05d}.jpg")
+    train = data.get_dataset("folder", root=str(cars), size=16)
+    test = data.get_dataset("folder", root=str(cars), split="test", size=16)
+    assert [os.path.basename(os.path.dirname(r["image"])) for r in train.records] == \
+        ["cars_train"] * 3
+    assert [os.path.basename(os.path.dirname(r["image"])) for r in test.records] == \
+        ["cars_test"] * 2
+    assert "class" not in train.has and train.class_names == []
+    # Class folders beside a held-out folder: the held-out one is the test split, not a class.
+    pets = tmp_path / "pets"
+    for sub in ("cats", "dogs", "val/cats", "val/dogs"):
+        save(np.zeros((16, 16, 3), np.uint8), f"{pets}/{sub}/0.png")
+    train = data.get_dataset("folder", root=str(pets), size=16)
+    test = data.get_dataset("folder", root=str(pets), split="test", size=16)
+    assert train.class_names == test.class_names == ["cats", "dogs"]
+    assert len(train) == len(test) == 2 and all("/val/" in r["image"] for r in test.records)
