@@ -9,9 +9,12 @@ import json
 import math
 import os
 import re
-import urllib.error
+import signal
 import socket
+import subprocess
 import sys
+import time
+import urllib.error
 import warnings
 
 import numpy as np
@@ -371,6 +374,146 @@ def test_contrastive_loss_is_eq_10_written_as_sums():
     log_scale = torch.tensor(1.0, requires_grad=True)  # a learnable temperature gets a gradient
     common.contrastive_loss(u, v, torch.exp(-log_scale)).backward()
     assert log_scale.grad is not None and log_scale.grad != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing a user gives is lost: flags, run folders, checkpoints, pre-emption (all five scripts)
+# ---------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("inade", "cimle", "ummgan", "poe_gan", "compose_diffusion")
+
+
+def exit_of(script, argv, capsys):
+    """Run script.main(argv) as the command line does: (exit status, stderr)."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: module.main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flags, sentence", [
+    (["--batch_size", "0"], "--batch_size must be at least 1 (got 0)."),
+    (["--batch_size", "-2"], "--batch_size must be at least 1 (got -2)."),
+    (["--iters", "-1"], "--iters must be at least 1 (got -1)."),
+    (["--iters", "0"], "--iters must be at least 1 (got 0)."),
+    (["--log_every", "0"], "--log_every must be at least 1 (got 0)."),
+    (["--ckpt_every", "0"], "--ckpt_every must be at least 1 (got 0)."),
+    (["--sample_every", "0"], "--sample_every must be at least 1 (got 0)."),
+    (["--num_workers", "-1"], "--num_workers must be at least 0 (got -1)."),
+    (["--size", "0"], "--size must be at least 1 (got 0)."),
+])
+def test_a_bad_common_flag_is_one_sentence_before_anything_is_written(script, flags, sentence,
+                                                                       tmp_path, capsys):
+    out = tmp_path / "run"
+    status, err = exit_of(script, flags + ["--out_dir", str(out)], capsys)
+    assert (status, err) == (2, f"error: {sentence}\n")
+    assert not out.exists()  # refused before the run folder was made
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_batch_that_does_not_divide_over_the_torchrun_processes_is_refused_at_start(
+        script, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, before any process group exists
+    status, err = exit_of(script, ["--batch_size", "3", "--out_dir", str(tmp_path / "r")], capsys)
+    assert status == 2 and err == ("error: --batch_size 3 is the global batch and must divide "
+                                   "evenly over the 2 processes of this torchrun launch.\n")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("earlier", ["ckpt.pt", "log.jsonl"])
+def test_a_run_folder_survives_a_second_run_without_resume(script, earlier, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / earlier).write_bytes(b"a day of training")
+    status, err = exit_of(script, ["--out_dir", str(out)], capsys)
+    assert status == 2 and err == (f"error: {out / earlier} already exists: pass --resume to "
+                                   f"continue that run, or choose another --out_dir.\n")
+    assert [p.name for p in out.iterdir()] == [earlier]
+    assert (out / earlier).read_bytes() == b"a day of training"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(script, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    status, err = exit_of(script, ["--out_dir", str(tmp_path / "file" / "run")], capsys)
+    assert status == 2 and err.startswith(f"error: --out_dir {tmp_path / 'file' / 'run'} cannot "
+                                          f"be written to (Not a directory)")
+    assert err.count("\n") == 1
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_object_and_the_key(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = torch.optim.Adam(net.parameters())
+    common.save_checkpoint(path, "toy", {"width": 4}, 5, dict(net=net, opt=opt))
+    ok = common.load_checkpoint(path, "toy", objects=dict(net=net, opt=opt))
+    assert ok["iter"] == 5
+    with pytest.raises(common.UserError, match=r"holds no 'scaler' \(it holds net, opt\)"):
+        common.load_checkpoint(path, "toy", objects=dict(net=net, scaler=common.Runtime(
+            torch.device("cpu"), torch.float32).scaler))
+    wider = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))
+    with pytest.raises(common.UserError) as err:
+        common.load_checkpoint(path, "toy", objects=dict(net=wider))
+    assert str(err.value) == (f"{path}: in 'net', 0.weight has shape (4, 3), expected (5, 3) "
+                              f"(and 2 more); it was written with other flags or by another "
+                              f"version of this script.")
+    with pytest.raises(common.UserError, match=r"in 'net', 0.weight is torch.float32, expected "
+                                               r"torch.float64"):
+        common.load_checkpoint(path, "toy", objects=dict(net=copy_of(net).double()))
+    deeper = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    with pytest.raises(common.UserError, match=r"in 'net', 2.weight is missing"):
+        common.load_checkpoint(path, "toy", objects=dict(net=deeper))
+    two_groups = torch.optim.Adam([{"params": [p]} for p in net.parameters()])
+    with pytest.raises(common.UserError, match=r"'opt' does not fit this run"):
+        common.load_checkpoint(path, "toy", objects=dict(opt=two_groups))
+    with pytest.raises(common.UserError, match=r"trained with --width 4 \(asked: 8\)"):
+        common.load_checkpoint(path, "toy", {"width": 8}, ("width",))
+    with pytest.raises(common.UserError, match=r"written by toy, not other.py"):
+        common.load_checkpoint(path, "other")
+
+
+def copy_of(module):
+    import copy
+    return copy.deepcopy(module)
+
+
+def test_sigterm_checkpoints_mid_run_and_resume_gives_the_same_next_losses(tmp_path):
+    """A pre-empted run (SIGTERM at an arbitrary step) resumes exactly: the losses after the
+    stop equal those of a run that was never interrupted."""
+    flags = ["--size", "32", "--style_dim", "16", "--max_channels", "8", "--channel_base", "128",
+             "--batch_size", "4", "--phase_iters", "2", "--init_size", "8", "--log_every", "1",
+             "--sample_every", "100000", "--ckpt_every", "100000", "--K", "2", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *extra, **kw: subprocess.Popen(  # noqa: E731
+        [sys.executable, os.path.join(ROOT, "ummgan.py"), *flags, *extra], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    part, full = tmp_path / "part", tmp_path / "full"
+    proc = run("--iters", "100000", "--out_dir", str(part))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (part / "log.jsonl").exists() and len((part / "log.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    stopped = torch.load(part / "ckpt.pt", weights_only=True)["iter"]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == (
+        f"SIGTERM: stopped after iteration {stopped}; the checkpoint is {part / 'ckpt.pt'}. "
+        f"Continue with the same command and --resume.")
+    assert 3 <= stopped < 100000
+    target = str(stopped + 3)
+    for proc in (run("--iters", target, "--out_dir", str(part), "--resume"),
+                 run("--iters", target, "--out_dir", str(full))):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    strip = lambda path: [{k: v for k, v in json.loads(x).items() if k != "img_per_s"}  # noqa
+                          for x in path.read_text().splitlines()]
+    resumed, uninterrupted = strip(part / "log.jsonl"), strip(full / "log.jsonl")
+    assert [r["iter"] for r in resumed] == list(range(1, stopped + 4))
+    assert resumed == uninterrupted
 
 
 # ---------------------------------------------------------------------------------------------

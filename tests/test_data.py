@@ -790,6 +790,12 @@ def test_start_up_check_names_missing_partners_and_bad_headers(key, tmp_path):
         f.write(b"not an image at all")
     raises_naming(image, load, "cannot be read")
     restore()
+    instance = load().records[1].get("instance")
+    if instance:  # optional instance maps: wanted for every image once some exist
+        original[instance] = open(instance, "rb").read()
+        os.remove(instance)
+        raises_naming(instance, load, "is missing, the instance file of")
+        restore()
     for path in fake.label_files["test"]:  # every missing partner is named, not the first only
         os.remove(path)
     message = raises_naming(fake.label_files["test"][0], load, fake.label_files["test"][1])
