@@ -204,6 +204,8 @@ def prepare_out_dir(args):
         found = [p for p in (ckpt, log) if os.path.exists(p)]
         require(not found, f"{found[0] if found else ''} already exists: pass --resume to continue "
                            f"that run, or choose another --out_dir.")
+    if training_run(args) and args.resume:
+        require(os.path.isfile(ckpt), no_checkpoint_sentence(ckpt))
     if int(os.environ.get("RANK", 0)) != 0:
         return  # rank 0 alone writes into the run folder
     if not training_run(args) and not os.path.isdir(args.out_dir):
@@ -497,15 +499,18 @@ def save_checkpoint(path, method, config, iteration, objects, extra=None):
     os.replace(tmp, path)
 
 
+def no_checkpoint_sentence(path):
+    return (f"no checkpoint at {path}; train first (without --resume/--sample/--eval) or point "
+            f"--out_dir at the run folder.")
+
+
 def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, restore_rng=True):
     """Load a checkpoint written by `save_checkpoint` into `objects`; return the whole dict.
 
     Refuses, with one sentence, a missing or unreadable file, a checkpoint of another method, and
     one whose architecture flags (`arch_keys` of `config`) differ from the ones asked for now.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}; train first (without --resume/--sample/--eval) "
-                        f"or point --out_dir at the run folder.")
+    require(os.path.isfile(path), no_checkpoint_sentence(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, foreign or pickled with code objects

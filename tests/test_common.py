@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -472,6 +473,45 @@ def test_a_checkpoint_that_does_not_fit_names_the_object_and_the_key(tmp_path):
         common.load_checkpoint(path, "toy", {"width": 8}, ("width",))
     with pytest.raises(common.UserError, match=r"written by toy, not other.py"):
         common.load_checkpoint(path, "other")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("mode", ["--resume", "--sample", "--eval"])
+def test_a_missing_checkpoint_is_named_with_what_to_do(script, mode, tmp_path, capsys):
+    out = tmp_path / "run"
+    status, err = exit_of(script, [mode, "--out_dir", str(out)], capsys)
+    assert status == 2 and err.startswith(f"error: no checkpoint at {out / 'ckpt.pt'}; train "
+                                          f"first") and err.count("\n") == 1
+
+
+def test_stop_signals_set_a_flag_and_a_second_ctrl_c_aborts():
+    rt = common.Runtime(torch.device("cpu"), torch.float32)
+    with common.StopSignals() as signals:
+        assert not signals.requested(rt)
+        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning before the time limit
+        assert signals.requested(rt)
+        with pytest.raises(common.Stopped) as stop:
+            signals.stop(7, "run/ckpt.pt")
+        assert stop.value.status == 128 + signal.SIGUSR1
+        assert str(stop.value) == ("SIGUSR1: stopped after iteration 7; the checkpoint is "
+                                   "run/ckpt.pt. Continue with the same command and --resume.")
+    with common.StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C: finish the step first
+        assert signals.requested(rt)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # again: abort now
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_an_error_inside_the_training_loop_starts_on_a_line_of_its_own(capsys):
+    def main():
+        bar = tqdm(total=10, file=sys.stderr)
+        bar.update(3)
+        raise common.UserError("label value 9 in data/x.png is out of range.")
+    with pytest.raises(SystemExit):
+        common.run_main(main)
+    err = capsys.readouterr().err
+    assert "\nerror: label value 9 in data/x.png is out of range.\n" in err
 
 
 def copy_of(module):
