@@ -1853,6 +1853,39 @@ def fid_stats(feats):
     return mu, sigma / (len(feats) - 1)
 
 
+class RunningFIDStats:
+    """FID statistics as running sums: add feature batches one by one, memory O(D^2) whatever the
+    number of images (for streaming evaluation). Same values as fid_stats on all features at once
+    (float64 sums; the covariance uses the N - 1 normalisation)."""
+
+    def __init__(self):
+        self.n, self.sum, self.outer = 0, None, None
+
+    def add(self, feats):
+        feats = feats.detach().cpu().numpy() if torch.is_tensor(feats) else np.asarray(feats)
+        feats = feats.astype(np.float64)
+        if self.sum is None:
+            self.sum, self.outer = np.zeros(feats.shape[1]), np.zeros((feats.shape[1],) * 2)
+        self.n += len(feats)
+        self.sum += feats.sum(0)
+        self.outer += feats.T @ feats
+
+    def stats(self):
+        if self.n < 2:
+            raise UserError(f"FID needs at least 2 images per set; got {self.n}.")
+        mu = self.sum / self.n
+        return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+
+def inception_stats(inc, batches, device=None, progress=False):
+    """FID statistics (mu, sigma) of a stream of image batches (as inception_features takes them),
+    keeping only running sums: peak memory is set by the batch, not by the number of images."""
+    running = RunningFIDStats()
+    for batch in batches:
+        running.add(inception_features(inc, [batch], device, progress))
+    return running.stats()
+
+
 def save_fid_stats(path, mu, sigma):
     """pytorch-fid's statistics format: .npz with arrays `mu` and `sigma` (written atomically)."""
     with open(path + ".tmp", "wb") as f:

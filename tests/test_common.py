@@ -1115,6 +1115,34 @@ def test_fid_of_a_set_with_itself_is_zero_and_saved_stats_give_the_same_value(tm
         common.fid(feats, str(tmp_path / "missing.npz"))
 
 
+def test_running_fid_stats_equal_the_stats_of_all_features_and_stream_batches():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(301, 16)) @ rng.normal(size=(16, 16)) + 3.0
+    running = common.RunningFIDStats()
+    for start in range(0, 301, 64):
+        running.add(torch.from_numpy(feats[start:start + 64]).float())
+    mu, sigma = running.stats()
+    mu_all, sigma_all = common.fid_stats(feats.astype(np.float32))
+    np.testing.assert_allclose(mu, mu_all, rtol=1e-6)
+    np.testing.assert_allclose(sigma, sigma_all, rtol=1e-5, atol=1e-5)
+    # inception_stats sees one batch at a time (a generator can sample each as it is asked for)
+    inc = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16))  # a stand-in feature net
+    images = torch.rand(6, 3, 8, 8)
+    seen = []
+
+    def batches():
+        for k in range(3):
+            seen.append(k)
+            yield images[2 * k:2 * k + 2]
+    mu_s, sigma_s = common.inception_stats(inc, batches())
+    mu_f, sigma_f = common.fid_stats(common.inception_features(inc, [images]))
+    assert seen == [0, 1, 2]
+    np.testing.assert_allclose(mu_s, mu_f, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sigma_s, sigma_f, rtol=1e-3, atol=1e-6)
+    with pytest.raises(common.UserError, match="at least 2 images"):
+        common.RunningFIDStats().stats()
+
+
 # ---------------------------------------------------------------------------------------------
 # LPIPS and the diversity protocols
 # ---------------------------------------------------------------------------------------------
