@@ -12,7 +12,8 @@ steps of gradient descent on mini-batches of S with the selected codes held fixe
 discriminator: the only loss is the distance L of §3.7 (pixels + VGG-19 features).
 
 Map of this file:
-    config and presets     Algorithm 1's |S|, m, L, |S~|, eta per dataset, with their sources
+    config and presets     Algorithm 1's |S|, m, L, |S~|, eta per dataset, with their sources;
+                           check_args: every flag's range, before any data or model is built
     networks               RRDB super-resolution generator (§5.1.1, Fig. 4); cascaded refinement
                            network + noise encoder for layouts (§5.2.1)
     distance (§3.7)        weighted pixel + VGG-19 feature distances, masked for layouts (§5.2.4)
@@ -20,9 +21,13 @@ Map of this file:
     rarity (§5.2.4)        per-class KDE of mean colours, rarity scores, dataset and loss
                            rebalancing; cached beside the dataset
     Algorithm 1            subset -> search -> L inner steps; z = 0 pretraining; training loop
+    several GPUs           torchrun: each rank searches its share of S (codes drawn per example,
+                           so the same as one process's) and the selected codes are all-gathered;
+                           the inner steps' |S~| = --batch_size is global, |S~| / world per rank
     sampling controls      many samples per input, latent interpolation, one latent on many inputs
-    evaluation             faithfulness-weighted variance (§5.1.5), LPIPS diversity (§5.2.6),
-                           shapes toy metrics (palette-mode coverage, colour fidelity)
+    evaluation (streamed)  faithfulness-weighted variance (§5.1.5), LPIPS diversity (§5.2.6),
+                           shapes toy metrics (palette-mode coverage, colour fidelity), summed
+                           input by input: memory set by one input's samples
     benchmark              select_latents vs materialise-all: time, peak memory, search overhead
     main
 
@@ -35,6 +40,7 @@ Map of this file:
     python cimle.py --data folder --data_dir data/imagenet_cicada   # SRIM, paper scale
     python cimle.py --data gta5                       # layouts, paper scale (256x512)
     python cimle.py --data gta5 --dry_run             # parameter counts vs the official nets
+    torchrun --nproc_per_node=2 cimle.py --data folder --data_dir data/imagenet_cicada  # |S~| 4
 """
 
 import json
@@ -172,42 +178,76 @@ def build_parser():
 
 
 def parse(argv=None):
-    """common.parse_args with the preset of (--data, --task): shapes serves both tasks."""
+    """common.parse_args with the preset of (--data, --task): shapes serves both tasks. Every
+    flag is checked (check_args) before the run folder, any data or any model is touched."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     presets = dict(PRESETS)
     if known.task == "sr":
         presets["shapes"] = CPU_SR
-    args = common.parse_args(parser, presets, "cimle", "shapes", argv)
-    if args.task not in TASKS[args.data]:
-        raise common.UserError(f"--task {args.task} is not available on --data {args.data}; "
-                               f"it supports: {', '.join(TASKS[args.data])}.")
-    check_args(args)
-    return args
+    return common.parse_args(parser, presets, "cimle", "shapes", argv, check=check_args)
+
+
+def check_batch_split(args):
+    """Under torchrun, --batch_size (Algorithm 1's |S~|) is the global mini-batch of the inner
+    steps and each process takes |S~| / world of it (DDP averages the gradients), while the
+    search splits S itself. |S~| = 1 (the layout presets, §5.2.5) cannot be split: run it on one
+    GPU. (common's generic split check comes after this one and would not say how to run it.)"""
+    world = common.world_size()
+    presets = dict(PRESETS, shapes=CPU_SR) if args.task == "sr" else PRESETS
+    preset = presets.get(args.data, {}).get("batch_size")
+    if world > 1 and args.batch_size % world:
+        raise common.UserError(
+            f"--batch_size {args.batch_size} (Algorithm 1's |S~|, the global mini-batch of the "
+            f"inner steps) cannot be split over the {world} processes of this torchrun launch, "
+            f"since each inner step is one gradient step on |S~| examples: run it on one GPU "
+            f"(python cimle.py --data {args.data}), or pass a --batch_size that is a multiple of "
+            f"{world} (which changes |S~| from the preset's {preset}).")
 
 
 def check_args(args):
-    for name in ("S", "m", "L", "batch_size", "iters", "search_examples", "search_chunk"):
-        if getattr(args, name) < 1:
-            raise common.UserError(f"--{name} must be a positive integer "
-                                   f"(got {getattr(args, name)}).")
-    if args.batch_size > args.S:
-        raise common.UserError(f"--batch_size {args.batch_size} (|S~|) must not exceed --S "
-                               f"{args.S}, since mini-batches are drawn from S (Algorithm 1).")
-    if args.distance == "official" and args.task != "sr":
-        raise common.UserError("--distance official is SRIM's distance; it exists for "
-                               "--task sr only.")
-    if args.distance != "pixel" and not args.pretrained:
-        raise common.UserError(f"--distance {args.distance} needs the pretrained VGG-19: "
-                               f"pass --pretrained 1, or use --distance pixel.")
-    if args.size % 8:
-        raise common.UserError(f"--size must be a multiple of 8 (got {args.size}).")
+    """Every cIMLE flag that can be out of range, after the presets are filled: one sentence each
+    (common.UserError, exit 2), before the run folder, any data or any model is touched."""
+    require = common.require
+    require(args.task in TASKS[args.data], f"--task {args.task} is not available on --data "
+            f"{args.data}; it supports: {', '.join(TASKS[args.data])}.")
+    common.at_least(args, 1, "S", "L", "search_examples", "search_chunk", "z_channels", "nf",
+                    "gc", "n_blocks", "noise_channels", "encoder_channels", "rebalance_classes",
+                    "n_eval")
+    require(args.m >= 1, f"--m (--candidates), the latent codes drawn per example, must be at "
+                         f"least 1 (got {args.m}).")
+    common.at_least(args, 0, "pretrain_iters", "bilinear_from", "n_train", "perturb", "reject")
+    require(args.eval_samples >= 2, f"--eval_samples must be at least 2: the diversity of "
+                                    f"§5.2.6 is measured within pairs of samples "
+                                    f"(got {args.eval_samples}).")
+    require(args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive number "
+                                                    f"(got {args.lr}).")
+    require(args.lr_gamma > 0 and math.isfinite(args.lr_gamma),
+            f"--lr_gamma must be a positive number (got {args.lr_gamma}).")
+    milestones = parse_ints(args.lr_milestones, "lr_milestones")
+    require(all(v >= 1 for v in milestones), f"--lr_milestones must be iterations >= 1 "
+                                             f"(got '{args.lr_milestones}').")
+    require(args.batch_size <= args.S, f"--batch_size {args.batch_size} (|S~|) must not exceed "
+                                       f"--S {args.S}, since mini-batches are drawn from S "
+                                       f"(Algorithm 1).")
+    require(not (args.task == "layout" and args.rebalance_data and args.S < args.rebalance_classes),
+            f"--S {args.S} must be at least --rebalance_classes {args.rebalance_classes}: dataset "
+            f"rebalancing (§5.2.4) gives every one of those classes its share of S "
+            f"(or pass --rebalance_data 0).")
+    require(args.distance != "official" or args.task == "sr",
+            "--distance official is SRIM's distance; it exists for --task sr only.")
+    require(args.distance == "pixel" or args.pretrained,
+            f"--distance {args.distance} needs the pretrained VGG-19: pass --pretrained 1, or use "
+            f"--distance pixel.")
+    require(args.size % 8 == 0, f"--size must be a multiple of 8 (got {args.size}).")
     if args.task == "layout":
         widths = parse_ints(args.crn_channels, "crn_channels")
-        if not widths or args.size % (4 * 2 ** (len(widths) - 1)):
-            raise common.UserError(f"--crn_channels needs one width per module with the coarsest "
-                                   f"at 4 pixels high: {len(widths)} modules do not fit --size "
-                                   f"{args.size}.")
+        require(all(w >= 1 for w in widths), f"--crn_channels must be positive widths "
+                                             f"(got '{args.crn_channels}').")
+        require(widths and args.size % (4 * 2 ** (len(widths) - 1)) == 0,
+                f"--crn_channels needs one width per module with the coarsest at 4 pixels high: "
+                f"{len(widths)} modules do not fit --size {args.size}.")
+    check_batch_split(args)
 
 
 def parse_ints(text, flag):
@@ -387,7 +427,8 @@ class Distance:
     Layouts (§5.2.1, §5.2.4): L1 on pixels (DISL) and conv1_2..conv5_2, every term weighted by
     the normalised rarity mask resized to the term's resolution (area average).
     Weights (§3.7 "each term roughly of the same magnitude"): `calibrate` sets lambda_i =
-    1 / mean of term i on the first searched batch (our rule for the paper's sentence); the
+    1 / mean of term i over one code for each of the first --search_examples examples of
+    S, the same on every rank (our rule for the paper's sentence); the
     official SR weights are fixed. Pixel-only: one term, weight 1.
     Targets are prepared once (`prepare`) and broadcast over each example's candidates.
     """
@@ -647,14 +688,18 @@ def load_data(args, split="train"):
     return ds
 
 
-def gather_items(ds, indices, args, rarity):
-    """The subset's inputs, targets and rarity masks, stacked on the CPU."""
+def gather_items(ds, indices, args, rarity, outer=0):
+    """The subset's inputs, targets and rarity masks, stacked on the CPU. The items' random
+    choices (the folder set's flips) come from a stream seeded by (seed, outer), not from the
+    global one: every rank, and a resumed run, holds the very targets the codes were chosen for."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices.tolist()),
                                          batch_size=64, num_workers=args.num_workers)
     cond, target = [], []
-    for batch in loader:
-        cond.append(batch["lowres"] if args.task == "sr" else batch["label"])
-        target.append(batch["image"])
+    with common.preserved_rng():
+        torch.manual_seed(args.seed * 1_000_003 + outer + 499_979)
+        for batch in loader:
+            cond.append(batch["lowres"] if args.task == "sr" else batch["label"])
+            target.append(batch["image"])
     cond, target = torch.cat(cond), torch.cat(target)
     mask = None
     if rarity is not None and args.rebalance_loss:
@@ -668,33 +713,55 @@ def new_outer(it, args):
     return (it - start) % args.L == 0
 
 
+def outer_index(it, args):
+    """The number of the outer iteration that step `it` belongs to (pretraining ones first)."""
+    if it < args.pretrain_iters:
+        return it // args.L
+    return args.pretrain_iters // args.L + 1 + (it - args.pretrain_iters) // args.L
+
+
+def code_stream(args, outer, example, device):
+    """The random stream of example `example` of S in outer iteration `outer`: its m candidate
+    codes are drawn from it in order. A function of (seed, outer, example) alone, so the codes,
+    and hence the selected ones, are the same whatever the number of processes."""
+    seed = ((args.seed * 1_000_003 + outer) * 1_000_033 + example) % 2 ** 63
+    return torch.Generator(device).manual_seed(seed)
+
+
 def outer_search(G, distance, items, outer, args, rt):
-    """Algorithm 1 lines 4-8 for this rank's share of S (all ranks' codes are gathered)."""
+    """Algorithm 1 lines 4-8. Under torchrun each rank searches its share of S (examples r,
+    r + W, ...) and the selected codes are all-gathered: every rank then holds sigma(i) for all
+    of S, exactly the codes one process would have selected."""
     cond, target, mask = items
-    gen = torch.Generator(rt.device).manual_seed(args.seed * 7919 + outer * 104_729 + rt.rank)
     latent = G.latent_shape(cond)
     share = torch.arange(rt.rank, len(cond), rt.world_size)
+    streams = {}
 
-    def draw(e0, e1, j0, j1):
-        return torch.randn((e1 - e0, j1 - j0, *latent), generator=gen, device=rt.device)
+    def draw(e0, e1, j0, j1):  # codes (e1 - e0, j1 - j0, *latent) of share[e0:e1]
+        if j0 == 0:  # a new block of examples: fresh streams, the previous ones are done
+            streams.clear()
+            streams.update({e: code_stream(args, outer, int(share[e]), rt.device)
+                            for e in range(e0, e1)})
+        return torch.stack([torch.randn((j1 - j0, *latent), generator=streams[e],
+                                        device=rt.device) for e in range(e0, e1)])
 
-    with rt.autocast():
-        if not distance.calibrated:  # §3.7 weights from the first searched examples
-            k = min(len(share), args.search_examples)
-            z = draw(0, k, 0, 1).flatten(0, 1)
-            fake = G(cond[share[:k]].to(rt.device), z)
-            distance.calibrate(fake, distance.prepare(
-                target[share[:k]].to(rt.device),
-                None if mask is None else mask[share[:k]].to(rt.device)))
+    with torch.no_grad(), rt.autocast():
+        if not distance.calibrated:  # §3.7 weights, from the first examples of S on every rank
+            k = min(len(cond), args.search_examples)
+            z = torch.stack([torch.randn(latent, generator=code_stream(args, outer, i, rt.device),
+                                         device=rt.device) for i in range(k)])
+            distance.calibrate(G(cond[:k].to(rt.device), z), distance.prepare(
+                target[:k].to(rt.device), None if mask is None else mask[:k].to(rt.device)))
         _, codes, dist = select_latents(G, distance, cond[share], target[share],
                                         None if mask is None else mask[share], args.m, draw,
                                         args.search_chunk, args.search_examples, rt.device,
                                         args.reject)
-    if args.perturb > 0:  # SRIM code: a small perturbation of every selected code
-        codes = codes + args.perturb * torch.randn(codes.shape, generator=gen, device=rt.device)
     codes, dist = codes.float(), dist.float()
     if rt.ddp:
         codes, dist = gather_shares(codes, len(cond), rt), gather_shares(dist, len(cond), rt)
+    if args.perturb > 0:  # SRIM code: a small perturbation of every selected code
+        gen = code_stream(args, outer, len(cond), rt.device)  # the stream after S's examples
+        codes = codes + args.perturb * torch.randn(codes.shape, generator=gen, device=rt.device)
     return codes.cpu(), dist.mean().item()
 
 
@@ -715,7 +782,7 @@ def inner_step(G, distance, opt, sched, items, codes, it, args, rt):
     cond, target, mask = items
     gen = torch.Generator().manual_seed(args.seed * 15_485_863 + it)
     pick = torch.randperm(len(cond), generator=gen)[:args.batch_size]
-    share = rt.local_batch(args.batch_size)
+    share = args.batch_size // rt.world_size  # divisible: check_batch_split
     pick = pick[rt.rank * share:(rt.rank + 1) * share]
     z = codes[pick].to(rt.device)
     if it < args.pretrain_iters:
@@ -769,7 +836,7 @@ def train(args):
         distance.calibrated = bool(extra["calibrated"])
         if extra["subset"] is not None and not new_outer(start, args):
             subset, codes = extra["subset"], extra["codes"]
-            items = gather_items(ds, subset, args, rarity)
+            items = gather_items(ds, subset, args, rarity, outer_index(start, args))
     Gw = common.prepare_model(G, rt, args.compile)
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     fixed = fixed_examples(ds, args)
@@ -778,10 +845,9 @@ def train(args):
         for it in range(start, args.iters):
             G.upsample_mode = "bilinear" if it >= args.bilinear_from > 0 else "nearest"
             if new_outer(it, args):  # Algorithm 1: pick S, then search sigma(i) for every i in S
-                outer = it // args.L if it < args.pretrain_iters else \
-                    args.pretrain_iters // args.L + 1 + (it - args.pretrain_iters) // args.L
+                outer = outer_index(it, args)
                 subset = pick_subset(outer, n, args, rarity)
-                items = gather_items(ds, subset, args, rarity)
+                items = gather_items(ds, subset, args, rarity, outer)
                 if it < args.pretrain_iters:
                     codes = torch.zeros(len(subset), *G.latent_shape(items[0]))
                 else:
@@ -819,8 +885,8 @@ def train(args):
 # (Fig. 11, 16), one latent on several layouts (Fig. 12)
 # ----------------------------------------------------------------------------------------------
 
-def fixed_examples(ds, args, n=4, split_ds=None):
-    items = [(split_ds or ds)[i] for i in range(n)]
+def fixed_examples(ds, args, n=4):
+    items = [ds[i] for i in range(min(n, len(ds)))]
     cond = torch.stack([it["lowres"] if args.task == "sr" else it["label"] for it in items])
     return cond, torch.stack([it["image"] for it in items])
 
@@ -864,7 +930,7 @@ def sample(args):
     gen = torch.Generator().manual_seed(2)
     shape = G.latent_shape(cond)
     rows = []
-    for i in range(3):
+    for i in range(min(3, len(cond))):
         za, zb = torch.randn((2, *shape), generator=gen)
         t = torch.linspace(0, 1, 8).view(-1, *[1] * len(shape))
         z = (1 - t) * za + t * zb
@@ -920,62 +986,125 @@ def make_metric_distance(args, device):
     return "pixel_l1", lambda a, b: (a - b).abs().flatten(1).mean(1) / 2
 
 
+def eval_stream(G, test, n, k, args, device, zero_z=False):
+    """Per test input, in order: (item, cond (1, ...), samples (k, 3, H, W), zero (3, H, W)) on
+    the CPU, the k samples generated search_examples * search_chunk at a time (the no-grad
+    forward size the search already uses). One input's samples are held at a time."""
+    gen = torch.Generator().manual_seed(3)
+    chunk = args.search_examples * args.search_chunk
+    for i in range(n):
+        item = test[i]
+        cond = (item["lowres"] if args.task == "sr" else item["label"]).unsqueeze(0)
+        z = torch.randn((k, *G.latent_shape(cond)), generator=gen)
+        if zero_z:
+            z.zero_()
+        c = cond.to(device)
+        samples = torch.cat([G(c.expand(len(zc), *c.shape[1:]), zc.to(device)).cpu()
+                             for zc in z.split(chunk)]).clamp(-1, 1)
+        zero = G(c, torch.zeros_like(z[:1]).to(device))[0].cpu().clamp(-1, 1)
+        yield item, cond, samples, zero
+
+
+class Sums:
+    """Running sums and counts of named metrics: add(name, sum, count), mean(name)."""
+
+    def __init__(self):
+        self.total, self.count = {}, {}
+
+    def add(self, name, value, count=1):
+        self.total[name] = self.total.get(name, 0.0) + float(value)
+        self.count[name] = self.count.get(name, 0) + count
+
+    def mean(self, name):
+        return self.total[name] / self.count[name] if self.count.get(name) else float("nan")
+
+
 @torch.no_grad()
 def evaluate(args):
+    """The metrics of §5.1.5 and §5.2.6, streamed: each test input's k samples are generated,
+    measured into running sums and dropped, so memory is set by one input's samples, not by
+    --n_eval. The metric network (LPIPS) is loaded once."""
     device = common.pick_device(args.device)
     G, _ = load_model(args, device)
     test = load_data(args, "test")
-    n = min(args.n_eval, len(test))
-    items = [test[i] for i in range(n)]
-    cond = torch.stack([it["lowres"] if args.task == "sr" else it["label"] for it in items])
-    truth = torch.stack([it["image"] for it in items])
-    k = args.eval_samples
+    n, k = min(args.n_eval, len(test)), args.eval_samples
     regression = args.pretrain_iters >= args.iters  # the z = 0 baseline is sampled as trained
-    samples = generate_samples(G, cond, k, device, seed=3, zero=regression)  # (n, k, 3, H, W)
-    zero = generate_samples(G, cond, 1, device, zero=True)[:, 0]  # the z = 0 output
     name, d = make_metric_distance(args, device)
     half = k // 2  # §5.2.6: pairs of samples per input, mean distance within pairs
-    diversity = float(d(samples[:, :half].flatten(0, 1), samples[:, half:2 * half].flatten(0, 1))
-                      .mean())
+    sums, shapes = Sums(), ShapesSums() if args.data == "shapes" else None
+    for item, cond, samples, zero in tqdm(eval_stream(G, test, n, k, args, device, regression),
+                                          total=n, desc="eval", unit="input"):
+        truth = item["image"].unsqueeze(0)
+        sums.add("diversity", d(samples[:half], samples[half:2 * half]).sum(), half)
+        sums.add("to_truth", d(samples, truth.expand_as(samples)).sum(), k)
+        sums.add("zero_to_truth", d(zero.unsqueeze(0), truth).sum())
+        for sigma, value in faithfulness_weighted_variance(samples.unsqueeze(0), truth, d).items():
+            sums.add(f"fwv_{sigma}", value)  # a mean over this input's k samples
+        if args.task == "sr":  # consistency: the 8x box-downsampled output against the input
+            sums.add("lr_l1", (F.avg_pool2d(samples, 8) - cond).abs().mean() / 2)
+        if shapes is not None:
+            shapes.add(samples, zero, item)
     result = {"task": args.task, "data": args.data, "n_inputs": n, "samples_per_input": k,
               "z": "zero (z = 0 regression baseline)" if regression else "N(0, I)",
-              "metric_distance": name, f"diversity_{name}": diversity,
-              f"distance_to_truth_{name}": float(d(samples.flatten(0, 1), truth.unsqueeze(1)
-                                                   .expand_as(samples).flatten(0, 1)).mean()),
-              f"zero_z_distance_to_truth_{name}": float(d(zero, truth).mean())}
-    fwv = faithfulness_weighted_variance(samples, truth, d)
-    result["faithfulness_weighted_variance"] = {str(s): v for s, v in fwv.items()}
-    if args.task == "sr":  # consistency: the 8x box-downsampled output against the input
-        down = F.avg_pool2d(samples.flatten(0, 1), 8).view(n, k, *cond.shape[1:])
-        result["lr_consistency_l1"] = float((down - cond.unsqueeze(1)).abs().mean() / 2)
-    if args.data == "shapes":
-        result.update(shapes_metrics(samples, zero, items))
+              "metric_distance": name, f"diversity_{name}": sums.mean("diversity"),
+              f"distance_to_truth_{name}": sums.mean("to_truth"),
+              f"zero_z_distance_to_truth_{name}": sums.mean("zero_to_truth"),
+              "faithfulness_weighted_variance": {
+                  str(s): sums.mean(f"fwv_{s}") for s in (0.3, 0.2, 0.15)}}
+    if args.task == "sr":
+        result["lr_consistency_l1"] = sums.mean("lr_l1")
+    if shapes is not None:
+        result.update(shapes.result())
     with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))
 
 
-def shapes_metrics(samples, zero, items):
-    """Exact toy metrics from data.py: per-instance colour fidelity (in a palette mode?), pooled
-    palette-mode coverage, and per-instance coverage: the fraction of its class's modes that
-    the samples of one input hit (within the mode tolerance)."""
-    n, k = samples.shape[:2]
-    inst = torch.stack([it["instance"] for it in items])
-    cls = torch.stack([it["inst_class"] for it in items])
-    valid = torch.stack([it["inst_valid"] for it in items])
-    rep = lambda t: t.unsqueeze(1).expand(n, k, *t.shape[1:]).flatten(0, 1)  # noqa: E731
-    fid = data.shapes_colour_fidelity(samples.flatten(0, 1), rep(inst), rep(cls), rep(valid))
-    cov = data.shapes_mode_coverage(fid["mode"], rep(cls), fid["valid"])
-    hit = (fid["distance"] <= data.SHAPES_MODE_TOLERANCE) & fid["valid"]
-    modes = F.one_hot(fid["mode"].clamp(min=0), 3) * hit.unsqueeze(-1)    # (n*k, M, 3)
-    covered = modes.view(n, k, *modes.shape[1:]).amax(1).sum(-1).float()  # (n, M) modes hit
-    n_modes = torch.tensor([max(len(p), 1) for p in data.SHAPES_PALETTE])[cls]
-    per_instance = (covered / n_modes)[valid].mean()
-    zero_fid = data.shapes_colour_fidelity(zero, inst, cls, valid)
-    return {"in_mode": fid["in_mode"], "colour_error": fid["colour_error"],
-            "mode_coverage_pooled": cov["coverage"], "mode_tv": cov["tv"],
-            "mode_counts": cov["counts"], "per_instance_mode_coverage": float(per_instance),
-            "zero_z_in_mode": zero_fid["in_mode"], "zero_z_colour_error": zero_fid["colour_error"]}
+class ShapesSums:
+    """Exact toy metrics from data.py, accumulated input by input: per-instance colour fidelity
+    (in a palette mode?), pooled palette-mode coverage (from per-class mode counts), and
+    per-instance coverage: the fraction of its class's modes that one input's samples hit."""
+
+    def __init__(self):
+        self.sums = Sums()
+        self.counts = torch.zeros(len(data.SHAPES_CLASSES), 3, dtype=torch.long)  # class, mode
+
+    def add(self, samples, zero, item):
+        k = len(samples)
+        inst, cls, valid = item["instance"], item["inst_class"], item["inst_valid"]
+        rep = lambda t: t.unsqueeze(0).expand(k, *t.shape)  # noqa: E731
+        fid = data.shapes_colour_fidelity(samples, rep(inst), rep(cls), rep(valid))
+        seen = int(fid["valid"].sum())
+        if seen:
+            self.sums.add("in_mode", fid["in_mode"] * seen, seen)
+            self.sums.add("colour_error", fid["colour_error"] * seen, seen)
+        keep = fid["valid"] & (fid["mode"] >= 0)
+        self.counts.index_put_((rep(cls)[keep], fid["mode"][keep]),
+                               torch.ones(int(keep.sum()), dtype=torch.long), accumulate=True)
+        hit = (fid["distance"] <= data.SHAPES_MODE_TOLERANCE) & fid["valid"]
+        modes = F.one_hot(fid["mode"].clamp(min=0), 3) * hit.unsqueeze(-1)   # (k, M, 3)
+        covered = modes.amax(0).sum(-1).float()                              # (M,) modes hit
+        n_modes = torch.tensor([max(len(p), 1) for p in data.SHAPES_PALETTE])[cls]
+        self.sums.add("per_instance", (covered / n_modes)[valid.bool()].sum(), int(valid.sum()))
+        zero_fid = data.shapes_colour_fidelity(zero.unsqueeze(0), inst.unsqueeze(0),
+                                               cls.unsqueeze(0), valid.unsqueeze(0))
+        seen = int(zero_fid["valid"].sum())
+        if seen:
+            self.sums.add("zero_in_mode", zero_fid["in_mode"] * seen, seen)
+            self.sums.add("zero_colour_error", zero_fid["colour_error"] * seen, seen)
+
+    def result(self):
+        classes = torch.arange(len(self.counts)).repeat_interleave(3)
+        modes = torch.arange(3).repeat(len(self.counts))
+        cov = data.shapes_mode_coverage(  # one entry per counted object, rebuilt from the counts
+            modes.repeat_interleave(self.counts.flatten()),
+            classes.repeat_interleave(self.counts.flatten()))
+        mean = self.sums.mean
+        return {"in_mode": mean("in_mode"), "colour_error": mean("colour_error"),
+                "mode_coverage_pooled": cov["coverage"], "mode_tv": cov["tv"],
+                "mode_counts": cov["counts"], "per_instance_mode_coverage": mean("per_instance"),
+                "zero_z_in_mode": mean("zero_in_mode"),
+                "zero_z_colour_error": mean("zero_colour_error")}
 
 
 # ----------------------------------------------------------------------------------------------

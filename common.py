@@ -157,7 +157,8 @@ def parse_args(parser, presets, method, default_data, argv=None, check=None):
     args.out_dir = args.out_dir or os.path.join("out", f"{method}-{args.data}")
     check_common_flags(args)
     if check is not None:
-        check(args)
+        check(args)  # before the split check, so that a script can say how to split its batch
+    check_batch_divides(args)
     prepare_out_dir(args)
     return args
 
@@ -183,6 +184,9 @@ def world_size():
 def check_common_flags(args):
     at_least(args, 1, "iters", "batch_size", "size", "log_every", "sample_every", "ckpt_every")
     at_least(args, 0, "num_workers")
+
+
+def check_batch_divides(args):
     world = world_size()
     require(args.batch_size is None or args.batch_size % world == 0,
             f"--batch_size {args.batch_size} is the global batch and must divide evenly over the "

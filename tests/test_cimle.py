@@ -1,19 +1,24 @@
-"""Tests of cimle.py: the exact chunked search, its flat memory, the rarity KDE, the metric,
-Algorithm 1 lowering the selected distance, exact resume, network sizes, and bad input."""
+"""Tests of cimle.py: the exact chunked search, its flat memory, the search and the batch split
+over ranks, the rarity KDE, the metric, Algorithm 1 lowering the selected distance, exact
+resume, --compile, the streamed --eval and its flat memory, network sizes, every bad flag, and
+the paper presets (gta5, SR folder) under torchrun on fake data in the official layouts."""
 
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cimle  # noqa: E402
 import common  # noqa: E402
+from test_data import fake_gta5  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_LAYOUT = ["--size", "32", "--crn_channels", "8,8,8,8", "--encoder_channels", "8",
@@ -136,6 +141,56 @@ def test_memory_of_the_search_is_flat_in_m():
     assert max(fast_peaks) <= 1.05 * min(fast_peaks), fast_peaks
     assert naive_peaks[2] > 5 * naive_peaks[0], naive_peaks  # the measurement can see growth
     assert naive_peaks[2] > 8 * fast_peaks[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: the search split over ranks gives one process's codes; |S~| must divide
+# ---------------------------------------------------------------------------------------------
+
+def test_search_split_over_ranks_selects_the_codes_of_one_process(monkeypatch):
+    """Each rank searches examples r, r + W, ... of S with codes that depend only on (seed,
+    outer, example): the gathered codes and the §3.7 weights equal one process's."""
+    args = cimle.parse(["--S", "7", "--m", "5", "--search_examples", "3", "--search_chunk", "2",
+                        "--batch_size", "2"])
+    G = tiny_layout_generator()
+    gen = torch.Generator().manual_seed(7)
+    items = (torch.randint(0, 5, (7, 16, 16), generator=gen),
+             torch.rand((7, 3, 16, 16), generator=gen) * 2 - 1, None)
+    vgg = common.VGG19(pretrained=False)
+
+    def search(rank, world):
+        distance = cimle.Distance("layout", "vgg", "cpu", vgg)  # calibrated in the search
+        rt = common.Runtime(torch.device("cpu"), torch.float32, rank=rank, world_size=world)
+        codes, _ = cimle.outer_search(G, distance, items, 3, args, rt)
+        return codes, distance.weights
+
+    one, weights = search(0, 1)
+    monkeypatch.setattr(cimle, "gather_shares", lambda x, n, rt: x)  # keep each rank's share
+    for world in (2, 3):
+        parts = [search(rank, world) for rank in range(world)]
+        for rank, (share, w) in enumerate(parts):
+            assert torch.equal(share, one[rank::world]), (world, rank)
+            assert torch.equal(w, weights)
+    assert not torch.equal(one[0], one[1])  # examples do not share a stream
+    assert not torch.equal(cimle.outer_search(G, cimle.Distance("layout", "pixel", "cpu"), items,
+                                              4, args, common.Runtime(torch.device("cpu"),
+                                                                      torch.float32))[0], one)
+
+
+def test_a_batch_that_cannot_be_split_over_the_processes_is_refused_at_start(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    out = tmp_path / "run"
+    with pytest.raises(common.UserError) as err:  # the gta5 preset: |S~| = 1; no data there
+        cimle.parse(["--data", "gta5", "--data_dir", str(tmp_path / "none"), "--out_dir",
+                     str(out)])
+    assert str(err.value).startswith("--batch_size 1 (Algorithm 1's |S~|")
+    assert "8 processes" in str(err.value) and "python cimle.py --data gta5" in str(err.value)
+    assert not out.exists()  # refused before the run folder (and any data) is touched
+    with pytest.raises(common.UserError, match="--batch_size 12 .* 8 processes"):
+        cimle.parse(["--data", "gta5", "--batch_size", "12", "--S", "24"])
+    args = cimle.parse(["--data", "gta5", "--batch_size", "8", "--out_dir", str(out)])
+    assert args.batch_size == 8 and args.S == 400
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +374,132 @@ def test_resume_is_exact(tmp_path):
     assert os.path.isfile(cimle.rarity_cache_path(args, 48))
 
 
+def test_each_rank_takes_its_half_of_the_global_batch():
+    args = cimle.parse(TINY_LAYOUT)
+    gen = torch.Generator().manual_seed(9)
+    items = (torch.randint(0, 5, (12, 16, 16), generator=gen),
+             torch.rand((12, 3, 16, 16), generator=gen) * 2 - 1, None)
+    codes = torch.randn(12, 3, 16, 16, generator=gen)
+    seen = {}
+
+    def batches(world):
+        rows = []
+        for rank in range(world):
+            G = tiny_layout_generator()
+            opt, sched = cimle.make_optimiser(G, args)
+            rt = common.Runtime(torch.device("cpu"), torch.float32, rank=rank, world_size=world)
+            recorder = lambda cond, z: (rows.append((cond, z)), G(cond, z))[1]  # noqa: E731
+            cimle.inner_step(recorder, cimle.Distance("layout", "pixel", "cpu"), opt, sched,
+                             items, codes, 5, args, rt)
+        return rows
+
+    for world in (1, 2, 4):
+        seen[world] = batches(world)
+        assert [len(c) for c, _ in seen[world]] == [4 // world] * world  # --batch_size 4, global
+        assert torch.equal(torch.cat([c for c, _ in seen[world]]), seen[1][0][0])
+        assert torch.equal(torch.cat([z for _, z in seen[world]]), seen[1][0][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# --eval streams: the metrics of all samples at once, with memory set by one input's samples
+# ---------------------------------------------------------------------------------------------
+
+def reference_metrics(batches, d, task):
+    """The metrics computed the direct way, from every sample held at once (the definitions)."""
+    samples = torch.stack([s for _, _, s, _ in batches])                 # (n, k, 3, H, W)
+    zero = torch.stack([z for _, _, _, z in batches])
+    truth = torch.stack([it["image"] for it, _, _, _ in batches])
+    n, k = samples.shape[:2]
+    half = k // 2
+    flat = samples.flatten(0, 1)
+    rep = lambda t: t.unsqueeze(1).expand(n, k, *t.shape[1:]).flatten(0, 1)  # noqa: E731
+    out = {"diversity_pixel_l1": d(samples[:, :half].flatten(0, 1),
+                                   samples[:, half:2 * half].flatten(0, 1)).mean(),
+           "distance_to_truth_pixel_l1": d(flat, rep(truth)).mean(),
+           "zero_z_distance_to_truth_pixel_l1": d(zero, truth).mean()}
+    fwv = cimle.faithfulness_weighted_variance(samples, truth, d)
+    out.update({f"fwv_{s}": v for s, v in fwv.items()})
+    if task == "sr":
+        cond = torch.cat([c for _, c, _, _ in batches])
+        down = torch.nn.functional.avg_pool2d(flat, 8).view(n, k, *cond.shape[1:])
+        out["lr_consistency_l1"] = (down - cond.unsqueeze(1)).abs().mean() / 2
+        return {key: float(v) for key, v in out.items()}
+    items = [it for it, _, _, _ in batches]
+    inst, cls, valid = (torch.stack([it[key] for it in items])
+                        for key in ("instance", "inst_class", "inst_valid"))
+    fid = cimle.data.shapes_colour_fidelity(flat, rep(inst), rep(cls), rep(valid))
+    cov = cimle.data.shapes_mode_coverage(fid["mode"], rep(cls), fid["valid"])
+    zero_fid = cimle.data.shapes_colour_fidelity(zero, inst, cls, valid)
+    hit = (fid["distance"] <= cimle.data.SHAPES_MODE_TOLERANCE) & fid["valid"]
+    modes = torch.nn.functional.one_hot(fid["mode"].clamp(min=0), 3) * hit.unsqueeze(-1)
+    covered = modes.view(n, k, *modes.shape[1:]).amax(1).sum(-1).float()  # (n, M) modes hit
+    n_modes = torch.tensor([max(len(p), 1) for p in cimle.data.SHAPES_PALETTE])[cls]
+    out["per_instance_mode_coverage"] = (covered / n_modes)[valid.bool()].mean()
+    out.update(in_mode=fid["in_mode"], colour_error=fid["colour_error"],
+               mode_coverage_pooled=cov["coverage"], mode_tv=cov["tv"],
+               zero_z_in_mode=zero_fid["in_mode"], zero_z_colour_error=zero_fid["colour_error"])
+    return {key: float(v) for key, v in out.items()}, cov["counts"]
+
+
+def test_streamed_eval_equals_the_metrics_of_all_samples_at_once(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    cimle.main(TINY_LAYOUT + ["--iters", "2", "--out_dir", out])
+    batches = []
+    stream = cimle.eval_stream
+
+    def recorded(*a, **kw):  # the model's samples, moved towards the truth by varying amounts,
+        for item, cond, samples, zero in stream(*a, **kw):  # so that some hit a palette mode
+            w = torch.linspace(0, 1, len(samples)).view(-1, 1, 1, 1) ** 2
+            batch = (item, cond, w * samples + (1 - w) * item["image"], item["image"] * 0.9)
+            batches.append(batch)
+            yield batch
+
+    monkeypatch.setattr(cimle, "eval_stream", recorded)
+    cimle.main(TINY_LAYOUT + ["--out_dir", out, "--eval", "--n_eval", "5", "--eval_samples", "5",
+                              "--search_examples", "1", "--search_chunk", "2"])
+    got = json.load(open(os.path.join(out, "eval.json")))
+    assert len(batches) == 5 and all(s.shape[0] == 5 for _, _, s, _ in batches)
+    assert not torch.equal(batches[0][2][0], batches[0][2][1])  # samples differ within an input
+    want, counts = reference_metrics(batches, lambda a, b: (a - b).abs().flatten(1).mean(1) / 2,
+                                     "layout")
+    for key, value in want.items():
+        saved = got["faithfulness_weighted_variance"][key[4:]] if key.startswith("fwv_") \
+            else got[key]
+        assert math.isclose(saved, value, rel_tol=1e-5, abs_tol=1e-7), key
+    assert got["mode_counts"] == counts
+    assert 0 < got["in_mode"] < 1 and 0 < got["per_instance_mode_coverage"] < 1
+
+
+def test_eval_memory_does_not_grow_with_the_number_of_inputs(tmp_path):
+    out = str(tmp_path / "run")
+    cimle.main(TINY_LAYOUT + ["--iters", "1", "--out_dir", out])
+
+    def peak(n):
+        with cimle.PeakMemory() as pm:
+            cimle.main(TINY_LAYOUT + ["--out_dir", out, "--eval", "--n_eval", str(n),
+                                      "--eval_samples", "6"])
+        assert json.load(open(os.path.join(out, "eval.json")))["n_inputs"] == n
+        return pm.peak
+
+    small, large = peak(3), peak(12)
+    assert large <= 1.02 * small, (small, large)
+
+
+def test_compiled_training_step_gives_the_eager_losses(tmp_path):
+    """--compile compiles the generator of the inner steps (the search runs it eagerly, no grad)."""
+    base = TINY_LAYOUT + ["--iters", "3", "--log_every", "1", "--L", "2", "--n_train", "12",
+                          "--rebalance_data", "0"]
+    logs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
+        torch._dynamo.reset()
+        out = str(tmp_path / name)
+        cimle.main(base + extra + ["--out_dir", out])
+        logs[name] = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(logs["compiled"]) == 3 and logs["eager"][0] != logs["eager"][2]
+    assert np.allclose(logs["compiled"], logs["eager"], rtol=1e-4, atol=1e-6), logs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one sentence, exit status 2
 # ---------------------------------------------------------------------------------------------
@@ -334,9 +515,168 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: ") and missing in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    for argv, words in ((["--task", "layout", "--data", "folder"], "not available"),
-                        (["--batch_size", "100", "--S", "10"], "must not exceed"),
-                        (["--distance", "vgg", "--pretrained", "0"], "pretrained"),
-                        (["--sample", "--out_dir", str(tmp_path / "none")], "no checkpoint")):
-        with pytest.raises(common.UserError, match=words):
-            cimle.main(argv)
+    with pytest.raises(common.UserError, match="no checkpoint"):
+        cimle.main(["--sample", "--out_dir", str(tmp_path / "none")])
+
+
+BAD_FLAGS = [  # argv, words of the sentence; each refused before the run folder is made
+    (["--S", "0"], "--S must be at least 1"),
+    (["--m", "0"], "--m (--candidates), the latent codes drawn per example, must be at least 1"),
+    (["--candidates", "-2"], "--m (--candidates)"),
+    (["--L", "0"], "--L must be at least 1"),
+    (["--search_chunk", "0"], "--search_chunk must be at least 1"),
+    (["--search_examples", "-1"], "--search_examples must be at least 1"),
+    (["--S", "3", "--batch_size", "2"], "--S 3 must be at least --rebalance_classes 5"),
+    (["--data", "gta5", "--S", "4"], "--S 4 must be at least --rebalance_classes 5"),
+    (["--rebalance_classes", "0"], "--rebalance_classes must be at least 1"),
+    (["--batch_size", "100", "--S", "10"], "must not exceed --S 10"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr_gamma", "-1"], "--lr_gamma must be a positive number"),
+    (["--lr_milestones", "5,x"], "--lr_milestones must be comma-separated integers"),
+    (["--lr_milestones", "0,10"], "--lr_milestones must be iterations >= 1"),
+    (["--pretrain_iters", "-1"], "--pretrain_iters must be at least 0"),
+    (["--bilinear_from", "-5"], "--bilinear_from must be at least 0"),
+    (["--n_train", "-1"], "--n_train must be at least 0"),
+    (["--perturb", "-0.1"], "--perturb must be at least 0"),
+    (["--reject", "-1"], "--reject must be at least 0"),
+    (["--n_eval", "0", "--eval"], "--n_eval must be at least 1"),
+    (["--eval_samples", "1", "--eval"], "--eval_samples must be at least 2"),
+    (["--noise_channels", "0"], "--noise_channels must be at least 1"),
+    (["--encoder_channels", "0"], "--encoder_channels must be at least 1"),
+    (["--crn_channels", "8,0,8,8"], "--crn_channels must be positive widths"),
+    (["--crn_channels", "8,8,8,8,8,8"], "6 modules do not fit --size 32"),
+    (["--size", "36"], "--size must be a multiple of 8"),
+    (["--task", "sr", "--nf", "0"], "--nf must be at least 1"),
+    (["--task", "sr", "--gc", "0"], "--gc must be at least 1"),
+    (["--task", "sr", "--z_channels", "0"], "--z_channels must be at least 1"),
+    (["--task", "sr", "--n_blocks", "0"], "--n_blocks must be at least 1"),
+    (["--task", "layout", "--data", "folder"], "--task layout is not available on --data folder"),
+    (["--distance", "official"], "it exists for --task sr only"),
+    (["--distance", "vgg", "--pretrained", "0"], "needs the pretrained VGG-19"),
+]
+
+
+def test_every_out_of_range_flag_is_one_sentence_exit_2_before_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    for argv, words in BAD_FLAGS:
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_main(lambda: cimle.main(argv + ["--out_dir", str(out)]))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, argv
+        assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, (argv,
+                                                                                        err)
+        assert err.rstrip().endswith("."), err
+        assert not out.exists(), argv
+    res = run_script("--S", "3", "--batch_size", "2", "--out_dir", str(out))  # crashed before
+    assert res.returncode == 2 and "Traceback" not in res.stderr and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper presets under torchrun, on fake data in the official layouts, then resume/sample/eval
+# ---------------------------------------------------------------------------------------------
+
+def stand_in_weights(home):
+    """Random-weight VGG-19 and LPIPS (alex) files at the torch hub cache paths, marked as checked
+    (a stand-in cannot have the official SHA-256)."""
+    folder = os.path.join(home, "hub", "checkpoints")
+    os.makedirs(folder)
+    lpips = common.LPIPS(net="alex", pretrained=False).state_dict()
+    url, sha256 = common.LPIPS_NETS["alex"][:2]
+    files = [(common.VGG19(pretrained=False).state_dict(), os.path.basename(common.VGG19_URL),
+              "dcbb9e9d"),
+             ({k: v for k, v in lpips.items() if k.startswith("features.")},
+              os.path.basename(url), sha256),
+             ({k: v for k, v in lpips.items() if k.startswith("lin")}, "lpips_v0.1_alex.pth",
+              common.LPIPS_LIN_SHA256["alex"])]
+    for state, name, prefix in files:
+        torch.save(state, os.path.join(folder, name))
+        common.write_marker(os.path.join(folder, name), prefix)
+
+
+def fake_gta5_train(root):
+    """tests/test_data.py's fake GTA-5 (RGB256Full/, Label256Full/, 2 train + 2 test images),
+    plus mirrored copies as train images 3-6."""
+    fake_gta5(root, np.random.default_rng(0))
+    for k in range(3, 7):
+        for folder in ("RGB256Full", "Label256Full"):
+            img = Image.open(os.path.join(root, folder, f"{1 + k % 2:08d}.png"))
+            img = img.transpose(Image.FLIP_LEFT_RIGHT if k < 5 else Image.FLIP_TOP_BOTTOM)
+            img.save(os.path.join(root, folder, f"{k:08d}.png"))
+
+
+def fake_image_folder(root):
+    """The SR set: a flat folder of images (an ImageNet synset), 6 random-blob PNGs of 96x80."""
+    rng = np.random.default_rng(1)
+    os.makedirs(root)
+    for k in range(6):
+        img = np.full((80, 96, 3), rng.integers(0, 256, 3), np.uint8)
+        for _ in range(4):
+            y, x = rng.integers(0, 64, 2)
+            img[y:y + 16, x:x + 24] = rng.integers(0, 256, 3)
+        Image.fromarray(img).save(os.path.join(root, f"n0000_{k}.png"))
+
+
+PRESET_RUNS = {  # preset structure kept; widths, |S|, m, L, |S~| and the step counts shrunk
+    "gta5": (fake_gta5_train, [  # 64x128; CRN modules from 4 px high, so 5 of them at 64
+        "--size", "64", "--crn_channels", "8,8,8,8,8", "--encoder_channels", "4", "--S", "5",
+        "--candidates", "2", "--L", "3", "--batch_size", "2"], 1),
+    "folder": (fake_image_folder, [  # x8 SR, 64x64 from 8x8; z = 0 pretraining, then IMLE
+        "--size", "64", "--nf", "8", "--gc", "4", "--n_blocks", "1", "--S", "4",
+        "--candidates", "2", "--L", "2", "--batch_size", "2", "--pretrain_iters", "1",
+        "--bilinear_from", "2"], 2),
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory):
+    home = str(tmp_path_factory.mktemp("torch"))
+    stand_in_weights(home)
+    return home
+
+
+@pytest.mark.parametrize("preset", list(PRESET_RUNS))
+def test_paper_preset_under_torchrun_equals_one_process_then_resume_sample_eval(
+        preset, tmp_path, monkeypatch, torch_home):
+    """2 steps under torchrun (each rank half the batch) give one process's losses on the whole
+    batch; --resume continues mid outer iteration to one process's third loss (folder under
+    torchrun, gta5 in one process); then --sample and --eval (LPIPS) on the result."""
+    write, flags, resume_ranks = PRESET_RUNS[preset]
+    root = str(tmp_path / "data")
+    write(root)
+    monkeypatch.setenv("TORCH_HOME", torch_home)  # here and in the subprocesses
+    flags = ["--data", preset, "--data_dir", root, "--device", "cpu", "--log_every", "1",
+             "--n_eval", "2", "--eval_samples", "2"] + flags
+
+    def torchrun(argv):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              "--master_port", str(free_port()), os.path.join(ROOT, "cimle.py")]
+                             + flags + argv, capture_output=True, text=True, cwd=ROOT,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    cimle.main(flags + ["--iters", "3", "--out_dir", one])  # one process, the whole batch
+    torchrun(["--iters", "2", "--out_dir", two])            # each rank half of it
+    if resume_ranks == 2:
+        torchrun(["--iters", "3", "--out_dir", two, "--resume"])
+    else:
+        cimle.main(flags + ["--iters", "3", "--out_dir", two, "--resume"])
+    assert len(set(losses(one))) == 3
+    assert np.allclose(losses(two), losses(one), rtol=1e-4, atol=1e-7), (losses(two), losses(one))
+    cimle.main(flags + ["--out_dir", two, "--sample"])
+    for name in ("many_samples.png", "interpolation.png", "one_latent_many_inputs.png"):
+        assert os.path.getsize(os.path.join(two, name)) > 0
+    cimle.main(flags + ["--out_dir", two, "--eval"])
+    result = json.load(open(os.path.join(two, "eval.json")))
+    assert result["metric_distance"] == "lpips" and result["n_inputs"] == 2
+    assert result["diversity_lpips"] > 0 and math.isfinite(result["distance_to_truth_lpips"])

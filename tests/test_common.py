@@ -418,8 +418,10 @@ def test_a_batch_that_does_not_divide_over_the_torchrun_processes_is_refused_at_
         script, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, before any process group exists
     status, err = exit_of(script, ["--batch_size", "3", "--out_dir", str(tmp_path / "r")], capsys)
-    assert status == 2 and err == ("error: --batch_size 3 is the global batch and must divide "
-                                   "evenly over the 2 processes of this torchrun launch.\n")
+    # the generic sentence, or the script's own (cIMLE says how to run |S~| = 1, PoE-GAN why a
+    # process needs 2 images)
+    assert status == 2 and err.startswith("error: --batch_size 3 ") and err.count("\n") == 1
+    assert "2 processes" in err or "per process" in err
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
