@@ -12,15 +12,17 @@ term (Eq. 9) it is a VAE, so at test time plain N(0, 1) noise gives random insta
 reference image gives exemplar styles.
 
 Map of this file:
-    config and presets       one preset per dataset; every value with its source
+    config and presets       one preset per dataset; every value with its source; check_args
     inputs                   one-hot / nearest resizing / instance edge map
     INADE layer              Eq. (1)-(3): batch norm, class distributions, per-instance noise
     generator                SPADE trunk with INADE residual blocks (supp. Fig. 8)
     noise-remapping encoder  instance-aware convs, instance average pooling (Eq. 4-5, supp. Fig. 7)
     discriminator + losses   multiscale PatchGAN, hinge (Eq. 6), FM (Eq. 7), VGG (Eq. 8), KL (Eq. 9)
-    training loop            Adam (0, 0.9), TTUR, constant then linear decay; exact resume
+    training loop            Adam (0, 0.9), TTUR, constant then linear decay; exact resume;
+                             --compile compiles G, E and D (one graph each, no graph break)
     sampling controls        (a) random (b) one class (c) one instance (d) reference (e) reconstruction
-    evaluation               FID, LPIPS, mCSD/mOCD, mISD/mOID; shapes: colour, modes, locality
+    evaluation               FID, LPIPS, mCSD/mOCD, mISD/mOID; shapes: colour, modes, locality;
+                             streamed batch by batch (running FID sums): memory set by the batch
     main                     --dry_run, --bench, --sample, --eval or training
 
     python inade.py                                    # built-in shapes, CPU, ~5 min
@@ -134,6 +136,31 @@ def build_parser():
     p.add_argument("--bench", type=int, default=None,
                    help="time N training steps on a synthetic batch (fp32 eager vs --dtype/--compile)")
     return p
+
+
+def check_args(args):
+    """Every INADE flag in its range, before any data or model is built (one sentence each)."""
+    require, at_least = common.require, common.at_least
+    at_least(args, 1, "ngf", "ndf", "nef", "num_d", "z_dim", "noise_nc", "eval_n", "n_styles",
+             "bench")
+    at_least(args, 2, "num_classes")
+    at_least(args, 0, "lambda_fm", "lambda_rec", "lambda_kl", "sample_class", "sample_instance",
+             "target_index", "ref_index", "ref_instance")
+    require(args.aspect_ratio > 0, f"--aspect_ratio must be positive (got {args.aspect_ratio}).")
+    require(args.lr_g > 0 and args.lr_d > 0,
+            f"--lr_g and --lr_d must be positive (got {args.lr_g}, {args.lr_d}).")
+    require(0 <= args.beta1 < 1 and 0 <= args.beta2 < 1,
+            f"--beta1 and --beta2 must be in [0, 1) (got {args.beta1}, {args.beta2}).")
+    n_up = {"normal": 5, "more": 6}[args.num_up]   # the generator's up-samplings (supp. Fig. 8)
+    H, W = gen_hw(args)
+    require(H % 2 ** n_up == 0 and W % 2 ** n_up == 0,
+            f"image size {H}x{W} must be divisible by {2 ** n_up} ({n_up} up-samplings, "
+            f"--num_up {args.num_up}); set --size / --aspect_ratio.")
+    require(not (args.perceptual.startswith("vgg") and not args.pretrained),
+            f"--perceptual {args.perceptual} needs the pretrained VGG-19 (--pretrained 1); "
+            f"without it use --perceptual l1 or off.")
+    require(not (args.eval and args.pretrained and args.eval_n < 2),
+            f"--eval_n must be at least 2 for FID (got {args.eval_n}).")
 
 
 def gen_hw(args):
@@ -545,7 +572,7 @@ def train(args):
     E = common.prepare_model(E, rt, args.compile)
     D = common.prepare_model(D, rt, args.compile)
     stream = common.batch_stream(ds, args.batch_size, rt, args.seed, start, args.num_workers)
-    fixed = fixed_batch(args, rt.device)
+    fixed = fixed_batch(args, rt.device, ds)
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     G.train(), E.train(), D.train()
     with common.StopSignals() as signals:
@@ -574,13 +601,25 @@ def train(args):
 # ----------------------------------------------------------------------------------------------
 
 def test_set(args):
+    """The test split: the layouts of --sample's grids and of --eval's protocol (§4.1)."""
     import data
-    return data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size)
+    try:
+        return data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size)
+    except common.UserError as err:
+        raise common.UserError(f"--sample and --eval take their layouts from the test split of "
+                               f"--data {args.data}, which could not be read: {err}") from None
 
 
-def fixed_batch(args, device, n=6):
-    """The first n test layouts (shown during training) and the dataset's label palette."""
-    ds = test_set(args)
+def fixed_batch(args, device, train_ds, n=6):
+    """The first n test layouts, shown in the training grids, and the dataset's label palette.
+    Training does not need the test split: without one the grids show the first training
+    layouts instead (a note says so)."""
+    try:
+        ds = test_set(args)
+    except common.UserError as err:
+        ds = train_ds
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {err} The training grids show the first training layouts instead.")
     items = [ds[i] for i in range(min(n, len(ds)))]
     return common.to_device(torch.utils.data.default_collate(items), device), ds.palette
 
@@ -768,60 +807,86 @@ def resample_pair(G, batch, moved_ids):
     return G(z, label, inst, noise), G(z, label, inst, moved)
 
 
+def metric_networks(args, device):
+    """LPIPS-AlexNet and the FID Inception, loaded once per --eval; (None, None) without
+    pretrained nets (pixel distances, no FID)."""
+    if not args.pretrained:
+        return None, None
+    return (common.LPIPS("alex", pretrained=True).to(device),
+            common.FIDInception(pretrained=True).to(device))
+
+
+@torch.no_grad()
+def eval_batch(args, G, E, batch, dist_net, inception, pick_gen):
+    """Every measure of one batch of test layouts, as per-layout numbers (B,) (and Inception
+    features): the batch's samples are dropped when this returns."""
+    label, inst = batch["label"], batch["instance"]
+    K = num_instances(inst)
+    out = {}
+    # 10 groups of results with random noise (supp. §8): LPIPS between 2 random groups, the pair
+    # of groups shared by all layouts, 10 times (common.lpips_diversity's "random" pairs)
+    fakes = torch.stack([generate(G, E, batch, use_encoder=False)[0] for _ in range(10)], 1)
+    dist_fn = dist_net if dist_net is not None else pixel_distance
+    out["diversity"] = torch.tensor([common.lpips_diversity(dist_fn, group[None], pairs="random",
+                                                            repeats=10, seed=args.seed)
+                                     for group in fakes])
+    if inception is not None:   # FID of the first group against the real test images
+        out["feats_real"] = inception((batch["image"] + 1) / 2)
+        out["feats_fake"] = inception((fakes[:, 0] + 1) / 2)
+    # instance level (mISD/mOID): resample one instance; class level (mCSD/mOCD): every instance
+    # of its class (§4.2)
+    k = pick_objects(inst, label, pick_gen)
+    a, b = resample_pair(G, batch, F.one_hot(k, K).bool())               # moved ids (B, K)
+    mask = inst == k[:, None, None]
+    out["misd"], out["moid"] = masked_distance(dist_net, a, b, mask)
+    out["change_in"], out["change_out"] = masked_distance(None, a, b, mask)
+    cls = instance_classes(label, inst, K)
+    k_cls = cls.gather(1, k[:, None])                                      # (B, 1)
+    a, b = resample_pair(G, batch, cls == k_cls)
+    out["mcsd"], out["mocd"] = masked_distance(dist_net, a, b, label == k_cls[:, :, None])
+    if args.data == "shapes":
+        out["shapes"] = shapes_batch_metrics(batch, fakes[:, 0], generate(G, E, batch)[0])
+    return out
+
+
 @torch.no_grad()
 def evaluate(args):
     """eval.json: quality (FID), diversity (LPIPS, supp. §8), semantic/instance-level control
-    (mCSD/mOCD, mISD/mOID: §4.2, protocol in the README) and, on shapes, the exact toy metrics."""
+    (mCSD/mOCD, mISD/mOID: §4.2, protocol in the README) and, on shapes, the exact toy metrics.
+    Streams: each batch is generated, measured and dropped; only running sums (and, on shapes,
+    a few numbers per object) are kept, so memory is set by --batch_size, not by --eval_n."""
     rt, ds, G, E, ckpt = load_for_inference(args)
     n = min(args.eval_n, len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)),
                                          batch_size=min(args.batch_size, 32))
-    dist_net = common.LPIPS("alex", pretrained=True).to(rt.device) if args.pretrained else None
-    dist_fn = dist_net if dist_net is not None else pixel_distance
-    inception = common.FIDInception(pretrained=True).to(rt.device) if args.pretrained else None
-    gen = torch.Generator().manual_seed(args.seed)
-    acc = {k: [] for k in ("misd", "moid", "mcsd", "mocd", "change_in", "change_out")}
-    feats_real, feats_fake, groups, shapes_rows = [], [], [], []
+    dist_net, inception = metric_networks(args, rt.device)
+    pick_gen = torch.Generator().manual_seed(args.seed)
+    sums, counts = {}, {}                      # nan-skipping running sums of per-layout numbers
+    stats_real, stats_fake = common.RunningFIDStats(), common.RunningFIDStats()
+    shapes_rows = []
     for batch in loader:
-        batch = common.to_device(batch, rt.device)
-        label, inst = batch["label"], batch["instance"]
-        K = num_instances(inst)
-        # 10 groups of results with random noise (supp. §8), kept for LPIPS and FID
-        fakes = torch.stack([generate(G, E, batch, use_encoder=False)[0] for _ in range(10)], 1)
-        groups.append(fakes.cpu())
+        measured = eval_batch(args, G, E, common.to_device(batch, rt.device), dist_net,
+                              inception, pick_gen)
         if inception is not None:
-            feats_real.append(inception((batch["image"] + 1) / 2).cpu())
-            feats_fake.append(inception((fakes[:, 0] + 1) / 2).cpu())
-        # instance level: resample one instance; class level: every instance of its class
-        k = pick_objects(inst, label, gen)
-        one = F.one_hot(k, K).bool()                                      # (B, K)
-        a, b = resample_pair(G, batch, one)
-        mask = inst == k[:, None, None]
-        inside, outside = masked_distance(dist_net, a, b, mask)
-        acc["misd"].append(inside), acc["moid"].append(outside)
-        pix_in, pix_out = masked_distance(None, a, b, mask)
-        acc["change_in"].append(pix_in), acc["change_out"].append(pix_out)
-        cls = instance_classes(label, inst, K)
-        same_class = cls == cls.gather(1, k[:, None])
-        a, b = resample_pair(G, batch, same_class)
-        inside, outside = masked_distance(dist_net, a, b, label == cls.gather(1, k[:, None])[:, :, None])
-        acc["mcsd"].append(inside), acc["mocd"].append(outside)
-        if args.data == "shapes":
-            rec = generate(G, E, batch)[0]
-            shapes_rows.append(shapes_batch_metrics(batch, fakes[:, 0], rec))
-    cat = {k: torch.cat(v).float() for k, v in acc.items()}
+            stats_real.add(measured.pop("feats_real")), stats_fake.add(measured.pop("feats_fake"))
+        if "shapes" in measured:
+            shapes_rows.append(measured.pop("shapes"))
+        for key, values in measured.items():
+            values = values.double().cpu()
+            ok = ~values.isnan()              # an empty region (no pixel outside) has no distance
+            sums[key] = sums.get(key, 0.0) + values[ok].sum().item()
+            counts[key] = counts.get(key, 0) + int(ok.sum())
+    mean = {k: sums[k] / counts[k] if counts[k] else float("nan") for k in sums}
     result = {
         "iter": ckpt["iter"], "layouts": n,
         "distance": "lpips-alex" if dist_net is not None else "pixel-l1 (no pretrained nets)",
-        "lpips_diversity": common.lpips_diversity(dist_fn, torch.cat(groups), pairs="random",
-                                                  repeats=10, seed=args.seed, device=rt.device),
-        "mISD": cat["misd"].nanmean().item(), "mOID": cat["moid"].nanmean().item(),
-        "mCSD": cat["mcsd"].nanmean().item(), "mOCD": cat["mocd"].nanmean().item(),
+        "lpips_diversity": mean["diversity"],
+        "mISD": mean["misd"], "mOID": mean["moid"], "mCSD": mean["mcsd"], "mOCD": mean["mocd"],
         # the "Must show" locality: mean |change| inside the resampled instance / outside it
-        "locality_ratio": (cat["change_in"].mean() / cat["change_out"].mean().clamp(min=1e-12)).item(),
+        "locality_ratio": mean["change_in"] / max(mean["change_out"], 1e-12),
     }
     if inception is not None:
-        result["fid"] = common.fid(torch.cat(feats_real).numpy(), torch.cat(feats_fake).numpy())
+        result["fid"] = common.fid(stats_real.stats(), stats_fake.stats())
     if shapes_rows:
         result.update(shapes_summary(shapes_rows))
     path = os.path.join(args.out_dir, "eval.json")
@@ -932,7 +997,7 @@ def bench(args):
 
 
 def main(argv=None):
-    args = common.parse_args(build_parser(), PRESETS, "inade", "shapes", argv)
+    args = common.parse_args(build_parser(), PRESETS, "inade", "shapes", argv, check=check_args)
     if args.dry_run:
         dry_run(args)
     elif args.bench:

@@ -18,10 +18,13 @@ Map of this file:
     discriminator               progressive from_rgb, minibatch stddev, sMM K-way classifier
     progressive schedule        (resolution step, fade-in alpha) as a pure function of iteration
     losses and one train step   non-saturating + R1 (our choice), sMM classifier loss
-    training loop               EMA of G, grids, atomic checkpoints, exact resume
+    building, data              check_args (every flag in range, before any work), data, build
+    training loop               EMA of G, grids (every random generator given back), atomic
+                                checkpoints, exact resume; --compile: G (and D when R1 is off)
     sampling controls           mode x style grid (Fig. 7), modes with w_avg (Fig. 10), mixing
-    evaluation                  H-shape widths, thresholded densities, Jaccard (Fig. 6); FID
-    main
+    evaluation                  H-shape widths, thresholded densities, Jaccard (Fig. 6); FID;
+                                streamed batch by batch (running FID sums)
+    main                        --sample / --eval take the architecture from the checkpoint
 
     python ummgan.py                                  # built-in hshape, uMM-GAN K=3, CPU ~5 min
     python ummgan.py --K 1                            # the same with plain StyleGAN (K = 1)
@@ -38,6 +41,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -92,6 +96,10 @@ PRESETS = {
 }
 ARCH_KEYS = ("K", "mode", "size", "style_dim", "max_channels", "channel_base", "channels",
              "mapping_lr_mul")  # lr_mul scales the stored mapping weights at run time
+# What --sample / --eval read from the checkpoint unless the command line gives them: the data,
+# the architecture and the growing schedule (which fixes the resolution at the saved iteration).
+RUN_KEYS = ("data", "data_dir", "chars", "K", "mode", "size", "style_dim", "max_channels",
+            "channel_base", "mapping_lr_mul", "progressive", "init_size", "phase_iters")
 
 
 def build_parser():
@@ -445,16 +453,33 @@ def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
 # ----------------------------------------------------------------------------------------------
 
 def check_args(args):
-    if args.K < 1:
-        raise common.UserError(f"--K must be at least 1 (got {args.K}).")
-    if args.size < 8 or args.size & (args.size - 1):
-        raise common.UserError(f"--size must be a power of two >= 8 (got {args.size}).")
-    if args.progressive and not (8 <= args.init_size <= args.size
-                                 and args.init_size & (args.init_size - 1) == 0):
-        raise common.UserError(f"--init_size must be a power of two between 8 and --size "
-                               f"{args.size} (got {args.init_size}).")
-    if args.phase_iters < 2:
-        raise common.UserError(f"--phase_iters must be at least 2 (got {args.phase_iters}).")
+    """Every uMM-GAN flag in its range, before any data or model is built (one sentence each)."""
+    require, at_least = common.require, common.at_least
+    at_least(args, 1, "K", "style_dim", "max_channels", "channel_base", "bench")
+    require(args.size >= 8 and args.size & (args.size - 1) == 0,
+            f"--size must be a power of two >= 8 (got {args.size}).")
+    require(args.channel_base >= args.size, f"--channel_base {args.channel_base} leaves no channel "
+            f"at {args.size}x{args.size} (channels = channel_base / resolution); give at least "
+            f"--channel_base {args.size}.")
+    if args.progressive:
+        require(8 <= args.init_size <= args.size and args.init_size & (args.init_size - 1) == 0,
+                f"--init_size must be a power of two between 8 and --size {args.size} "
+                f"(got {args.init_size}).")
+    at_least(args, 2, "phase_iters", "eval_n")
+    require(args.lr > 0 and args.mapping_lr_mul > 0,
+            f"--lr and --mapping_lr_mul must be positive (got {args.lr}, {args.mapping_lr_mul}).")
+    at_least(args, 0, "r1_gamma", "cls_weight")
+    require(0 <= args.mixing_prob <= 1, f"--mixing_prob is a probability in [0, 1] "
+                                        f"(got {args.mixing_prob}).")
+    require(0 <= args.ema_decay < 1, f"--ema_decay must be in [0, 1) (got {args.ema_decay}).")
+    require(args.data == "letters" or args.chars is None,
+            f"--chars chooses the characters of --data letters, not of --data {args.data}.")
+
+
+def compile_d(args):
+    """--compile's backend for D: R1 differentiates D's input gradient (a double backward), which
+    torch.compile cannot do, so with R1 on D stays eager and only G is compiled."""
+    return args.compile if args.r1_gamma == 0 else None
 
 
 def load_data(args, split="train"):
@@ -465,10 +490,10 @@ def load_data(args, split="train"):
         if "class" not in ds.has:
             raise common.UserError(f"--mode smm needs a class label per image, and the "
                                    f"{args.data} data has none; use --mode umm.")
-        n = len(ds.class_names)
-        if n > args.K:
-            raise common.UserError(f"--mode smm needs --K >= the {n} classes of {args.data} "
-                                   f"(got --K {args.K}).")
+        n = len(ds.class_names)  # the multiplexer picks one constant per class (Fig. 5 top)
+        if n != args.K:
+            raise common.UserError(f"--mode smm needs one constant per class: --K {n} for the "
+                                   f"{n} classes of --data {args.data} (got --K {args.K}).")
     return ds
 
 
@@ -501,8 +526,8 @@ def mode_style_grid(G, step, args, device, n_styles=8, alpha=1.0, psi=1.0, w_avg
     z = torch.randn(n_styles, args.style_dim, generator=gen).to(device)
     rows = []
     for k in range(G.K):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the same noise maps in every row
+        with common.preserved_rng():  # every generator, CUDA too, is given back afterwards
+            torch.manual_seed(seed)  # the same noise maps in every row (reseeds every device)
             modes = torch.full((n_styles,), k, dtype=torch.long, device=device)
             img = G(z, step, alpha, modes=modes if G.K > 1 else None, psi=psi, w_avg=w_avg)
         rows.append(list(resize_to(img, args.size)))
@@ -536,7 +561,7 @@ def train(args):
         ck = common.load_checkpoint(ckpt_path, "ummgan", config_of(args), ARCH_KEYS, objects)
         start = ck["iter"]
     G = common.prepare_model(G, rt, args.compile, find_unused_parameters=True)
-    D = common.prepare_model(D, rt, args.compile, find_unused_parameters=True)
+    D = common.prepare_model(D, rt, compile_d(args), find_unused_parameters=True)
     batches = common.batch_stream(ds, args.batch_size, rt, args.seed, start, args.num_workers)
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     with common.StopSignals() as signals:
@@ -573,6 +598,7 @@ def load_ema(args, device):
                                 ARCH_KEYS, {"G_ema": _Holder(G)}, restore_rng=False)
     G.eval()
     step, alpha = schedule(ck["iter"] - 1, args)
+    common.seed_everything(args.seed)  # the same grids (noise inputs) on every call
     return G, step, alpha
 
 
@@ -672,40 +698,70 @@ def density_image(hist, scale=6):
 
 
 @torch.no_grad()
-def generate(G, n, step, alpha, args, device, modes=None, seed=0):
+def fake_batches(G, n, step, alpha, args, device, modes=None, seed=0):
+    """n generated images, --batch_size at a time (EMA G, no truncation): all of one mode, or
+    (sMM) a random mode each, or (uMM) w_R from the mapping network."""
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, n, 250):
-        b = min(250, n - i)
+    for i in range(0, n, args.batch_size):
+        b = min(args.batch_size, n - i)
         z = torch.randn(b, args.style_dim, generator=gen).to(device)
         m = None
         if modes is not None:
             m = torch.full((b,), modes, dtype=torch.long, device=device)
         elif args.mode == "smm":
             m = torch.randint(0, G.K, (b,), generator=gen).to(device)
-        out.append(resize_to(G(z, step, alpha, modes=m), args.size).clamp(-1, 1).cpu())
-    return torch.cat(out)
+        yield resize_to(G(z, step, alpha, modes=m), args.size).clamp(-1, 1)
 
 
-def real_images(ds, n):
-    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().tolist()
-    return torch.stack([ds[i]["image"] for i in idx])
+def real_batches(ds, n, batch_size):
+    """min(n, len(ds)) real images at evenly spaced indices of the dataset, a batch at a time."""
+    index = torch.linspace(0, len(ds) - 1, min(n, len(ds))).long()
+    for chunk in index.split(batch_size):
+        yield torch.stack([ds[i]["image"] for i in chunk.tolist()])
+
+
+@torch.no_grad()
+def measure_batch(images, args, inception):
+    """One batch's measures: H widths (B, 2) on hshape, Inception pool3 features (B, 2048)."""
+    widths = data.hshape_measure(images.cpu()) if args.data == "hshape" else None
+    feats = None
+    if inception is not None:
+        with torch.autocast(images.device.type, enabled=False):
+            feats = inception(to_rgb01(images.float()).to(next(inception.parameters()).device))
+    return widths, feats
+
+
+def measure(batches, args, inception):
+    """Streams a set through measure_batch: (widths (N, 2) or None, running FID statistics or
+    None). Only two numbers per image and the running feature sums are kept."""
+    widths, stats = [], common.RunningFIDStats() if inception is not None else None
+    for images in batches:
+        w, feats = measure_batch(images, args, inception)
+        if w is not None:
+            widths.append(w)
+        if feats is not None:
+            stats.add(feats)
+    return (torch.cat(widths) if widths else None), stats
 
 
 @torch.no_grad()
 def evaluate(args):
+    """eval.json: on hshape the Jaccard index of the width densities (Fig. 6); FID (§4) with the
+    pretrained Inception. Streams: images are generated (or read), measured and dropped
+    --batch_size at a time, so memory is set by the batch, not by --eval_n."""
     device = common.pick_device(args.device)
     G, step, alpha = load_ema(args, device)
     ds = load_data(args)
-    real = real_images(ds, args.eval_n)
-    fake = generate(G, len(real), step, alpha, args, device)
-    result = {"iter_step": step, "n": len(real), "K": args.K, "mode": args.mode}
+    n = min(args.eval_n, len(ds))
+    inception = common.FIDInception(pretrained=True).to(device) if args.pretrained else None
+    real_w, real_stats = measure(real_batches(ds, n, args.batch_size), args, inception)
+    fake_w, fake_stats = measure(fake_batches(G, n, step, alpha, args, device), args, inception)
+    result = {"iter_step": step, "n": n, "K": args.K, "mode": args.mode}
     if args.data == "hshape":  # widths read back from the pixels, in the paper's units 0..40
         bins, max_w = 20, data.HSHAPE_MAX
-        real_w, fake_w = data.hshape_measure(real), data.hshape_measure(fake)
         result["jaccard"] = jaccard_index(real_w, fake_w, bins, max_w)      # real vs generated
         result["jaccard_vs_true_H"] = data.hshape_jaccard(fake_w, bins)     # generated vs the H
-        real2_w = data.hshape_measure(real_images(load_data(args, "test"), len(real)))
+        real2_w = measure(real_batches(load_data(args, "test"), n, args.batch_size), args, None)[0]
         result["jaccard_real_vs_real"] = jaccard_index(real_w, real2_w, bins, max_w)  # ceiling
         # w1 + w2 (mean, std): a generator that keeps the total white area fixed puts every
         # sample on one anti-diagonal line of the plane (what our CPU runs do; README, Fig. 6)
@@ -715,27 +771,23 @@ def evaluate(args):
         # Share of samples off the H (the gaps between legs and bar, which a continuous map
         # from one Gaussian tends to fill: §4's argument for several constants). Real: 0 up to
         # the width read-back.
-        result["outside_H"] = {n: float((data.hshape_region(w) < 0).float().mean())
-                               for n, w in (("real", real_w), ("generated", fake_w))}
+        result["outside_H"] = {name: float((data.hshape_region(w) < 0).float().mean())
+                               for name, w in (("real", real_w), ("generated", fake_w))}
         tiles = [density_image(density(real_w, bins, max_w)),
                  density_image(density(fake_w, bins, max_w))]
-        per_mode = []
         if G.K > 1:  # Fig. 6 middle row: the density of each constant alone (one-hot w_R)
             for k in range(G.K):
-                wk = data.hshape_measure(generate(G, len(real) // G.K, step, alpha, args,
-                                                  device, modes=k, seed=k + 1))
-                per_mode.append(density_image(density(wk, bins, max_w)))
-        common.save_grid(os.path.join(args.out_dir, "densities.png"), [tiles + per_mode])
+                wk = measure(fake_batches(G, max(1, n // G.K), step, alpha, args, device, modes=k,
+                                          seed=k + 1), args, None)[0]
+                tiles.append(density_image(density(wk, bins, max_w)))
+        common.save_grid(os.path.join(args.out_dir, "densities.png"), [tiles])
     result.update(mode_usage(G, device))
-    if args.pretrained:
-        inception = common.FIDInception(pretrained=True).to(device).eval()
-        feats = [common.inception_features(inception, (to_rgb01(c) for c in x.split(100)))
-                 for x in (real, fake)]
-        result["fid"] = float(common.fid(*feats))
-    else:
-        result["fid"] = None  # needs the pretrained Inception: --pretrained 1
-    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+    result["fid"] = (common.fid(real_stats.stats(), fake_stats.stats())
+                     if inception is not None else None)   # None: needs --pretrained 1
+    path = os.path.join(args.out_dir, "eval.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
     print(json.dumps(result))
 
 
@@ -782,7 +834,9 @@ def bench(args):
     labels = None if labels is None else labels.to(rt.device)
 
     def make_step(run, compile_model):
-        G, D = (common.prepare_model(m, run, compile_model, ddp=False) for m in build(args))
+        G, D = build(args)
+        G = common.prepare_model(G, run, compile_model, ddp=False)
+        D = common.prepare_model(D, run, compile_model and compile_d(args), ddp=False)
         opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
         return lambda: train_step(G, D, opt_g, opt_d, images, labels, 0, args, run)
@@ -790,9 +844,28 @@ def bench(args):
     common.bench_training(args, rt, make_step)
 
 
+def flags_from_checkpoint(args, argv):
+    """--sample / --eval use the run as it was trained: every RUN_KEYS flag missing from the
+    command line is taken from the checkpoint's config (a flag given there must match it), then
+    the command line is parsed and checked again."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        return args  # load_ema names the missing checkpoint
+    saved = common.load_checkpoint(path, "ummgan", restore_rng=False)["config"]
+    given = vars(build_parser().parse_args(argv))
+    extra = []
+    for key in RUN_KEYS:
+        if given[key] is None and saved.get(key) is not None:
+            extra += [f"--{key}", str(saved[key])]
+    return common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv + extra,
+                             check=check_args)
+
+
 def main(argv=None):
-    args = common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv)
-    check_args(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv, check=check_args)
+    if args.sample or args.eval:
+        args = flags_from_checkpoint(args, argv)
     if args.dry_run:
         dry_run(args)
     elif args.bench:

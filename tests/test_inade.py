@@ -277,3 +277,271 @@ def test_bad_inputs_give_one_sentence(trained, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# --eval streams: memory set by the batch, not by --eval_n
+# ----------------------------------------------------------------------------------------------
+
+def live_tensor_bytes():
+    """Bytes of every tensor storage reachable from Python objects right now (views counted once)."""
+    import gc
+    import warnings
+    storages = {}
+    gc.collect()   # garbage in reference cycles (of this run or earlier tests) is not live
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            # plain tensors and parameters only: the fake tensors a torch.compile test may leave
+            # behind have no data
+            if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def eval_peak(monkeypatch, argv, hook_module=inade, hook="eval_batch", main=inade.main):
+    """Run --eval with a hook around the per-batch function that records the live tensor bytes
+    after each batch (its measures still held); (peak, batches)."""
+    peaks = []
+    per_batch = getattr(hook_module, hook)
+
+    def recording(*args, **kwargs):
+        out = per_batch(*args, **kwargs)
+        peaks.append(live_tensor_bytes())   # the batch's measures are still held here
+        return out
+    monkeypatch.setattr(hook_module, hook, recording)
+    main(argv)
+    monkeypatch.setattr(hook_module, hook, per_batch)
+    return max(peaks), len(peaks)
+
+
+def test_eval_memory_does_not_grow_with_eval_n(trained, monkeypatch):
+    argv = TINY + ["--out_dir", trained, "--eval", "--eval_n"]
+    small, batches_small = eval_peak(monkeypatch, argv + ["4"])
+    large, batches_large = eval_peak(monkeypatch, argv + ["16"])
+    assert (batches_small, batches_large) == (1, 4)   # one batch of 4 layouts vs four batches
+    one_group = 4 * 3 * 32 * 32 * 4                   # one batch's images of one sample group
+    assert large - small < one_group / 2, (small, large)
+
+
+def test_without_a_test_split_training_runs_and_sample_says_why(tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+
+    import data
+    from test_data import fake_deepfashion
+    root = tmp_path / "deepfashion"
+    fake_deepfashion(str(root), np.random.default_rng(0))
+    shutil.rmtree(root / "test_img")
+    flags = ["--data", "deepfashion", "--data_dir", str(root), "--size", "32", "--ngf", "2",
+             "--nef", "2", "--ndf", "4", "--z_dim", "4", "--noise_nc", "2", "--pretrained", "0",
+             "--perceptual", "l1", "--batch_size", "2", "--out_dir", str(tmp_path / "run")]
+    why = (f"--sample and --eval take their layouts from the test split of --data deepfashion, "
+           f"which could not be read: found no images in {root}/test_img; expected the "
+           f"deepfashion layout: {data.DATASETS['deepfashion']['layout']}.")
+    inade.main(flags + ["--iters", "1"])      # training: the grids fall back to training layouts
+    assert capsys.readouterr().out.startswith(f"note: {why} The training grids show the first "
+                                              f"training layouts instead.\n")
+    assert os.path.exists(tmp_path / "run" / "samples_000001.png")
+    for mode in ("--sample", "--eval"):
+        with pytest.raises(common.UserError) as err:
+            inade.main(flags + [mode])
+        assert str(err.value) == why
+
+
+def test_compiled_training_step_gives_the_eager_losses():
+    """--compile (aot_eager: the graph capture and autograd of torch.compile without code
+    generation) trains G, E and D with the losses of the eager step."""
+    import data
+    args = common.parse_args(inade.build_parser(), inade.PRESETS, "inade", "shapes",
+                             TINY + ["--compile", "aot_eager"])
+    ds = data.get_dataset("shapes", split="train", size=32)
+    args.num_classes = ds.num_classes
+    rt = common.setup_runtime(args)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    losses = []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for compile_model in (None, args.compile):
+        torch.manual_seed(0)
+        G, E, D = [common.prepare_model(m, rt, compile_model) for m in inade.build_models(args)]
+        opt_g = torch.optim.Adam(list(G.parameters()) + list(E.parameters()), 1e-3, betas=(0.0, 0.9))
+        opt_d = torch.optim.Adam(D.parameters(), 1e-3, betas=(0.0, 0.9))
+        torch.manual_seed(1)
+        losses.append([inade.train_step(args, rt, G, E, D, inade.ReconstructionLoss("l1", 0),
+                                        opt_g, opt_d, batch) for _ in range(2)])  # 2nd: updated
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3   # G, E and D ran compiled
+    for eager, compiled in zip(*losses):
+        for key in eager:
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("flags,sentence", [
+    (["--ngf", "0"], "--ngf must be at least 1 (got 0)."),
+    (["--ndf", "-1"], "--ndf must be at least 1 (got -1)."),
+    (["--nef", "0"], "--nef must be at least 1 (got 0)."),
+    (["--num_d", "0"], "--num_d must be at least 1 (got 0)."),
+    (["--z_dim", "0"], "--z_dim must be at least 1 (got 0)."),
+    (["--noise_nc", "0"], "--noise_nc must be at least 1 (got 0)."),
+    (["--num_classes", "1"], "--num_classes must be at least 2 (got 1)."),
+    (["--eval_n", "0", "--eval"], "--eval_n must be at least 1 (got 0)."),
+    (["--eval_n", "1", "--eval", "--pretrained", "1", "--perceptual", "l1"],
+     "--eval_n must be at least 2 for FID (got 1)."),
+    (["--n_styles", "0", "--sample"], "--n_styles must be at least 1 (got 0)."),
+    (["--bench", "0"], "--bench must be at least 1 (got 0)."),
+    (["--lambda_kl", "-1"], "--lambda_kl must be at least 0 (got -1.0)."),
+    (["--sample_class", "-1", "--sample"], "--sample_class must be at least 0 (got -1)."),
+    (["--ref_index", "-2", "--sample"], "--ref_index must be at least 0 (got -2)."),
+    (["--aspect_ratio", "0"], "--aspect_ratio must be positive (got 0.0)."),
+    (["--lr_d", "0"], "--lr_g and --lr_d must be positive (got 0.0004, 0.0)."),
+    (["--beta2", "1"], "--beta1 and --beta2 must be in [0, 1) (got 0.0, 1.0)."),
+    (["--size", "48"], "image size 48x48 must be divisible by 32 (5 up-samplings, --num_up "
+                       "normal); set --size / --aspect_ratio."),
+    (["--num_up", "more"], "image size 32x32 must be divisible by 64 (6 up-samplings, --num_up "
+                           "more); set --size / --aspect_ratio."),
+    (["--data", "cityscapes", "--size", "64", "--aspect_ratio", "1.5"],
+     "image size 64x96 must be divisible by 64 (6 up-samplings, --num_up more); set --size / "
+     "--aspect_ratio."),
+    (["--perceptual", "vgg"], "--perceptual vgg needs the pretrained VGG-19 (--pretrained 1); "
+                              "without it use --perceptual l1 or off."),
+])
+def test_every_flag_out_of_range_is_one_sentence_exit_2(flags, sentence, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        common.run_main(lambda: inade.main(flags + ["--out_dir", str(tmp_path / "run"),
+                                                    "--iters", "1"]))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {sentence}"
+    assert not os.path.exists(tmp_path / "run" / "log.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper presets end to end: torchrun (2 CPU processes, gloo), --resume, --sample, --eval
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stand_in_home(tmp_path_factory):
+    """TORCH_HOME with random-weight stand-ins for VGG-19, the FID Inception and LPIPS-AlexNet at
+    their torch hub cache paths, marked as hash-checked (a stand-in cannot have the real hash)."""
+    home = tmp_path_factory.mktemp("torch_home")
+    ckpt = home / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+
+    def place(state, name, sha256_prefix):
+        torch.save(state, ckpt / name)
+        if sha256_prefix:
+            common.write_marker(str(ckpt / name), sha256_prefix)
+    torch.manual_seed(0)
+    place(common.VGG19(pretrained=False).state_dict(), "vgg19-dcbb9e9d.pth", "dcbb9e9d")
+    place(common.FIDInception(pretrained=False).state_dict(),
+          os.path.basename(common.FID_INCEPTION_URL), None)
+    lpips = common.LPIPS("alex", pretrained=False).state_dict()
+    place({k: v for k, v in lpips.items() if k.startswith("features.")},
+          "alexnet-owt-7be5be79.pth", "7be5be79")
+    place({k: v for k, v in lpips.items() if k.startswith("lin")}, "lpips_v0.1_alex.pth",
+          common.LPIPS_LIN_SHA256["alex"])
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(home / "hub"))
+    yield home
+    torch.hub.set_dir(hub)
+
+
+def torchrun(script, argv, torch_home):
+    """`torchrun --nproc_per_node=2 script argv` on the CPU (gloo); fails the test on exit != 0."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port", str(port), script] + argv, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", TORCH_HOME=str(torch_home)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def rank_datasets(ds, root, tmp_path, global_batch, world=2):
+    """Copies of the dataset, one per rank, holding only the training items that rank takes in
+    the first global batch (common.ResumableBatches, seed 0): one process on copy r does exactly
+    what rank r does (its --seed is 0 + r, as under torchrun)."""
+    import shutil
+    roots = []
+    for rank in range(world):
+        mine = next(iter(common.ResumableBatches(len(ds), global_batch, 0, 0, rank, world)))
+        copy = tmp_path / f"rank{rank}"
+        shutil.copytree(root, copy)
+        for i, record in enumerate(ds.records):
+            if i not in mine:
+                for key in ("image", "label", "instance"):
+                    if record.get(key):
+                        os.remove(os.path.join(copy, os.path.relpath(record[key], root)))
+        roots.append(str(copy))
+    return roots
+
+
+def with_rank0_weights(build):
+    """build_models as rank r sees it under torchrun: it draws its own initial weights (moving its
+    random stream, seeded 0 + r), then DDP gives it rank 0's (those drawn after seeding 0)."""
+    def wrapped(args):
+        models = build(args)
+        with common.preserved_rng():
+            common.seed_everything(0)
+            for model, rank0 in zip(models, build(args)):
+                model.load_state_dict(rank0.state_dict())
+        return models
+    return wrapped
+
+
+INADE_PRESETS = {  # the paper presets' structure, widths shrunk by flags, 64 pixels high
+    "deepfashion": "fake_deepfashion",
+    "cityscapes": "fake_cityscapes",   # 64x128, 6 up-samplings, 35 classes
+}
+
+
+@pytest.mark.parametrize("preset", list(INADE_PRESETS))
+def test_paper_preset_under_torchrun_then_resume_sample_eval(preset, stand_in_home, tmp_path,
+                                                             monkeypatch):
+    """The first G losses under torchrun (2 ranks, one layout each; the preset's VGG loss, 2 D
+    scales, C0 noise) are the mean of what one process computes on each rank's half of the
+    batch. One process on the whole batch cannot be compared directly: the generator's batch norm
+    (Eq. 1) takes its statistics over a rank's own samples (SyncBatchNorm needs CUDA), and each
+    rank draws its noise and flips from its own stream (seed + rank). So the reference for rank r
+    is one process on r's layouts with --seed r and rank 0's initial weights (what DDP gives r).
+    Every G loss is a mean over samples, so the mean over ranks is the whole batch's loss.
+    Then --resume to a third step, --sample, and --eval (FID, LPIPS) on the result."""
+    import numpy as np
+
+    import data
+    import test_data
+    root = tmp_path / preset
+    getattr(test_data, INADE_PRESETS[preset])(str(root), np.random.default_rng(0))
+    flags = ["--data", preset, "--size", "64", "--ngf", "2", "--nef", "2", "--ndf", "4",
+             "--z_dim", "4", "--noise_nc", "2", "--device", "cpu", "--log_every", "1",
+             "--sample_every", "100", "--ckpt_every", "100", "--eval_n", "2"]
+    run = flags + ["--data_dir", str(root), "--batch_size", "2"]
+    two = str(tmp_path / "two")
+    torchrun("inade.py", run + ["--iters", "2", "--out_dir", two], stand_in_home)
+    logs = lambda out: [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    first = logs(two)[0]
+    ds = data.get_dataset(preset, root=str(root), split="train", size=64)
+    halves = []
+    monkeypatch.setattr(inade, "build_models", with_rank0_weights(inade.build_models))
+    for rank, rank_root in enumerate(rank_datasets(ds, root, tmp_path, 2)):
+        out = str(tmp_path / f"one{rank}")
+        inade.main(flags + ["--data_dir", rank_root, "--batch_size", "1", "--iters", "1",
+                            "--seed", str(rank), "--out_dir", out])
+        halves.append(logs(out)[0])
+    monkeypatch.undo()
+    close = lambda a, b: a == pytest.approx(b, rel=1e-4, abs=1.1e-6)   # the log keeps 6 decimals
+    for key in ("g_gan", "g_fm", "g_rec", "g_kl"):   # computed before any update
+        assert close(first[key], (halves[0][key] + halves[1][key]) / 2), key
+
+    inade.main(run + ["--iters", "3", "--out_dir", two, "--resume"])
+    assert [r["iter"] for r in logs(two)] == [1, 2, 3]
+    inade.main(run + ["--out_dir", two, "--sample", "--n_styles", "2"])
+    for name in ("random", "class", "instance", "reference", "reconstruction"):
+        assert os.path.getsize(os.path.join(two, f"sample_{name}.png")) > 0
+    result = inade.main(run + ["--out_dir", two, "--eval"]) or \
+        json.load(open(os.path.join(two, "eval.json")))
+    assert result["distance"] == "lpips-alex" and result["layouts"] == 2
+    assert result["fid"] >= 0 and result["lpips_diversity"] >= 0

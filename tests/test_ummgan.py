@@ -348,11 +348,224 @@ def test_sample_and_eval_write_the_controls(tmp_path, capsys):
     result = json.load(open(os.path.join(out, "eval.json")))
     assert 0 <= result["jaccard"] <= 1 and result["fid"] is None
     assert result["jaccard_real_vs_real"] > result["jaccard"]
-    real_sum = data.hshape_measure(ummgan.real_images(ummgan.load_data(
-        common.parse_args(ummgan.build_parser(), ummgan.PRESETS, "ummgan", "hshape",
-                          RUN + ["--out_dir", out, "--eval"])), 200)).sum(1)
+    eval_args = common.parse_args(ummgan.build_parser(), ummgan.PRESETS, "ummgan", "hshape",
+                                  RUN + ["--out_dir", out, "--eval"])
+    real_sum = data.hshape_measure(torch.cat(list(ummgan.real_batches(
+        ummgan.load_data(eval_args), 200, 64)))).sum(1)
     assert result["width_sum"]["real"] == pytest.approx([float(real_sum.mean()),
                                                          float(real_sum.std())], rel=1e-5)
     assert result["outside_H"]["real"] < 0.01 and 0 <= result["outside_H"]["generated"] <= 1
     assert len(result["mean_w_R"]) == 3 and abs(sum(result["mode_usage_argmax"]) - 1) < 1e-5
     assert os.path.exists(os.path.join(out, "densities.png"))
+
+
+def test_eval_memory_does_not_grow_with_eval_n(tmp_path, monkeypatch):
+    """--eval streams: the tensors alive after each measured batch are the same for 4 and for
+    16 images per set (real, generated, the second real set; K = 1, so no per-mode sets)."""
+    from test_inade import live_tensor_bytes
+    out = str(tmp_path / "run")
+    ummgan.main(RUN + ["--out_dir", out, "--iters", "1", "--K", "1"])
+    measure_batch = ummgan.measure_batch
+
+    def peak(eval_n):
+        peaks = []
+
+        def recording(*args, **kwargs):
+            result = measure_batch(*args, **kwargs)
+            peaks.append(live_tensor_bytes())   # the batch's measures are still held here
+            return result
+        monkeypatch.setattr(ummgan, "measure_batch", recording)
+        ummgan.main(RUN + ["--out_dir", out, "--K", "1", "--eval", "--eval_n", str(eval_n)])
+        return max(peaks), len(peaks)
+
+    (small, batches_small), (large, batches_large) = peak(4), peak(16)
+    assert (batches_small, batches_large) == (3, 12)  # real, generated, real test
+    one_batch = 4 * 1 * 32 * 32 * 4                             # 4 grey 32x32 float images
+    assert large - small < one_batch / 2, (small, large)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random streams: grids give every generator back; --sample/--eval use the checkpoint's flags
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_cuda_generator(monkeypatch):
+    """A stand-in for the CUDA generators on a CPU machine: torch.manual_seed reseeds it (as it
+    reseeds every CUDA device) and common.rng_state / set_rng_state save and restore it."""
+    state = {"seed": torch.tensor([-1])}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all",
+                        lambda seed: state.update(seed=torch.tensor([int(seed)])))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [state["seed"].clone()])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda states: state.update(seed=states[0].clone()))
+    return state
+
+
+def test_grids_give_every_random_generator_back(tmp_path, monkeypatch, fake_cuda_generator):
+    """A sample grid after every iteration leaves the training draws as a run without grids has
+    them (CPU), and leaves the (stand-in) CUDA generator where training left it."""
+    device_states = []
+    train_step = ummgan.train_step
+
+    def recorded(*args, **kwargs):
+        device_states.append(int(fake_cuda_generator["seed"]))   # at the start of each step
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(ummgan, "train_step", recorded)
+    argv = RUN + ["--device", "cpu", "--iters", "3", "--ckpt_every", "100"]
+    ummgan.main(argv + ["--out_dir", str(tmp_path / "grids"), "--sample_every", "1"])
+    assert len(set(device_states)) == 1, device_states        # no grid moved it
+    ummgan.main(argv + ["--out_dir", str(tmp_path / "none"), "--sample_every", "100"])
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
+             for line in open(tmp_path / name / "log.jsonl")] for name in ("grids", "none")]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+    before = int(fake_cuda_generator["seed"])
+    args = make_args("--K", "2")
+    _, G, _ = build("--K", "2")
+    ummgan.mode_style_grid(G, G.max_step, args, "cpu")         # reseeds inside (fixed noise)
+    assert int(fake_cuda_generator["seed"]) == before
+
+
+def test_sample_and_eval_take_the_architecture_from_the_checkpoint(tmp_path, capsys):
+    from PIL import Image
+    out = str(tmp_path / "run")
+    ummgan.main(["--size", "64", "--style_dim", "8", "--max_channels", "8", "--channel_base",
+                 "64", "--K", "2", "--init_size", "8", "--phase_iters", "2", "--iters", "3",
+                 "--batch_size", "4", "--sample_every", "100", "--out_dir", out])
+    ummgan.main(["--sample", "--out_dir", out])                 # preset: 32x32, K 3, width 64
+    tile = 64 + 2
+    assert Image.open(os.path.join(out, "mode_style.png")).size == (8 * tile + 2, 2 * tile + 2)
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-2])
+    assert (info["step"], info["alpha"], len(info["mean_w_R"])) == (2, 0.0, 2)  # 16x16 fading in
+    ummgan.main(["--eval", "--eval_n", "8", "--batch_size", "4", "--out_dir", out])
+    result = json.load(open(os.path.join(out, "eval.json")))
+    assert (result["K"], result["iter_step"], result["n"]) == (2, 2, 8)
+    err = run_cli(["--sample", "--out_dir", out, "--size", "32"], capsys)
+    assert "--size 64 (asked: 32)" in err
+
+
+@pytest.mark.parametrize("r1_gamma", ["1", "0"])
+def test_compiled_training_step_gives_the_eager_losses(r1_gamma):
+    """--compile aot_eager (torch.compile's graph capture and autograd, no code generation): the
+    step's losses equal the eager ones. With R1 on, D stays eager (double backward)."""
+    args = make_args("--K", "2", "--progressive", "0", "--size", "8", "--compile", "aot_eager",
+                     "--r1_gamma", r1_gamma)
+    rt = common.setup_runtime(args)
+    real = torch.rand(4, 1, 8, 8) * 2 - 1
+    losses = []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for compile_model in (None, args.compile):
+        torch.manual_seed(0)
+        G, D = ummgan.build(args)
+        G = common.prepare_model(G, rt, compile_model)
+        D = common.prepare_model(D, rt, compile_model and ummgan.compile_d(args))
+        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+        torch.manual_seed(1)
+        losses.append([ummgan.train_step(G, D, opt_g, opt_d, real.clone(), None, i, args, rt)
+                       for i in range(2)])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= (1 if r1_gamma == "1" else 2)                      # G (and D) ran compiled
+    for eager, compiled in zip(*losses):
+        for key in eager:
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("flags,sentence", [
+    (["--K", "0"], "--K must be at least 1 (got 0)."),
+    (["--style_dim", "0"], "--style_dim must be at least 1 (got 0)."),
+    (["--max_channels", "0"], "--max_channels must be at least 1 (got 0)."),
+    (["--channel_base", "16"], "--channel_base 16 leaves no channel at 32x32 (channels = "
+                               "channel_base / resolution); give at least --channel_base 32."),
+    (["--size", "24"], "--size must be a power of two >= 8 (got 24)."),
+    (["--init_size", "4"], "--init_size must be a power of two between 8 and --size 32 (got 4)."),
+    (["--phase_iters", "1"], "--phase_iters must be at least 2 (got 1)."),
+    (["--eval_n", "0", "--eval"], "--eval_n must be at least 2 (got 0)."),
+    (["--lr", "0"], "--lr and --mapping_lr_mul must be positive (got 0.0, 0.1)."),
+    (["--mapping_lr_mul", "-1"], "--lr and --mapping_lr_mul must be positive (got 0.002, -1.0)."),
+    (["--r1_gamma", "-1"], "--r1_gamma must be at least 0 (got -1.0)."),
+    (["--cls_weight", "-0.5"], "--cls_weight must be at least 0 (got -0.5)."),
+    (["--mixing_prob", "1.5"], "--mixing_prob is a probability in [0, 1] (got 1.5)."),
+    (["--ema_decay", "1"], "--ema_decay must be in [0, 1) (got 1.0)."),
+    (["--bench", "0"], "--bench must be at least 1 (got 0)."),
+    (["--chars", "AB"], "--chars chooses the characters of --data letters, not of --data hshape."),
+    (["--data", "letters", "--mode", "smm", "--K", "3"],
+     "--mode smm needs one constant per class: --K 2 for the 2 classes of --data letters (got --K 3)."),
+])
+def test_every_flag_out_of_range_is_one_sentence_exit_2(flags, sentence, tmp_path, capsys):
+    err = run_cli(flags + ["--out_dir", str(tmp_path / "run"), "--iters", "1"], capsys)
+    assert err == f"error: {sentence}"
+    assert not os.path.exists(tmp_path / "run" / "log.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper preset end to end: torchrun (2 CPU processes, gloo), --resume, --sample, --eval
+# ---------------------------------------------------------------------------------------------
+
+from test_inade import rank_datasets, stand_in_home, torchrun  # noqa: E402,F401
+
+
+def fake_cats_dogs(root, n=4, size=80):
+    """Cats & Dogs in the folder layout the README uses: ROOT/<class>/*.jpg, random blobs."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        os.makedirs(os.path.join(root, cls))
+        for i in range(n):
+            img = np.kron(rng.integers(0, 256, (size // 8, size // 8, 3)), np.ones((8, 8, 1)))
+            Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, cls, f"{i}.jpg"))
+
+
+def test_folder_preset_under_torchrun_then_resume_sample_eval(stand_in_home, tmp_path,
+                                                              monkeypatch):
+    """The README's `torchrun ... ummgan.py --data folder --data_dir data/cats_dogs --K 2`, widths
+    shrunk by flags, 64x64: 2 ranks with 2 images each. D's minibatch stddev couples the images
+    of a rank's group, and each rank draws z, noise and flips from its own stream (seed + rank):
+    so the reference for rank r is one process on r's 2 images with --seed r and rank 0's
+    initial weights (what DDP gives r). D's losses at the first step (before any update) are
+    means over samples: under torchrun they are the mean of the two references. Then --resume,
+    --sample (flags from the checkpoint) and --eval (FID with a stand-in Inception)."""
+    root = str(tmp_path / "cats_dogs")
+    fake_cats_dogs(root)
+    flags = ["--data", "folder", "--K", "2", "--size", "64", "--style_dim", "8",
+             "--max_channels", "8", "--channel_base", "64", "--init_size", "8", "--phase_iters",
+             "2", "--device", "cpu", "--log_every", "1", "--sample_every", "100", "--ckpt_every",
+             "100"]
+    two = str(tmp_path / "two")
+    torchrun("ummgan.py", flags + ["--data_dir", root, "--batch_size", "4", "--iters", "2",
+                                   "--out_dir", two], stand_in_home)
+    logs = lambda out: [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    first = logs(two)[0]
+
+    def build_with_rank0_weights(args, device="cpu"):
+        G, D = build(args, device)
+        with common.preserved_rng():
+            common.seed_everything(0)
+            G0, D0 = build(args, device)
+        G.load_state_dict(G0.state_dict()), D.load_state_dict(D0.state_dict())
+        return G, D
+    build = ummgan.build
+    monkeypatch.setattr(ummgan, "build", build_with_rank0_weights)
+    ds = data.get_dataset("folder", root=root, split="train", size=64)
+    halves = []
+    for rank, rank_root in enumerate(rank_datasets(ds, root, tmp_path, 4)):
+        out = str(tmp_path / f"one{rank}")
+        ummgan.main(flags + ["--data_dir", rank_root, "--batch_size", "2", "--iters", "1",
+                             "--seed", str(rank), "--out_dir", out])
+        halves.append(logs(out)[0])
+    monkeypatch.undo()
+    for key in ("loss_d", "r1"):
+        assert first[key] == pytest.approx((halves[0][key] + halves[1][key]) / 2, rel=1e-4,
+                                           abs=1.1e-6), key
+
+    ummgan.main(flags + ["--data_dir", root, "--batch_size", "4", "--iters", "3", "--out_dir",
+                         two, "--resume"])
+    assert [r["iter"] for r in logs(two)] == [1, 2, 3]
+    ummgan.main(["--sample", "--out_dir", two])
+    for name in ("mode_style", "modes", "style_mixing"):
+        assert os.path.getsize(os.path.join(two, f"{name}.png")) > 0
+    ummgan.main(["--eval", "--eval_n", "4", "--batch_size", "2", "--out_dir", two])
+    result = json.load(open(os.path.join(two, "eval.json")))
+    assert result["n"] == 4 and result["fid"] >= 0 and len(result["mean_w_R"]) == 2
