@@ -13,7 +13,8 @@ With one expert this is classifier-free guidance (Eq. 11). The composed eps then
 ordinary DDPM or DDIM step. Nothing is retrained to add a condition: a new expert joins the sum.
 
 Map of this file:
-    config and presets    ADM (guided-diffusion) configurations, one preset per dataset
+    config and presets    ADM (guided-diffusion) configurations, one preset per dataset,
+                          check_args (every flag, before anything is built)
     ADM UNet              guided-diffusion's UNetModel: same flags, modules, state_dict keys and
                           computation (official checkpoints load strictly), plus optional
                           condition inputs (concatenated maps, an embedding vector)
@@ -21,12 +22,21 @@ Map of this file:
     diffusion             linear/cosine schedules, respacing, eps-prediction loss (+ L_vlb when
                           learn_sigma), classifier-free null-condition dropout
     composition           compose_eps (Eq. 10), one batched forward per model per step, schedule
-                          matching for models with different noise schedules (supp. §7.2)
+                          matching for models with different noise schedules (our reading of
+                          supp. §7.2)
     samplers              ancestral DDPM and DDIM on respaced steps with original timestep indices
-    experts and data      which expert sees which dataset and condition (cross-dataset training)
-    training loop         all experts side by side, EMA, atomic checkpoints, exact resume
-    sampling controls     each expert alone, composition, reliability sweep (Fig. 6), guidance sweep
-    evaluation            exact toy metrics on shapes (layout, caption, both) incl. Table 4 ablation
+    experts and data      a run trains the experts of --experts: ONE expert on the whole dataset
+                          (the paper's set-up: one run per expert and dataset, §4.1); several on
+                          the even/odd halves of one dataset (the in-one-run experiment)
+    training loop         the run's experts side by side; each step's randomness drawn for the
+                          global batch (torchrun = one process), EMA, atomic checkpoints, resume
+    sampling              the experts of this run, or of several runs composed with
+                          --expert_ckpt (each rebuilt with its own run's flags); conditions from
+                          the test set or typed (--text, --label_map, --sketch, --class_id);
+                          grids: each expert alone, composition, reliability sweep (Fig. 6),
+                          guidance sweep
+    evaluation            exact toy metrics on shapes (incl. the Table 4 ablation); FID and LPIPS
+                          on real data, streamed batch by batch (running sums for FID)
     benchmark             per-step time: composition vs separate CFG samplers vs bare forwards
     main
 
@@ -36,10 +46,22 @@ Map of this file:
     python compose_diffusion.py --eval          # toy metrics -> eval.json
     python compose_diffusion.py --bench         # sampling time per step
     python compose_diffusion.py --data mm-celeba-hq --dry_run   # the paper's face UNet (256 px)
-    python compose_diffusion.py --sample --ckpt 64x64_diffusion.pt --ckpt_config adm64 \\
+
+    # the paper's path: one expert per run and dataset, composed at sampling only (§3.2, §4.1)
+    torchrun --nproc_per_node=8 compose_diffusion.py --data celebamask-hq --out_dir out/cd-map
+    torchrun --nproc_per_node=8 compose_diffusion.py --data mm-celeba-hq --experts caption \
+        --out_dir out/cd-text                   # CLIP image embedding in training (§7.3)
+    python compose_diffusion.py --sample --expert_ckpt out/cd-map/ckpt.pt out/cd-text/ckpt.pt \
+        --data mm-celeba-hq --out_dir out/cd-faces                # test-set label maps + captions
+    python compose_diffusion.py --sample --expert_ckpt out/cd-map/ckpt.pt out/cd-text/ckpt.pt \
+        --label_map map.png --text "she has blond hair" --out_dir out/cd-mine   # typed conditions
+    python compose_diffusion.py --eval --expert_ckpt out/cd-map/ckpt.pt out/cd-text/ckpt.pt \
+        --data mm-celeba-hq --out_dir out/cd-faces                # FID, LPIPS -> eval.json
+    python compose_diffusion.py --sample --ckpt 64x64_diffusion.pt --ckpt_config adm64 \
         --ckpt_class 291 --data folder ...      # an official ADM checkpoint as one more expert
 """
 
+import argparse
 import json
 import math
 import os
@@ -50,6 +72,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 import common
@@ -92,9 +115,11 @@ ADM_PARAMS = {"adm64": 295_904_454, "adm128": 421_529_606, "adm256": 553_838_086
 # ablation (sampled "as usual": both conditions in one forward pass).
 EXPERT_CONDITIONS = {"label": ("map",), "caption": ("text",), "sketch": ("sketch",),
                      "class": ("class",), "joint": ("map", "text")}
-# Which half of the training set ("dataset") feeds each condition: maps and sketches the even
-# items, captions and class labels the odd ones (our choice; the paper: CelebA-HQ vs FFHQ).
-SOURCE_HALF = {"map": 0, "sketch": 0, "text": 1, "class": 1}
+# The in-one-run experiment (several experts in one run): which half of the training set stands
+# in for each condition's dataset: maps and sketches the even items, captions and class labels
+# the odd ones (our choice; the paper trains separate runs on CelebA-HQ and FFHQ, which
+# --expert_ckpt composes). A run of one expert trains it on the whole set.
+IN_ONE_RUN_HALF = {"map": 0, "sketch": 0, "text": 1, "class": 1}
 NEEDS_KEY = {"map": "label", "sketch": "sketch", "text": "caption", "class": "class"}
 
 PRESETS = {
@@ -140,6 +165,62 @@ ARCH_KEYS = ("size", "num_channels", "num_res_blocks", "channel_mult", "attentio
 
 TEXT_LEN, TEXT_VOCAB, TEXT_WIDTH = 24, 512, 64   # tiny text encoder: our choice
 CLIP_DIM = 512                                     # CLIP ViT-B/32 joint embedding width
+
+
+def check_args(args):
+    """Every flag of this script that can be out of range, before any data or model is built
+    (one sentence each). With --expert_ckpt the runs' own flags are read (mmap, no tensors) and
+    the image size is theirs."""
+    req = common.require
+    common.at_least(args, 1, "num_channels", "num_res_blocks", "diffusion_steps", "eval_n",
+                    "num_heads")
+    common.at_least(args, 0, "eta", "dropout", "p_uncond", "class_id", "ckpt_class")
+    req(args.lr is None or args.lr > 0, f"--lr must be positive (got {args.lr}).")
+    for flag in ("ema_decay", "p_uncond", "dropout"):
+        value = getattr(args, flag)
+        req(value is None or value < 1, f"--{flag} must be below 1 (got {value}).")
+    req(args.num_head_channels is None or args.num_head_channels == -1 or
+        args.num_head_channels >= 1, f"--num_head_channels must be -1 (use --num_heads) or at "
+                                     f"least 1 (got {args.num_head_channels}).")
+    names = [n for n in (args.experts or "").split(",") if n]
+    req(names and all(n in EXPERT_CONDITIONS for n in names),
+        f"--experts {args.experts} must list some of {', '.join(EXPERT_CONDITIONS)}, separated "
+        f"by commas.")
+    try:
+        mult = parse_mult(args.channel_mult, args.size)
+        [int(r) for r in str(args.attention_resolutions).split(",") if r]
+    except ValueError:
+        raise common.UserError(f"--channel_mult {args.channel_mult} and --attention_resolutions "
+                               f"{args.attention_resolutions} must be numbers separated by "
+                               f"commas.") from None
+    req(all(int(m * args.num_channels) % 32 == 0 for m in mult),
+        f"--num_channels {args.num_channels} times each --channel_mult must be a multiple of 32 "
+        f"(GroupNorm with 32 groups).")
+    if args.expert_ckpt:
+        req(args.sample or args.eval, "--expert_ckpt composes finished runs with --sample or "
+                                      "--eval; a training run trains --experts.")
+        runs = runs_flags(args)
+        args.size = runs[0]["size"]
+        steps = runs[0]["diffusion_steps"]
+        names = [n for r in runs for n in composed_names(r["experts"])]
+    else:
+        steps = args.diffusion_steps
+        names = composed_names(args.experts)
+    typed = [f for f in CLI_CONDITIONS if getattr(args, f) not in (None, "")]
+    req(not (typed and args.eval), f"--eval measures on the test set's conditions; give "
+                                   f"--{typed[0] if typed else ''} with --sample.")
+    for flag in ("label_map", "sketch"):
+        path = getattr(args, flag)
+        req(path is None or os.path.isfile(path), f"--{flag} {path} does not exist; give a PNG.")
+    try:
+        space_timesteps(steps, str(args.sample_steps))
+    except ValueError:
+        raise common.UserError(f"--sample_steps {args.sample_steps} must be a step count (25), "
+                               f"ddimN (ddim25) or per-section counts (10,15,20), each 1.."
+                               f"{steps}.") from None
+    k = max(len(names), 1)  # a run of the joint model alone guides it with one weight
+    check_weights(parse_floats(args.reliability, k, "reliability"),
+                  parse_floats(args.guidance, k, "guidance"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,19 +555,22 @@ class ClipText:
     """Supp. §7.3: CLIP image embedding of the training image, CLIP text embedding at sampling,
     both L2-normalised. Frozen; pretrained weights from common.CLIP (download on first use)."""
 
-    def __init__(self, device):
-        self.model = common.CLIP("ViT-B/32", pretrained=True).to(device).eval()
+    def __init__(self, device, vision=True):  # sampling with captions needs the text tower only
+        self.model = common.CLIP("ViT-B/32", pretrained=True, vision=vision).to(device).eval()
         self.tokenizer = common.CLIPTokenizer()
-        self.device = device
+        self.device, self.last = device, (None, None)
 
     @torch.no_grad()
     def image(self, images):  # images in [-1, 1]; encode_image resizes and normalises as CLIP
         return F.normalize(self.model.encode_image(((images + 1) / 2).clamp(0, 1)).float(), dim=-1)
 
     @torch.no_grad()
-    def text(self, captions):
-        tokens = self.tokenizer(captions).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+    def text(self, captions):  # the last batch is kept: a grid asks for it once per row
+        if self.last[0] != list(captions):
+            tokens = self.tokenizer(captions).to(self.device)
+            embedding = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+            self.last = (list(captions), embedding)
+        return self.last[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +629,10 @@ class Schedule:
         self.abar_prev = np.append(1.0, self.abar[:-1])
         # q(z_{t-1} | z_t, x_0) = N(coef1 x_0 + coef2 z_t, beta_tilde) (DDPM Eq. 6-7)
         self.post_var = self.betas * (1 - self.abar_prev) / (1 - self.abar)
-        self.post_logvar = np.log(np.append(self.post_var[1], self.post_var[1:]))
+        # log of beta_tilde with its first (zero) value replaced by the second (ADM); a chain
+        # of one step ends at its first step, whose variance is never used
+        first = self.post_var[1] if self.num_steps > 1 else self.betas[0]
+        self.post_logvar = np.log(np.append(first, self.post_var[1:]))
         self.post_coef1 = self.betas * np.sqrt(self.abar_prev) / (1 - self.abar)
         self.post_coef2 = (1 - self.abar_prev) * np.sqrt(alphas) / (1 - self.abar)
 
@@ -600,12 +687,13 @@ def learned_logvar(sched, v, t, x):
     return frac * max_log + (1 - frac) * min_log
 
 
-def diffusion_loss(model, x0, cond, sched):
+def diffusion_loss(model, x0, cond, sched, t=None, noise=None):
     """eps-prediction MSE (DDPM Eq. 14, "L_simple"); with learn_sigma, ADM's hybrid loss adds
-    L_vlb for the variance with the mean frozen (Improved DDPM §3.1), scaled by T/1000."""
+    L_vlb for the variance with the mean frozen (Improved DDPM §3.1), scaled by T/1000.
+    t (B,) and noise like x0 are drawn here unless given (training draws them per global batch)."""
     b = x0.shape[0]
-    t = torch.randint(0, sched.num_steps, (b,), device=x0.device)
-    noise = torch.randn_like(x0)
+    t = torch.randint(0, sched.num_steps, (b,), device=x0.device) if t is None else t
+    noise = torch.randn_like(x0) if noise is None else noise
     x_t = q_sample(sched, x0, t, noise)
     out = model(x_t, t, **cond)
     eps = out[:, :x0.shape[1]]
@@ -675,7 +763,8 @@ class Expert:
 
 
 def match_timesteps(expert_sched, ref, tol=0.01):
-    """Supp. §7.2: a model with another variance schedule is asked at the noise level of the
+    """Our reading of supp. §7.2 (which only sketches combining eps and stepping each model on
+    its own schedule): a model with another variance schedule is asked at the noise level of the
     sampler's step, not at its index. For each step of the reference chain `ref`, the
     (fractional) timestep of `expert_sched` with the same abar, interpolated in log abar.
     Both chains are variance preserving, so the same z_t and the same eps parameterisation serve
@@ -825,12 +914,16 @@ def sample(eps_fn, ref, shape, sampler="ddim", eta=0.0, clip=True, x_T=None, gen
 
 
 # ----------------------------------------------------------------------------------------------
-# Experts and data: cross-dataset training (§4.1). The training set is split into two disjoint
-# halves that act as two datasets; each expert sees only its own half and its own condition.
+# Experts and data (§4.1). The paper trains each expert in its own run on its own dataset (hair
+# maps on CelebA-HQ, skin maps on FFHQ, text on FFHQ) and composes them only at sampling: here
+# one run trains the experts named by --experts, and --sample/--eval --expert_ckpt composes the
+# experts of several such runs. A run with ONE expert trains it on the whole dataset. A run with
+# several experts is the in-one-run experiment: the training set is split into its even and odd
+# items, two disjoint halves that stand in for two datasets (IN_ONE_RUN_HALF).
 # ----------------------------------------------------------------------------------------------
 
 class Half(torch.utils.data.Dataset):
-    """Items 2k + offset of a dataset: two disjoint "datasets" (offset 0: maps, 1: captions)."""
+    """Items 2k + offset of a dataset: the in-one-run experiment's two disjoint "datasets"."""
 
     def __init__(self, dataset, offset):
         self.dataset, self.offset = dataset, offset
@@ -840,6 +933,16 @@ class Half(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         return self.dataset[2 * k + self.offset]
+
+
+def expert_datasets(train_set, experts):
+    """Condition -> the items that teach it. One expert (or one condition): the whole training set.
+    Several: each condition its half of the in-one-run split (the joint model of the Table 4
+    ablation reads both halves, alternately)."""
+    sources = sorted({c for e in experts.values() for c in e.conditions})
+    if len(sources) == 1:
+        return {sources[0]: train_set}
+    return {c: Half(train_set, IN_ONE_RUN_HALF[c]) for c in sources}
 
 
 class Pooled(torch.utils.data.Dataset):
@@ -887,20 +990,23 @@ def load_dataset(args, split):
 
 class Trained(nn.Module):
     """A trained expert: its UNet and, for captions with the tiny encoder, its text encoder (run
-    inside forward, so DDP syncs its gradients too)."""
+    inside forward, so DDP syncs its gradients too). It remembers what its conditions look like
+    (label classes, image classes, size), so that experts of other runs can be composed."""
 
     def __init__(self, conditions, args, num_labels, num_classes=0):
         super().__init__()
-        self.conditions = conditions
+        self.conditions, self.size = conditions, args.size
+        self.num_labels = num_labels if "map" in conditions else 0
+        self.num_classes = num_classes if "class" in conditions else 0
         self.tiny_text = "text" in conditions and args.text_encoder == "tiny"
+        self.clip_text = "text" in conditions and args.text_encoder == "clip"
         cond_dim = 0
         if "text" in conditions:
             cond_dim = TEXT_WIDTH if self.tiny_text else CLIP_DIM
         if self.tiny_text:
             self.text = TextEncoder()
-        map_ch = (num_labels if "map" in conditions else 0) + (1 if "sketch" in conditions else 0)
-        self.unet = UNet(**unet_flags(args, map_ch, cond_dim,
-                                      num_classes if "class" in conditions else 0))
+        map_ch = self.num_labels + (1 if "sketch" in conditions else 0)
+        self.unet = UNet(**unet_flags(args, map_ch, cond_dim, self.num_classes))
         self.learn_sigma = self.unet.learn_sigma
 
     def forward(self, x, t, cond_tokens=None, **cond):
@@ -917,42 +1023,58 @@ class Trained(nn.Module):
         return cond
 
 
-def condition_inputs(expert, batch, num_labels, clip=None, active=None, text_from="caption"):
+def rows_of(batch):
+    """The number of rows of a condition batch (a dict of tensors and caption lists)."""
+    return len(next(iter(batch.values())))
+
+
+def condition_inputs(expert, batch, clip=None, active=None, text_from="caption"):
     """Keyword arguments of an expert for a batch. Conditions of the expert not in `active` are
     null: zero map channels (one-hot label map, edge sketch), label -1, zero caption. Captions
     are tokens for the tiny encoder or a CLIP vector; text_from "image" takes the CLIP image
-    embedding of the training image instead (supp. §7.3)."""
+    embedding of the batch's image instead (supp. §7.3, Eq. 20: the training condition)."""
     active = set(expert.conditions if active is None else active)
-    image = batch["image"]
-    cond = expert.null_cond(len(image), image.device)
+    n, device = rows_of(batch), next(expert.parameters()).device
+    hw = (expert.size, expert.size)
+    cond = expert.null_cond(n, device)
     maps = []
     if "map" in expert.conditions:
-        onehot = F.one_hot(batch["label"], num_labels).permute(0, 3, 1, 2).float() \
-            if "map" in active else image.new_zeros(len(image), num_labels, *image.shape[2:])
-        maps.append(onehot)
+        if "map" in active:
+            label = batch["label"]
+            top = expert.num_labels - 1
+            common.require(int(label.max()) <= top,
+                           f"a label map holds class id {int(label.max())}, but the label-map "
+                           f"expert knows {expert.num_labels} classes (0..{top}).")
+            maps.append(F.one_hot(label, expert.num_labels).permute(0, 3, 1, 2).float())
+        else:
+            maps.append(torch.zeros(n, expert.num_labels, *hw, device=device))
     if "sketch" in expert.conditions:
         maps.append(batch["sketch"].float() if "sketch" in active else
-                    image.new_zeros(len(image), 1, *image.shape[2:]))
+                    torch.zeros(n, 1, *hw, device=device))
     if maps and active & {"map", "sketch"}:
         cond["cond_map"] = torch.cat(maps, dim=1)
     if "class" in expert.conditions and "class" in active:
+        common.require(int(batch["class"].max()) < expert.num_classes,
+                       f"class id {int(batch['class'].max())} is out of range for the class "
+                       f"expert's {expert.num_classes} classes.")
         cond["y"] = batch["class"].long()
     if "text" in expert.conditions and "text" in active and text_from is not None:
         if expert.tiny_text:
-            cond["cond_tokens"] = hash_tokenize(batch["caption"]).to(image.device)
+            cond["cond_tokens"] = hash_tokenize(batch["caption"]).to(device)
         else:
-            cond["cond_vec"] = clip.image(image) if text_from == "image" else \
+            cond["cond_vec"] = clip.image(batch["image"]) if text_from == "image" else \
                 clip.text(batch["caption"])
     return cond
 
 
-def drop_conditions(cond, p):
+def drop_conditions(cond, p, uniform):
     """Classifier-free training (Ho & Salimans): each condition is nulled per example with
-    probability p, independently (so the joint model also sees every partial combination)."""
-    for key, value in cond.items():
+    probability p, independently (so the joint model also sees every partial combination).
+    uniform (B, >= number of conditions): the random draws, one column per condition."""
+    for k, (key, value) in enumerate(cond.items()):
         if value is None:
             continue
-        drop = torch.rand(value.shape[0], device=value.device) < p
+        drop = uniform[:, k] < p
         if key == "y":
             cond[key] = torch.where(drop, torch.full_like(value, -1), value)
         else:
@@ -963,10 +1085,6 @@ def drop_conditions(cond, p):
 def build_experts(args, num_labels, num_classes=0, has=None):
     """The experts named by --experts; `has` (the dataset's keys) is checked when given."""
     names = [n for n in args.experts.split(",") if n]
-    bad = [n for n in names if n not in EXPERT_CONDITIONS]
-    if bad or not names:
-        raise common.UserError(f"--experts {args.experts} must list some of "
-                               f"{', '.join(EXPERT_CONDITIONS)}, separated by commas.")
     for n in names:
         for c in EXPERT_CONDITIONS[n]:
             if has is not None and NEEDS_KEY[c] not in has and \
@@ -976,18 +1094,52 @@ def build_experts(args, num_labels, num_classes=0, has=None):
     return {n: Trained(EXPERT_CONDITIONS[n], args, num_labels, num_classes) for n in names}
 
 
+def needs_clip(models):
+    """CLIP is built only when an expert reads text through it (not for maps, sketches, classes
+    or the tiny text encoder)."""
+    return any(getattr(m, "clip_text", False) for m in models.values())
+
+
 # ----------------------------------------------------------------------------------------------
-# Training: every expert on its own dataset half, side by side in one loop
+# Training: the run's experts side by side in one loop, each on its own data
 # ----------------------------------------------------------------------------------------------
+
+def step_randomness(args, it, expert_index, global_batch, shape, num_conditions=8):
+    """Timesteps, noise and null-condition draws of one expert's training step for the GLOBAL
+    batch, from a generator seeded by (seed, iteration, expert). Each rank takes its rows, so
+    torchrun with N processes computes exactly the losses of one process on the whole batch,
+    and --resume needs no random state (our choice)."""
+    gen = torch.Generator().manual_seed((args.seed * 1_000_003 + it) * 31 + expert_index)
+    t = torch.randint(0, args.diffusion_steps, (global_batch,), generator=gen)
+    noise = torch.randn((global_batch, *shape), generator=gen)
+    uniform = torch.rand((global_batch, num_conditions), generator=gen)
+    return t, noise, uniform
+
+
+def train_step(args, rt, index, model, expert, batch, sched, clip, it):
+    """The loss of one expert on this rank's rows of one global batch (forward only)."""
+    conds = expert.conditions
+    # The joint model (Table 4 ablation) alternates datasets across iterations (§4.1).
+    source = conds[it % len(conds)]
+    x0 = batch[source]["image"]
+    local = x0.shape[0]
+    rows = slice(rt.rank * local, (rt.rank + 1) * local)
+    t, noise, uniform = (v[rows].to(rt.device) for v in step_randomness(
+        args, it, index, local * rt.world_size, x0.shape[1:]))
+    with rt.autocast():
+        # supp. §7.3: a CLIP text expert trains on the CLIP image embedding of its image
+        text_from = "image" if expert.clip_text else "caption"
+        cond = condition_inputs(expert, batch[source], clip, {source}, text_from)
+        cond = drop_conditions(cond, args.p_uncond, uniform)
+        return diffusion_loss(model, x0, cond, sched, t, noise)
+
 
 def train(args, rt):
     train_set = load_dataset(args, "train")
-    num_labels = train_set.num_classes
-    experts = build_experts(args, num_labels, len(train_set.class_names), train_set.has)
-    sources = sorted({c for e in experts.values() for c in e.conditions})
-    halves = {c: Half(train_set, SOURCE_HALF[c]) for c in sources}
-    clip = ClipText(rt.device) if args.text_encoder == "clip" and \
-        any("text" in e.conditions for e in experts.values()) else None
+    num_labels, num_classes = train_set.num_classes, len(train_set.class_names)
+    experts = build_experts(args, num_labels, num_classes, train_set.has)
+    datasets = expert_datasets(train_set, experts)
+    clip = ClipText(rt.device) if needs_clip(experts) else None
     sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
     models = {n: common.prepare_model(e, rt, args.compile) for n, e in experts.items()}
     opts = {n: torch.optim.AdamW(e.parameters(), lr=args.lr, weight_decay=0.0)
@@ -996,29 +1148,23 @@ def train(args, rt):
     objects = {**{f"model_{n}": e for n, e in experts.items()},
                **{f"ema_{n}": m for n, m in emas.items()},
                **{f"opt_{n}": o for n, o in opts.items()}, "scaler": rt.scaler}
+    # what --expert_ckpt needs to rebuild these experts in another run's sampler
+    facts = {"num_labels": num_labels, "num_classes": num_classes}
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     start = 0
     if args.resume:
         start = common.load_checkpoint(ckpt_path, "compose_diffusion", vars(args), ARCH_KEYS,
                                        objects)["iter"]
-    streams = {k: common.batch_stream(h, args.batch_size, rt, args.seed + s, start,
+    streams = {k: common.batch_stream(d, args.batch_size, rt, args.seed + s, start,
                                       args.num_workers)
-               for s, (k, h) in enumerate(halves.items())}
+               for s, (k, d) in enumerate(datasets.items())}
     logger = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     with common.StopSignals() as signals:
         for it in range(start, args.iters):
-            batches = {k: common.to_device(next(s), rt.device) for k, s in streams.items()}
+            batch = {k: common.to_device(next(s), rt.device) for k, s in streams.items()}
             losses = {}
-            for n, model in models.items():
-                conds = experts[n].conditions
-                # The joint model (Table 4 ablation) alternates datasets across iterations (§4.1).
-                source = conds[it % len(conds)]
-                batch = batches[source]
-                text_from = "image" if clip is not None else "caption"
-                with rt.autocast():
-                    cond = condition_inputs(experts[n], batch, num_labels, clip, {source}, text_from)
-                    cond = drop_conditions(cond, args.p_uncond)
-                    loss = diffusion_loss(model, batch["image"], cond, sched)
+            for index, (n, model) in enumerate(models.items()):
+                loss = train_step(args, rt, index, model, experts[n], batch, sched, clip, it)
                 opts[n].zero_grad(set_to_none=True)
                 rt.scaler.scale(loss).backward()
                 rt.scaler.unscale_(opts[n])
@@ -1033,29 +1179,106 @@ def train(args, rt):
                 logger.log(done, **losses)
             stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
             if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
-                common.save_checkpoint(ckpt_path, "compose_diffusion", vars(args), done, objects)
+                common.save_checkpoint(ckpt_path, "compose_diffusion", vars(args), done, objects,
+                                       extra=facts)
             if stop:
                 signals.stop(done, ckpt_path)
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
-                ema_models = {n: m.model for n, m in emas.items()}
-                sample_grids(args, rt, ema_models, sched, train_set,
-                             os.path.join(args.out_dir, f"samples_{done:06d}.png"), quick=True)
+                setup = Setup(args, {n: m.model for n, m in emas.items()}, sched, rt.device, clip)
+                test = load_dataset(args, "test") if args.data == "shapes" else train_set
+                with common.preserved_rng():
+                    sample_grids(args, setup, test, os.path.join(
+                        args.out_dir, f"samples_{done:06d}.png"), quick=True)
     logger.close()
     return {n: m.model for n, m in emas.items()}, sched, train_set
 
 # ----------------------------------------------------------------------------------------------
-# Sampling controls
+# Sampling: the experts of this run, or of several runs (--expert_ckpt), and their conditions
 # ----------------------------------------------------------------------------------------------
 
 def parse_floats(text, n, flag):
-    if text == "uniform":  # a_j = 1/N (paper §4.1)
+    """--guidance / --reliability: 1 value (for every expert), N comma-separated values (one per
+    composed expert, in order), or "uniform" (1/N, paper §4.1)."""
+    if text == "uniform":
         return [1.0 / n] * n
-    values = [float(v) for v in str(text).split(",") if v != ""]
+    try:
+        values = [float(v) for v in str(text).split(",") if v != ""]
+    except ValueError:
+        raise common.UserError(f"--{flag} {text} must be numbers separated by commas.") from None
     if len(values) == 1:
         values = values * n
     if len(values) != n:
-        raise common.UserError(f"--{flag} {text} needs 1 or {n} comma-separated values.")
+        raise common.UserError(f"--{flag} {text} needs 1 or {n} comma-separated values, one per "
+                               f"composed expert.")
     return values
+
+
+def read_run(path, flag="--expert_ckpt"):
+    """(flags, facts) of a compose_diffusion.py checkpoint, read without loading its tensors
+    (mmap), so that flags can be checked before anything is built."""
+    common.require(os.path.isfile(path), f"{flag} {path} does not exist; give the ckpt.pt of a "
+                                         f"finished compose_diffusion.py run.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise common.UserError(f"{flag} {path} is not a readable checkpoint of this project "
+                               f"({type(err).__name__}).") from None
+    method = ckpt.get("method") if isinstance(ckpt, dict) else None
+    common.require(method == "compose_diffusion", f"{flag} {path} was written by "
+                                                  f"{method or 'something else'}, not "
+                                                  f"compose_diffusion.py.")
+    return ckpt["config"], ckpt.get("extra", {})
+
+
+def composed_names(experts):
+    """The experts a run contributes to a composition: all but the joint ablation model."""
+    return [n for n in experts.split(",") if n and n != "joint"]
+
+
+def load_experts(args):
+    """--sample / --eval: name -> Trained (EMA weights) and name -> its noise schedule.
+
+    Without --expert_ckpt: this run's experts (out_dir/ckpt.pt, the flags given now). With it:
+    the experts of each checkpoint, each rebuilt with the flags ITS run was trained with (other
+    datasets, widths, schedules), in the order given. Composing them is Eq. (10) exactly as for
+    the experts of one run: a sampler only ever needs eps_i(z_t, x_i) and eps_j(z_t, null) of
+    each expert, whichever run trained it (§3.2)."""
+    if not args.expert_ckpt:
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        common.require(os.path.isfile(path), f"no checkpoint at {path}; train first, point "
+                                             f"--out_dir at the run folder, or compose other runs "
+                                             f"with --expert_ckpt.")
+        runs = [(path, vars(args), read_run(path, "the run's checkpoint")[1])]
+    else:
+        runs = [(p, *read_run(p)) for p in args.expert_ckpt]
+    models, scheds = {}, {}
+    for k, (path, flags, facts) in enumerate(runs):
+        run = argparse.Namespace(**flags)
+        if not args.expert_ckpt:  # this run: labels and classes from its test set if unsaved
+            facts = facts or facts_of(load_dataset(args, "test"))
+        built = build_experts(run, facts["num_labels"], facts["num_classes"])
+        common.load_checkpoint(path, "compose_diffusion", flags, ARCH_KEYS,
+                               {f"ema_{n}": m for n, m in built.items()}, restore_rng=False)
+        for n, m in built.items():
+            if args.expert_ckpt and n == "joint":
+                continue
+            key = n if n not in models else f"{n}@{k + 1}"  # two runs may train the same kind
+            models[key], scheds[key] = m, Schedule.make(run.noise_schedule, run.diffusion_steps)
+    return models, scheds
+
+
+def facts_of(dataset):
+    return {"num_labels": dataset.num_classes, "num_classes": len(dataset.class_names)}
+
+
+def runs_flags(args):
+    """--expert_ckpt: the image size, schedule and steps the composed runs share decide the
+    sampler; every run must make images of one size (z_t's shape, paper §6)."""
+    flags = [read_run(p)[0] for p in args.expert_ckpt]
+    sizes = sorted({f["size"] for f in flags})
+    common.require(len(sizes) == 1, f"--expert_ckpt runs make images of sizes {sizes}; composed "
+                                    f"experts must share z_t's shape (paper §6).")
+    return flags
 
 
 def generate(args, comp, n, device, seed):
@@ -1069,18 +1292,27 @@ def generate(args, comp, n, device, seed):
 
 
 class Setup:
-    """The trained experts as sampling Experts, the sampler's chain, and condition builders."""
+    """The experts as sampling Experts (each with its own noise schedule), the sampler's chain
+    (the first expert's schedule respaced by --sample_steps), CLIP, and condition builders."""
 
-    def __init__(self, args, models, sched, num_labels, device, clip=None):
-        self.args, self.device, self.num_labels, self.clip = args, device, num_labels, clip
+    def __init__(self, args, models, scheds, device, clip=None):
+        self.args, self.device, self.clip = args, device, clip
         self.models = {n: m.to(device).eval() for n, m in models.items()}
-        self.experts = {n: Expert(n, m, sched) for n, m in self.models.items()}
-        self.ref = sampler_schedule(sched, str(args.sample_steps))
+        scheds = scheds if isinstance(scheds, dict) else {n: scheds for n in models}
+        self.experts = {n: Expert(n, m, scheds[n]) for n, m in self.models.items()}
+        self.ref = sampler_schedule(scheds[next(iter(models))], str(args.sample_steps))
         self.names = [n for n in self.models if n != "joint"]  # the experts composed
         self.official = None
 
     def cond(self, name, batch, active=None):
-        return condition_inputs(self.models[name], batch, self.num_labels, self.clip, active)
+        # supp. §7.3: CLIP text experts sample with the text embedding of a caption; where there
+        # is none (a dataset without captions, no --text), with the image embedding of the item
+        model = self.models[name]
+        text_from = "caption"
+        if model.clip_text and "caption" not in batch:
+            common.require("image" in batch, f"expert {name} reads text: pass --text \"...\".")
+            text_from = "image"
+        return condition_inputs(model, batch, self.clip, active, text_from)
 
     def alone(self, name, batch, w):
         """One expert with classifier-free guidance (Eq. 11 = Eq. 10 with N = 1)."""
@@ -1094,7 +1326,7 @@ class Setup:
         conds = [(j, self.cond(n, batch)) for j, n in enumerate(self.names)]
         if self.official is not None:
             experts.append(self.official)
-            y = torch.full((len(batch["image"]),), self.args.ckpt_class, device=self.device)
+            y = torch.full((rows_of(batch),), self.args.ckpt_class, device=self.device)
             conds.append((len(experts) - 1, {"y": y}))
             w, a = list(w) + [w[0]], list(a) + [0.0]
         return Composition(experts, conds, w, a, self.ref)
@@ -1141,61 +1373,120 @@ def test_batch(dataset, n, device, offset=0):
     return common.to_device(batch, device)
 
 
-def sample_grids(args, rt, models, sched, dataset, path, quick=False, setup=None):
-    """Rows: label map | ground truth | each expert alone (classifier-free guidance) | their
-    composition (| joint model, usual sampling). Captions go to a .txt file beside the PNG."""
-    was_training = {n: m.training for n, m in models.items()}
-    setup = setup or Setup(args, models, sched, dataset.num_classes, rt.device)
-    n, names = 8, setup.names
-    test = load_dataset(args, "test") if args.data == "shapes" else dataset
-    batch = test_batch(test, n, rt.device)
-    w = parse_floats(args.guidance, len(names), "guidance")
-    a = parse_floats(args.reliability, len(names), "reliability")
-    rows = [list(batch["label"].cpu()) if "label" in batch else [], list(batch["image"].cpu())]
-    titles = ["label map", "ground truth"]
+# Conditions typed at sampling time: flag -> the batch key it fills
+CLI_CONDITIONS = {"text": "caption", "label_map": "label", "sketch": "sketch", "class_id": "class"}
+
+
+def read_png(path, what, mode):
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img if mode is None else img.convert(mode)
+    except (OSError, ValueError) as err:
+        raise common.UserError(f"--{what} {path} is not a readable image "
+                               f"({type(err).__name__}).") from None
+
+
+def command_line_conditions(args, n, device):
+    """--text, --label_map (a PNG of class ids, mode L or P), --sketch (a PNG of lines, dark on
+    white or white on black, as data.py reads sketches), --class_id: n identical rows each."""
+    cond, hw = {}, (args.size, args.size)
+    if args.text is not None:
+        cond["caption"] = [args.text] * n
+    if args.label_map:
+        img = read_png(args.label_map, "label_map", None)
+        common.require(img.mode in ("L", "P"), f"--label_map {args.label_map} is a {img.mode} "
+                                               f"image; a label map holds class ids (mode L or P).")
+        ids = torch.from_numpy(np.array(img.resize(hw[::-1], Image.NEAREST), dtype=np.int64))
+        cond["label"] = ids.expand(n, *hw).to(device)
+    if args.sketch:
+        lines = np.asarray(read_png(args.sketch, "sketch", "L").resize(hw[::-1], Image.BILINEAR),
+                           np.float32) / 255
+        edges = (lines < 0.5) if lines.mean() > 0.5 else (lines >= 0.5)
+        cond["sketch"] = torch.from_numpy(edges.astype(np.float32)).expand(n, 1, *hw).to(device)
+    if args.class_id is not None:
+        cond["class"] = torch.full((n,), args.class_id, dtype=torch.long, device=device)
+    return cond
+
+
+def needs_test_set(args, models):
+    """The test set is read unless every condition the experts need was typed (--sample)."""
+    typed = {CLI_CONDITIONS[f] for f in CLI_CONDITIONS if getattr(args, f) not in (None, "")}
+    wanted = {NEEDS_KEY[c] for m in models.values() for c in m.conditions}
+    return args.eval or not wanted <= typed
+
+
+def sampling_batch(args, setup, test, n, offset):
+    """n rows of conditions: items offset.. of the test set (with their ground truth), with each
+    condition typed on the command line in place of the test set's."""
+    batch = test_batch(test, n, setup.device, offset) if test is not None else {}
+    batch.update(command_line_conditions(args, n, setup.device))
+    return batch
+
+
+def condition_rows(setup, test, batch):
+    """The grid's first rows (the conditions and the ground truth) and a palette for maps."""
+    rows, titles = [], []
+    read = {NEEDS_KEY[c] for m in setup.models.values() for c in m.conditions} | {"image"}
+    for key, title in (("label", "label map"), ("sketch", "sketch"), ("image", "ground truth")):
+        if key in batch and key in read:
+            tiles = batch[key].cpu()
+            rows.append(list(1 - 2 * tiles if key == "sketch" else tiles))  # edges dark on white
+            titles.append(title)
+    classes = max([m.num_labels for m in setup.models.values()] + [2])
+    palette = test.palette if test is not None else data.label_palette(classes)
+    return rows, titles, palette
+
+
+def sample_grids(args, setup, test, path, quick=False):
+    """Rows: the conditions (label map, sketch) | ground truth | each expert alone (classifier-
+    free guidance) | their composition (| joint model, usual sampling). Captions go to a .txt
+    file beside the PNG."""
+    n, names, device = min(8, args.batch_size), setup.names, setup.device  # one batch at most
+    batch = sampling_batch(args, setup, test, n, 0)
+    w = parse_floats(args.guidance, max(len(names), 1), "guidance")
+    a = parse_floats(args.reliability, max(len(names), 1), "reliability")
+    rows, titles, palette = condition_rows(setup, test, batch)
     for k, name in enumerate(names):
-        rows.append(list(generate(args, setup.alone(name, batch, w[k]), n, rt.device, 1).cpu()))
+        rows.append(list(generate(args, setup.alone(name, batch, w[k]), n, device, 1).cpu()))
         titles.append(f"{name} expert alone")
-    if len(names) > 1:
-        rows.append(list(generate(args, setup.composed(batch, w, a), n, rt.device, 1).cpu()))
+    if len(names) > 1 or setup.official is not None:
+        rows.append(list(generate(args, setup.composed(batch, w, a), n, device, 1).cpu()))
         titles.append("composition (Eq. 10)")
     if "joint" in setup.experts and not quick:
-        rows.append(list(generate(args, setup.joint_usual(batch, w[0]), n, rt.device, 1).cpu()))
+        rows.append(list(generate(args, setup.joint_usual(batch, w[0]), n, device, 1).cpu()))
         titles.append("joint model, usual sampling")
-    common.save_grid(path, [r for r in rows if r], palette=test.palette)
+    common.save_grid(path, rows, palette=palette)
     with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-        f.write("rows: " + " | ".join(t for t, r in zip(titles, rows) if r) + "\n")
+        f.write("rows: " + " | ".join(titles) + "\n")
         f.writelines(f"{k}: {c}\n" for k, c in enumerate(batch.get("caption", [])))
-    for name, m in models.items():
-        m.train(was_training[name])
 
 
-def sweep_grids(args, rt, setup, test):
+def sweep_grids(args, setup, test):
     """Fig. 6: reliability moved from the first expert (a = 0 for the last) to the last (a = 1),
     rows; and a guidance sweep w in {1, 2, 3, 5} for all experts, rows. Same z_T in every row."""
-    n, k = 8, len(setup.names)
+    n, k, device = min(8, args.batch_size), len(setup.names), setup.device
     if k < 2:
         return
-    batch = test_batch(test, n, rt.device, offset=8)
+    batch = sampling_batch(args, setup, test, n, n)
     w = parse_floats(args.guidance, k, "guidance")
-    head = [list(batch["label"].cpu()) if "label" in batch else [], list(batch["image"].cpu())]
+    head, titles, palette = condition_rows(setup, test, batch)
     rows = list(head)
     for r in (0.0, 0.25, 0.5, 0.75, 1.0):
         a = [1 - r] + [0.0] * (k - 2) + [r]
-        rows.append(list(generate(args, setup.composed(batch, w, a), n, rt.device, 2).cpu()))
-    common.save_grid(os.path.join(args.out_dir, "reliability.png"), [r for r in rows if r],
-                     palette=test.palette)
+        rows.append(list(generate(args, setup.composed(batch, w, a), n, device, 2).cpu()))
+    common.save_grid(os.path.join(args.out_dir, "reliability.png"), rows, palette=palette)
     a = parse_floats(args.reliability, k, "reliability")
     rows = list(head)
     for g in (1.0, 2.0, 3.0, 5.0):
-        rows.append(list(generate(args, setup.composed(batch, [g] * k, a), n, rt.device, 2).cpu()))
-    common.save_grid(os.path.join(args.out_dir, "guidance.png"), [r for r in rows if r],
-                     palette=test.palette)
+        rows.append(list(generate(args, setup.composed(batch, [g] * k, a), n, device, 2).cpu()))
+    common.save_grid(os.path.join(args.out_dir, "guidance.png"), rows, palette=palette)
     with open(os.path.join(args.out_dir, "sweeps.txt"), "w") as f:
-        f.write(f"reliability.png rows: label map | ground truth | a_{setup.names[-1]} = 0, .25, "
+        f.write(f"reliability.png rows: {' | '.join(titles)} | a_{setup.names[-1]} = 0, .25, "
                 f".5, .75, 1 (a_{setup.names[0]} = 1 - that)\n"
-                "guidance.png rows: label map | ground truth | w = 1, 2, 3, 5 (every expert)\n")
+                f"guidance.png rows: {' | '.join(titles)} | w = 1, 2, 3, 5 (every expert)\n")
         f.writelines(f"{j}: {c}\n" for j, c in enumerate(batch.get("caption", [])))
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1231,55 +1522,59 @@ def eval_methods(setup):
     (Eq. 10) and, when a joint model was trained, the Table 4 ablation (both conditions in one
     forward pass) and the same model's conditions composed."""
     names, args = setup.names, setup.args
-    w = parse_floats(args.guidance, len(names), "guidance")
-    a = parse_floats(args.reliability, len(names), "reliability")
+    w = parse_floats(args.guidance, max(len(names), 1), "guidance")
+    a = parse_floats(args.reliability, max(len(names), 1), "reliability")
     methods = {f"{n} expert alone": (lambda b, n=n, wn=wn: setup.alone(n, b, wn))
                for n, wn in zip(names, w)}
-    if len(names) > 1:
+    if len(names) > 1 or setup.official is not None:
         methods["composition (Eq. 10)"] = lambda b: setup.composed(b, w, a)
     if "joint" in setup.experts:
         methods["joint model, usual sampling (Table 4 ablation)"] = \
             lambda b: setup.joint_usual(b, w[0])
-        methods["joint model, composed sampling"] = lambda b: setup.joint_composed(b, w[:2])
+        methods["joint model, composed sampling"] = lambda b: setup.joint_composed(b, (w * 2)[:2])
     return methods, w, a
 
 
 @torch.no_grad()
-def evaluate(args, rt, setup):
+def evaluate(args, setup):
     """shapes: exact toy metrics (shapes_scores). Real data: FID between the eval_n test images
     and the samples for their conditions (pytorch-fid Inception), and LPIPS-alex of each sample
     to its ground truth (the paper's Tables 1-2 protocol; lower is better). Weights download on
-    first use. Every method samples the same test items with the same seeds."""
-    test = load_dataset(args, "test")
+    first use. Every method samples the same test items with the same seeds.
+
+    Streams: items are generated, measured and dropped --batch_size at a time; FID keeps running
+    sums (common.RunningFIDStats), so memory is set by the batch, not by --eval_n. Inception and
+    LPIPS are loaded once, the real statistics computed once for all methods."""
+    test, device = load_dataset(args, "test"), setup.device
     n_items = min(args.eval_n, len(test))
     methods, w, a = eval_methods(setup)
-    shapes, chunk, results, t0 = args.data == "shapes", 64, {}, time.perf_counter()
+    shapes, chunk, results, t0 = args.data == "shapes", args.batch_size, {}, time.perf_counter()
+    spans = [(s, min(chunk, n_items - s)) for s in range(0, n_items, chunk)]
     if not shapes:
-        inception = common.FIDInception(pretrained=True).to(rt.device)
-        lpips = common.LPIPS(net="alex", pretrained=True).to(rt.device)
-        real_batches = (test_batch(test, min(chunk, n_items - s), rt.device, s)["image"]
-                        for s in range(0, n_items, chunk))
-        real = common.inception_features(inception, ((x + 1) / 2 for x in real_batches))
+        inception = common.FIDInception(pretrained=True).to(device)
+        lpips = common.LPIPS(net="alex", pretrained=True).to(device)
+        real = common.inception_stats(inception, ((test_batch(test, n, device, start)["image"]
+                                                   + 1) / 2 for start, n in spans))
     for name, make in methods.items():
-        sums, feats = {}, []
-        for start in range(0, n_items, chunk):
-            n = min(chunk, n_items - start)
-            batch = test_batch(test, n, rt.device, offset=start)
-            images = generate(args, make(batch), n, rt.device, 1000 + start).clamp(-1, 1)
+        sums, fake = {}, common.RunningFIDStats()
+        for start, n in spans:
+            batch = test_batch(test, n, device, offset=start)
+            images = generate(args, make(batch), n, device, 1000 + start).clamp_(-1, 1)
             if shapes:
                 scores = shapes_scores(images.cpu(), common.to_device(batch, "cpu"))
             else:
-                feats.append(common.inception_features(inception, [(images + 1) / 2]))
+                fake.add(common.inception_features(inception, [(images + 1) / 2]))
                 scores = {"lpips_to_gt": float(lpips(images, batch["image"]).mean())}
             for k, v in scores.items():
                 sums[k] = sums.get(k, 0.0) + v * n
+            del batch, images  # nothing of this batch outlives it
         results[name] = {k: round(v / n_items, 4) for k, v in sums.items()}
         if not shapes:
-            results[name]["fid"] = round(common.fid(real, np.concatenate(feats)), 3)
+            results[name]["fid"] = round(common.frechet_distance(*real, *fake.stats()), 3)
         print(f"{name:50s} " + " ".join(f"{k}={v:.3f}" for k, v in results[name].items()))
-    out = {"n": n_items, "guidance": w, "reliability": a, "sampler": args.sampler,
-           "sample_steps": args.sample_steps, "seconds": round(time.perf_counter() - t0, 1),
-           "results": results}
+    out = {"n": n_items, "experts": setup.names, "guidance": w, "reliability": a,
+           "sampler": args.sampler, "sample_steps": args.sample_steps,
+           "seconds": round(time.perf_counter() - t0, 1), "results": results}
     with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
         json.dump(out, f, indent=2)
     return out
@@ -1298,6 +1593,7 @@ def benchmark(args, rt, n_experts=(2, 3), batch=8, steps=10):
     args.text_encoder = "tiny"
     sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
     ref = sampler_schedule(sched, str(args.sample_steps))
+    step = min(5, ref.num_steps - 1)  # a step inside the chain (any will do)
     num_labels = 5
     results = {}
     for n in n_experts:
@@ -1310,20 +1606,20 @@ def benchmark(args, rt, n_experts=(2, 3), batch=8, steps=10):
         cfgs = [Composition([e], [(0, cond)], [2.0], [1.0], ref) for e in experts]
 
         def composed():
-            eps, _ = comp.eps_and_var(x, 5)
-            return ddim_step(ref, x, 5, eps)
+            eps, _ = comp.eps_and_var(x, step)
+            return ddim_step(ref, x, step, eps)
 
         def separate():
-            return [ddim_step(ref, x, 5, c.eps_and_var(x, 5)[0]) for c in cfgs]
+            return [ddim_step(ref, x, step, c.eps_and_var(x, step)[0]) for c in cfgs]
 
         def unbatched():
-            t = torch.full((batch,), int(ref.timestep_map[5]), device=rt.device)
+            t = torch.full((batch,), int(ref.timestep_map[step]), device=rt.device)
             eps = [m(x, t, **cond)[:, :3] for m in models]
             null = [m(x, t, **m.null_cond(batch, rt.device))[:, :3] for m in models]
-            return ddim_step(ref, x, 5, compose_eps(eps, null, [1 / n] * n, [2.0] * n))
+            return ddim_step(ref, x, step, compose_eps(eps, null, [1 / n] * n, [2.0] * n))
 
         def bare():
-            t = torch.full((2 * batch,), int(ref.timestep_map[5]), device=rt.device)
+            t = torch.full((2 * batch,), int(ref.timestep_map[step]), device=rt.device)
             both = cat_conds([cond, models[0].null_cond(batch, rt.device)])
             return [m(x.repeat(2, 1, 1, 1), t, **both) for m in models]
 
@@ -1377,15 +1673,25 @@ def build_parser():
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--ema_decay", type=float, default=None)
     g.add_argument("--p_uncond", type=float, default=None, help="null-condition dropout per cond")
-    g.add_argument("--experts", default=None, help="comma list of label, caption, joint")
+    g.add_argument("--experts", default=None,
+                   help=f"experts this run trains, comma list of {', '.join(EXPERT_CONDITIONS)}; "
+                        f"one expert: the whole dataset; several: even/odd halves (in-one-run)")
     g.add_argument("--text_encoder", default=None, choices=["tiny", "clip"])
     # sampling and composition
+    g.add_argument("--expert_ckpt", nargs="+", default=None, metavar="CKPT",
+                   help="--sample/--eval: compose the experts of these runs' ckpt.pt files "
+                        "(trained separately, on other datasets) instead of out_dir's")
     g.add_argument("--sampler", default=None, choices=["ddim", "ddpm"])
     g.add_argument("--sample_steps", default=None, help='respacing: "25", "ddim25", "10,15"')
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
-    g.add_argument("--guidance", default=None, help="w_i >= 1 per condition (Eq. 10)")
+    g.add_argument("--guidance", default=None,
+                   help="w_i >= 1 (Eq. 10): one value, or one per composed expert in order")
     g.add_argument("--reliability", default=None,
-                   help='a_j >= 0 per expert, sum 1 (Eq. 5); "uniform" = 1/N')
+                   help='a_j >= 0, sum 1 (Eq. 5): one per composed expert; "uniform" = 1/N')
+    g.add_argument("--text", default=None, help="caption for the text experts (--sample)")
+    g.add_argument("--label_map", default=None, help="PNG of class ids for label-map experts")
+    g.add_argument("--sketch", default=None, help="PNG of lines for sketch experts")
+    g.add_argument("--class_id", type=int, default=None, help="class for class experts")
     g.add_argument("--eval_n", type=int, default=None, help="test items per method for --eval")
     g.add_argument("--ckpt", default=None, help="an official guided-diffusion checkpoint to compose")
     g.add_argument("--ckpt_config", default="adm64", help=f"one of {', '.join(ADM_CONFIGS)}")
@@ -1395,7 +1701,8 @@ def build_parser():
 
 
 def main(argv=None):
-    args = common.parse_args(build_parser(), PRESETS, "compose_diffusion", "shapes", argv)
+    args = common.parse_args(build_parser(), PRESETS, "compose_diffusion", "shapes", argv,
+                             check=check_args)
     rt = common.setup_runtime(args)
     if args.dry_run:
         experts = build_experts(args, 5 if args.data == "shapes" else 19, 1000)  # 1000: ImageNet
@@ -1409,22 +1716,19 @@ def main(argv=None):
         benchmark(args, rt)
         return
     if args.sample or args.eval:
-        test = load_dataset(args, "test")
-        models = build_experts(args, test.num_classes, len(test.class_names), test.has)
-        common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "compose_diffusion",
-                               vars(args), ARCH_KEYS,
-                               {f"ema_{n}": m for n, m in models.items()}, restore_rng=False)
-        sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
-        clip = ClipText(rt.device) if args.text_encoder == "clip" else None
-        setup = Setup(args, models, sched, test.num_classes, rt.device, clip)
+        models, scheds = load_experts(args)
+        test = load_dataset(args, "test") if needs_test_set(args, models) else None
+        captions = args.text is not None or (test is not None and "caption" in test.has)
+        clip = ClipText(rt.device, vision=not captions) if needs_clip(models) else None
+        setup = Setup(args, models, scheds, rt.device, clip)
         if args.ckpt:
             load_official(args, setup, rt.device)
+        os.makedirs(args.out_dir, exist_ok=True)  # a composition of other runs: a new folder
         if args.sample:
-            sample_grids(args, rt, setup.models, sched, test,
-                         os.path.join(args.out_dir, "experts.png"), setup=setup)
-            sweep_grids(args, rt, setup, test)
+            sample_grids(args, setup, test, os.path.join(args.out_dir, "experts.png"))
+            sweep_grids(args, setup, test)
         if args.eval:
-            evaluate(args, rt, setup)
+            evaluate(args, setup)
         return
     train(args, rt)
 

@@ -1,5 +1,8 @@
 """Tests of compose_diffusion.py: Eq. (10) and its special cases, the samplers against an exact
-eps oracle, respacing, the ADM UNet's official key set and computation, training, resume, errors.
+eps oracle, respacing, the ADM UNet's official key set and computation, training, resume, errors;
+streamed evaluation; the paper's path: experts trained in separate runs on separate datasets
+(face presets, CLIP text expert) composed at sampling from their checkpoints, under torchrun,
+with random-weight stand-ins for CLIP, Inception and LPIPS at the torch-hub cache paths.
 
 The ADM fixtures (sha256 of the ordered "key:shape" list, parameter counts, outputs under
 deterministic weights) were computed once with guided-diffusion's own create_model() (the
@@ -8,10 +11,14 @@ and checked again against openai/guided-diffusion's unet.py itself (bit-identica
 loads both ways); the tests need neither that code nor the network.
 """
 
+import gzip
 import hashlib
 import json
 import math
 import os
+import pickle
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -23,6 +30,8 @@ import torch.nn as nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import common  # noqa: E402
 import compose_diffusion as cd  # noqa: E402
+
+from test_data import fake_celebamask, fake_mm_celeba  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 torch.set_num_threads(1)
@@ -338,7 +347,7 @@ def test_training_steps_lower_the_denoising_loss():
     ds = cd.load_dataset(args, "train")
     batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
     sched = cd.Schedule.make("cosine", 1000)
-    cond = cd.condition_inputs(model, batch, 5)
+    cond = cd.condition_inputs(model, batch)
 
     def fixed_loss():  # same t and noise before and after
         torch.manual_seed(123)
@@ -348,7 +357,7 @@ def test_training_steps_lower_the_denoising_loss():
     before = fixed_loss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(40):
-        loss = cd.diffusion_loss(model, batch["image"], cd.condition_inputs(model, batch, 5), sched)
+        loss = cd.diffusion_loss(model, batch["image"], cd.condition_inputs(model, batch), sched)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -399,9 +408,9 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
         cd.main(TINY + ["--eval", "--out_dir", str(tmp_path)])
     with pytest.raises(common.UserError, match="--size 24"):
         cd.load_dataset(tiny_args(["--size", "24"]), "train")
-    r = subprocess.run([sys.executable, "compose_diffusion.py", "--dry_run", "--guidance", "1",
-                        "--experts", "label,nope"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: --experts label,nope")
+    r = subprocess.run([sys.executable, "compose_diffusion.py", "--dry_run", "--sample_steps",
+                        "abc"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --sample_steps abc must")
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -435,7 +444,7 @@ def test_official_checkpoint_joins_the_composition_with_reliability_zero(tmp_pat
     args = tiny_args(["--ckpt", path, "--ckpt_config", "tiny", "--ckpt_class", "3",
                       "--sample_steps", "10"])
     models = cd.build_experts(args, 5)
-    setup = cd.Setup(args, models, cd.Schedule.make("cosine", 1000), 5, torch.device("cpu"))
+    setup = cd.Setup(args, models, cd.Schedule.make("cosine", 1000), torch.device("cpu"))
     cd.load_official(args, setup, torch.device("cpu"))
     assert not setup.official.has_null
     ds = cd.load_dataset(args, "test")
@@ -455,38 +464,430 @@ def test_official_checkpoint_joins_the_composition_with_reliability_zero(tmp_pat
 
 
 def test_eval_on_real_data_reports_fid_and_lpips_per_method(tmp_path, monkeypatch):
-    # a folder of two classes -> a class expert; the pretrained nets are swapped for random ones
-    # (no download), so the numbers are meaningless but the protocol runs end to end
+    # a folder of two classes -> a class expert; random metric networks (built once, as --eval
+    # does), so the numbers are meaningless but the protocol runs end to end over two batches
     from PIL import Image
     rng = np.random.default_rng(0)
     for sub in ("cats", "dogs"):
         os.makedirs(tmp_path / "data" / sub)
-        for k in range(3):
+        for k in range(2):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
                 tmp_path / "data" / sub / f"{k}.png")
-    inception, lpips = common.FIDInception, common.LPIPS
-    monkeypatch.setattr(common, "FIDInception", lambda pretrained: inception(False))
-    monkeypatch.setattr(common, "LPIPS", lambda net, pretrained: lpips(net, False))
-    flags = ["--data", "folder", "--data_dir", str(tmp_path / "data"), "--size", "32",
-             "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
-             "--attention_resolutions", "16", "--num_head_channels", "32", "--batch_size", "2",
-             "--iters", "1", "--sample_steps", "2", "--eval_n", "5",
-             "--out_dir", str(tmp_path / "run")]
-    cd.main(flags)
-    cd.main(flags + ["--eval"])
-    result = json.load(open(tmp_path / "run" / "eval.json"))["results"]
-    assert list(result) == ["class expert alone"]
+    class First64(nn.Module):
+        """A random Inception's first 64 features (FID's 2048-d matrix square roots would take
+        most of this test's time), scaled up: at random init they differ by ~2% between images,
+        which FID's 3 rounded decimals would not show."""
+
+        def __init__(self):
+            super().__init__()
+            self.inception = common.FIDInception(False)
+
+        def forward(self, x):
+            return self.inception(x)[:, :64] * 100
+
+    inception, lpips = First64(), common.LPIPS("alex", False)
+    built = []
+    monkeypatch.setattr(common, "FIDInception", lambda pretrained: built.append(1) or inception)
+    monkeypatch.setattr(common, "LPIPS", lambda net, pretrained: lpips)
+    args = common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion", "folder",
+                             ["--data", "folder", "--data_dir", str(tmp_path / "data"),
+                              "--out_dir", str(tmp_path / "run"), "--size", "32", "--eval"]
+                             + SHRINK[:-6] + ["--eval_n", "2", "--batch_size", "1"])
+    setup = cd.Setup(args, cd.build_experts(args, 1, 2), cd.Schedule.make("cosine", 1000),
+                     torch.device("cpu"))
+    os.makedirs(args.out_dir)
+    result = cd.evaluate(args, setup)["results"]
+    assert list(result) == ["class expert alone"] and built == [1]
     assert set(result["class expert alone"]) == {"lpips_to_gt", "fid"}
     assert all(math.isfinite(v) and v > 0 for v in result["class expert alone"].values())
     # the protocol itself: a sampler that returns each item's own ground truth scores FID 0 and
-    # LPIPS 0 (same items, same pairing); the same images in another order keep FID 0 (up to the
-    # float32 rounding of a 2048-d covariance of 5 images) but not LPIPS
-    test = cd.load_dataset(common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion",
-                                             "folder", flags + ["--eval"]), "test")
+    # LPIPS 0 (same items, same pairing); the same images paired with the wrong items keep FID 0
+    # (up to rounding) but not LPIPS
+    test = cd.load_dataset(args, "test")
     for shift, lpips_zero in ((0, True), (1, False)):
         monkeypatch.setattr(cd, "generate", lambda args, comp, n, device, seed: cd.test_batch(
-            test, n, device, (seed - 1000 + shift) % n)["image"])
-        cd.main(flags + ["--eval"])
-        got = json.load(open(tmp_path / "run" / "eval.json"))["results"]["class expert alone"]
-        assert got["fid"] < 1e-3 * result["class expert alone"]["fid"]
+            test, n, device, (seed - 1000 + shift) % 2)["image"])  # batches of 1 of 2 items
+        got = cd.evaluate(args, setup)["results"]["class expert alone"]
+        assert abs(got["fid"]) <= 0.01 < result["class expert alone"]["fid"]
         assert (got["lpips_to_gt"] == 0) == lpips_zero
+
+
+def test_eval_streams_so_memory_is_set_by_the_batch_not_the_items(tmp_path, monkeypatch):
+    # every generated batch is dropped before the next one is made: at most one batch of images
+    # is alive, whatever --eval_n (a list of all samples would hold eval_n)
+    import weakref
+    run = str(tmp_path / "run")
+    cd.main(TINY + ["--iters", "1", "--out_dir", run, "--sample_every", "100"])
+    alive, peak, made = {}, [0], [0]
+    generate = cd.generate
+
+    def tracked(args, comp, n, device, seed):
+        images = generate(args, comp, n, device, seed)
+        alive[id(images)] = n
+        weakref.finalize(images, alive.pop, id(images))
+        peak[0], made[0] = max(peak[0], sum(alive.values())), made[0] + n
+        return images
+
+    monkeypatch.setattr(cd, "generate", tracked)
+    cd.main(TINY + ["--out_dir", run, "--eval", "--eval_n", "16"])
+    assert made[0] == 3 * 16 and peak[0] == 4  # 3 methods x 16 items, batches of 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's path: face presets with the CLIP text expert, separate runs composed at sampling.
+# Random-weight stand-ins for the pretrained files sit at the torch-hub cache paths.
+# ---------------------------------------------------------------------------------------------
+
+def stand_in_state(module_fn, seed=0):
+    """A random state dict of module_fn()'s shapes whose tensors are all views of ONE random
+    storage of 2^20 floats (overlapping rows for larger tensors): files of a few MB that load
+    strictly into ViT-B/32 CLIP (151M parameters), Inception or AlexNet."""
+    with torch.device("meta"):
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in module_fn().state_dict().items()}
+    pool = torch.randn(1 << 20, generator=torch.Generator().manual_seed(seed)) * 0.02
+    positive = pool.abs() + 0.5  # BatchNorm variances
+    state = {}
+    for k, (shape, dtype) in shapes.items():
+        src = positive if "running_var" in k else pool
+        if not dtype.is_floating_point:
+            state[k] = torch.zeros(shape, dtype=dtype)
+        elif math.prod(shape) <= len(src):
+            state[k] = src[:math.prod(shape)].view(shape)
+        else:
+            inner = math.prod(shape[1:])
+            step = (len(src) - inner) // (shape[0] - 1)
+            strides = [1]
+            for d in reversed(shape[2:]):
+                strides.insert(0, strides[0] * d)
+            state[k] = src.as_strided(shape, (step, *strides))
+    return state
+
+
+def place_pretrained_stand_ins(hub):
+    """CLIP ViT-B/32 (converted file) with a tiny BPE vocabulary, the FID Inception and LPIPS-alex,
+    each marked as hash-checked as test_common's place_stand_in does."""
+    ckpt = hub / "checkpoints"
+    os.makedirs(ckpt, exist_ok=True)
+    torch.hub.set_dir(str(hub))
+    clip = common.clip_converted_path("ViT-B/32")
+    torch.save(stand_in_state(lambda: common.CLIP("ViT-B/32", pretrained=False)), clip)
+    common.write_marker(clip, "converted")
+    bpe = str(ckpt / "bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(bpe, "wt") as f:
+        f.write("#version: 0.2\nf a\nc e\ns m\n")
+    common.write_marker(bpe, common.CLIP_BPE_SHA256)
+    torch.save(stand_in_state(lambda: common.FIDInception(pretrained=False), 1),
+               common.hub_checkpoint_path(os.path.basename(common.FID_INCEPTION_URL)))
+    lpips = stand_in_state(lambda: common.LPIPS("alex", pretrained=False), 2)
+    for name, keep, tag in (("alexnet-owt-7be5be79.pth", "features.", "7be5be79"),
+                            ("lpips_v0.1_alex.pth", "lin", common.LPIPS_LIN_SHA256["alex"])):
+        torch.save({k: v.abs() for k, v in lpips.items() if k.startswith(keep)}, ckpt / name)
+        common.write_marker(str(ckpt / name), tag)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    path = tmp_path_factory.mktemp("torch_home") / "hub"  # TORCH_HOME/hub, as torch.hub reads
+    old = torch.hub.get_dir()
+    place_pretrained_stand_ins(path)
+    yield path
+    torch.hub.set_dir(old)
+
+
+@pytest.fixture
+def in_hub(hub, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setenv("TORCH_HOME", str(hub.parent))  # subprocesses: <TORCH_HOME>/hub
+    return hub
+
+
+def fake_faces(root, n_train=4):
+    """MM-CelebA-HQ in its official layout (test_data's fake, its two training ids repeated to
+    n_train), and CelebAMask-HQ beside it."""
+    fake_mm_celeba(str(root / "mm"), np.random.default_rng(0))
+    mm = root / "mm"
+    ids = [str(k) for k in range(10, 10 + n_train)]
+    for k, new in enumerate(ids):
+        old = str(k % 2)
+        for folder, ext in (("image", ".jpg"), ("mask", ".png"), ("sketch", ".png")):
+            shutil.copy(mm / folder / (old + ext), mm / folder / (new + ext))
+        captions = mm / "text" / "celeba-caption"
+        shutil.copy(captions / f"{old}.txt", captions / f"{new}.txt")
+    with open(mm / "train/filenames.pickle", "wb") as f:
+        pickle.dump(ids, f, protocol=2)
+    fake_celebamask(str(root / "cmhq"), np.random.default_rng(1))
+    return str(mm), str(root / "cmhq")
+
+
+# The face presets' structure, widths shrunk by flags (the CPU budget)
+SHRINK = ["--num_channels", "32", "--channel_mult", "1,2", "--num_res_blocks", "1",
+          "--attention_resolutions", "16", "--num_head_channels", "32", "--sample_steps", "2",
+          "--device", "cpu", "--log_every", "1", "--eval_n", "2", "--batch_size", "2"]
+
+
+def test_one_expert_trains_on_the_whole_dataset_several_on_the_in_one_run_halves():
+    ds = list(range(7))
+    one = cd.build_experts(tiny_args(["--experts", "label"]), 5)
+    assert cd.expert_datasets(ds, one) == {"map": ds}
+    two = cd.expert_datasets(ds, cd.build_experts(tiny_args(), 5))
+    assert [two["map"][k] for k in range(len(two["map"]))] == [0, 2, 4, 6]
+    assert [two["text"][k] for k in range(len(two["text"]))] == [1, 3, 5]
+
+
+@pytest.fixture(scope="module")
+def separate_runs(hub, tmp_path_factory):
+    """The paper's set-up (§4.1): a label-map expert trained on CelebAMask-HQ and a CLIP text
+    expert trained on MM-CelebA-HQ, each in its own run (face presets, widths shrunk)."""
+    root = tmp_path_factory.mktemp("faces")
+    mm, cmhq = fake_faces(root, 2)
+    # lr 1e-2: one step moves the zero-initialised output layers far enough for eps to differ
+    small = ["--size", "32", "--iters", "1", "--lr", "1e-2"] + SHRINK
+    label, caption = str(root / "label"), str(root / "caption")
+    cd.main(["--data", "celebamask-hq", "--data_dir", cmhq, "--out_dir", label] + small)
+    cd.main(["--data", "mm-celeba-hq", "--experts", "caption", "--data_dir", mm,
+             "--out_dir", caption] + small)
+    return {"mm": mm, "root": root, "label": os.path.join(label, "ckpt.pt"),
+            "caption": os.path.join(caption, "ckpt.pt")}
+
+
+def sampling_args(runs, out, extra=()):
+    return common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion", "shapes",
+                             ["--data", "mm-celeba-hq", "--data_dir", runs["mm"], "--out_dir", out,
+                              "--sample", "--expert_ckpt", runs["label"], runs["caption"]]
+                             + SHRINK + list(extra), check=cd.check_args)
+
+
+def test_experts_of_separate_runs_compose_exactly_as_in_one_run(separate_runs, tmp_path):
+    # Eq. (10) needs each expert's eps(z_t, x_i) and eps(z_t, null) only: two checkpoints of
+    # separate runs (other datasets) give the eps of the same two networks composed in one run
+    w, a = [2.0, 3.0], [0.3, 0.7]
+    flags = ["--guidance", "2,3", "--reliability", "0.3,0.7"]
+    args = sampling_args(separate_runs, str(tmp_path / "c"), flags)
+    assert args.size == 32
+    models, scheds = cd.load_experts(args)
+    assert list(models) == ["label", "caption"] and models["caption"].clip_text
+    clip = cd.ClipText(torch.device("cpu"), vision=False)
+    setup = cd.Setup(args, models, scheds, torch.device("cpu"), clip)
+    batch = cd.test_batch(cd.load_dataset(args, "test"), 2, "cpu")
+    x, i = torch.randn(2, 3, 32, 32), 1
+    eps, _ = setup.composed(batch, w, a).eps_and_var(x, i)
+    # the same networks as one in-one-run checkpoint (both experts, one run folder)
+    one = str(tmp_path / "one")
+    os.makedirs(one)
+    la, ca = (torch.load(separate_runs[k], weights_only=True) for k in ("label", "caption"))
+    joint_args = common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion",
+                                   "shapes", ["--data", "mm-celeba-hq", "--data_dir",
+                                              separate_runs["mm"], "--out_dir", one, "--sample",
+                                              "--size", "32"] + SHRINK + flags)
+    torch.save({"method": "compose_diffusion", "config": vars(joint_args), "iter": 1,
+                "state": {"ema_label": la["state"]["ema_label"],
+                          "ema_caption": ca["state"]["ema_caption"]},
+                "extra": la["extra"]}, os.path.join(one, "ckpt.pt"))
+    models1, scheds1 = cd.load_experts(joint_args)
+    setup1 = cd.Setup(joint_args, models1, scheds1, torch.device("cpu"), clip)
+    eps1, _ = setup1.composed(batch, w, a).eps_and_var(x, i)
+    # and Eq. (10) by hand from the two networks
+    t = torch.full((2,), int(setup.ref.timestep_map[i]))
+    m1, m2 = models["label"], models["caption"]
+    with torch.no_grad():
+        by_hand = (2 * m1(x, t, **setup.cond("label", batch))[:, :3]
+                   + 3 * m2(x, t, **setup.cond("caption", batch))[:, :3]
+                   - 4 * (0.3 * m1(x, t, **m1.null_cond(2, "cpu"))[:, :3]
+                          + 0.7 * m2(x, t, **m2.null_cond(2, "cpu"))[:, :3]))
+    assert torch.allclose(eps, eps1, atol=1e-6) and torch.allclose(eps, by_hand, atol=1e-5)
+    assert eps.abs().mean() > 0.01
+    assert not torch.allclose(eps, m1(x, t, **setup.cond("label", batch))[:, :3], atol=1e-3)
+
+
+def test_separate_runs_sample_with_test_set_or_typed_conditions_and_clip_only_for_text(
+        separate_runs, tmp_path, monkeypatch):
+    # label maps (and ground truth) from the test set, the caption typed on the command line
+    out = str(tmp_path / "c")
+    cd.main(["--data", "mm-celeba-hq", "--data_dir", separate_runs["mm"], "--out_dir", out,
+             "--sample", "--expert_ckpt", separate_runs["label"], separate_runs["caption"],
+             "--guidance", "1,2", "--text", "a smiling woman with blond hair"] + SHRINK)
+    lines = open(os.path.join(out, "experts.txt")).read().splitlines()
+    assert lines[0] == ("rows: label map | ground truth | label expert alone | caption expert "
+                        "alone | composition (Eq. 10)")
+    assert lines[1:] == [f"{k}: a smiling woman with blond hair" for k in range(2)]
+    assert os.path.exists(os.path.join(out, "reliability.png"))
+    # every condition typed: no test set is read; a label-map expert alone never builds CLIP
+    from PIL import Image
+    ids = np.zeros((32, 32), np.uint8)
+    ids[8:24, 8:24] = 13
+    Image.fromarray(ids).save(tmp_path / "map.png")
+    monkeypatch.setattr(cd, "load_dataset", lambda *a: pytest.fail("read the test set"))
+    monkeypatch.setattr(cd, "ClipText", lambda device: pytest.fail("built CLIP"))
+    typed = str(tmp_path / "typed")
+    cd.main(["--out_dir", typed, "--sample", "--expert_ckpt", separate_runs["label"],
+             "--label_map", str(tmp_path / "map.png")] + SHRINK)
+    assert open(os.path.join(typed, "experts.txt")).read() == \
+        "rows: label map | label expert alone\n"
+
+
+def test_typed_conditions_become_the_tensors_the_experts_read(tmp_path):
+    from PIL import Image
+    ids = np.zeros((8, 8), np.uint8)
+    ids[:, 4:] = 3
+    Image.fromarray(ids).save(tmp_path / "map.png")
+    lines = np.full((8, 8), 255, np.uint8)
+    lines[2] = 0
+    Image.fromarray(lines).save(tmp_path / "sketch.png")
+    args = tiny_args(["--text", "a red circle", "--label_map", str(tmp_path / "map.png"),
+                      "--sketch", str(tmp_path / "sketch.png"), "--class_id", "4",
+                      "--size", "16"])
+    cond = cd.command_line_conditions(args, 3, "cpu")
+    assert cond["caption"] == ["a red circle"] * 3 and cond["class"].tolist() == [4, 4, 4]
+    assert cond["label"].shape == (3, 16, 16) and cond["label"][0, 0].tolist() == [0] * 8 + [3] * 8
+    assert cond["sketch"].shape == (3, 1, 16, 16)
+    assert cond["sketch"][0, 0, :, 0].tolist() == [0] * 4 + [1] * 2 + [0] * 10  # row 2 of 8
+    expert = cd.Trained(("map", "sketch"), args, 5)
+    inputs = cd.condition_inputs(expert, cond)
+    assert inputs["cond_map"].shape == (3, 6, 16, 16) and inputs["cond_map"][0, 3, 0, 15] == 1
+    small = cd.Trained(("map",), args, 3)   # a map expert of 3 classes cannot read class id 3
+    with pytest.raises(common.UserError, match="knows 3 classes"):
+        cd.condition_inputs(small, cond)
+
+
+def test_compiled_training_step_gives_the_eager_loss_and_gradients(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    args = tiny_args()
+    model = cd.Trained(("map",), args, 5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # no zero-initialised layer left
+    rt = common.Runtime(torch.device("cpu"), torch.float32)
+    compiled = common.prepare_model(model, rt, "aot_eager")  # what train() does with --compile
+    ds = cd.load_dataset(args, "train")
+    batch = {"map": torch.utils.data.default_collate([ds[i] for i in range(4)])}
+    sched = cd.Schedule.make("cosine", 1000)
+
+    def step(net):  # one training step's loss (same t, noise, null draws) and gradients
+        model.zero_grad()
+        loss = cd.train_step(args, rt, 0, net, model, batch, sched, None, 0)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    (eager, eager_grads), (comp, comp_grads) = step(model), step(compiled)
+    assert comp == pytest.approx(eager, rel=1e-5) and eager > 0.1
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(eager_grads, comp_grads))
+    # and training compiles every expert with the backend asked for
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda m, backend: seen.append(backend) or m)
+    cd.main(TINY + ["--iters", "1", "--out_dir", str(tmp_path / "run"), "--sample_every", "100",
+                    "--compile", "aot_eager"])
+    assert seen == ["aot_eager", "aot_eager"]
+
+
+def fake_run(path, **config):
+    """A checkpoint with a run's flags only: all check_args reads of an --expert_ckpt."""
+    torch.save({"method": "compose_diffusion", "config": dict(dict(
+        size=16, experts="label", diffusion_steps=1000), **config), "extra": {}}, path)
+    return str(path)
+
+
+BAD_FLAGS = [  # flags, the sentence's words
+    (["--sample_steps", "abc"], "--sample_steps abc must be a step count"),
+    (["--sample_steps", "0"], "cannot keep 0 steps"),
+    (["--sample_steps", "ddim0"], "cannot take exactly 0"),
+    (["--eval_n", "0"], "--eval_n must be at least 1"),
+    (["--guidance", "2,2,2"], "--guidance 2,2,2 needs 1 or 2"),
+    (["--guidance", "x"], "--guidance x must be numbers"),
+    (["--guidance", "0.5"], "at least 1"),
+    (["--reliability", "0.5,0.3"], "sum to 1"),
+    (["--reliability", "1,0,0"], "--reliability 1,0,0 needs 1 or 2"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--ema_decay", "1.5"], "--ema_decay must be below 1"),
+    (["--p_uncond", "-0.1"], "--p_uncond must be at least 0"),
+    (["--eta", "-1"], "--eta must be at least 0"),
+    (["--num_channels", "48"], "multiple of 32"),
+    (["--channel_mult", "1,x"], "must be numbers separated by commas"),
+    (["--experts", "label,nope"], "--experts label,nope must list"),
+    (["--class_id", "-1"], "--class_id must be at least 0"),
+    (["--eval", "--text", "hi"], "--eval measures on the test set's conditions"),
+    (["--sample", "--label_map", "missing.png"], "--label_map missing.png does not exist"),
+    (["--expert_ckpt", "{a}"], "--expert_ckpt composes finished runs with --sample"),
+    (["--sample", "--expert_ckpt", "nope.pt"], "--expert_ckpt nope.pt does not exist"),
+    (["--sample", "--expert_ckpt", "{other}"], "was written by inade, not compose_diffusion"),
+    (["--sample", "--expert_ckpt", "{a}", "{big}"], r"sizes \[16, 32\]; composed experts"),
+    (["--sample", "--expert_ckpt", "{a}", "{b}", "--guidance", "1,2,3"], "needs 1 or 2"),
+    (["--sample", "--expert_ckpt", "{a}", "{b}", "--reliability", "1"], "sum to 1"),
+    (["--sample", "--expert_ckpt", "{a}", "{b}", "--sample_steps", "2000"],
+     "cannot keep 2000 steps"),
+]
+
+
+@pytest.mark.parametrize("flags,words", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_each_bad_flag_is_one_sentence_before_anything_is_built(flags, words, tmp_path,
+                                                                monkeypatch):
+    runs = {"a": fake_run(tmp_path / "a.pt"), "b": fake_run(tmp_path / "b.pt", experts="caption"),
+            "big": fake_run(tmp_path / "big.pt", size=32), "other": str(tmp_path / "other.pt")}
+    torch.save({"method": "inade", "config": {}}, runs["other"])
+    monkeypatch.setattr(cd, "load_dataset", lambda *a: pytest.fail("built data first"))
+    monkeypatch.setattr(cd, "build_experts", lambda *a, **k: pytest.fail("built a model first"))
+    argv = [f.format(**runs) for f in flags] + ["--out_dir", str(tmp_path / "run")]
+    with pytest.raises(common.UserError, match=words) as err:
+        cd.main(argv)
+    assert "\n" not in str(err.value) and str(err.value).endswith(".")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(argv):
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port", str(free_port()), "compose_diffusion.py"] + argv,
+                         capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_face_presets_under_torchrun_equal_one_process_then_resume_sample_eval_and_compose(
+        tmp_path, in_hub):
+    """The face preset (label-map + CLIP text experts, in-one-run halves) at 64x64, widths shrunk:
+    2 steps under torchrun (each rank half the global batch of 2) give one process's losses on
+    the whole batch, --resume its third; then --eval (FID, LPIPS: stand-in weights). Then the
+    cross-dataset composition: a label-map expert trained under torchrun on CelebAMask-HQ,
+    composed by --sample with that run's experts (MM-CelebA-HQ)."""
+    mm, cmhq = fake_faces(tmp_path, 4)
+    shrink = SHRINK + ["--size", "64", "--channel_mult", "1,2,2", "--sample_steps", "1"]
+    # attention at 16x16 (the preset's 32/16/8 at 256 px); the preset's lr 1e-5: Adam's first
+    # steps normalise near-zero gradients, so a larger lr would magnify the all-reduce's rounding
+    face = ["--data", "mm-celeba-hq", "--data_dir", mm] + shrink
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    cd.main(face + ["--iters", "3", "--out_dir", one])            # one process, whole batch
+    torchrun(face + ["--iters", "2", "--out_dir", two])            # each rank half of it
+    cd.main(face + ["--iters", "3", "--out_dir", two, "--resume"])
+
+    def losses(out):
+        return [[r["loss_label"], r["loss_caption"]] for r in map(json.loads, open(
+            os.path.join(out, "log.jsonl")))]
+
+    assert len({tuple(v) for v in losses(one)}) == 3
+    assert np.allclose(losses(two), losses(one), rtol=1e-4, atol=1e-6), (losses(two), losses(one))
+    # the grids at the end of training and after --resume, CLIP text embeddings of captions
+    rows = open(os.path.join(two, "samples_000002.txt")).read()
+    assert rows.startswith("rows: label map | ground truth | label expert alone | caption expert "
+                           "alone | composition (Eq. 10)\n0: face ")
+    assert os.path.getsize(os.path.join(two, "samples_000003.png")) > 0
+    cd.main(face + ["--out_dir", two, "--eval"])
+    result = json.load(open(os.path.join(two, "eval.json")))["results"]
+    assert list(result) == ["label expert alone", "caption expert alone", "composition (Eq. 10)"]
+    assert all(math.isfinite(v) for r in result.values() for v in (r["fid"], r["lpips_to_gt"]))
+    # cross-dataset: CelebAMask-HQ's label expert (its own torchrun, the whole dataset) with the
+    # MM-CelebA-HQ run's experts, composed by --sample: three experts, as the paper's hair map +
+    # skin map + text
+    label = str(tmp_path / "label")
+    torchrun(["--data", "celebamask-hq", "--data_dir", cmhq, "--iters", "1", "--out_dir", label]
+             + shrink)
+    composed = str(tmp_path / "composed")
+    cd.main(["--data", "mm-celeba-hq", "--data_dir", mm, "--out_dir", composed, "--sample",
+             "--expert_ckpt", os.path.join(label, "ckpt.pt"), os.path.join(two, "ckpt.pt")]
+            + shrink)
+    assert open(os.path.join(composed, "experts.txt")).readline().strip() == (
+        "rows: label map | ground truth | label expert alone | label@2 expert alone | caption "
+        "expert alone | composition (Eq. 10)")
+    assert os.path.getsize(os.path.join(composed, "reliability.png")) > 0
