@@ -1109,10 +1109,11 @@ def load_weights(path):
                         f"is downloaded again, or replace it with the official file.") from err
 
 
-def load_official(module, state, source):
-    """Strict load; a file with other keys or shapes (a wrong file placed by hand) is bad input."""
+def load_official(module, state, source, assign=False):
+    """Strict load; a file with other keys or shapes (a wrong file placed by hand) is bad input.
+    assign=True takes the file's tensors as the parameters (for a module built on the meta device)."""
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as err:
         first_problem = str(err).splitlines()[1].strip()[:300]
         raise UserError(f"{source} does not hold the expected weights ({first_problem}); "
@@ -1511,6 +1512,19 @@ class CLIP(nn.Module):
         if pretrained and overrides:
             raise ValueError(f"CLIP size overrides {sorted(overrides)} need pretrained=False")
         official = clip_state_dict(name, vision=vision) if pretrained else None  # files first
+        # The official weights replace every parameter: build them as shapes only (meta device)
+        # instead of drawing 151M random numbers first.
+        with torch.device("meta") if pretrained else contextlib.nullcontext():
+            self.build(name, vision, overrides)
+        if pretrained:
+            load_official(self, official, clip_converted_path(name), assign=True)
+            for p in self.parameters():
+                p.requires_grad_(False)
+            self.eval()
+        else:
+            self.reset_parameters()
+
+    def build(self, name, vision, overrides):
         cfg = {**CLIP_CONFIGS[name], **overrides}
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg["vocab_size"], cfg["text_width"])
@@ -1525,12 +1539,6 @@ class CLIP(nn.Module):
             self.visual = CLIPVisionTower(cfg["image_resolution"], cfg["vision_patch_size"],
                                           cfg["vision_width"], cfg["vision_layers"],
                                           cfg["vision_heads"], cfg["embed_dim"])
-        self.reset_parameters()
-        if pretrained:
-            load_official(self, official, clip_converted_path(name))
-            for p in self.parameters():
-                p.requires_grad_(False)
-            self.eval()
 
     @classmethod
     def small(cls, vocab_size, context_length=77, width=256, layers=4, heads=4, embed_dim=256):
