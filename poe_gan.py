@@ -14,15 +14,19 @@ from each single-modality conditional to the prior (Eq. 9), contrastive losses (
 modality dropout keep the samples diverse and every subset usable.
 
 Map of this file:
-    config and presets        hyperparameters per dataset, each with its source
-    product of experts        Eq. (4) in log-variance form, presence mask, theta*tanh limiter
+    config and presets        hyperparameters per dataset, each with its source; check_args
+    product of experts        Eq. (4) in log-variance form, presence mask, theta*tanh limiter;
+                              share_of_noise (each torchrun process's rows of the batch's noise)
     encoders (§3.3)           seg/sketch CNNs with input skips, residual style net, text tower
     generator (§3.2-3.3)      Global PoE-Net -> w, decoder blocks with Local PoE-Net + LG-AdaIN
-    discriminator (§3.4)      multiscale multimodal projection discriminator (Eq. 7)
+    discriminator (§3.4)      multiscale multimodal projection discriminator (Eq. 7, Fig. 5c):
+                              seg/sketch projected as maps at every scale, text/style as vectors
     losses (§3.5)             non-saturating GAN, lazy R1, KL (Eq. 9), contrastive (Eq. 10-13)
-    training loop             modality dropout, G EMA, grids, atomic checkpoints, exact resume
+    training loop             modality dropout, G EMA, grids, atomic checkpoints, exact resume;
+                              --compile compiles G and D, R1's double backward stays eager
     sampling controls         the Fig. 1 grid: every modality subset, several samples each
-    evaluation                FID / LPIPS diversity per subset; exact toy metrics on shapes
+    evaluation                streamed batch by batch: FID (running moments) and LPIPS diversity
+                              per subset; exact toy metrics on shapes (from summed counts)
     main
 
     python poe_gan.py                              # built-in shapes, 4 modalities, CPU ~5 min
@@ -32,6 +36,7 @@ Map of this file:
     python poe_gan.py --sample                     # Fig. 1 grid from out/poe_gan-shapes/ckpt.pt
     python poe_gan.py --eval                       # per-subset metrics -> eval.json
     python poe_gan.py --data mm-celeba-hq          # paper scale, 256x256, text + seg + sketch
+    torchrun --nproc_per_node=8 poe_gan.py --data coco-stuff   # --batch_size is the global batch
     python poe_gan.py --data coco-stuff --dry_run  # parameter counts
     python poe_gan.py --data mm-celeba-hq --bench 16 --dtype bfloat16  # img/s, memory
 """
@@ -106,8 +111,10 @@ DATA_INFO = {
     "mm-celeba-hq": dict(num_classes=19, channels=3, modalities=("text", "seg", "sketch")),
     "coco-stuff": dict(num_classes=183, channels=3, modalities=("text", "seg", "sketch")),
 }
-ARCH_KEYS = ("size", "ch_base", "ch_max", "z_base", "z_max", "feat_dim", "z0_dim", "w_dim",
-             "text_width", "fusion", "pretrained")
+# What a checkpoint must match (load_checkpoint names the first that differs); "data" because
+# another dataset has other classes and modalities, so other encoder shapes.
+ARCH_KEYS = ("data", "size", "ch_base", "ch_max", "z_base", "z_max", "feat_dim", "z0_dim",
+             "w_dim", "text_width", "fusion", "pretrained")
 
 
 def build_parser():
@@ -132,6 +139,53 @@ def build_parser():
     p.add_argument("--bench", type=int, default=None,
                    help="time N training steps on one batch (fp32 eager vs --dtype/--compile)")
     return p
+
+
+def check_args(args):
+    """Every flag of this script that can be out of range, checked before any data or model is
+    built (common.parse_args calls this after the generic checks): one sentence each, exit 2."""
+    require, at_least = common.require, common.at_least
+    require(args.size >= 8 and args.size & (args.size - 1) == 0,
+            f"--size must be a power of two >= 8 (got {args.size}).")
+    if args.data not in DATA_INFO:    # a built-in set (no files): data.py's size rule, now
+        dataset_info(args)
+    at_least(args, 1, "ch_base", "ch_max", "z_base", "z_max", "feat_dim", "z0_dim", "w_dim",
+             "r1_every", "eval_n", "bench")
+    at_least(args, 0, "text_width", "kl_warmup")
+    require(args.ch_base >= args.size,
+            f"--ch_base must be at least --size {args.size} (channels at resolution r are "
+            f"min(ch_max, ch_base / r); got {args.ch_base}, which leaves none at {args.size}²).")
+    heads = SMALL_TEXT["heads"]
+    require(args.text_width % heads == 0,
+            f"--text_width must be a multiple of the small text tower's {heads} heads "
+            f"(got {args.text_width}).")
+    for flag in ("lr", "tau"):
+        value = getattr(args, flag)
+        require(math.isfinite(value) and value > 0, f"--{flag} must be a finite number > 0 "
+                                                     f"(got {value}).")
+    for flag in ("r1_gamma", "w_text", "w_seg", "w_sketch", "w_style", "lambda_cx", "lambda_cy"):
+        value = getattr(args, flag)
+        require(math.isfinite(value) and value >= 0, f"--{flag} must be a finite number >= 0 "
+                                                      f"(got {value}).")
+    require(0 <= args.ema_decay <= 1, f"--ema_decay must be in [0, 1] (got {args.ema_decay}).")
+    require(0 <= args.dropout_p < 1, f"--dropout_p must be in [0, 1) (got {args.dropout_p}).")
+    require(not (args.pretrained and args.text_width),
+            "--pretrained 1 uses the frozen CLIP text tower; pass --text_width 0 with it (or "
+            "--pretrained 0 for the small tower).")
+    require(args.pretrained or args.text_width,
+            "--text_width 0 means the pretrained CLIP text tower; pass --pretrained 1 or a width "
+            "for the small tower, e.g. 64.")
+    require(not (args.eval and args.pretrained and args.eval_n < 2),
+            f"--eval_n must be at least 2 with --pretrained 1: FID needs two images per set "
+            f"(got {args.eval_n}).")
+    # Eq. (10)-(13) contrast each sample with the others of its batch (on its own rank): a batch
+    # of one has no negatives and masked_contrastive returns 0 for every contrastive loss.
+    per_rank = args.batch_size // common.world_size()
+    require(not ((common.training_run(args) or args.bench) and per_rank < 2
+                 and (args.lambda_cx > 0 or args.lambda_cy > 0)),
+            f"--batch_size {args.batch_size} gives {per_rank} image per process, but the "
+            f"contrastive losses (Eq. 10-13) need at least 2 per process to have negatives; "
+            f"use a batch of at least {2 * common.world_size()} (or --lambda_cx 0 --lambda_cy 0).")
 
 
 def channels_at(res, args):
@@ -184,9 +238,25 @@ def conditional_kl(mu0, logvar0, mu_i, logvar_i):
     return common.kl_diag_gaussians(mu_c, logvar_c, mu0, logvar0)
 
 
-def sample_gaussian(mu, logvar):
-    """Reparameterised sample z = mu + exp(logvar / 2) * eps (std = exp(logvar / 2))."""
-    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+def share_of_noise(draw, shape, share=(0, 1), generator=None, **kw):
+    """`draw` (torch.randn or torch.rand) of `shape` for this process's rows of the global batch.
+
+    share = (rank, world size). In training every process draws the noise of the whole global
+    batch from the same generator state (train_step seeds it from --seed and the iteration) and
+    keeps its own rows, the rows of the data it holds (common.batch_stream deals contiguous
+    slices): a run draws the same numbers whatever the number of processes. One process, share
+    (0, 1): a plain draw (from the global RNG when generator is None: sampling, evaluation)."""
+    rank, world = share
+    rows = shape[0]
+    full = draw((rows * world,) + tuple(shape[1:]), generator=generator, **kw)
+    return full[rank * rows:(rank + 1) * rows]
+
+
+def sample_gaussian(mu, logvar, randn=None):
+    """Reparameterised sample z = mu + exp(logvar / 2) * eps (std = exp(logvar / 2)); eps from
+    randn(shape, device, dtype) (Generator.randn) or the global RNG."""
+    eps = torch.randn_like(mu) if randn is None else randn(mu.shape, mu.device, mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,8 +280,10 @@ class SpatialEncoder(nn.Module):
 
     The input is average-pooled to every resolution and a 1x1 embedding of it is added to the
     stride-2 conv output there, so fine input detail reaches every scale. Returns the feature
-    vector for the global experts (B, feat_dim) and the skip features {res: (B, C_res, res, res)}
-    for the local experts. Used in G (skips feed the decoder) and in D (as D_{y_i}, Eq. 7).
+    vector (B, feat_dim) and the skip features {res: (B, C_res, res, res)}.
+    In G the vector feeds the global expert (Fig. 4a) and the skips the local experts (Fig. 4b).
+    In D (as D_{y_i}, Eq. 7 and Fig. 5c) only the maps are used, projected onto the image features
+    at each scale; D's spatial encoders are built with feat_dim=None: no vector (None), no layer.
     """
 
     def __init__(self, in_ch, args, feat_dim):
@@ -221,7 +293,8 @@ class SpatialEncoder(nn.Module):
         self.down = nn.ModuleList(conv3(channels_at(r, args), channels_at(r // 2, args), 2)
                                   for r in res[:-1])
         self.input_skip = nn.ModuleList(conv1(in_ch, channels_at(r // 2, args)) for r in res[:-1])
-        self.to_vec = common.EqualLinear(channels_at(4, args) * 16, feat_dim)
+        self.to_vec = (common.EqualLinear(channels_at(4, args) * 16, feat_dim) if feat_dim
+                       else None)
 
     def forward(self, y):
         h = lrelu(self.stem(y))
@@ -230,7 +303,7 @@ class SpatialEncoder(nn.Module):
             y = F.avg_pool2d(y, 2)
             h = lrelu(down(h) + embed(y))
             skips[h.shape[-1]] = h
-        return self.to_vec(h.flatten(1)), skips
+        return (self.to_vec(h.flatten(1)) if self.to_vec is not None else None), skips
 
 
 class ResDown(nn.Module):
@@ -346,26 +419,31 @@ class TextEncoder(nn.Module):
         return self.mlp(self.tower.encode_text(text) if self.tower is not None else text)
 
 
-def make_encoders(args, num_classes, channels, modalities, feat_dim):
+def make_encoders(args, num_classes, channels, modalities, feat_dim, spatial_vectors=True):
+    """One encoder per modality; spatial_vectors=False (D) builds seg/sketch without a vector."""
     enc = nn.ModuleDict()
+    spatial_dim = feat_dim if spatial_vectors else None
     if "text" in modalities:
         enc["text"] = TextEncoder(args, feat_dim)
     if "seg" in modalities:
-        enc["seg"] = SpatialEncoder(num_classes, args, feat_dim)
+        enc["seg"] = SpatialEncoder(num_classes, args, spatial_dim)
     if "sketch" in modalities:
-        enc["sketch"] = SpatialEncoder(1, args, feat_dim)
+        enc["sketch"] = SpatialEncoder(1, args, spatial_dim)
     if "style" in modalities:
         enc["style"] = StyleEncoder(channels, args, feat_dim)
     return enc
 
 
 def encode_all(encoders, cond):
-    """Feature vectors {name: (B, feat)} and spatial skips {name: {res: map}} of every modality."""
+    """Feature vectors {name: (B, feat)} and spatial skips {name: {res: map}} of every modality
+    (D's seg/sketch encoders give maps only: no entry in vecs)."""
     vecs, skips = {}, {}
     for name, enc in encoders.items():
         out = enc(cond[name])
         if name in SPATIAL:
-            vecs[name], skips[name] = out
+            vec, skips[name] = out
+            if vec is not None:
+                vecs[name] = vec
         else:
             vecs[name] = out
     return vecs, skips
@@ -441,11 +519,11 @@ class DecoderBlock(nn.Module):
         self.norm1, self.norm2 = LGAdaIN(cout, args.w_dim, z_ch), LGAdaIN(cout, args.w_dim, z_ch)
         self.shortcut = conv1(cin, cout)
 
-    def local_latent(self, h, skips, mask):
+    def local_latent(self, h, skips, mask, randn):
         """z^k (B, c_k, r, r) and the KL terms {modality: (B,)} (empty for concat)."""
         if self.fusion == "concat":
             parts = [h] + [skips[s][self.res] * mask[s][:, None, None, None] for s in self.spatial]
-            noise = torch.randn(h.shape[0], self.z_ch, self.res, self.res, device=h.device)
+            noise = randn((h.shape[0], self.z_ch, self.res, self.res), h.device, h.dtype)
             return self.fuse(torch.cat(parts + [noise], 1)), {}
         mu0, lv0 = self.prior(h)
         mus, lvs, present = [mu0], [lv0], [torch.ones_like(mask["_all"])]
@@ -458,12 +536,12 @@ class DecoderBlock(nn.Module):
         # averaged over locations (so omega^k does not grow with r_k^2: our choice)
         kls = {s: conditional_kl(mu0, lv0, mus[i], lvs[i]).sum(1).mean((1, 2))
                for i, s in enumerate(self.spatial, 1)}
-        return sample_gaussian(mu, lv), kls
+        return sample_gaussian(mu, lv, randn), kls
 
-    def forward(self, h, w, skips, mask):
+    def forward(self, h, w, skips, mask, randn):
         if self.res > 4:
             h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
-        z, kls = self.local_latent(h, skips, mask)
+        z, kls = self.local_latent(h, skips, mask, randn)
         x = lrelu(self.norm1(self.conv1(h), z, w))
         x = lrelu(self.norm2(self.conv2(x), z, w))
         return (self.shortcut(h) + x) / math.sqrt(2), kls
@@ -495,6 +573,9 @@ class Generator(nn.Module):
                                             channels_at(r, args), self.spatial))
         self.to_rgb = conv3(channels_at(res[-1], args), channels)
         self.z0_dim = args.z0_dim
+        # Where the latents' noise comes from (share_of_noise): the global RNG, in one process,
+        # unless train() sets a generator and this process's (rank, world size).
+        self.noise, self.share = None, (0, 1)
 
     def global_posterior(self, vecs, mask, batch, device):
         """Fig. 4a: (mu, logvar) of p(z^0 | Y), the product of p(z^0) = N(0, I) and the present
@@ -514,10 +595,15 @@ class Generator(nn.Module):
         """z^0 (B, z0_dim) and the global KL terms."""
         if self.fusion == "concat":
             parts = [vecs[m] * mask[m][:, None] for m in self.modalities]
-            noise = torch.randn(batch, self.z0_dim, device=device)
+            noise = self.randn((batch, self.z0_dim), device, torch.float32)
             return self.global_fuse(torch.cat(parts + [noise], 1)), {}
         mu, lv, kls = self.global_posterior(vecs, mask, batch, device)
-        return sample_gaussian(mu, lv), kls
+        return sample_gaussian(mu, lv, self.randn), kls
+
+    def randn(self, shape, device, dtype):
+        """The latents' noise: this process's rows of the global batch's (share_of_noise)."""
+        return share_of_noise(torch.randn, shape, self.share, self.noise, device=device,
+                              dtype=dtype)
 
     def forward(self, cond, mask):
         """cond: {modality: input tensor}; mask: (B, len(modalities)) presence, 1 = given.
@@ -531,7 +617,7 @@ class Generator(nn.Module):
         kls = [(m, 0, v) for m, v in kl0.items()]
         h = lrelu(self.first(self.const.expand(batch, -1, -1, -1)))
         for k, block in enumerate(self.blocks, 1):
-            h, kl = block(h, w, skips, masks)
+            h, kl = block(h, w, skips, masks, self.randn)
             kls += [(m, k, v) for m, v in kl.items()]
         return torch.tanh(self.to_rgb(h)), kls
 
@@ -563,8 +649,11 @@ class Discriminator(nn.Module):
         emb = args.feat_dim
         self.to_emb = common.EqualLinear(channels_at(4, args) * 16, emb)
         self.uncond_global = common.EqualLinear(emb, 1)
-        # D_{y_i}: its own encoders (spatial ones give maps with the image's channel counts)
-        self.encoders = make_encoders(args, num_classes, channels, modalities, emb)
+        # D_{y_i}: its own encoders. Fig. 5c: seg and sketch are encoded into feature maps (the
+        # image's channel counts at each scale) and projected there only; they have no vector
+        # (a global one would feed no term of Eq. 7). Text and style give vectors (Fig. 5b).
+        self.encoders = make_encoders(args, num_classes, channels, modalities, emb,
+                                      spatial_vectors=False)
 
     def encode(self, cond):
         """D_{y_i}(y_i) of every modality: reusable for the real and the fake images."""
@@ -674,19 +763,6 @@ def dataset_info(args):
                 modalities=tuple(m for m in MODALITIES if ITEM_KEY[m] in ds.has))
 
 
-def check_args(args):
-    if args.size < 8 or args.size & (args.size - 1):
-        raise common.UserError(f"--size must be a power of two >= 8 (got {args.size}).")
-    if not 0 <= args.dropout_p < 1:
-        raise common.UserError(f"--dropout_p must be in [0, 1) (got {args.dropout_p}).")
-    if args.pretrained and args.text_width:
-        raise common.UserError("--pretrained 1 uses the frozen CLIP text tower; pass "
-                               "--text_width 0 with it (or --pretrained 0 for the small tower).")
-    if not args.pretrained and not args.text_width:
-        raise common.UserError("--text_width 0 means the pretrained CLIP text tower; pass "
-                               "--pretrained 1 or a width for the small tower, e.g. 64.")
-
-
 def build(args, info=None):
     info = info or dataset_info(args)
     mods = info["modalities"]
@@ -711,7 +787,10 @@ class Conditioner:
 
     @torch.no_grad()
     def text(self, captions):
-        ids = self.tokenizer(list(captions), truncate=True).to(self.device)
+        ids = self.tokenizer(list(captions), truncate=True)
+        # The towers are causal and pool at EOT (the largest id of a row): the padding after the
+        # longest row's EOT is never read, so it is cut (CLIP's 77 tokens: ~5x less work).
+        ids = ids[:, :int(ids.argmax(1).max()) + 1].to(self.device)
         return ids if self.clip is None else self.clip.encode_text(ids).float()
 
     def __call__(self, batch):
@@ -731,10 +810,11 @@ class Conditioner:
         return cond
 
 
-def dropout_mask(batch, n_modalities, p, device):
+def dropout_mask(batch, n_modalities, p, device, share=(0, 1), generator=None):
     """Modality dropout (§3.5): each modality of each sample dropped with probability p (per
     sample: our choice; the paper says only "randomly dropping out some input modalities")."""
-    return (torch.rand(batch, n_modalities, device=device) >= p).float()
+    draw = share_of_noise(torch.rand, (batch, n_modalities), share, generator, device=device)
+    return (draw >= p).float()
 
 
 def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
@@ -744,12 +824,16 @@ def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
     mods = g.modalities
     B = real.shape[0]
     p = 0.0 if args.no_modality_dropout else args.dropout_p
-    mask = dropout_mask(B, len(mods), p, rt.device)
+    if g.noise is not None:   # train(): this step's noise, a function of (--seed, it) alone
+        g.noise.manual_seed(args.seed * 1_000_003 + it)
+    mask = dropout_mask(B, len(mods), p, rt.device, g.share, g.noise)
     has_text = mask[:, mods.index("text")] if "text" in mods else torch.zeros(B, device=rt.device)
     zero = torch.zeros((), device=rt.device)
 
     # --- G: L^G = L^G_GAN + L_KL + lambda1 L_cx + lambda2 L^G_cy
-    d.requires_grad_(False)
+    trainable_d = [q for q in d.parameters() if q.requires_grad]   # what was frozen stays so
+    for param in trainable_d:
+        param.requires_grad_(False)
     with rt.autocast():
         fake, kls = G(cond, mask)
         encoded = d.encode(cond)
@@ -770,7 +854,8 @@ def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
     rt.scaler.unscale_(opt_g)
     nn.utils.clip_grad_norm_(G.parameters(), GRAD_CLIP)
     rt.scaler.step(opt_g)
-    d.requires_grad_(True)
+    for param in trainable_d:
+        param.requires_grad_(True)
 
     # --- D: L^D = L^D_GAN + lambda2 L^D_cy (+ lambda3 L_GP every r1_every steps, lazy)
     with rt.autocast():
@@ -784,10 +869,14 @@ def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
     r1 = zero
     if args.r1_gamma > 0 and it % args.r1_every == 0:
         real_r1 = real.detach().requires_grad_(True)
-        # float32 even under --dtype bfloat16: R1's double backward through bf16 convolutions
-        # took 4.5x the float32 time on an H200 (cuDNN; measured with ummgan.py, README).
-        logits, _ = D(real_r1, cond, mask, encoded)
-        r1 = common.r1_penalty(r1_score(logits).float(), real_r1)
+        # Eager and float32 on purpose. Eager: the R1 gradient is differentiated again (double
+        # backward), which torch.compile cannot do, so it runs on the plain module d even under
+        # --compile (under DDP its gradients still reach d's parameters in this backward). Float32
+        # even under --dtype bfloat16: R1's double backward through bf16 convolutions took 4.5x
+        # the float32 time on an H200 (cuDNN; measured with ummgan.py, README).
+        with torch.autocast(rt.device.type, enabled=False):
+            logits, _ = d(real_r1, cond, mask, encoded)
+            r1 = common.r1_penalty(r1_score(logits).float(), real_r1)
         total_d = total_d + args.r1_gamma / 2 * r1 * args.r1_every      # lazy: scaled by interval
     opt_d.zero_grad(set_to_none=True)
     rt.scaler.scale(total_d).backward()
@@ -833,6 +922,11 @@ def train(args):
     info = dataset_info(args)
     G, D = build(args, info)
     ema = common.EMA(G, args.ema_decay)
+    # The training noise (latents, modality dropout) comes from its own generator, reseeded at
+    # every step from (--seed, iteration), and each process keeps its rows of the global batch's
+    # draw: the same noise for every number of processes, whatever the data loading drew from the
+    # global RNG, and after --resume. (The EMA copy samples its grids from the global RNG.)
+    G.noise, G.share = torch.Generator(rt.device), (rt.rank, rt.world_size)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
     objects = dict(G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=rt.scaler)
@@ -847,8 +941,9 @@ def train(args):
     image_net = make_image_net(args, rt.device)
     cond_of = Conditioner(args, info, rt.device)
     stream = common.batch_stream(ds, args.batch_size, rt, args.seed, start, args.num_workers)
+    one_process = common.Runtime(rt.device, rt.dtype)     # the grids' inputs: rank 0's alone
     with common.preserved_rng():    # grids must not move the training RNG (resume)
-        fixed = next(iter(common.batch_stream(ds, min(4, len(ds)), rt, args.seed + 1)))
+        fixed = next(iter(common.batch_stream(ds, min(4, len(ds)), one_process, args.seed + 1)))
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     with common.StopSignals() as signals:
         for it in range(start, args.iters):
@@ -960,22 +1055,29 @@ def subset_grid(G, batch, cond_of, ds, path, n_inputs=2, n_samples=4):
     return rows
 
 
-def sample(args):
-    """--sample: two Fig. 1 grids (two test inputs each, every subset, six samples per row)."""
-    rt = common.setup_runtime(args)
-    info = dataset_info(args)
+def load_generator(args, info, rt):
+    """The EMA generator of out_dir/ckpt.pt, on the device, in eval mode (--sample, --eval)."""
     G, _ = build(args, info)
     ema = common.EMA(G)
     common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "poe_gan", config_of(args),
                            ARCH_KEYS, {"ema": ema}, restore_rng=False)
-    G = ema.model.to(rt.device)
+    return ema.model.to(rt.device).eval()
+
+
+def sample(args):
+    """--sample: two Fig. 1 grids (two test inputs each, every subset, six samples per row)."""
+    rt = common.setup_runtime(args)
+    if not rt.is_main:            # under torchrun rank 0 draws the grids
+        return
+    info = dataset_info(args)
+    G = load_generator(args, info, rt)
     ds = load_data(args, split="test")
     batch = next(iter(common.batch_stream(ds, min(4, len(ds)), rt, args.seed + 2)))
-    for j in range(2):
+    cond_of = Conditioner(args, info, rt.device)
+    for j in range((len(batch["image"]) + 1) // 2):       # a test split of 1-3 items: fewer grids
         one = {k: v[j * 2:(j + 1) * 2] for k, v in batch.items()}
         path = os.path.join(args.out_dir, f"subsets_{j}.png")
-        subset_grid(G, one, Conditioner(args, info, rt.device), ds, path, n_inputs=2,
-                    n_samples=6)
+        subset_grid(G, one, cond_of, ds, path, n_inputs=2, n_samples=6)
         print(f"wrote {path}")
 
 
@@ -988,65 +1090,130 @@ def pixel_diversity(a, b):
     return (a - b).abs().flatten(1).mean(1)
 
 
+class FeatureMoments:
+    """Running sums of feature vectors (B, D), batch by batch -> the mean and covariance FID
+    needs (N - 1 normalisation, as common.fid_stats and np.cov), in float64. Memory: D^2 numbers
+    (32 MB for Inception's 2048), whatever the number of images."""
+
+    def __init__(self, dim):
+        self.sums = {"n": torch.zeros((), dtype=torch.float64),
+                     "sum": torch.zeros(dim, dtype=torch.float64),
+                     "outer": torch.zeros(dim, dim, dtype=torch.float64)}
+
+    def add(self, feats):
+        f = feats.detach().double().cpu()
+        self.sums["n"] += len(f)
+        self.sums["sum"] += f.sum(0)
+        self.sums["outer"] += f.T @ f
+
+    def stats(self):
+        n, total, outer = self.sums["n"], self.sums["sum"], self.sums["outer"]
+        mu = total / n
+        return mu.numpy(), ((outer - n * torch.outer(mu, mu)) / (n - 1)).numpy()
+
+
+class SubsetScores:
+    """Everything --eval measures for one set of images (one modality subset, or the real test
+    images), as running sums over batches: diversity of the two samples per input (LPIPS, or the
+    pixel stand-in offline), Inception moments for FID (pretrained), the shapes toy counts.
+    `tensors()` lists the sums, so that torchrun ranks can add theirs together."""
+
+    def __init__(self, args, nets):
+        self.lpips, self.inception = nets
+        self.diversity = torch.zeros(2, dtype=torch.float64)          # (sum, number of inputs)
+        self.moments = FeatureMoments(2048) if self.inception is not None else None
+        self.toy = no_toy_counts() if args.data == "shapes" else None
+
+    def add(self, images, batch, second=None):
+        """images (B, C, H, W) in [-1, 1] made for the items of `batch`; second: another sample
+        for the same inputs (diversity), None for the real images."""
+        if second is not None:
+            d = (self.lpips(images, second) if self.lpips is not None
+                 else pixel_diversity(images, second))
+            self.diversity += torch.tensor([float(d.double().sum()), len(d)], dtype=torch.float64)
+        if self.moments is not None:
+            self.moments.add(self.inception((images.float() + 1) / 2))
+        if self.toy is not None:
+            self.toy = {k: v + self.toy[k] for k, v in toy_counts(images, batch).items()}
+
+    def tensors(self):
+        toy = [self.toy[k] for k in sorted(self.toy)] if self.toy is not None else []
+        return [self.diversity] + (list(self.moments.sums.values()) if self.moments else []) + toy
+
+    def scores(self, real=None):
+        """The metrics of this set; FID against `real` (the real images' SubsetScores)."""
+        m = {}
+        if self.diversity[1] > 0:
+            name = "lpips_diversity" if self.lpips is not None else "pixel_diversity"
+            m[name] = float(self.diversity[0] / self.diversity[1])
+        if self.moments is not None and real is not None:
+            m["fid"] = common.frechet_distance(*real.moments.stats(), *self.moments.stats())
+        if self.toy is not None:
+            m.update(toy_scores(self.toy))
+        return m
+
+
+def metric_nets(args, device):
+    """LPIPS-AlexNet (diversity; the backbone is our choice, the paper names none) and the FID
+    Inception (pytorch-fid's network), loaded once per --eval; none offline (--pretrained 0)."""
+    if not args.pretrained:
+        return None, None
+    return (common.LPIPS(net="alex", pretrained=True).to(device),
+            common.FIDInception(pretrained=True).to(device))
+
+
 @torch.no_grad()
 def evaluate(args):
-    """Per modality subset: two samples per test input (same seed for every subset), scored by
-    FID and LPIPS diversity (pretrained nets) or pixel diversity, plus the shapes toy metrics;
-    the real images are scored too (the toy metrics' ceiling)."""
+    """Per modality subset: two samples per test input, scored by FID and LPIPS diversity
+    (pretrained nets) or pixel diversity, plus the shapes toy metrics; the real images are scored
+    too (the FID reference, and the toy metrics' ceiling).
+
+    Streams: one batch of test items at a time (--batch_size per process) is loaded, conditioned,
+    and sampled for every subset; only running sums are kept (SubsetScores), so memory is set by
+    the batch, not by --eval_n. Every subset of a batch starts from the same seed, so subsets
+    differ by their inputs only. Under torchrun the batches are dealt out to the ranks and their
+    sums added; rank 0 writes eval.json."""
     rt = common.setup_runtime(args)
     info = dataset_info(args)
-    G, _ = build(args, info)
-    ema = common.EMA(G)
-    common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "poe_gan", config_of(args),
-                           ARCH_KEYS, {"ema": ema}, restore_rng=False)
-    G = ema.model.to(rt.device).eval()
+    G = load_generator(args, info, rt)
     ds = load_data(args, split="test")
     cond_of = Conditioner(args, info, rt.device)
-    n, bs, mods = min(args.eval_n, len(ds)), 64, G.modalities
-    batches = [torch.utils.data.default_collate([ds[i] for i in range(s, min(s + bs, n))])
-               for s in range(0, n, bs)]
-    conds = [cond_of(common.to_device(b, rt.device)) for b in batches]
-    real = torch.cat([b["image"] for b in batches])
-    results = {}
+    nets = metric_nets(args, rt.device)
+    n, bs, mods = min(args.eval_n, len(ds)), args.batch_size // rt.world_size, G.modalities
+    subsets = all_subsets(mods)
+    names = ["real"] + ["+".join(subset) or "uncond" for subset in subsets]
+    scores = {name: SubsetScores(args, nets) for name in names}
+    starts = list(range(0, n, bs))
+    for b in range(rt.rank, len(starts), rt.world_size):
+        items = range(starts[b], min(starts[b] + bs, n))
+        batch = torch.utils.data.default_collate([ds[i] for i in items])
+        cond = cond_of(common.to_device(batch, rt.device))
+        scores["real"].add(batch["image"].to(rt.device), batch)
+        for name, subset in zip(names[1:], subsets):
+            torch.manual_seed(args.seed * 1_000_003 + b)
+            mask = subset_mask(subset, mods, len(items), rt.device)
+            fake, fake2 = (G(cond, mask)[0] for _ in range(2))
+            scores[name].add(fake, batch, fake2)
+            del fake, fake2                     # before the next subset's pair is drawn
+        del cond
+    if rt.ddp:                                  # every rank's sums, added together
+        for sums in scores.values():
+            for t in sums.tensors():
+                total = t.to(rt.device)
+                torch.distributed.all_reduce(total)
+                t.copy_(total.cpu())
+    if not rt.is_main:
+        return
+    results = {name: scores[name].scores(scores["real"]) for name in names[1:]}
     if args.data == "shapes":
-        results["real"] = toy_metrics(real, collate_all(batches))
-    for subset in all_subsets(mods):
-        name = "+".join(subset) or "uncond"
-        torch.manual_seed(args.seed)
-        pairs = [[G(c, subset_mask(subset, mods, len(b["image"]), rt.device))[0].cpu()
-                  for _ in range(2)] for b, c in zip(batches, conds)]
-        fake, fake2 = (torch.cat([p[i] for p in pairs]) for i in range(2))
-        results[name] = subset_metrics(args, fake, fake2, real, batches, rt.device)
+        results = {"real": scores["real"].scores(), **results}
+    for name in names[1:]:
         print(name, json.dumps({k: round(v, 4) for k, v in results[name].items()}))
     out = os.path.join(args.out_dir, "eval.json")
     with open(out + ".tmp", "w") as f:
         json.dump({"n": n, "subsets": results}, f, indent=1)
     os.replace(out + ".tmp", out)
     print(f"wrote {out}")
-
-
-def subset_metrics(args, fake, fake2, real, batches, device):
-    """FID and LPIPS diversity (pretrained nets), or pixel diversity + the shapes toy metrics."""
-    m = {}
-    if args.pretrained:
-        lp = common.LPIPS(net="alex", pretrained=True).to(device)
-        m["lpips_diversity"] = float(torch.cat([lp(a.to(device), b.to(device)).cpu() for a, b in
-                                                zip(fake.split(32), fake2.split(32))]).mean())
-        inception = common.FIDInception(pretrained=True).to(device)
-        feats = [torch.cat([inception((x.to(device) + 1) / 2).cpu() for x in t.split(32)])
-                 for t in (real, fake)]
-        m["fid"] = float(common.fid(*feats))
-    else:
-        m["pixel_diversity"] = float(pixel_diversity(fake, fake2).mean())
-    if args.data == "shapes":
-        m.update(toy_metrics(fake, collate_all(batches)))
-    return m
-
-
-def collate_all(batches):
-    """Concatenate collated batches (tensors and lists)."""
-    return {k: torch.cat([b[k] for b in batches]) if torch.is_tensor(batches[0][k])
-            else [x for b in batches for x in b[k]] for k in batches[0]}
 
 
 def shapes_foreground(images):
@@ -1056,14 +1223,6 @@ def shapes_foreground(images):
     flat = rgb.amax(1) - rgb.amin(1) < 0.1
     level = rgb.mean(1)
     return ~(flat & (level > 0.4) & (level < 0.65))
-
-
-def edge_f1(pred, target):
-    """F1 of two edge maps (B, H, W) bool, a pixel counting as matched within one pixel."""
-    grow = lambda e: F.max_pool2d(e[:, None].float(), 3, 1, 1)[:, 0] > 0   # noqa: E731
-    precision = (pred & grow(target)).sum() / pred.sum().clamp(min=1)
-    recall = (target & grow(pred)).sum() / target.sum().clamp(min=1)
-    return float(2 * precision * recall / (precision + recall).clamp(min=1e-8))
 
 
 def toy_metrics(images, batch):
@@ -1079,42 +1238,83 @@ def toy_metrics(images, batch):
                       (caption_colour, style_colour) also rewards multicoloured blobs (text, style)
       mode_coverage   fraction of (class, palette mode) pairs drawn at least once, over the
                       objects found in all images, and mode_tv their distance to the set's weights
-    """
+    Computed from counts (toy_counts), which --eval adds up batch by batch (toy_scores)."""
+    return toy_scores(toy_counts(images, batch))
+
+
+def no_toy_counts():
+    """toy_counts of no images, all zeros: the start of --eval's sums (on every torchrun rank,
+    also one that evaluates no batch). The modes table counts the objects found per (class,
+    palette mode + 1), column 0 for a colour that is no mode of its class."""
+    keys = ("images", "fg_match", "pixels", "in_mode", "coloured", "edge_pred", "edge_pred_hit",
+            "edge_true", "edge_true_hit", "named", "caption_colour", "caption_shape",
+            "caption_object", "style_hits", "style_wanted", "asked")
+    c = {k: torch.zeros((), dtype=torch.float64) for k in keys}
+    columns = 1 + max(len(p) for p in data.SHAPES_PALETTE)
+    c["modes"] = torch.zeros(len(data.SHAPES_CLASSES), columns, dtype=torch.float64)
+    return c
+
+
+def toy_counts(images, batch):
+    """The sums behind toy_metrics (the keys of no_toy_counts), as float64 tensors that add
+    across batches and ranks."""
     images = images.float().cpu().clamp(-1, 1)
-    m = {"label_fg_acc": float((shapes_foreground(images) == (batch["label"] > 0)).float().mean())}
-    fid = data.shapes_colour_fidelity(images, batch["instance"], batch["inst_class"],
-                                      batch["inst_valid"])
-    m["in_mode"] = fid["in_mode"]
+    c = {"images": len(images)}
+    fg = shapes_foreground(images) == (batch["label"].cpu() > 0)
+    c["fg_match"], c["pixels"] = int(fg.sum()), fg.numel()
+    fid = data.shapes_colour_fidelity(images, batch["instance"].cpu(), batch["inst_class"].cpu(),
+                                      batch["inst_valid"].cpu())
+    distance = fid["distance"][fid["valid"]]
+    c["in_mode"], c["coloured"] = int((distance <= data.SHAPES_MODE_TOLERANCE).sum()), len(distance)
     gray = ((images.mean(1) + 1) / 2).numpy()
-    edges = torch.from_numpy(np.stack([data.image_sketch(g) for g in gray])).bool()
-    m["sketch_f1"] = edge_f1(edges, batch["sketch"][:, 0].bool())
-    caps = data.shapes_caption_accuracy(images, batch["caption"])
-    m.update({f"caption_{k}": v for k, v in caps.items()})
-    found = data.shapes_find_objects(images)
-    hits, total, asked, modes, classes = 0, 0, 0, [], []
-    for objs, cls, mode, valid in zip(found, batch["inst_class"], batch["inst_mode"],
-                                      batch["inst_valid"]):
-        wanted = {data.SHAPES_MODE_NAMES[c][k] for c, k, v in zip(cls.tolist(), mode.tolist(),
+    pred = torch.from_numpy(np.stack([data.image_sketch(g) for g in gray])).bool()
+    target = batch["sketch"][:, 0].cpu().bool()
+    grow = lambda e: F.max_pool2d(e[:, None].float(), 3, 1, 1)[:, 0] > 0   # noqa: E731
+    c["edge_pred"], c["edge_pred_hit"] = int(pred.sum()), int((pred & grow(target)).sum())
+    c["edge_true"], c["edge_true_hit"] = int(target.sum()), int((target & grow(pred)).sum())
+    named = sum(len(data.shapes_caption_objects(t)) for t in batch["caption"])
+    caps = data.shapes_caption_accuracy(images, batch["caption"])   # fractions of `named`
+    c["named"] = named
+    c.update({f"caption_{k}": round(v * max(named, 1)) for k, v in caps.items()})
+    table = torch.zeros_like(no_toy_counts()["modes"], dtype=torch.long)
+    hits, total, asked = 0, 0, 0
+    for objs, cls, mode, valid in zip(data.shapes_find_objects(images), batch["inst_class"],
+                                      batch["inst_mode"], batch["inst_valid"]):
+        wanted = {data.SHAPES_MODE_NAMES[k][j] for k, j, v in zip(cls.tolist(), mode.tolist(),
                                                                   valid.tolist()) if v}
         seen = {o["colour"] for o in objs}
         hits, total = hits + len(wanted & seen), total + len(wanted)
         asked += sum(o["colour"] in wanted for o in objs)
         for o in objs:
             names = data.SHAPES_MODE_NAMES[o["cls"]]
-            modes.append(names.index(o["colour"]) if o["colour"] in names else -1)
-            classes.append(o["cls"])
-    m["style_colour"] = hits / max(total, 1)
-    m["colour_precision"] = asked / max(len(classes), 1)
-    cover = data.shapes_mode_coverage(torch.tensor(modes, dtype=torch.long),
-                                      torch.tensor(classes, dtype=torch.long))
+            table[o["cls"], 1 + names.index(o["colour"]) if o["colour"] in names else 0] += 1
+    c.update(style_hits=hits, style_wanted=total, asked=asked, modes=table)
+    return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in c.items()}
+
+
+def toy_scores(c):
+    """toy_metrics from the (summed) counts of toy_counts."""
+    ratio = lambda a, b: float(c[a] / c[b].clamp(min=1))                  # noqa: E731
+    precision, recall = ratio("edge_pred_hit", "edge_pred"), ratio("edge_true_hit", "edge_true")
+    m = {"label_fg_acc": ratio("fg_match", "pixels"), "in_mode": ratio("in_mode", "coloured"),
+         "sketch_f1": 2 * precision * recall / max(precision + recall, 1e-8)}
+    m.update({f"caption_{k}": ratio(f"caption_{k}", "named")
+              for k in ("colour", "shape", "object")})
+    m["style_colour"] = ratio("style_hits", "style_wanted")
+    table = c["modes"].long()
+    m["colour_precision"] = float(c["asked"] / table.sum().clamp(min=1))
+    cls, mode = torch.nonzero(table, as_tuple=True)                        # back to one per object
+    counts = table[cls, mode]
+    cover = data.shapes_mode_coverage((mode - 1).repeat_interleave(counts),
+                                      cls.repeat_interleave(counts))
     m["mode_coverage"], m["mode_tv"] = cover["coverage"], cover["tv"]
-    m["objects_per_image"] = len(classes) / max(len(images), 1)
+    m["objects_per_image"] = float(table.sum() / c["images"].clamp(min=1))
     return m
 
 
 def main(argv=None):
-    args = common.parse_args(build_parser(), PRESETS, "poe_gan", "shapes", argv)
-    check_args(args)
+    args = common.parse_args(build_parser(), PRESETS, "poe_gan", "shapes", argv,
+                             check=check_args)
     if args.dry_run:
         G, D = build(args)
         nets = {"G": G, "D": D}

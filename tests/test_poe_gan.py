@@ -1,19 +1,28 @@
 """Tests of poe_gan.py: the paper's identities (Eq. 4, 5, 7, 9), the subset invariants, a short
-training run, exact resume, the ablation switches and the error sentences. CPU, no network."""
+training run, exact resume, the ablation switches, every flag check and error sentence, the
+compiled training step, streamed evaluation, and the paper presets under torchrun (random-weight
+stand-ins for the pretrained files). CPU, no network."""
 
+import gzip
 import json
 import math
 import os
+import pickle
+import socket
 import subprocess
 import sys
+import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import common
 import data
 import poe_gan as P
+from test_data import fake_coco_stuff, fake_mm_celeba
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--size", "32", "--ch_base", "128", "--ch_max", "8", "--z_base", "32", "--z_max", "2",
@@ -317,6 +326,55 @@ def test_training_steps_lower_d_loss_and_contrastive(shapes_batch):
     assert all(math.isfinite(h[k]) for h in hist for k in h)
 
 
+def test_every_trainable_parameter_gets_a_gradient_as_ddp_requires(shapes_batch):
+    """DDP (without find_unused_parameters) stops at the second iteration if a trainable parameter
+    of G or D gets no gradient: D's seg/sketch vector layers fed no term of Eq. (7). Frozen ones
+    (the small text towers' logit_scale) must stay frozen after the step."""
+    batch, _ = shapes_batch
+    args, info, G, D = build_tiny("--r1_every", "1")
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.0, 0.99))
+    rt = common.Runtime(torch.device("cpu"), torch.float32)
+    cond = P.Conditioner(args, info, rt.device)(batch)
+    frozen = {n for n, p in D.named_parameters() if not p.requires_grad}
+    assert frozen == {"encoders.text.tower.logit_scale"}
+    torch.manual_seed(0)
+    P.train_step(G, D, opt_g, opt_d, batch["image"], cond, 0, args, rt, P.RandomConvFeatures(3))
+    for name, net in (("G", G), ("D", D)):
+        silent = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+        assert not silent, (name, silent)
+    assert {n for n, p in D.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_compiled_training_step_gives_the_eager_losses():
+    """--compile: G and D compiled (aot_eager: the graph capture without code generation), R1's
+    double backward eager on the plain D. The paper's modalities (text, seg, sketch) at 8x8."""
+    g = torch.Generator().manual_seed(1)
+    label = torch.randint(0, 19, (4, 8, 8), generator=g)
+    batch = dict(image=torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, label=label,
+                 sketch=data.instance_edges(label)[:, None].float(),
+                 caption=["wavy hair", "smiling", "black hair", "a beard"])
+
+    def first_step(backend):
+        torch.manual_seed(0)
+        args = tiny_args("--data", "mm-celeba-hq", "--pretrained", "0", "--size", "8",
+                         "--cx_features", "random", "--r1_every", "1", "--compile", backend)
+        rt = common.Runtime(torch.device("cpu"), torch.float32)
+        info = P.dataset_info(args)
+        G, D = (common.prepare_model(m, rt, args.compile) for m in P.build(args, info))
+        opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.0, 0.99))
+                        for m in (G, D))
+        cond = P.Conditioner(args, info, rt.device)(batch)
+        torch.manual_seed(5)
+        return P.train_step(G, D, opt_g, opt_d, batch["image"], cond, 0, args, rt,
+                            P.make_image_net(args, rt.device))
+
+    eager, compiled = first_step(""), first_step("aot_eager")     # "" : not compiled
+    assert eager["r1"] > 0 and eager["cy_g"] > 0                   # R1 and Eq. (13) ran
+    for k, v in eager.items():
+        assert abs(compiled[k] - v) <= 1e-5 * max(1.0, abs(v)), (k, compiled[k], v)
+
+
 def test_no_kl_and_no_dropout_flags(shapes_batch):
     batch, _ = shapes_batch
     for flags, check in ((["--no_kl"], lambda s: s["kl"] == 0.0),
@@ -349,6 +407,22 @@ def test_toy_metrics_reward_the_right_images():
     # precision, unlike recall, drops when extra objects in unasked colours are drawn
     both = torch.maximum(batch["image"], batch["image"].roll(1, 0))
     assert P.toy_metrics(both, batch)["colour_precision"] < real["colour_precision"] - 0.1
+
+
+def test_toy_metrics_summed_over_batches_equal_those_of_all_items_at_once():
+    """--eval adds toy_counts batch by batch (and rank by rank): the sums must be additive."""
+    ds = data.get_dataset("shapes", size=32, split="test")
+    items = [ds[i] for i in range(24)]
+    batch = torch.utils.data.default_collate(items)
+    images = torch.maximum(batch["image"], batch["image"].roll(1, 0))   # imperfect images
+    total = P.no_toy_counts()
+    for k in range(0, 24, 8):
+        part = torch.utils.data.default_collate(items[k:k + 8])
+        total = {key: v + total[key] for key, v in P.toy_counts(images[k:k + 8], part).items()}
+    streamed, at_once = P.toy_scores(total), P.toy_metrics(images, batch)
+    assert streamed.keys() == at_once.keys()
+    for key, v in at_once.items():
+        assert abs(streamed[key] - v) < 1e-9, key
 
 
 # ---------------------------------------------------------------- command line, resume, errors
@@ -386,11 +460,12 @@ def test_dry_run_parameter_counts(capsys):
     assert code == 0
     counts = json.loads(out.strip().splitlines()[-1])["params"]
     # shapes: the text towers' token embeddings hold 23 word ids (WordTokenizer), 64 wide
-    assert counts == {"G": 482200, "D": 379461}
+    assert counts == {"G": 482200, "D": 313797}
     # paper preset (MM-CelebA-HQ 256, text + seg + sketch; the frozen CLIP tower not counted)
     code, out, _ = run_main(["--dry_run", "--data", "mm-celeba-hq"], capsys)
     counts = json.loads(out.strip().splitlines()[-1])["params"]
-    assert counts == {"G": 66465555, "D": 48405703}
+    # D has no seg/sketch vector layers (Fig. 5c: maps only); they held 8,389,632 dead parameters
+    assert counts == {"G": 66465555, "D": 40016071}
 
 
 def test_resume_is_exact(tmp_path, capsys):
@@ -415,6 +490,119 @@ def test_resume_is_exact(tmp_path, capsys):
     subsets = json.load(open(os.path.join(a, "eval.json")))["subsets"]
     assert len(subsets) == 17 and subsets["real"]["label_fg_acc"] == 1.0
     assert subsets["uncond"]["pixel_diversity"] > 0
+    # a checkpoint of another dataset: one sentence naming --data, not a load_state_dict traceback
+    code, _, err = run_main(TINY + ["--eval", "--out_dir", a, "--data", "mm-celeba-hq",
+                                    "--pretrained", "0", "--cx_features", "random"], capsys)
+    assert code == 2 and "--data shapes (asked: mm-celeba-hq)" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+# Every method flag that can be out of range: (flags, words of the one sentence). check_args runs
+# before any data or model is built, so each costs a parse.
+BAD_FLAGS = [
+    (["--size", "48"], "power of two"),
+    (["--size", "4"], "power of two"),
+    (["--size", "16"], "size 16 does not suit dataset 'shapes'"),
+    (["--ch_base", "0"], "--ch_base must be at least 1"),
+    (["--ch_base", "16"], "--ch_base must be at least --size 32"),
+    (["--ch_max", "0"], "--ch_max must be at least 1"),
+    (["--z_base", "0"], "--z_base must be at least 1"),
+    (["--z_max", "-1"], "--z_max must be at least 1"),
+    (["--feat_dim", "0"], "--feat_dim must be at least 1"),
+    (["--z0_dim", "0"], "--z0_dim must be at least 1"),
+    (["--w_dim", "0"], "--w_dim must be at least 1"),
+    (["--text_width", "-4"], "--text_width must be at least 0"),
+    (["--text_width", "18"], "multiple of the small text tower's 4 heads"),
+    (["--r1_every", "0"], "--r1_every must be at least 1"),
+    (["--eval_n", "0"], "--eval_n must be at least 1"),
+    (["--kl_warmup", "-1"], "--kl_warmup must be at least 0"),
+    (["--bench", "0"], "--bench must be at least 1"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--tau", "0"], "--tau must be a finite number > 0"),
+    (["--r1_gamma", "-1"], "--r1_gamma must be a finite number >= 0"),
+    (["--w_text", "-0.1"], "--w_text must be a finite number >= 0"),
+    (["--w_seg", "nan"], "--w_seg must be a finite number >= 0"),
+    (["--w_sketch", "-1"], "--w_sketch must be a finite number >= 0"),
+    (["--w_style", "-1"], "--w_style must be a finite number >= 0"),
+    (["--lambda_cx", "-3"], "--lambda_cx must be a finite number >= 0"),
+    (["--lambda_cy", "-0.3"], "--lambda_cy must be a finite number >= 0"),
+    (["--ema_decay", "1.5"], "--ema_decay must be in [0, 1]"),
+    (["--dropout_p", "1"], "--dropout_p must be in [0, 1)"),
+    (["--dropout_p", "nan"], "--dropout_p must be in [0, 1)"),
+    (["--pretrained", "1"], "pass --text_width 0 with it"),
+    (["--text_width", "0"], "--text_width 0 means the pretrained CLIP text tower"),
+    (["--data", "mm-celeba-hq", "--text_width", "0", "--eval", "--eval_n", "1"],
+     "FID needs two images per set"),
+    (["--batch_size", "1"], "need at least 2 per process"),
+]
+
+
+@pytest.mark.parametrize("flags,words", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_every_flag_out_of_range_is_one_sentence(flags, words, tmp_path, capsys):
+    code, out, err = run_main(TINY + flags + ["--out_dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "run")              # refused before the folder is made
+
+
+def test_contrastive_batch_is_per_process(monkeypatch):
+    """Under torchrun each process contrasts its own share of the batch (Eq. 10-13)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(common.UserError, match="gives 1 image per process.*at least 4"):
+        P.check_args(tiny_args("--batch_size", "2"))
+    P.check_args(tiny_args("--batch_size", "4"))
+    P.check_args(tiny_args("--batch_size", "2", "--lambda_cx", "0", "--lambda_cy", "0"))
+    P.check_args(tiny_args("--batch_size", "2", "--eval"))      # the batch trains nothing there
+
+
+def test_feature_moments_stream_to_the_fid_statistics():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(37, 6, generator=g) * 3 + 1
+    moments = P.FeatureMoments(6)
+    for part in feats.split(5):                              # batch by batch
+        moments.add(part)
+    mu, sigma = moments.stats()
+    mu_ref, sigma_ref = common.fid_stats(feats)
+    assert abs(mu - mu_ref).max() < 1e-12 and abs(sigma - sigma_ref).max() < 1e-10
+
+
+def test_eval_memory_is_set_by_the_batch_not_by_eval_n(tmp_path, capsys, monkeypatch):
+    """--eval streams: the conditions and generated images alive at any moment (counted in
+    items, through weak references) are the same for 2 and for 6 evaluated items: one batch of
+    conditions, two samples of it (the pair for the diversity)."""
+    run = str(tmp_path / "run")
+    args, _, G, _ = build_tiny("--out_dir", run)                # an untrained run's checkpoint
+    common.save_checkpoint(os.path.join(run, "ckpt.pt"), "poe_gan", P.config_of(args), 0,
+                           {"ema": common.EMA(G)})
+    live, peak = {}, {}
+
+    def track(kind, tensor):
+        live[kind] = live.get(kind, 0) + len(tensor)
+        peak[kind] = max(peak.get(kind, 0), live[kind])
+        weakref.finalize(tensor, lambda n=len(tensor): live.__setitem__(kind, live[kind] - n))
+
+    conditioner, generator = P.Conditioner.__call__, P.Generator.forward
+
+    def condition(self, batch):
+        cond = conditioner(self, batch)
+        track("conditions", cond["seg"])
+        return cond
+
+    def generate(self, cond, mask):
+        x, kls = generator(self, cond, mask)
+        track("images", x)
+        return x, kls
+
+    monkeypatch.setattr(P.Conditioner, "__call__", condition)
+    monkeypatch.setattr(P.Generator, "forward", generate)
+    peaks = {}
+    for n in (2, 6):                                        # 2 and 6 batches of 1
+        live.clear(), peak.clear()
+        assert run_main(TINY + ["--eval", "--eval_n", str(n), "--batch_size", "1",
+                                "--out_dir", run], capsys)[0] == 0
+        assert json.load(open(os.path.join(run, "eval.json")))["n"] == n
+        peaks[n] = dict(peak)
+    assert peaks[2] == peaks[6] == {"conditions": 1, "images": 2}, peaks
 
 
 def test_bad_inputs_give_one_sentence(tmp_path, capsys):
@@ -432,3 +620,154 @@ def test_bad_inputs_give_one_sentence(tmp_path, capsys):
         P.Conditioner(args, P.dataset_info(args), torch.device("cpu"))(
             {"caption": ["a"], "label": torch.full((1, 32, 32), 9),
              "sketch": torch.zeros(1, 1, 32, 32), "style": torch.zeros(1, 3, 32, 32)})
+
+
+# ---------------------------------------------------------------- paper presets under torchrun
+
+def paper_stand_ins(home):
+    """Random-weight stand-ins at the torch hub cache paths, marked as checked (a stand-in cannot
+    have the official SHA-256): CLIP ViT-B/32's text tower (converted state dict) and a small BPE
+    merges file, VGG-19 (Eq. 11), LPIPS-AlexNet and the FID Inception (--eval)."""
+    folder = os.path.join(home, "hub", "checkpoints")
+    os.makedirs(folder)
+
+    def place(state, name, marker):
+        torch.save(state, os.path.join(folder, name))
+        if marker:
+            common.write_marker(os.path.join(folder, name), marker)
+
+    place(common.CLIP("ViT-B/32", pretrained=False, vision=False).state_dict(),
+          "ViT-B-32.state_dict.pt", "converted")
+    with gzip.open(os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz"), "wt") as f:
+        f.write("#version: 0.2\nh a\ni r</w>\nha ir</w>\n")
+    common.write_marker(os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz"),
+                        common.CLIP_BPE_SHA256)
+    place(common.VGG19(pretrained=False).state_dict(), os.path.basename(common.VGG19_URL),
+          "dcbb9e9d")
+    lpips = common.LPIPS(net="alex", pretrained=False).state_dict()
+    url, sha256 = common.LPIPS_NETS["alex"][:2]
+    place({k: v for k, v in lpips.items() if k.startswith("features.")}, os.path.basename(url),
+          sha256)
+    place({k: v for k, v in lpips.items() if k.startswith("lin")}, "lpips_v0.1_alex.pth",
+          common.LPIPS_LIN_SHA256["alex"])
+    place(common.FIDInception(pretrained=False).state_dict(),
+          os.path.basename(common.FID_INCEPTION_URL), None)      # pytorch-fid publishes no hash
+
+
+def flat(path, value, mode):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, (32, 32), value).save(path)
+
+
+def fake_mm_celeba_train4(root):
+    """tests/test_data.py's fake MM-CelebA-HQ, its train split replaced by 4 items on which the
+    loader's random choices (flip, caption among several) change nothing: flat image and mask,
+    a blank sketch, one caption."""
+    fake_mm_celeba(root, np.random.default_rng(0))
+    ids = ["0", "1", "4", "5"]
+    for k, i in enumerate(ids):
+        if os.path.exists(f"{root}/image/{i}.jpg"):
+            os.remove(f"{root}/image/{i}.jpg")
+        flat(f"{root}/image/{i}.png", (40 + 50 * k, 200 - 40 * k, 90), "RGB")
+        flat(f"{root}/mask/{i}.png", (0, 1, 13, 17)[k], "L")
+        flat(f"{root}/sketch/{i}.png", 255, "L")
+        with open(f"{root}/text/celeba-caption/{i}.txt", "w") as f:
+            f.write(f"this person {k} has wavy hair\n")
+    with open(f"{root}/train/filenames.pickle", "wb") as f:
+        pickle.dump(ids, f, protocol=2)
+
+
+def fake_coco_stuff_train4(root):
+    """tests/test_data.py's fake COCO-Stuff, its train split replaced by 4 flat items (the random
+    crop and flip change nothing) with one caption each."""
+    fake_coco_stuff(root, np.random.default_rng(0))
+    for folder in ("train_img", "train_label"):
+        for name in os.listdir(f"{root}/{folder}"):
+            os.remove(f"{root}/{folder}/{name}")
+    annotations = []
+    for k in range(4):
+        flat(f"{root}/train_img/{k + 1:012d}.jpg", (40 + 50 * k, 200 - 40 * k, 90), "RGB")
+        flat(f"{root}/train_label/{k + 1:012d}.png", (0, 90, 181, 7)[k], "L")
+        annotations.append({"image_id": k + 1, "id": k, "caption": f"a flat picture {k}"})
+    with open(f"{root}/annotations/captions_train2017.json", "w") as f:
+        json.dump({"annotations": annotations}, f)
+
+
+PAPER_RUNS = {"mm-celeba-hq": fake_mm_celeba_train4, "coco-stuff": fake_coco_stuff_train4}
+# the preset's structure (pretrained CLIP text tower, VGG-19 Eq. 11 features, 3 modalities,
+# every resolution 4..64) with its widths shrunk
+PAPER_SHRINK = ["--size", "64", "--ch_base", "256", "--ch_max", "8", "--z_base", "64",
+                "--z_max", "2", "--feat_dim", "16", "--z0_dim", "8", "--w_dim", "16",
+                "--batch_size", "4", "--device", "cpu", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def stand_in_home(tmp_path_factory):
+    home = str(tmp_path_factory.mktemp("torch_home"))
+    paper_stand_ins(home)
+    return home
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("preset", list(PAPER_RUNS))
+def test_paper_preset_under_torchrun_equals_one_process_then_resume_sample_eval(
+        preset, stand_in_home, tmp_path, monkeypatch, capsys):
+    """Two steps under torchrun (2 ranks, 2 images each). The first gives one process's losses on
+    the whole batch of 4 for every loss that is a mean over samples (GAN losses, KL, R1). The
+    contrastive losses (Eq. 10-13) contrast each sample with the others of its rank's batch, so
+    they differ by design (negatives: 1 per sample vs 3), and so do all losses after the first
+    update. Then, in one process, --resume of the torchrun checkpoint, --sample, --eval (FID and
+    LPIPS stand-ins, each loaded once)."""
+    root = str(tmp_path / "data")
+    PAPER_RUNS[preset](root)
+    monkeypatch.setenv("TORCH_HOME", stand_in_home)                # for the subprocesses
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: os.path.join(stand_in_home, "hub"))
+    flags = ["--data", preset, "--data_dir", root] + PAPER_SHRINK
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+
+    def torchrun(*argv):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              "--master_port", str(free_port()), os.path.join(ROOT, "poe_gan.py")]
+                             + flags + list(argv), capture_output=True, text=True, cwd=ROOT,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    def log(out):
+        return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+    code, _, err = run_main(flags + ["--iters", "1", "--out_dir", one], capsys)
+    assert code == 0, err
+    torchrun("--iters", "2", "--out_dir", two)    # a second step: every DDP bucket was reduced
+    ref, ddp = log(one)[0], log(two)[0]
+    assert ref["r1"] > 0                                          # lazy R1 runs at iteration 0
+    for k in ("loss_d", "loss_g", "kl", "r1"):
+        assert math.isclose(ddp[k], ref[k], rel_tol=1e-4, abs_tol=1e-6), (k, ddp[k], ref[k])
+    assert run_main(flags + ["--iters", "3", "--out_dir", two, "--resume"], capsys)[0] == 0
+    assert [r["iter"] for r in log(two)] == [1, 2, 3] and log(two)[0] == ddp
+    assert all(math.isfinite(v) for r in log(two) for v in r.values())
+    assert run_main(flags + ["--sample", "--out_dir", two], capsys)[0] == 0
+    assert os.path.getsize(os.path.join(two, "subsets_0.png")) > 0
+    built, frechet = [], common.frechet_distance
+    for name in ("LPIPS", "FIDInception"):
+        cls = getattr(common, name)
+        monkeypatch.setattr(common, name,
+                            lambda *a, cls=cls, **kw: built.append(cls) or cls(*a, **kw))
+
+    def frechet_of_64_dims(mu1, sigma1, mu2, sigma2):   # the 2048-dim eigh: 6 s a subset here
+        assert mu1.shape == mu2.shape == (2048,) and sigma1.shape == sigma2.shape == (2048, 2048)
+        return frechet(mu1[:64], sigma1[:64, :64], mu2[:64], sigma2[:64, :64])
+
+    monkeypatch.setattr(common, "frechet_distance", frechet_of_64_dims)
+    code, _, err = run_main(flags + ["--eval", "--eval_n", "2", "--batch_size", "2",
+                                     "--out_dir", two], capsys)
+    assert code == 0, err
+    assert len(built) == 2                                       # once per --eval, not per subset
+    result = json.load(open(os.path.join(two, "eval.json")))
+    assert result["n"] == 2 and len(result["subsets"]) == 8      # 2^3 subsets of text, seg, sketch
+    for scores in result["subsets"].values():
+        assert math.isfinite(scores["fid"]) and scores["lpips_diversity"] > 0
