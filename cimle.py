@@ -830,7 +830,7 @@ def train(args):
     objects = dict(G=G, opt=opt, sched=sched, scaler=rt.scaler)
     start, subset, codes, items = 0, None, None, None
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, "cimle", config_of(args), ARCH_KEYS, objects)
+        ck = common.load_checkpoint(ckpt_path, "cimle", config_of(args), ARCH_KEYS, objects, rt=rt)
         start, extra = ck["iter"], ck["extra"]
         distance.weights = extra["distance_weights"].to(rt.device)
         distance.calibrated = bool(extra["calibrated"])
@@ -871,10 +871,11 @@ def train(args):
                                  if args.task == "layout" else None)
                     G.train()
             stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
+            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
                 extra = dict(subset=subset, codes=codes, distance_weights=distance.weights.cpu(),
                              calibrated=distance.calibrated)
-                common.save_checkpoint(ckpt_path, "cimle", config_of(args), done, objects, extra)
+                common.save_checkpoint(ckpt_path, "cimle", config_of(args), done, objects, extra,
+                                       rt=rt)
             if stop:
                 signals.stop(done, ckpt_path)
     log.close()

@@ -483,14 +483,23 @@ def preserved_rng():
         set_rng_state(state)
 
 
-def save_checkpoint(path, method, config, iteration, objects, extra=None):
+def save_checkpoint(path, method, config, iteration, objects, extra=None, rt=None):
     """Write {method, config, iter, state of every object, RNG} atomically.
 
     `objects` maps names to anything with state_dict(): networks (unwrapped), EMA, optimisers,
     schedulers, the grad scaler. The file is written to `path.tmp` and renamed over `path`, so an
-    interrupted save leaves the previous checkpoint intact.
+    interrupted save leaves the previous checkpoint intact. Under DDP every rank calls it (pass
+    `rt`): each rank's random state is gathered, so that a resumed rank draws what it would have
+    drawn, and rank 0 writes.
     """
-    state = {"method": method, "config": dict(config), "iter": iteration, "rng": rng_state(),
+    rng = [rng_state()]
+    if rt is not None and rt.ddp:
+        rng = [None] * rt.world_size
+        dist.all_gather_object(rng, rng_state())
+        if not rt.is_main:
+            return
+    state = {"method": method, "config": dict(config), "iter": iteration, "rng": rng[0],
+             "rng_per_rank": rng,
              "state": {name: unwrap(obj).state_dict() if isinstance(obj, nn.Module)
                        else obj.state_dict() for name, obj in objects.items()},
              "extra": extra or {}}
@@ -508,7 +517,8 @@ def no_checkpoint_sentence(path):
             f"--out_dir at the run folder.")
 
 
-def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, restore_rng=True):
+def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, restore_rng=True,
+                    rt=None):
     """Load a checkpoint written by `save_checkpoint` into `objects`; return the whole dict.
 
     Refuses, with one sentence, a missing or unreadable file, a checkpoint of another method, and
@@ -545,8 +555,21 @@ def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, resto
             raise UserError(f"{path}: '{name}' does not fit this run ({reason}); it was written "
                             f"with other flags or by another version of {method}.py.") from None
     if restore_rng:
-        set_rng_state(ckpt["rng"])
+        restore_rank_rng(ckpt, rt)
     return ckpt
+
+
+def restore_rank_rng(ckpt, rt):
+    """Each rank takes back its own random state. Resumed with another number of processes, the
+    ranks start from rank 0's state, each moved to a stream of its own (exactness is lost then)."""
+    rank, world = (rt.rank, rt.world_size) if rt is not None else (0, 1)
+    per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    if len(per_rank) == world:
+        set_rng_state(per_rank[rank])
+        return
+    set_rng_state(per_rank[0])
+    if rank:
+        seed_everything(int(torch.randint(2 ** 31, ())) + rank)
 
 
 def require_same_tensors(path, name, expected, saved):

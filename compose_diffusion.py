@@ -1154,7 +1154,7 @@ def train(args, rt):
     start = 0
     if args.resume:
         start = common.load_checkpoint(ckpt_path, "compose_diffusion", vars(args), ARCH_KEYS,
-                                       objects)["iter"]
+                                       objects, rt=rt)["iter"]
     streams = {k: common.batch_stream(d, args.batch_size, rt, args.seed + s, start,
                                       args.num_workers)
                for s, (k, d) in enumerate(datasets.items())}
@@ -1178,9 +1178,9 @@ def train(args, rt):
             if done % args.log_every == 0 or done == args.iters:
                 logger.log(done, **losses)
             stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
+            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
                 common.save_checkpoint(ckpt_path, "compose_diffusion", vars(args), done, objects,
-                                       extra=facts)
+                                       extra=facts, rt=rt)
             if stop:
                 signals.stop(done, ckpt_path)
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):

@@ -567,7 +567,8 @@ def train(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     start = 0
     if args.resume:
-        start = common.load_checkpoint(ckpt_path, "inade", vars(args), ARCH_KEYS, objects)["iter"]
+        start = common.load_checkpoint(ckpt_path, "inade", vars(args), ARCH_KEYS, objects,
+                                       rt=rt)["iter"]
     G = common.prepare_model(G, rt, args.compile)
     E = common.prepare_model(E, rt, args.compile)
     D = common.prepare_model(D, rt, args.compile)
@@ -589,8 +590,8 @@ def train(args):
                 training_grid(args, common.unwrap(G), common.unwrap(E), fixed,
                               os.path.join(args.out_dir, f"samples_{done:06d}.png"))
             stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
-                common.save_checkpoint(ckpt_path, "inade", vars(args), done, objects)
+            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
+                common.save_checkpoint(ckpt_path, "inade", vars(args), done, objects, rt=rt)
             if stop:
                 signals.stop(done, ckpt_path)
     log.close()

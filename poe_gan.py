@@ -934,7 +934,7 @@ def train(args):
     start = 0
     if args.resume:
         start = common.load_checkpoint(ckpt_path, "poe_gan", config_of(args), ARCH_KEYS,
-                                       objects)["iter"]
+                                       objects, rt=rt)["iter"]
     ema.model.to(rt.device)
     Gt = common.prepare_model(G, rt, args.compile)
     Dt = common.prepare_model(D, rt, args.compile)
@@ -960,8 +960,9 @@ def train(args):
                     subset_grid(ema.model, fixed, cond_of, ds,
                                 os.path.join(args.out_dir, f"samples_{done:06d}.png"))
             stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
-                common.save_checkpoint(ckpt_path, "poe_gan", config_of(args), done, objects)
+            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
+                common.save_checkpoint(ckpt_path, "poe_gan", config_of(args), done, objects,
+                                       rt=rt)
             if stop:
                 signals.stop(done, ckpt_path)
     log.close()

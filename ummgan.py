@@ -558,7 +558,7 @@ def train(args):
     objects = dict(G=G, D=D, G_ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=rt.scaler)
     start = 0
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, "ummgan", config_of(args), ARCH_KEYS, objects)
+        ck = common.load_checkpoint(ckpt_path, "ummgan", config_of(args), ARCH_KEYS, objects, rt=rt)
         start = ck["iter"]
     G = common.prepare_model(G, rt, args.compile, find_unused_parameters=True)
     D = common.prepare_model(D, rt, compile_d(args), find_unused_parameters=True)
@@ -581,8 +581,9 @@ def train(args):
                     rows.append(random_row(ema.model, step, alpha, args, rt.device))
                 common.save_grid(os.path.join(args.out_dir, f"samples_{done:06d}.png"), rows)
             stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if rt.is_main and (done % args.ckpt_every == 0 or done == args.iters or stop):
-                common.save_checkpoint(ckpt_path, "ummgan", config_of(args), done, objects)
+            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
+                common.save_checkpoint(ckpt_path, "ummgan", config_of(args), done, objects,
+                                       rt=rt)
             if stop:
                 signals.stop(done, ckpt_path)
     log.close()

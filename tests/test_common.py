@@ -250,6 +250,16 @@ def _ddp_worker(rank, port, out_dir):
     F.mse_loss(model(batch["x"]).squeeze(1), batch["y"]).backward()
     if rt.is_main:
         torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, "ddp.pt"))
+    # A checkpoint keeps every rank's random state: after a resume each rank draws what it would
+    # have drawn (not rank 0's numbers).
+    torch.manual_seed(100 + rank)
+    path = os.path.join(out_dir, "ckpt.pt")
+    common.save_checkpoint(path, "m", {}, 1, {"model": model}, rt=rt)
+    torch.distributed.barrier()
+    draws = [torch.rand(3)]
+    common.load_checkpoint(path, "m", objects={"model": model}, rt=rt)
+    draws.append(torch.rand(3))
+    torch.save(draws, os.path.join(out_dir, f"draws{rank}.pt"))
     # Both ranks leave together, and skip the interpreter's teardown: on the CI machine a rank
     # was seen to abort there ("terminate called without an active exception", a C++ thread of
     # the process group still joinable at exit) after its work was done.
@@ -273,6 +283,11 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
     F.mse_loss(model(batch["x"]).squeeze(1), batch["y"]).backward()
     for g_ddp, p in zip(ddp_grads, model.parameters()):
         assert torch.allclose(g_ddp, p.grad, atol=1e-6)
+    draws = [torch.load(tmp_path / f"draws{r}.pt") for r in (0, 1)]
+    for before, after in draws:
+        assert torch.equal(before, after)          # the rank's own stream, resumed exactly
+    assert not torch.equal(draws[0][0], draws[1][0])
+    assert len(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng_per_rank"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
