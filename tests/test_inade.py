@@ -225,8 +225,8 @@ def test_resume_is_exact(trained, tmp_path, monkeypatch):
     out = str(tmp_path)
     save = common.save_checkpoint
 
-    def save_then_crash(path, method, config, iteration, objects, extra=None):
-        save(path, method, config, iteration, objects, extra)
+    def save_then_crash(path, method, config, iteration, objects, extra=None, rt=None):
+        save(path, method, config, iteration, objects, extra, rt)
         raise KeyboardInterrupt  # the run dies right after its first checkpoint (iter 2)
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
