@@ -62,7 +62,7 @@ import data
 
 # ----------------------------------------------------------------------------------------------
 # Config. Paper = Li et al. (IJCV); SRIM = niopeng/SRIM-pytorch; DISL = zth667/Diverse-Image-
-# Synthesis-from-Semantic-Layout (both official, see ../shared/reference/cimle.md).
+# Synthesis-from-Semantic-Layout (both official).
 # --iters counts inner steps (Algorithm 1's theta updates); K = iters / L outer iterations.
 # ----------------------------------------------------------------------------------------------
 

@@ -1,6 +1,5 @@
 """Every dataset of the five scripts: three built-in synthetic ones, generated on the fly, and
-loaders for the real datasets in the folder layouts their official code expects
-(../shared/reference/data.md).
+loaders for the real datasets in the folder layouts their official code expects.
 
     get_dataset(name, root=None, split="train", size=None, check_files=True, **options) -> Dataset
 
@@ -17,7 +16,7 @@ Every item is a dict; a dataset provides the keys in its `has` set:
 
     image     float32 (C, H, W) in [-1, 1]
     label     int64 (H, W) class ids in [0, num_classes)
-    instance  int64 (H, W) contiguous instance ids 0..K-1 (INADE's instance maps, data.md)
+    instance  int64 (H, W) contiguous instance ids 0..K-1 (INADE's instance maps)
     sketch    float32 (1, H, W) in {0, 1}, 1 on an edge
     caption   str
     style     float32 (C, H, W) in [-1, 1], a style reference (shapes)
@@ -92,7 +91,7 @@ from common import UserError
 # Helpers shared by all datasets
 # ----------------------------------------------------------------------------------------------
 
-# "val" is read as "test" everywhere (data.md: SPADE's test phase reads the val folders).
+# "val" is read as "test" everywhere (SPADE's test phase reads the val folders).
 SPLIT_IDS = {"train": 0, "test": 1}
 
 
@@ -133,7 +132,7 @@ def box_downsample(image, factor=8):
 
 
 def instance_edges(ids):
-    """1 where a 4-neighbour has another id (INADE's edge map, data.md), 0 elsewhere.
+    """1 where a 4-neighbour has another id (INADE's edge map), 0 elsewhere.
 
     ids: numpy or torch integer array (..., H, W); returns the same kind, bool.
     """
@@ -149,7 +148,7 @@ def instance_edges(ids):
 
 
 def reindex(ids):
-    """INADE's make_instances rule (data.md): sorted unique values -> 0..K-1. (H, W) int64."""
+    """INADE's make_instances rule: sorted unique values -> 0..K-1. (H, W) int64."""
     _, inverse = np.unique(ids, return_inverse=True)
     return inverse.reshape(ids.shape).astype(np.int64)
 
@@ -191,7 +190,7 @@ def label_palette(n):
 
 
 def natural_key(path):
-    """Sort key with digit runs compared as numbers (data.md: lists are natural-sorted)."""
+    """Sort key with digit runs compared as numbers (the official lists are natural-sorted)."""
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path)]
 
 
@@ -1174,7 +1173,7 @@ def need_images(images, folder, name):
 
 
 # ----------------------------------------------------------------------------------------------
-# Real datasets: one scanner per layout (facts from data.md)
+# Real datasets: one scanner per layout (facts from each official code)
 # ----------------------------------------------------------------------------------------------
 
 def scan_deepfashion(root, split, size, **options):
