@@ -132,7 +132,7 @@ TASKS = {"shapes": ("layout", "sr"), "folder": ("sr",), "gta5": ("layout",),
 ARCH_KEYS = ("task", "size", "z_channels", "nf", "gc", "n_blocks", "crn_channels",
              "noise_channels", "encoder_channels", "num_classes", "distance")
 LAYOUT_VGG = ["conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2"]  # §5.2.1
-REFERENCE_PARAMS = {"sr": {"G": 109.06e6}, "layout": {"G": 98.4e6, "E": 0.12e6}}  # cimle.md
+REFERENCE_PARAMS = {"sr": {"G": 109.06e6}, "layout": {"G": 98.4e6, "E": 0.12e6}}  # official code
 
 
 def build_parser():
@@ -1226,7 +1226,7 @@ def bench(args, reps=3):
 
 def dry_run(args):
     """Parameter counts (no data touched, no memory: built on the meta device) against the
-    official networks' sizes (cimle.md)."""
+    official networks' sizes (counted from the official code)."""
     with torch.device("meta"):
         if args.task == "layout":
             args.num_classes = {"gta5": 20, "cityscapes": 35}.get(args.data,

@@ -4,7 +4,7 @@ losses, and (further down) the pretrained networks and metrics.
 Every method script is read top to bottom on its own; this file holds only what at least two of
 them use, so that each script can stay about its paper. Map of this file:
 
-    errors        UserError and the exit-2 wrapper (CONVENTIONS.md, "Bad input")
+    errors        UserError and the exit-2 wrapper
     command line  the flags all five scripts take, per-dataset presets, --dry_run output
     runtime       device / dtype / autocast, seeding, torchrun DDP, torch.compile
     data feeding  an endless, resumable batch stream over any map-style dataset
@@ -98,7 +98,7 @@ def close_progress_bars():
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: one contract for all five scripts (CONVENTIONS.md)
+# Command line: one contract for all five scripts
 # ----------------------------------------------------------------------------------------------
 
 def base_parser(description):
@@ -344,7 +344,7 @@ def reduce_mean(value, rt):
 
 def bench_training(args, rt, make_step, warmup=3):
     """--bench N: images/s and peak memory of N training steps, float32 eager first as the
-    baseline, then the asked --dtype / --compile, in one process (CONVENTIONS: ratios in one run).
+    baseline, then the asked --dtype / --compile, in one process (speed is a ratio within one run).
     make_step(run, compile_model) builds fresh networks for Runtime `run` (compiled if asked) and
     returns a no-argument step that trains on one fixed batch of args.batch_size images. Prints one JSON line per configuration,
     then a summary line; returns the summary."""

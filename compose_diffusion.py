@@ -1581,7 +1581,7 @@ def evaluate(args, setup):
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark: wall time per sampling step (CONVENTIONS: ratios against a baseline in one run)
+# Benchmark: wall time per sampling step (ratios against a baseline in one run)
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()

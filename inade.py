@@ -1,5 +1,5 @@
 """INADE: Diverse Semantic Image Synthesis via Probability Distribution Modeling
-(Tan, Chai, Chen, Liao, Chu, Liu, Hua, Yu; CVPR 2021; papers/inade.md).
+(Tan, Chai, Chen, Liao, Chu, Liu, Hua, Yu; CVPR 2021).
 
 Idea: a SPADE-like generator whose every normalisation layer is INADE. Instead of one fixed
 (gamma, beta) per semantic class, every class owns a *distribution* of modulation parameters,

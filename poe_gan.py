@@ -56,8 +56,8 @@ import common
 import data
 
 # ----------------------------------------------------------------------------------------------
-# Config. "paper" = the main text; "supp" = Supplement B values as given by the secondary summary in
-# reference/poe_gan.md (no official code exists); "our choice" where nothing survives.
+# Config. "paper" = the main text; "supp" = Supplement B values as a secondary summary of it gives
+# them (no official code exists); "our choice" where nothing survives.
 # ----------------------------------------------------------------------------------------------
 
 MODALITIES = ("text", "seg", "sketch", "style")       # the paper's four (§3)
