@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -483,8 +484,15 @@ def preserved_rng():
         set_rng_state(state)
 
 
+# Flags that say what a command does, not what was trained: never saved in a checkpoint's config.
+RUN_MODE_FLAGS = ("resume", "sample", "eval", "dry_run", "bench", "device", "num_workers",
+                  "compile")
+
+
 def save_checkpoint(path, method, config, iteration, objects, extra=None, rt=None):
     """Write {method, config, iter, state of every object, RNG} atomically.
+
+    `config` is the parsed flags (a Namespace or a dict); the run-mode flags are left out.
 
     `objects` maps names to anything with state_dict(): networks (unwrapped), EMA, optimisers,
     schedulers, the grad scaler. The file is written to `path.tmp` and renamed over `path`, so an
@@ -498,7 +506,9 @@ def save_checkpoint(path, method, config, iteration, objects, extra=None, rt=Non
         dist.all_gather_object(rng, rng_state())
         if not rt.is_main:
             return
-    state = {"method": method, "config": dict(config), "iter": iteration, "rng": rng[0],
+    config = {k: v for k, v in (vars(config) if isinstance(config, argparse.Namespace)
+                                else dict(config)).items() if k not in RUN_MODE_FLAGS}
+    state = {"method": method, "config": config, "iter": iteration, "rng": rng[0],
              "rng_per_rank": rng,
              "state": {name: unwrap(obj).state_dict() if isinstance(obj, nn.Module)
                        else obj.state_dict() for name, obj in objects.items()},
@@ -1390,6 +1400,40 @@ class CLIPTokenizer:
                 ids = ids[:length - 1] + [self.eot]
             out[row, :len(ids)] = torch.tensor(ids)
         return out
+
+
+class WordTokenizer(CLIPTokenizer):
+    """A closed word vocabulary with CLIPTokenizer's call, for small text towers trained from
+    scratch offline (our choice for the built-in captions, whose words data.py lists): a tower
+    trained with one id per word only has to learn what each id means, where byte-level tokens
+    must first be assembled into words.
+
+    Only the vocabulary and `encode` differ from CLIPTokenizer; its call (SOT, ids, EOT, zero
+    padding, truncation) is reused. Ids: 0 padding, 1 <unk> (any word outside the vocabulary),
+    the sorted words, then SOT and EOT as the two largest ids, so that a CLIP-shaped text tower
+    pools at EOT (the largest id of each row) exactly as with CLIP's own tokenizer."""
+
+    def __init__(self, words, context_length):   # no BPE: CLIPTokenizer.__init__ is not needed
+        self.vocab = ["<pad>", "<unk>"] + sorted(set(words)) + list(self.SPECIAL)
+        self.encoder = {w: i for i, w in enumerate(self.vocab)}
+        self.unk, self.sot, self.eot = 1, len(self.vocab) - 2, len(self.vocab) - 1
+        self.vocab_size, self.context_length = len(self.vocab), context_length
+
+    def encode(self, text):
+        """One string -> list of word ids (no SOT/EOT): lower case, runs of letters are words,
+        every other non-space character is a word of its own."""
+        words = re.findall(r"[a-z]+|[^\sa-z]", text.lower())
+        return [self.encoder.get(w, self.unk) for w in words]
+
+    def decode(self, ids):
+        """Ids -> words joined by spaces, stopping at EOT."""
+        words = []
+        for i in map(int, ids):
+            if i == self.eot:
+                break
+            if i not in (0, self.sot):
+                words.append(self.vocab[i])
+        return " ".join(words)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -323,6 +323,15 @@ def shapes_paint(ids, placed, background):
     return image
 
 
+# Every word data.shapes_caption can write: colour and shape names and the words around them.
+SHAPES_CAPTION_WORDS = ("a", "and", "above", "below", "left", "right", "of", "striped")
+
+
+def shapes_caption_vocabulary():
+    """The closed vocabulary of the built-in captions (for common.WordTokenizer)."""
+    return list(SHAPES_COLOURS) + SHAPES_CLASSES[1:] + list(SHAPES_CAPTION_WORDS)
+
+
 def shapes_caption(placed):
     """'a red circle above a blue square and a yellow striped diamond': colours, shapes and the
     relation of each pair (objects 0-1, 2-3) by their centres' dominant offset."""
@@ -1685,3 +1694,167 @@ def main(argv=None):
 if __name__ == "__main__":
     from common import run_main
     run_main(main)
+
+
+# ---- poe_gan.py: scoring of the built-in shapes tasks ----
+# Exact per-modality scores of images generated for shapes items, from counts that add up over
+# batches and torchrun ranks (poe_gan.py --eval sums them per modality subset).
+
+def shapes_foreground(images):
+    """Object pixels of shapes images (B, 3, H, W) in [-1, 1]: all but the flat grey background
+    (channels within 0.1 of each other at a level in [0.4, 0.65]; the set's grey is 0.45-0.60)."""
+    rgb = (images + 1) / 2
+    flat = rgb.amax(1) - rgb.amin(1) < 0.1
+    level = rgb.mean(1)
+    return ~(flat & (level > 0.4) & (level < 0.65))
+
+
+def shapes_modality_metrics(images, batch):
+    """Scores of images generated for the items of `batch` (collated, CPU), for every modality
+    whether given or not (a given one should beat the unconditional samples):
+      label_fg_acc    object/background pixels agree with the label map (seg)
+      in_mode         each labelled region is painted in a palette mode of its class (seg)
+      sketch_f1       edges of the image vs the sketch, 1-pixel tolerance (sketch)
+      caption_*       the objects the caption names are found, by colour / shape / both (text)
+      style_colour    colours of the style reference's objects found in the image (style)
+      colour_precision  share of the objects found whose colour is one the item asks for (its
+                      caption names and its style reference shows the same colours): recall
+                      (caption_colour, style_colour) also rewards multicoloured blobs (text, style)
+      mode_coverage   fraction of (class, palette mode) pairs drawn at least once, over the
+                      objects found in all images, and mode_tv their distance to the set's weights
+    Computed from counts (shapes_modality_counts), which add up batch by batch."""
+    return shapes_modality_scores(shapes_modality_counts(images, batch))
+
+
+def shapes_modality_zero_counts():
+    """shapes_modality_counts of no images, all zeros: the start of a sum (on every torchrun
+    rank, also one that scores no batch). The modes table counts the objects found per (class,
+    palette mode + 1), column 0 for a colour that is no mode of its class."""
+    keys = ("images", "fg_match", "pixels", "in_mode", "coloured", "edge_pred", "edge_pred_hit",
+            "edge_true", "edge_true_hit", "named", "caption_colour", "caption_shape",
+            "caption_object", "style_hits", "style_wanted", "asked")
+    c = {k: torch.zeros((), dtype=torch.float64) for k in keys}
+    columns = 1 + max(len(p) for p in SHAPES_PALETTE)
+    c["modes"] = torch.zeros(len(SHAPES_CLASSES), columns, dtype=torch.float64)
+    return c
+
+
+def shapes_modality_counts(images, batch):
+    """The sums behind shapes_modality_metrics (the keys of shapes_modality_zero_counts), as
+    float64 tensors that add across batches and ranks."""
+    images = images.float().cpu().clamp(-1, 1)
+    c = {"images": len(images)}
+    fg = shapes_foreground(images) == (batch["label"].cpu() > 0)
+    c["fg_match"], c["pixels"] = int(fg.sum()), fg.numel()
+    fid = shapes_colour_fidelity(images, batch["instance"].cpu(), batch["inst_class"].cpu(),
+                                 batch["inst_valid"].cpu())
+    distance = fid["distance"][fid["valid"]]
+    c["in_mode"], c["coloured"] = int((distance <= SHAPES_MODE_TOLERANCE).sum()), len(distance)
+    gray = ((images.mean(1) + 1) / 2).numpy()
+    pred = torch.from_numpy(np.stack([image_sketch(g) for g in gray])).bool()
+    target = batch["sketch"][:, 0].cpu().bool()
+
+    def grow(edges):                                   # 1-pixel tolerance
+        return torch.nn.functional.max_pool2d(edges[:, None].float(), 3, 1, 1)[:, 0] > 0
+
+    c["edge_pred"], c["edge_pred_hit"] = int(pred.sum()), int((pred & grow(target)).sum())
+    c["edge_true"], c["edge_true_hit"] = int(target.sum()), int((target & grow(pred)).sum())
+    named = sum(len(shapes_caption_objects(t)) for t in batch["caption"])
+    caps = shapes_caption_accuracy(images, batch["caption"])          # fractions of `named`
+    c["named"] = named
+    c.update({f"caption_{k}": round(v * max(named, 1)) for k, v in caps.items()})
+    table = torch.zeros_like(shapes_modality_zero_counts()["modes"], dtype=torch.long)
+    hits, total, asked = 0, 0, 0
+    for objs, cls, mode, valid in zip(shapes_find_objects(images), batch["inst_class"],
+                                      batch["inst_mode"], batch["inst_valid"]):
+        wanted = {SHAPES_MODE_NAMES[k][j] for k, j, v in zip(cls.tolist(), mode.tolist(),
+                                                             valid.tolist()) if v}
+        seen = {o["colour"] for o in objs}
+        hits, total = hits + len(wanted & seen), total + len(wanted)
+        asked += sum(o["colour"] in wanted for o in objs)
+        for o in objs:
+            names = SHAPES_MODE_NAMES[o["cls"]]
+            table[o["cls"], 1 + names.index(o["colour"]) if o["colour"] in names else 0] += 1
+    c.update(style_hits=hits, style_wanted=total, asked=asked, modes=table)
+    return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in c.items()}
+
+
+def shapes_modality_scores(c):
+    """shapes_modality_metrics from the (summed) counts of shapes_modality_counts."""
+    def ratio(a, b):
+        return float(c[a] / c[b].clamp(min=1))
+
+    precision, recall = ratio("edge_pred_hit", "edge_pred"), ratio("edge_true_hit", "edge_true")
+    m = {"label_fg_acc": ratio("fg_match", "pixels"), "in_mode": ratio("in_mode", "coloured"),
+         "sketch_f1": 2 * precision * recall / max(precision + recall, 1e-8)}
+    m.update({f"caption_{k}": ratio(f"caption_{k}", "named")
+              for k in ("colour", "shape", "object")})
+    m["style_colour"] = ratio("style_hits", "style_wanted")
+    table = c["modes"].long()
+    m["colour_precision"] = float(c["asked"] / table.sum().clamp(min=1))
+    cls, mode = torch.nonzero(table, as_tuple=True)                    # back to one per object
+    counts = table[cls, mode]
+    cover = shapes_mode_coverage((mode - 1).repeat_interleave(counts),
+                                 cls.repeat_interleave(counts))
+    m["mode_coverage"], m["mode_tv"] = cover["coverage"], cover["tv"]
+    m["objects_per_image"] = float(table.sum() / c["images"].clamp(min=1))
+    return m
+# ---- end of poe_gan.py's section ----
+
+
+# ---- inade.py: scoring of the built-in shapes tasks ----
+# Ground-truth scoring of INADE's samples on the built-in shapes: every object's measured colour
+# against its class's colour modes (random styles should cover the modes, reconstructions should
+# return the reference's own mode, two objects of one class should be able to differ).
+
+def shapes_style_scores(batch, images):
+    """One batch of test layouts: for each named image set (B, 3, H, W) in `images` (e.g. the
+    real images, random samples, reconstructions) every object's nearest mode, its distance and
+    visibility (each (B, M)), plus the true modes and classes."""
+    inst, cls, valid = batch["instance"].cpu(), batch["inst_class"].cpu(), batch["inst_valid"].cpu()
+    out = {}
+    for name, imgs in images.items():
+        f = shapes_colour_fidelity(imgs.cpu(), inst, cls, valid)
+        out[name] = {k: f[k] for k in ("distance", "mode", "valid")}
+    out["true_mode"], out["cls"] = batch["inst_mode"].cpu(), cls
+    return out
+
+
+def shapes_same_class_pairs_differ(mode, cls, ok):
+    """Among pairs of objects of one class in one image (both where ok), the fraction whose modes
+    differ: 0 if every instance of a class looked alike, as with one style per class."""
+    differ = total = 0
+    for i in range(mode.shape[1]):
+        for j in range(i + 1, mode.shape[1]):
+            pair = ok[:, i] & ok[:, j] & (cls[:, i] == cls[:, j])
+            differ += int((pair & (mode[:, i] != mode[:, j])).sum())
+            total += int(pair.sum())
+    return differ / total if total else float("nan")
+
+
+def shapes_style_summary(rows, names=("real", "random", "recon")):
+    """The scores of shapes_style_scores over all batches: per image set, the colour error, the
+    fraction in a mode, mode coverage and total variation to the true mode weights, how often
+    two same-class objects differ and, for "recon", how often the reference's own mode returns."""
+    cls = torch.cat([r["cls"] for r in rows])
+    true_mode = torch.cat([r["true_mode"] for r in rows])
+    out = {}
+    for name in names:
+        dist, mode, valid = (torch.cat([r[name][key] for r in rows])
+                             for key in ("distance", "mode", "valid"))
+        in_mode = valid & (dist <= SHAPES_MODE_TOLERANCE)
+        cover = shapes_mode_coverage(mode, cls, in_mode)
+        out[name] = {
+            "colour_error": dist[valid].mean().item(),          # RGB distance to nearest mode
+            "in_mode": in_mode[valid].float().mean().item(),    # within tolerance of a mode
+            "mode_coverage": cover["coverage"], "mode_tv": cover["tv"],
+            "mode_counts": cover["counts"],
+            # the same over every visible object by its nearest mode, in tolerance or not
+            "mode_coverage_nearest": shapes_mode_coverage(mode, cls, valid)["coverage"],
+            "same_class_pairs_differ": shapes_same_class_pairs_differ(mode, cls, in_mode),
+            "same_class_pairs_differ_nearest": shapes_same_class_pairs_differ(mode, cls, valid),
+        }
+        if name == "recon":  # prior noise remapping: the reference's own mode comes back
+            out[name]["mode_accuracy"] = (mode == true_mode)[valid].float().mean().item()
+    return out
+# ---- end of inade.py's section ----
