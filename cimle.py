@@ -1,6 +1,6 @@
 """Conditional IMLE: Multimodal Image Synthesis with Conditional Implicit Maximum Likelihood
-Estimation (Li, Peng, Zhang, Malik; IJCV 2020). Two tasks: x8 super-resolution (SRIM, §5.1) and
-image synthesis from scene layouts (§5.2).
+Estimation (Ke Li, Shichong Peng, Tianhao Zhang, Jitendra Malik; IJCV 2020, arXiv:2004.03590).
+Two tasks: x8 super-resolution (SRIM, §5.1) and image synthesis from scene layouts (§5.2).
 
 Idea: a conditional GAN pulls *every* sample towards the one ground truth, so its samples
 collapse onto one mode. IMLE turns the direction around (§3.4-3.5): for every training pair
@@ -20,15 +20,16 @@ Map of this file:
     select_latents         the nearest-sample search: chunked, no_grad, running argmin (exact)
     rarity (§5.2.4)        per-class KDE of mean colours, rarity scores, dataset and loss
                            rebalancing; cached beside the dataset
-    Algorithm 1            subset -> search -> L inner steps; z = 0 pretraining; training loop
+    Algorithm 1            the schedule of outer iterations (z = 0 pretraining rounds, IMLE
+                           rounds), subset -> search -> L inner steps; the training loop
     several GPUs           torchrun: each rank searches its share of S (codes drawn per example,
                            so the same as one process's) and the selected codes are all-gathered;
                            the inner steps' |S~| = --batch_size is global, |S~| / world per rank
     sampling controls      many samples per input, latent interpolation, one latent on many inputs
     evaluation (streamed)  faithfulness-weighted variance (§5.1.5), LPIPS diversity (§5.2.6),
-                           shapes toy metrics (palette-mode coverage, colour fidelity), summed
-                           input by input: memory set by one input's samples
-    benchmark              select_latents vs materialise-all: time, peak memory, search overhead
+                           the shapes scores of data.py, summed input by input
+    benchmark, dry run     training steps (common.bench_training) and select_latents vs the naive
+                           search in one bench.json; parameter counts
     main
 
     python cimle.py                                   # layouts on built-in shapes, CPU ~5 min
@@ -36,7 +37,7 @@ Map of this file:
     python cimle.py --task sr                         # x8 SR on shapes (stripes are ambiguous)
     python cimle.py --sample                          # grids from out/cimle-shapes/ckpt.pt
     python cimle.py --eval                            # metrics -> out/cimle-shapes/eval.json
-    python cimle.py --bench                           # select_latents vs the naive search
+    python cimle.py --bench 20                        # inner steps and the search -> bench.json
     python cimle.py --data folder --data_dir data/imagenet_cicada   # SRIM, paper scale
     python cimle.py --data gta5                       # layouts, paper scale (256x512)
     python cimle.py --data gta5 --dry_run             # parameter counts vs the official nets
@@ -77,22 +78,25 @@ SR_PAPER = dict(
     lr_gamma=0.5,             # shifted by the 150k pretraining steps
     pretrain_iters=150_000,   # §5.1.1: z = 0 pretraining; SRIM stage 1: 150k iterations
     bilinear_from=450_000,    # §5.1.1: nearest early, bilinear later (SRIM stage 3); when: ours
+                              # (a fresh outer iteration starts there: see outer_schedule)
     iters=750_000,            # K = 3 IMLE outer iterations after pretraining (paper: K not given)
     n_train=1280,             # §5.1.4: 1,280 training images
-    distance="vgg",           # §5.1.1: l2 on pixels + VGG-19 relu5_4
+    distance="vgg",           # §5.1.1, Eq. (1): l2 norms of pixels and VGG-19 relu5_4
+    calibrate_examples=64,    # §3.7 weights from 64 examples of the first S (our choice)
     perturb=0.0, reject=0.0,  # off: official-code perturbation (0.1) / RS-IMLE rejection
     search_examples=1, search_chunk=25,  # our choice: 25 RRDB forwards per search chunk
     pretrained=1, n_eval=80, eval_samples=50,  # §5.1.6: 80 test images, 50 samples each
     sample_every=10_000, ckpt_every=10_000, log_every=100,
     # layout-only settings (unused here)
-    crn_channels="", noise_channels=10, encoder_channels=100, rebalance_data=0,
-    rebalance_loss=0, rebalance_classes=5,
+    crn_channels="", noise_channels=10, encoder_channels=100, noise_encoder=1,
+    rebalance_data=0, rebalance_loss=0, rebalance_classes=5, rarity_min_images=67,
 )
 LAYOUT_PAPER = dict(
     task="layout", size=256,  # §5.2.5: 256x512 (height 256, the sets are 2:1)
     crn_channels="1024,1024,1024,1024,1024,512,512",  # DISL: 7 modules 4x8..256x512
     noise_channels=10,        # §5.2.5: z~ 256x512x10, z' 256x512x10
     encoder_channels=100,     # §5.2.5: intermediate layers of the noise encoder have 100 channels
+    noise_encoder=1,          # §5.2.1 (0: Table 2's "w/o noise encoder", z~ fed to the CRN)
     S=400, m=10, L=10_000,    # §5.2.5: |S| = 400, m = 10, L = 10,000
     batch_size=1,             # §5.2.5: |S~| = 1
     lr=1e-4, lr_milestones="50000", lr_gamma=0.1,  # DISL: Adam 1e-4, then 1e-5 after 5 outer
@@ -100,10 +104,12 @@ LAYOUT_PAPER = dict(
     iters=160_000,            # DISL: 16 outer iterations
     n_train=0,                # 0 = all (§5.2.5: 12,403 GTA-5 training images)
     distance="vgg",           # §5.2.1: l1 on conv1_2 .. conv5_2 (+ pixels, DISL)
+    calibrate_examples=64,    # §3.7 weights from 64 examples of the first S (our choice)
     perturb=0.0, reject=0.0,
     search_examples=1, search_chunk=10,  # our choice: one example's m = 10 candidates at once
     rebalance_data=1, rebalance_loss=1,  # §5.2.4: both rebalancing schemes
     rebalance_classes=5,      # §5.2.4: the five classes of largest area
+    rarity_min_images=67,     # DISL: classes in <= 67 images get no KDE of their own
     pretrained=1, n_eval=100, eval_samples=80,  # §5.2.6: 100 layouts x 40 pairs
     sample_every=5_000, ckpt_every=5_000, log_every=100,
     z_channels=5, nf=64, gc=128, n_blocks=24,  # SR-only settings (unused here)
@@ -130,7 +136,7 @@ PRESETS = {
 TASKS = {"shapes": ("layout", "sr"), "folder": ("sr",), "gta5": ("layout",),
          "cityscapes": ("layout",)}
 ARCH_KEYS = ("task", "size", "z_channels", "nf", "gc", "n_blocks", "crn_channels",
-             "noise_channels", "encoder_channels", "num_classes", "distance")
+             "noise_channels", "encoder_channels", "noise_encoder", "num_classes", "distance")
 LAYOUT_VGG = ["conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2"]  # §5.2.1
 REFERENCE_PARAMS = {"sr": {"G": 109.06e6}, "layout": {"G": 98.4e6, "E": 0.12e6}}  # official code
 
@@ -150,11 +156,15 @@ def build_parser():
     a("--pretrain_iters", type=int, default=None,
       help="first iterations with z = 0 (deterministic regression, §5.1.1); >= --iters: "
            "the whole run is the z = 0 baseline")
-    a("--bilinear_from", type=int, default=None, help="SR: bilinear up-sampling from this iter")
+    a("--bilinear_from", type=int, default=None,
+      help="SR: bilinear up-sampling from this iteration on, which starts a new outer iteration "
+           "(0: nearest throughout)")
     a("--n_train", type=int, default=None, help="training examples used (0 = all)")
     a("--distance", default=None, choices=["pixel", "vgg", "official"],
-      help="pixel: pixels only (no download); vgg: §3.7/§5 pixels + VGG-19 features; "
+      help="pixel: L1 of pixels only (no download); vgg: §3.7/§5 pixels + VGG-19 features; "
            "official: SRIM's 0.01 L1 pixels + L1 conv5_4 (SR only)")
+    a("--calibrate_examples", type=int, default=None,
+      help="§3.7 distance weights: examples of the first S (one code each) they are set from")
     a("--perturb", type=float, default=None, help="SRIM code: add perturb * N(0, I) to codes")
     a("--reject", type=float, default=None, help="RS-IMLE: skip candidates nearer than this")
     a("--search_examples", type=int, default=None, help="examples per search chunk")
@@ -166,14 +176,23 @@ def build_parser():
     a("--crn_channels", default=None, help="layout: CRN widths, coarsest module first")
     a("--noise_channels", type=int, default=None, help="layout: channels of z~ and z'")
     a("--encoder_channels", type=int, default=None, help="layout: noise encoder width")
+    a("--noise_encoder", type=int, default=None, choices=[0, 1],
+      help="layout: 1 = z' = E(x, z~) (§5.2.1); 0 = z~ fed to the CRN (Table 2 ablation)")
     a("--rebalance_data", type=int, default=None, choices=[0, 1], help="§5.2.4 dataset rebalancing")
     a("--rebalance_loss", type=int, default=None, choices=[0, 1], help="§5.2.4 loss rebalancing")
     a("--rebalance_classes", type=int, default=None, help="classes of largest area that share S")
+    a("--rarity_min_images", type=int, default=None,
+      help="a class found in at most this many images gets no KDE: its pixels take the "
+           "largest rarity of their image (DISL's guard: 67)")
     a("--pretrained", type=int, default=None, choices=[0, 1],
       help="1: pretrained VGG-19 / LPIPS (download once); 0: pixel stand-ins")
     a("--n_eval", type=int, default=None, help="test inputs for --eval")
     a("--eval_samples", type=int, default=None, help="samples per test input for --eval")
-    a("--bench", action="store_true", help="time select_latents against a naive search")
+    a("--lpips_net", default="alex", choices=["alex", "vgg"],
+      help="LPIPS backbone of --eval with --pretrained 1 (the paper does not name it)")
+    a("--bench", type=int, default=None,
+      help="time N inner steps (float32 eager, then --dtype/--compile) and select_latents "
+           "against the naive search; writes bench.json (offline with --pretrained 0)")
     return p
 
 
@@ -213,10 +232,11 @@ def check_args(args):
             f"{args.data}; it supports: {', '.join(TASKS[args.data])}.")
     common.at_least(args, 1, "S", "L", "search_examples", "search_chunk", "z_channels", "nf",
                     "gc", "n_blocks", "noise_channels", "encoder_channels", "rebalance_classes",
-                    "n_eval")
+                    "n_eval", "calibrate_examples", "bench")
     require(args.m >= 1, f"--m (--candidates), the latent codes drawn per example, must be at "
                          f"least 1 (got {args.m}).")
-    common.at_least(args, 0, "pretrain_iters", "bilinear_from", "n_train", "perturb", "reject")
+    common.at_least(args, 0, "pretrain_iters", "bilinear_from", "n_train", "perturb", "reject",
+                    "rarity_min_images")
     require(args.eval_samples >= 2, f"--eval_samples must be at least 2: the diversity of "
                                     f"§5.2.6 is measured within pairs of samples "
                                     f"(got {args.eval_samples}).")
@@ -236,7 +256,7 @@ def check_args(args):
             f"(or pass --rebalance_data 0).")
     require(args.distance != "official" or args.task == "sr",
             "--distance official is SRIM's distance; it exists for --task sr only.")
-    require(args.distance == "pixel" or args.pretrained,
+    require(args.distance == "pixel" or args.pretrained or args.bench,  # --bench: random VGG
             f"--distance {args.distance} needs the pretrained VGG-19: pass --pretrained 1, or use "
             f"--distance pixel.")
     require(args.size % 8 == 0, f"--size must be a multiple of 8 (got {args.size}).")
@@ -392,12 +412,14 @@ class CRN(nn.Module):
 
 
 class LayoutGenerator(nn.Module):
-    """T(x, z~) = CRN(x, E(x, z~)): label map (B, H, W) int -> image (B, 3, H, W)."""
+    """T(x, z~) = CRN(x, E(x, z~)): label map (B, H, W) int -> image (B, 3, H, W).
+    noise_encoder=False: T(x, z~) = CRN(x, z~), Table 2's "Ours w/o noise encoder"."""
 
-    def __init__(self, num_classes, noise_channels, encoder_channels, widths):
+    def __init__(self, num_classes, noise_channels, encoder_channels, widths, noise_encoder=True):
         super().__init__()
         self.num_classes, self.noise_channels = num_classes, noise_channels
-        self.encoder = NoiseEncoder(num_classes, noise_channels, encoder_channels)
+        self.encoder = NoiseEncoder(num_classes, noise_channels, encoder_channels) \
+            if noise_encoder else None
         self.crn = CRN(num_classes, noise_channels, widths)
 
     def latent_shape(self, cond):
@@ -405,14 +427,14 @@ class LayoutGenerator(nn.Module):
 
     def forward(self, cond, z):
         layout = F.one_hot(cond, self.num_classes).permute(0, 3, 1, 2).float()  # (B, P, H, W)
-        return self.crn(layout, self.encoder(layout, z))
+        return self.crn(layout, z if self.encoder is None else self.encoder(layout, z))
 
 
 def build_generator(args):
     if args.task == "sr":
         return SRGenerator(args.z_channels, args.nf, args.gc, args.n_blocks)
     return LayoutGenerator(args.num_classes, args.noise_channels, args.encoder_channels,
-                           parse_ints(args.crn_channels, "crn_channels"))
+                           parse_ints(args.crn_channels, "crn_channels"), bool(args.noise_encoder))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,15 +444,17 @@ def build_generator(args):
 class Distance:
     """Per-example distances between generated images and targets, one tensor op per term.
 
-    Terms: pixels, then VGG-19 layers. SR (§5.1.1): squared l2 (mean over elements: our
-    normalisation) on pixels and relu5_4. SRIM code ("official"): 0.01 L1 pixels + L1 conv5_4.
+    Terms: pixels, then VGG-19 layers, each a norm of the difference divided by the root of
+    (l2) or by (l1) its number of elements (our normalisation, so that sizes do not matter).
+    SR (§5.1.1, Eq. 1): l2 norms, i.e. root mean squares, of pixels and relu5_4 (a sum of norms,
+    not of squared norms). SRIM code ("official"): 0.01 L1 pixels + L1 conv5_4.
     Layouts (§5.2.1, §5.2.4): L1 on pixels (DISL) and conv1_2..conv5_2, every term weighted by
     the normalised rarity mask resized to the term's resolution (area average).
+    pixel (the CPU presets, both tasks): L1 of the pixels alone, weight 1.
     Weights (§3.7 "each term roughly of the same magnitude"): `calibrate` sets lambda_i =
-    1 / mean of term i over one code for each of the first --search_examples examples of
-    S, the same on every rank (our rule for the paper's sentence); the
-    official SR weights are fixed. Pixel-only: one term, weight 1.
-    Targets are prepared once (`prepare`) and broadcast over each example's candidates.
+    1 / mean of term i (see calibrate_distance for the examples it is measured on); the
+    official SR weights are fixed. Targets are prepared once (`prepare`) and broadcast over
+    each example's candidates.
     """
 
     def __init__(self, task, kind, device, vgg=None):
@@ -448,7 +472,7 @@ class Distance:
         self.weights = torch.tensor([0.01, 1.0] if kind == "official" else [1.0] * n,
                                     device=device)
         self.calibrated = kind != "vgg"
-        self.squared = task == "sr" and kind == "vgg"  # §5.1.1 l2; else L1
+        self.l2 = task == "sr" and kind == "vgg"  # §5.1.1 l2 norms; else L1
 
     def features(self, images):
         feats = {"pixels": images}
@@ -470,24 +494,26 @@ class Distance:
             fk = feats[name].float()
             fk = fk.view(e, -1, *fk.shape[1:])                  # (E, c, C, H, W)
             diff = fk - tgt.float().unsqueeze(1)
-            diff = diff.pow(2) if self.squared else diff.abs()
+            diff = diff.pow(2) if self.l2 else diff.abs()
             mask = prepared["mask"]
             if mask is not None:                                # §5.2.4 loss rebalancing
                 m = F.interpolate(mask, size=diff.shape[-2:], mode="area") \
                     if mask.shape[-2:] != diff.shape[-2:] else mask
                 diff = diff * m.unsqueeze(1)                     # broadcast over c and channels
-            result.append(diff.flatten(2).mean(2).reshape(-1))  # (E * c,)
+            term = diff.flatten(2).mean(2)                      # (E, c)
+            if self.l2:  # Eq. (1): the norm itself (clamped: sqrt has no gradient at 0)
+                term = term.clamp(min=1e-12).sqrt()
+            result.append(term.reshape(-1))                     # (E * c,)
         return torch.stack(result, dim=1)
 
     def __call__(self, fake, prepared):
         return self.terms(fake, prepared) @ self.weights       # (E * c,)
 
-    @torch.no_grad()
-    def calibrate(self, fake, prepared):
-        """§3.7: lambda_i = 1 / mean(term_i) so that every term starts at magnitude 1."""
-        if not self.calibrated:
-            self.weights = 1.0 / self.terms(fake, prepared).mean(0).clamp(min=1e-12)
-            self.calibrated = True
+    def calibrate(self, terms):
+        """§3.7: lambda_i = 1 / mean(term_i) over terms (N, n_terms), so that every term starts
+        at magnitude 1."""
+        self.weights = 1.0 / terms.float().mean(0).clamp(min=1e-12).to(self.weights.device)
+        self.calibrated = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,24 +576,6 @@ def running_argmin(state, d, z, offset):
             torch.where(better.view(shape), z_min, z_old))
 
 
-@torch.no_grad()
-def select_latents_naive(generate, distance, cond, target, mask, m, draw, examples, device):
-    """Baseline for the benchmark and the tests: materialise all m samples, then argmin."""
-    idx_out, z_out = [], []
-    for e0 in range(0, cond.shape[0], examples):
-        e1 = min(cond.shape[0], e0 + examples)
-        c_blk = cond[e0:e1].to(device)
-        z = draw(e0, e1, 0, m)
-        images = generate(c_blk.repeat_interleave(m, dim=0), z.flatten(0, 1))  # all E * m
-        prepared = distance.prepare(target[e0:e1].to(device),
-                                    None if mask is None else mask[e0:e1].to(device))
-        d = distance(images, prepared).view(e1 - e0, m)
-        j = d.argmin(dim=1)
-        idx_out.append(j)
-        z_out.append(z[torch.arange(e1 - e0, device=z.device), j])
-    return torch.cat(idx_out), torch.cat(z_out)
-
-
 # ----------------------------------------------------------------------------------------------
 # Rarity (§5.2.4): per-class Gaussian KDE of the mean colours, scores, mask, dataset rebalancing
 # ----------------------------------------------------------------------------------------------
@@ -601,16 +609,25 @@ def kde_density(points, queries, chunk=4096):
     return torch.cat(out)
 
 
-def rarity_scores(colours, present):
+def rarity_scores(colours, present, min_images=0):
     """R_p(k) = 1 / D_p(c_k(p)) where class p appears in image k, else 0 (§5.2.4).
-    colours (N, P, 3), present (N, P) -> R (N, P) float64. One KDE per class (loop over P)."""
+    colours (N, P, 3), present (N, P) -> R (N, P) float64. One KDE per class (loop over P).
+
+    A class found in <= min_images images has no KDE (a few points give a near-singular one whose
+    density is huge, so its rarity would be ~0): where it appears it takes the largest score of
+    the image's other classes, so the mask gives it full weight (1 where the image has no scored
+    class). DISL skips such classes too (<= 67 images) but gives them 1 / (running maximum over
+    the classes before it), which is ~0; we read that as a slip and follow the intent."""
     rarity = torch.zeros(present.shape, dtype=torch.float64)
+    guarded = present.sum(0) <= min_images                                # (P,)
     for p in range(present.shape[1]):
         rows = present[:, p].nonzero().squeeze(1)
-        if len(rows):
+        if len(rows) and not guarded[p]:
             pts = colours[rows, p]
             rarity[rows, p] = 1.0 / kde_density(pts, pts).clamp(min=1e-300)
-    return rarity
+    largest = rarity.max(1).values                                       # (N,), 0: none scored
+    fill = torch.where(largest > 0, largest, torch.ones_like(largest)).unsqueeze(1)
+    return torch.where(present & guarded, fill, rarity)
 
 
 def rarity_mask(labels, rarity_rows):
@@ -623,7 +640,8 @@ def rarity_mask(labels, rarity_rows):
 
 def rarity_cache_path(args, n):
     folder = args.out_dir if args.data == "shapes" else args.data_dir  # built-in: beside the run
-    return os.path.join(folder, f"cimle_rarity_{args.data}_{args.size}_{n}.pt")
+    return os.path.join(folder, f"cimle_rarity_{args.data}_{args.size}_{n}_"
+                                f"min{args.rarity_min_images}.pt")
 
 
 def load_rarity(args, ds, n, rt=None):
@@ -646,7 +664,8 @@ def load_rarity(args, ds, n, rt=None):
         colours.append(c)
         present.append(p)
         area += count.sum(0)
-    result = {"R": rarity_scores(torch.cat(colours), torch.cat(present)), "area": area}
+    result = {"R": rarity_scores(torch.cat(colours), torch.cat(present), args.rarity_min_images),
+              "area": area}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(result, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -678,11 +697,19 @@ def pick_subset(outer, n, args, rarity):
 
 def load_data(args, split="train"):
     root = args.data_dir if args.data != "shapes" else None
-    ds = data.get_dataset(args.data, root=root, split=split, size=args.size)
+    options = dict(stretch=True) if args.data == "folder" else {}  # §5.1.2: anisotropic scaling
+    ds = data.get_dataset(args.data, root=root, split=split, size=args.size, **options)
     need = {"lowres", "image"} if args.task == "sr" else {"label", "image"}
     if not need <= ds.has:
         raise common.UserError(f"--task {args.task} needs {sorted(need)} items, and {args.data} "
                                f"gives only {sorted(ds.has)}.")
+    if args.data == "folder" and not any(data.folder_split(d) == "test"
+                                         for d in data.subfolders(root)):
+        # §5.1.2: training and test images are disjoint. A folder without a test sub-folder
+        # serves one set to both splits: its last --n_eval images are then the test split.
+        held = min(args.n_eval, len(ds.records) // 2)
+        if held:
+            ds.records = ds.records[-held:] if split == "test" else ds.records[:-held]
     if args.task == "layout":
         args.num_classes = ds.num_classes
     return ds
@@ -707,17 +734,32 @@ def gather_items(ds, indices, args, rarity, outer=0):
     return cond, target, mask
 
 
+def outer_schedule(it, args):
+    """(number k = 1, 2, ... as Algorithm 1 counts, first step) of the outer iteration that step
+    `it` belongs to; k seeds the subset S and the codes drawn for it.
+
+    The run is cut into phases at pretrain_iters and at bilinear_from, and outer iterations
+    restart at every cut. z = 0 pretraining (§5.1.1) runs in rounds of |S| / |S~| steps, each on
+    a fresh subset S, so that it sweeps the whole training set as SRIM's stage 1 does (one S for
+    all of it would never show the rest). IMLE outer iterations last L steps. The switch to
+    bilinear up-sampling starts a fresh outer iteration, so no codes selected under one network
+    train the other (SRIM's stage 3 was a new run with a new search)."""
+    cuts = sorted({0} | {v for v in (args.pretrain_iters, args.bilinear_from) if v > 0})
+    number = 1
+    for start, end in zip(cuts, cuts[1:] + [math.inf]):
+        length = max(1, args.S // args.batch_size) if start < args.pretrain_iters else args.L
+        if it < end:
+            k = (it - start) // length
+            return number + k, start + k * length
+        number += math.ceil((end - start) / length)
+
+
 def new_outer(it, args):
-    """Outer iterations start every L steps, counted from 0 and again from pretrain_iters."""
-    start = 0 if it < args.pretrain_iters else args.pretrain_iters
-    return (it - start) % args.L == 0
+    return outer_schedule(it, args)[1] == it
 
 
 def outer_index(it, args):
-    """The number of the outer iteration that step `it` belongs to (pretraining ones first)."""
-    if it < args.pretrain_iters:
-        return it // args.L
-    return args.pretrain_iters // args.L + 1 + (it - args.pretrain_iters) // args.L
+    return outer_schedule(it, args)[0]
 
 
 def code_stream(args, outer, example, device):
@@ -746,12 +788,6 @@ def outer_search(G, distance, items, outer, args, rt):
                                         device=rt.device) for e in range(e0, e1)])
 
     with torch.no_grad(), rt.autocast():
-        if not distance.calibrated:  # §3.7 weights, from the first examples of S on every rank
-            k = min(len(cond), args.search_examples)
-            z = torch.stack([torch.randn(latent, generator=code_stream(args, outer, i, rt.device),
-                                         device=rt.device) for i in range(k)])
-            distance.calibrate(G(cond[:k].to(rt.device), z), distance.prepare(
-                target[:k].to(rt.device), None if mask is None else mask[:k].to(rt.device)))
         _, codes, dist = select_latents(G, distance, cond[share], target[share],
                                         None if mask is None else mask[share], args.m, draw,
                                         args.search_chunk, args.search_examples, rt.device,
@@ -763,6 +799,29 @@ def outer_search(G, distance, items, outer, args, rt):
         gen = code_stream(args, outer, len(cond), rt.device)  # the stream after S's examples
         codes = codes + args.perturb * torch.randn(codes.shape, generator=gen, device=rt.device)
     return codes.cpu(), dist.mean().item()
+
+
+@torch.no_grad()
+def calibrate_distance(G, distance, items, outer, zero, args, rt):
+    """§3.7 weights, set once at the run's first outer iteration: lambda_i = 1 / mean of term i
+    over the first --calibrate_examples examples of S, one code each (the first of the example's
+    own stream; z = 0 when the run starts with pretraining, so that pretraining and IMLE train
+    one loss). The same examples on every rank, so every rank has the same weights; measured
+    search_examples * search_chunk at a time, which sets the memory and not the weights."""
+    cond, target, mask = items
+    k, block = min(len(cond), args.calibrate_examples), args.search_examples * args.search_chunk
+    terms = []
+    with rt.autocast():
+        for e0 in range(0, k, block):
+            part = slice(e0, min(k, e0 + block))
+            z = torch.stack([torch.randn(G.latent_shape(cond), device=rt.device,
+                                         generator=code_stream(args, outer, i, rt.device))
+                             for i in range(part.start, part.stop)])
+            prepared = distance.prepare(target[part].to(rt.device),
+                                        None if mask is None else mask[part].to(rt.device))
+            fake = G(cond[part].to(rt.device), z.zero_() if zero else z)
+            terms.append(distance.terms(fake, prepared))
+    distance.calibrate(torch.cat(terms))
 
 
 def gather_shares(x, n, rt):
@@ -801,8 +860,9 @@ def inner_step(G, distance, opt, sched, items, codes, it, args, rt):
 
 def make_distance(args, device):
     vgg = None
-    if args.distance != "pixel":
-        vgg = common.VGG19(pretrained=True).to(device).eval().requires_grad_(False)
+    if args.distance != "pixel":  # --pretrained 0 only under --bench: the same cost, offline
+        vgg = common.VGG19(pretrained=bool(args.pretrained)).to(device).eval()
+        vgg.requires_grad_(False)
     return Distance(args.task, args.distance, device, vgg)
 
 
@@ -810,11 +870,6 @@ def make_optimiser(G, args):
     opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.9, 0.999))  # SRIM / DISL: Adam
     milestones = parse_ints(args.lr_milestones, "lr_milestones")
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, args.lr_gamma)
-
-
-def config_of(args):
-    return {k: v for k, v in vars(args).items()
-            if k not in ("resume", "sample", "eval", "dry_run", "bench", "device")}
 
 
 def train(args):
@@ -830,7 +885,7 @@ def train(args):
     objects = dict(G=G, opt=opt, sched=sched, scaler=rt.scaler)
     start, subset, codes, items = 0, None, None, None
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, "cimle", config_of(args), ARCH_KEYS, objects, rt=rt)
+        ck = common.load_checkpoint(ckpt_path, "cimle", vars(args), ARCH_KEYS, objects, rt=rt)
         start, extra = ck["iter"], ck["extra"]
         distance.weights = extra["distance_weights"].to(rt.device)
         distance.calibrated = bool(extra["calibrated"])
@@ -848,6 +903,9 @@ def train(args):
                 outer = outer_index(it, args)
                 subset = pick_subset(outer, n, args, rarity)
                 items = gather_items(ds, subset, args, rarity, outer)
+                if not distance.calibrated:
+                    calibrate_distance(G, distance, items, outer, it < args.pretrain_iters, args,
+                                       rt)
                 if it < args.pretrain_iters:
                     codes = torch.zeros(len(subset), *G.latent_shape(items[0]))
                 else:
@@ -874,8 +932,7 @@ def train(args):
             if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
                 extra = dict(subset=subset, codes=codes, distance_weights=distance.weights.cpu(),
                              calibrated=distance.calibrated)
-                common.save_checkpoint(ckpt_path, "cimle", config_of(args), done, objects, extra,
-                                       rt=rt)
+                common.save_checkpoint(ckpt_path, "cimle", args, done, objects, extra, rt=rt)
             if stop:
                 signals.stop(done, ckpt_path)
     log.close()
@@ -906,6 +963,22 @@ def generate_samples(G, cond, k, device, seed=0, zero=False):
     return torch.stack(out).clamp(-1, 1)
 
 
+@torch.no_grad()
+def interpolate_latents(G, cond, za, zb, frames=8):
+    """Fig. 11 / 16: one input cond (1, ...) decoded along the line from code za to code zb:
+    (frames, 3, H, W) on the CPU, frame 0 at za, the last at zb."""
+    t = torch.linspace(0, 1, frames, device=za.device).view(-1, *[1] * za.dim())
+    z = (1 - t) * za + t * zb                                   # (frames, *latent)
+    return G(cond.expand(frames, *cond.shape[1:]), z).clamp(-1, 1).cpu()
+
+
+@torch.no_grad()
+def one_latent_many_inputs(G, cond, z):
+    """Fig. 12: the one code z applied to every input of cond (N, ...): (N, 3, H, W), CPU."""
+    device = z.device
+    return G(cond.to(device), z.expand(len(cond), *z.shape).contiguous()).clamp(-1, 1).cpu()
+
+
 def samples_grid(G, fixed, args, device, path, palette, k=6):
     """Row per input: input, ground truth, z = 0 output, k samples."""
     cond, target = fixed
@@ -919,7 +992,7 @@ def samples_grid(G, fixed, args, device, path, palette, k=6):
 @torch.no_grad()
 def sample(args):
     device = common.pick_device(args.device)
-    G, ds = load_model(args, device)
+    G, ds, _ = load_model(args, device)
     test = load_data(args, "test")
     out = args.out_dir
     palette = ds.palette if args.task == "layout" else None
@@ -927,34 +1000,31 @@ def sample(args):
     many = generate_samples(G, cond, 12, device, seed=1)  # Fig. 1 / 19: many samples per input
     common.save_grid(os.path.join(out, "many_samples.png"),
                      [[cond[i], target[i]] + list(many[i]) for i in range(len(cond))], palette)
-    # Fig. 11 / 16: linear interpolation between two latent codes, 8 frames per row
     gen = torch.Generator().manual_seed(2)
     shape = G.latent_shape(cond)
     rows = []
-    for i in range(min(3, len(cond))):
-        za, zb = torch.randn((2, *shape), generator=gen)
-        t = torch.linspace(0, 1, 8).view(-1, *[1] * len(shape))
-        z = (1 - t) * za + t * zb
-        img = G(cond[i:i + 1].repeat_interleave(8, 0).to(device), z.to(device)).clamp(-1, 1)
-        rows.append([cond[i]] + list(img.cpu()))
+    for i in range(min(3, len(cond))):  # Fig. 11 / 16: 8 frames from one code to another
+        za, zb = torch.randn((2, *shape), generator=gen).to(device)
+        rows.append([cond[i]] + list(interpolate_latents(G, cond[i:i + 1].to(device), za, zb)))
     common.save_grid(os.path.join(out, "interpolation.png"), rows, palette)
-    # Fig. 12: one latent code applied to several inputs (style consistency)
     rows = [[torch.zeros_like(target[0])] + [c for c in cond]]
-    for _ in range(3):
-        z = torch.randn(shape, generator=gen).expand(len(cond), *shape)
-        rows.append([torch.zeros_like(target[0])] +
-                    list(G(cond.to(device), z.contiguous().to(device)).clamp(-1, 1).cpu()))
+    for _ in range(3):  # Fig. 12: one code on every input (style consistency)
+        z = torch.randn(shape, generator=gen).to(device)
+        rows.append([torch.zeros_like(target[0])] + list(one_latent_many_inputs(G, cond, z)))
     common.save_grid(os.path.join(out, "one_latent_many_inputs.png"), rows, palette)
     print(f"wrote many_samples.png, interpolation.png, one_latent_many_inputs.png into {out}")
 
 
 def load_model(args, device):
+    """The trained generator (its up-sampling mode as at the last step), the training set, and
+    whether the run never left z = 0 pretraining (the regression baseline, sampled with z = 0)."""
     ds = load_data(args)
     G = build_generator(args).to(device)
-    ck = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "cimle", config_of(args),
+    ck = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "cimle", vars(args),
                                 ARCH_KEYS, {"G": G}, restore_rng=False)
-    G.upsample_mode = "bilinear" if ck["iter"] > args.bilinear_from > 0 else "nearest"
-    return G.eval(), ds
+    trained = ck["config"]
+    G.upsample_mode = "bilinear" if ck["iter"] > trained["bilinear_from"] > 0 else "nearest"
+    return G.eval(), ds, ck["iter"] <= trained["pretrain_iters"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -978,10 +1048,11 @@ def faithfulness_weighted_variance(samples, truth, d, sigmas=(0.3, 0.2, 0.15)):
 
 
 def make_metric_distance(args, device):
-    """LPIPS (pretrained, alex: the package default; the paper does not say) or, without
-    pretrained weights, mean absolute pixel difference / 2 as a stand-in (named so in eval.json)."""
+    """LPIPS (pretrained; --lpips_net alex, the package default, or vgg, which the authors'
+    evaluation script passes; the paper does not say) or, without pretrained weights, mean
+    absolute pixel difference / 2 as a stand-in (named so in eval.json)."""
     if args.pretrained:
-        lp = common.LPIPS(net="alex", pretrained=True).to(device).eval()
+        lp = common.LPIPS(net=args.lpips_net, pretrained=True).to(device).eval()
         return "lpips", lambda a, b: torch.cat([lp(x.to(device), y.to(device)).flatten().cpu()
                                                 for x, y in zip(a.split(64), b.split(64))])
     return "pixel_l1", lambda a, b: (a - b).abs().flatten(1).mean(1) / 2
@@ -1026,17 +1097,17 @@ def evaluate(args):
     measured into running sums and dropped, so memory is set by one input's samples, not by
     --n_eval. The metric network (LPIPS) is loaded once."""
     device = common.pick_device(args.device)
-    G, _ = load_model(args, device)
+    G, _, regression = load_model(args, device)  # the z = 0 baseline is sampled as trained
     test = load_data(args, "test")
     n, k = min(args.n_eval, len(test)), args.eval_samples
-    regression = args.pretrain_iters >= args.iters  # the z = 0 baseline is sampled as trained
     name, d = make_metric_distance(args, device)
-    half = k // 2  # §5.2.6: pairs of samples per input, mean distance within pairs
-    sums, shapes = Sums(), ShapesSums() if args.data == "shapes" else None
+    sums = Sums()
+    shapes = data.ShapesCimleScores() if args.data == "shapes" else None
     for item, cond, samples, zero in tqdm(eval_stream(G, test, n, k, args, device, regression),
                                           total=n, desc="eval", unit="input"):
         truth = item["image"].unsqueeze(0)
-        sums.add("diversity", d(samples[:half], samples[half:2 * half]).sum(), half)
+        # §5.2.6: k // 2 disjoint pairs of samples per input (40 pairs of 80 in the paper)
+        sums.add("diversity", common.lpips_diversity(d, [samples], pairs="consecutive"))
         sums.add("to_truth", d(samples, truth.expand_as(samples)).sum(), k)
         sums.add("zero_to_truth", d(zero.unsqueeze(0), truth).sum())
         for sigma, value in faithfulness_weighted_variance(samples.unsqueeze(0), truth, d).items():
@@ -1052,6 +1123,8 @@ def evaluate(args):
               f"zero_z_distance_to_truth_{name}": sums.mean("zero_to_truth"),
               "faithfulness_weighted_variance": {
                   str(s): sums.mean(f"fwv_{s}") for s in (0.3, 0.2, 0.15)}}
+    if name == "lpips":
+        result["lpips_net"] = args.lpips_net
     if args.task == "sr":
         result["lr_consistency_l1"] = sums.mean("lr_l1")
     if shapes is not None:
@@ -1061,55 +1134,8 @@ def evaluate(args):
     print(json.dumps(result))
 
 
-class ShapesSums:
-    """Exact toy metrics from data.py, accumulated input by input: per-instance colour fidelity
-    (in a palette mode?), pooled palette-mode coverage (from per-class mode counts), and
-    per-instance coverage: the fraction of its class's modes that one input's samples hit."""
-
-    def __init__(self):
-        self.sums = Sums()
-        self.counts = torch.zeros(len(data.SHAPES_CLASSES), 3, dtype=torch.long)  # class, mode
-
-    def add(self, samples, zero, item):
-        k = len(samples)
-        inst, cls, valid = item["instance"], item["inst_class"], item["inst_valid"]
-        rep = lambda t: t.unsqueeze(0).expand(k, *t.shape)  # noqa: E731
-        fid = data.shapes_colour_fidelity(samples, rep(inst), rep(cls), rep(valid))
-        seen = int(fid["valid"].sum())
-        if seen:
-            self.sums.add("in_mode", fid["in_mode"] * seen, seen)
-            self.sums.add("colour_error", fid["colour_error"] * seen, seen)
-        keep = fid["valid"] & (fid["mode"] >= 0)
-        self.counts.index_put_((rep(cls)[keep], fid["mode"][keep]),
-                               torch.ones(int(keep.sum()), dtype=torch.long), accumulate=True)
-        hit = (fid["distance"] <= data.SHAPES_MODE_TOLERANCE) & fid["valid"]
-        modes = F.one_hot(fid["mode"].clamp(min=0), 3) * hit.unsqueeze(-1)   # (k, M, 3)
-        covered = modes.amax(0).sum(-1).float()                              # (M,) modes hit
-        n_modes = torch.tensor([max(len(p), 1) for p in data.SHAPES_PALETTE])[cls]
-        self.sums.add("per_instance", (covered / n_modes)[valid.bool()].sum(), int(valid.sum()))
-        zero_fid = data.shapes_colour_fidelity(zero.unsqueeze(0), inst.unsqueeze(0),
-                                               cls.unsqueeze(0), valid.unsqueeze(0))
-        seen = int(zero_fid["valid"].sum())
-        if seen:
-            self.sums.add("zero_in_mode", zero_fid["in_mode"] * seen, seen)
-            self.sums.add("zero_colour_error", zero_fid["colour_error"] * seen, seen)
-
-    def result(self):
-        classes = torch.arange(len(self.counts)).repeat_interleave(3)
-        modes = torch.arange(3).repeat(len(self.counts))
-        cov = data.shapes_mode_coverage(  # one entry per counted object, rebuilt from the counts
-            modes.repeat_interleave(self.counts.flatten()),
-            classes.repeat_interleave(self.counts.flatten()))
-        mean = self.sums.mean
-        return {"in_mode": mean("in_mode"), "colour_error": mean("colour_error"),
-                "mode_coverage_pooled": cov["coverage"], "mode_tv": cov["tv"],
-                "mode_counts": cov["counts"], "per_instance_mode_coverage": mean("per_instance"),
-                "zero_z_in_mode": mean("zero_in_mode"),
-                "zero_z_colour_error": mean("zero_colour_error")}
-
-
 # ----------------------------------------------------------------------------------------------
-# Benchmark (--bench): select_latents vs materialise-all, and the search's overhead
+# Benchmark (--bench N): inner steps, and select_latents against materialise-all; dry run
 # ----------------------------------------------------------------------------------------------
 
 class PeakMemory(TorchDispatchMode):
@@ -1137,45 +1163,106 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def bench(args, reps=3):
-    """select_latents vs select_latents_naive on random inputs with this preset's generator, at
-    |S| = --S and m = --m. Time: the best of `reps` alternating runs (other load on the machine
-    hits both alike); peak memory: a separate run (CUDA allocator stats, or PeakMemory on the
-    CPU); overhead: the share of the search's time not spent in the bare generator forwards of
-    the same chunks. Both searches see the same code for every (example, candidate)."""
-    rt = common.setup_runtime(args)
-    device = rt.device
+@torch.no_grad()
+def select_latents_naive(generate, distance, cond, target, mask, m, draw, examples, device):
+    """Baseline for the benchmark and the tests: materialise all m samples, then argmin."""
+    idx_out, z_out = [], []
+    for e0 in range(0, cond.shape[0], examples):
+        e1 = min(cond.shape[0], e0 + examples)
+        c_blk = cond[e0:e1].to(device)
+        z = draw(e0, e1, 0, m)
+        images = generate(c_blk.repeat_interleave(m, dim=0), z.flatten(0, 1))  # all E * m
+        prepared = distance.prepare(target[e0:e1].to(device),
+                                    None if mask is None else mask[e0:e1].to(device))
+        d = distance(images, prepared).view(e1 - e0, m)
+        j = d.argmin(dim=1)
+        idx_out.append(j)
+        z_out.append(z[torch.arange(e1 - e0, device=z.device), j])
+    return torch.cat(idx_out), torch.cat(z_out)
+
+
+def bench_inputs(args, n, device):
+    """Random inputs, targets, rarity-like masks and codes of n examples at the preset's size,
+    without dataset files."""
     if args.task == "layout":
-        args.num_classes = {"gta5": 20, "cityscapes": 35}.get(args.data, len(data.SHAPES_CLASSES))
-    G = build_generator(args).to(device).eval()
-    distance = make_distance(args, device)
+        args.num_classes = preset_num_classes(args)
     h = args.size
     w = 2 * h if args.data in ("gta5", "cityscapes") else h
     gen = torch.Generator().manual_seed(0)
     if args.task == "sr":
-        cond = torch.rand((args.S, 3, h // 8, w // 8), generator=gen) * 2 - 1
+        cond = torch.rand((n, 3, h // 8, w // 8), generator=gen) * 2 - 1
     else:
-        cond = torch.randint(0, args.num_classes, (args.S, h, w), generator=gen)
-    target = torch.rand((args.S, 3, h, w), generator=gen) * 2 - 1
-    table = torch.randn((args.S, args.m, *G.latent_shape(cond)), generator=gen)  # on the CPU
+        cond = torch.randint(0, args.num_classes, (n, h, w), generator=gen)
+    target = torch.rand((n, 3, h, w), generator=gen) * 2 - 1
+    mask = torch.rand((n, 1, h, w), generator=gen) * 0.9 + 0.1 \
+        if args.task == "layout" and args.rebalance_loss else None
+    return cond, target, mask
+
+
+def bench(args, reps=3):
+    """--bench N: (1) N inner steps (Algorithm 1 lines 9-12: forward, distance, backward, Adam)
+    on one fixed mini-batch through common.bench_training: float32 eager, then --dtype /
+    --compile; (2) select_latents against select_latents_naive at |S| = --S, m = --m under
+    --dtype. Writes both into --out_dir/bench.json. --pretrained 0 times a random-weight VGG-19
+    (the same cost as the pretrained one), so it runs offline."""
+    rt = common.setup_runtime(args)
+    cond, target, mask = bench_inputs(args, args.S, torch.device("cpu"))
+    codes = torch.randn((args.S, *build_generator(args).latent_shape(cond)),
+                        generator=torch.Generator().manual_seed(1))
+
+    def make_step(run, compile_model):
+        G = build_generator(args).to(rt.device)
+        Gw = common.prepare_model(G, run, compile_model, ddp=False)
+        opt, sched = make_optimiser(G, args)
+        distance = make_distance(args, rt.device)
+        it = args.pretrain_iters  # an IMLE step (z used); a fixed it draws one fixed mini-batch
+        return lambda: inner_step(Gw, distance, opt, sched, (cond, target, mask), codes, it,
+                                  args, run)
+
+    result = {"training": common.bench_training(args, rt, make_step),
+              "search": bench_search(args, rt, (cond, target, mask), reps)}
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["search"]))
+    return result
+
+
+def bench_search(args, rt, items, reps):
+    """select_latents vs select_latents_naive on the same codes, with this preset's generator.
+    Time: the best of `reps` alternating runs (other load on the machine hits both alike); peak
+    memory: a separate run (CUDA allocator stats, or PeakMemory on the CPU); overhead: the share
+    of the search's time not spent in the bare generator forwards of the same chunks."""
+    device = rt.device
+    torch.manual_seed(args.seed)
+    G = build_generator(args).to(device).eval()
+    distance = make_distance(args, device)
+    cond, target, mask = items
+    table = torch.randn((args.S, args.m, *G.latent_shape(cond)),
+                        generator=torch.Generator().manual_seed(0))  # on the CPU
 
     def draw(e0, e1, j0, j1):
         return table[e0:e1, j0:j1].to(device)
 
     E, chunk = args.search_examples, args.search_chunk
-    fast = lambda: select_latents(G, distance, cond, target, None, args.m, draw, chunk, E,  # noqa
-                                  device)
-    naive = lambda: select_latents_naive(G, distance, cond, target, None, args.m, draw, E,  # noqa
-                                         device)
+
+    def fast():
+        with rt.autocast():
+            return select_latents(G, distance, cond, target, mask, args.m, draw, chunk, E, device)
+
+    def naive():
+        with rt.autocast():
+            return select_latents_naive(G, distance, cond, target, mask, args.m, draw, E, device)
 
     @torch.no_grad()
     def forwards_only():
-        for e0 in range(0, args.S, E):
-            e1 = min(args.S, e0 + E)
-            c_blk = cond[e0:e1].to(device)
-            for j0 in range(0, args.m, chunk):
-                j1 = min(args.m, j0 + chunk)
-                G(c_blk.repeat_interleave(j1 - j0, 0), draw(e0, e1, j0, j1).flatten(0, 1))
+        with rt.autocast():
+            for e0 in range(0, args.S, E):
+                e1 = min(args.S, e0 + E)
+                c_blk = cond[e0:e1].to(device)
+                for j0 in range(0, args.m, chunk):
+                    j1 = min(args.m, j0 + chunk)
+                    G(c_blk.repeat_interleave(j1 - j0, 0), draw(e0, e1, j0, j1).flatten(0, 1))
 
     def timed(fn):
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -1206,33 +1293,32 @@ def bench(args, reps=3):
         times["forwards_only"].append(timed(forwards_only)[1])
     best = {k: min(v) for k, v in times.items()}
     peaks = {"select_latents": peak(fast), "naive": peak(naive)}
-    result = {"device": str(device), "task": args.task, "data": args.data, "S": args.S,
-              "m": args.m, "chunk": chunk, "examples": E, "distance": args.distance,
-              "same_indices": bool(torch.equal(chunked[0].cpu(), naive_out[0].cpu())),
-              "time_s": {k: round(v, 3) for k, v in best.items()}, "peak_bytes": peaks,
-              "time_ratio_naive_over_select": round(best["naive"] / best["select_latents"], 3),
-              "peak_ratio_naive_over_select": round(peaks["naive"] /
-                                                    max(peaks["select_latents"], 1), 3),
-              "fraction_outside_generator": round(
-                  max(best["select_latents"] - best["forwards_only"], 0.0)
-                  / best["select_latents"], 4)}
-    print(json.dumps(result))
-    return result
+    return {"device": str(device), "dtype": args.dtype, "task": args.task, "data": args.data,
+            "S": args.S, "m": args.m, "chunk": chunk, "examples": E, "distance": args.distance,
+            "same_indices": bool(torch.equal(chunked[0].cpu(), naive_out[0].cpu())),
+            "time_s": {k: round(v, 3) for k, v in best.items()}, "peak_bytes": peaks,
+            "time_ratio_naive_over_select": round(best["naive"] / best["select_latents"], 3),
+            "peak_ratio_naive_over_select": round(peaks["naive"] /
+                                                  max(peaks["select_latents"], 1), 3),
+            "fraction_outside_generator": round(
+                max(best["select_latents"] - best["forwards_only"], 0.0)
+                / best["select_latents"], 4)}
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
+
+def preset_num_classes(args):
+    """Label classes of --data without reading it (--bench, --dry_run)."""
+    return {"gta5": 20, "cityscapes": 35}.get(args.data, len(data.SHAPES_CLASSES))
+
 
 def dry_run(args):
     """Parameter counts (no data touched, no memory: built on the meta device) against the
     official networks' sizes (counted from the official code)."""
     with torch.device("meta"):
         if args.task == "layout":
-            args.num_classes = {"gta5": 20, "cityscapes": 35}.get(args.data,
-                                                                  len(data.SHAPES_CLASSES))
+            args.num_classes = preset_num_classes(args)
             G = build_generator(args)
-            nets = {"G": G.crn, "E": G.encoder}
+            nets = {"G": G.crn} if G.encoder is None else {"G": G.crn, "E": G.encoder}
         else:
             nets = {"G": build_generator(args)}
     for name, net in nets.items():
@@ -1242,6 +1328,10 @@ def dry_run(args):
               f"(ratio {count / ref:.4f})")
     common.print_dry_run(nets)
 
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse(argv)

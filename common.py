@@ -10,10 +10,8 @@ them use, so that each script can stay about its paper. Map of this file:
     data feeding  an endless, resumable batch stream over any map-style dataset
     checkpoints   atomic save, exact resume (models, EMA, optimisers, RNG), foreign-checkpoint check
     logging       JSONL log + tqdm bar with img/s, sample grids with label maps in a fixed palette
-    layers        equalised-lr linear/conv, pixel norm, noise injection, AdaIN, spectral norm,
-                  the multiscale PatchGAN discriminator
-    losses        hinge and non-saturating GAN losses, R1, feature matching, Gaussian KLs,
-                  the symmetric contrastive loss (PoE-GAN Eq. 10)
+    layers        equalised-lr linear/conv, pixel norm, AdaIN (uMM-GAN and PoE-GAN)
+    losses        non-saturating GAN losses and R1 (uMM-GAN and PoE-GAN)
     pretrained    VGG-19, CLIP and its BPE tokenizer, FID Inception, LPIPS; FID and diversity metrics
 """
 
@@ -819,21 +817,6 @@ class PixelNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
 
 
-class NoiseInjection(nn.Module):
-    """x + weight_c * noise, one learned scale per channel, noise N(0, 1) shared over channels
-    (StyleGAN §2, "B" in Fig. 1). Pass `noise` (B, 1, H, W) to fix it; the scales start at zero."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1, channels, 1, 1))
-
-    def forward(self, x, noise=None):
-        if noise is None:
-            noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3],
-                                device=x.device, dtype=x.dtype)
-        return x + self.weight * noise
-
-
 class AdaIN(nn.Module):
     """Adaptive instance norm (StyleGAN Eq. 1): gamma(w) * (x - mu(x)) / sigma(x) + beta(w).
 
@@ -852,96 +835,27 @@ class AdaIN(nn.Module):
         return gamma * self.norm(x) + beta
 
 
-def spectral_norm(module, enabled=True):
-    """Spectral normalisation (Miyato et al. 2018) of a layer's weight, or the layer unchanged."""
-    return nn.utils.parametrizations.spectral_norm(module) if enabled else module
-
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pixHD / SPADE `NLayerDiscriminator`): 4x4 convs, stride 2 then 1.
-
-    Layers (n_layers = 4, ndf = 64): in->64 s2 (no norm) | 64->128 s2 | 128->256 s2 | 256->512 s1
-    (spectral norm + InstanceNorm, no bias) | 512->1 s1. LeakyReLU(0.2) after all but the last.
-    forward returns every layer's output (for feature matching); the last one is the logit map.
-    """
-
-    def __init__(self, in_ch, ndf=64, n_layers=4, use_sn=True):
-        super().__init__()
-        pad = 2  # SPADE: ceil((4 - 1) / 2)
-        layers = [nn.Sequential(nn.Conv2d(in_ch, ndf, 4, 2, pad), nn.LeakyReLU(0.2))]
-        ch = ndf
-        for n in range(1, n_layers):
-            out = min(ch * 2, 512)
-            stride = 1 if n == n_layers - 1 else 2
-            layers.append(nn.Sequential(
-                spectral_norm(nn.Conv2d(ch, out, 4, stride, pad, bias=False), use_sn),
-                nn.InstanceNorm2d(out, affine=False), nn.LeakyReLU(0.2)))
-            ch = out
-        layers.append(nn.Conv2d(ch, 1, 4, 1, pad))
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x):
-        feats = []
-        for layer in self.layers:
-            x = layer(x)
-            feats.append(x)
-        return feats
-
-
-class MultiscaleDiscriminator(nn.Module):
-    """`num_d` PatchGANs on the input at full, 1/2, 1/4 ... resolution (pix2pixHD §3.2).
-
-    Downsampling is avg-pool 3x3, stride 2, pad 1, count_include_pad=False (as SPADE).
-    Returns a list (one per scale) of lists of layer outputs; [-1] of each is the logit map.
-    """
-
-    def __init__(self, in_ch, num_d=2, ndf=64, n_layers=4, use_sn=True):
-        super().__init__()
-        self.scales = nn.ModuleList(PatchDiscriminator(in_ch, ndf, n_layers, use_sn)
-                                    for _ in range(num_d))
-
-    def forward(self, x):
-        outs = []
-        for i, d in enumerate(self.scales):
-            if i > 0:
-                x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
-            outs.append(d(x))
-        return outs
-
-
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
 
-def _logits(out):
-    """The logit maps of a multiscale discriminator output, or a single logit tensor as a list."""
-    if torch.is_tensor(out):
-        return [out]
-    return [scale[-1] if isinstance(scale, (list, tuple)) else scale for scale in out]
+def ns_d_loss(real_logits, fake_logits):
+    """Non-saturating GAN loss for D (Goodfellow et al. 2014): softplus(-D(x)) + softplus(D(G(z))).
 
-
-def hinge_d_loss(real_out, fake_out):
-    """Hinge loss for D (Lim & Ye 2017): E[relu(1 - D(x))] + E[relu(1 + D(G(z)))], scales averaged."""
-    real, fake = _logits(real_out), _logits(fake_out)
-    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real, fake)) / len(real)
-
-
-def hinge_g_loss(fake_out):
-    """Hinge loss for G: -E[D(G(z))], averaged over scales."""
-    fake = _logits(fake_out)
-    return sum(-f.mean() for f in fake) / len(fake)
-
-
-def ns_d_loss(real_out, fake_out):
-    """Non-saturating GAN loss for D (Goodfellow et al. 2014): softplus(-D(x)) + softplus(D(G(z)))."""
-    real, fake = _logits(real_out), _logits(fake_out)
+    A logit tensor, or a list of them (one per scale): each averaged over its locations, then the
+    scales averaged."""
+    real, fake = logit_list(real_logits), logit_list(fake_logits)
     return sum(F.softplus(-r).mean() + F.softplus(f).mean() for r, f in zip(real, fake)) / len(real)
 
 
-def ns_g_loss(fake_out):
+def ns_g_loss(fake_logits):
     """Non-saturating GAN loss for G: softplus(-D(G(z))) = -log sigmoid(D(G(z)))."""
-    fake = _logits(fake_out)
+    fake = logit_list(fake_logits)
     return sum(F.softplus(-f).mean() for f in fake) / len(fake)
+
+
+def logit_list(logits):
+    return [logits] if torch.is_tensor(logits) else list(logits)
 
 
 def r1_penalty(real_logits, real_inputs):
@@ -952,41 +866,6 @@ def r1_penalty(real_logits, real_inputs):
     (grad,) = torch.autograd.grad(real_logits.sum(), real_inputs, create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean()
 
-
-def feature_matching_loss(real_out, fake_out):
-    """pix2pixHD Eq. (4): L1 between D's intermediate features of real and fake, every layer but
-    the logit, averaged over scales (the real features are constants)."""
-    loss = 0.0
-    for real_feats, fake_feats in zip(real_out, fake_out):
-        for r, f in zip(real_feats[:-1], fake_feats[:-1]):
-            loss = loss + F.l1_loss(f, r.detach())
-    return loss / len(real_out)
-
-
-def kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p):
-    """KL(N(mu_q, var_q) || N(mu_p, var_p)) for diagonal Gaussians, elementwise (sum it yourself).
-
-    = 0.5 * (logvar_p - logvar_q + (var_q + (mu_q - mu_p)^2) / var_p - 1)
-    """
-    return 0.5 * (logvar_p - logvar_q
-                  + (logvar_q.exp() + (mu_q - mu_p).pow(2)) * torch.exp(-logvar_p) - 1)
-
-
-def kl_standard_normal(mu, logvar):
-    """KL(N(mu, var) || N(0, I)) elementwise: 0.5 * (mu^2 + var - 1 - logvar) (Kingma & Welling)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
-
-
-def contrastive_loss(u, v, temperature):
-    """Symmetric cross-entropy over a batch of pairs (PoE-GAN Eq. 10; CLIP's loss).
-
-    L = -1/(2N) sum_i log softmax_j(cos(u_i, v_j)/tau)[i] - 1/(2N) sum_i log softmax_j(cos(u_j, v_i)/tau)[i]
-    `temperature` is a float or a tensor; pass exp(-log_scale) of a learnable parameter to learn it.
-    u, v: (N, D).
-    """
-    logits = F.normalize(u, dim=1) @ F.normalize(v, dim=1).t() / temperature  # (N, N)
-    target = torch.arange(len(u), device=u.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 # ==============================================================================================
 # Pretrained networks and metrics
@@ -1004,7 +883,7 @@ def contrastive_loss(u, v, temperature):
 #     FIDInception    pytorch-fid's Inception-v3 (the TF FID graph), pool3 features (2048)
 #     fid             Frechet distance from features or saved statistics (float64, no scipy)
 #     LPIPS           lpips v0.1, AlexNet or VGG-16 backbone
-#     lpips_diversity, masked_lpips   the diversity protocols of INADE, cIMLE and PoE-GAN
+#     lpips_diversity the diversity protocols of INADE, cIMLE and PoE-GAN
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
@@ -2182,27 +2061,3 @@ def lpips_diversity(lpips_fn, samples, pairs="all", repeats=10, seed=0, batch_si
     return float(np.mean(per_input))
 
 
-@torch.no_grad()
-def masked_lpips(lpips, a, b, mask, normalize=False):
-    """LPIPS between a and b inside and outside a region: (inside (B,), outside (B,)).
-
-    a, b (B, 3, H, W) in [-1, 1]; mask (B, 1, H, W) or (B, H, W), 1 inside the region. Our
-    definition (no official code exists for these metrics): each tap's distance map
-    (LPIPS.distance_maps, before the spatial mean) is averaged with weights given by the mask
-    area-resized to that tap's resolution (the fraction of each feature cell inside the region),
-    and the five averages are summed, as LPIPS sums its taps. With a mask of ones, inside equals
-    LPIPS(a, b). An empty region gives NaN (skip it, e.g. with torch.nanmean).
-
-    Protocols (INADE §4, from GroupDNet):
-    - mISD / mOID: for an instance k, two images that differ only in k's noise; inside = LPIPS
-      within k's mask (mISD, higher is better), outside = LPIPS elsewhere (mOID, lower is better);
-      averaged over instances and test inputs.
-    - mCSD / mOCD: the same with the mask of a semantic class whose noise is resampled.
-    """
-    mask = (mask if mask.dim() == 4 else mask.unsqueeze(1)).float()
-    inside = outside = 0
-    for d in lpips.distance_maps(a, b, normalize):  # (B, 1, h, w)
-        m = F.adaptive_avg_pool2d(mask, d.shape[-2:])
-        inside = inside + (d * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3))
-        outside = outside + (d * (1 - m)).sum(dim=(1, 2, 3)) / (1 - m).sum(dim=(1, 2, 3))
-    return inside, outside

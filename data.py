@@ -51,7 +51,7 @@ shapes ground truth, rows padded to MAX_INSTANCES = 4 so that default collation 
 Exact scores (no learned network) come from the palette: SHAPES_CLASSES, SHAPES_COLOURS,
 SHAPES_MODE_NAMES, SHAPES_PALETTE, SHAPES_MODE_WEIGHTS and shapes_mode_assignment,
 shapes_measure_colours, shapes_colour_fidelity, shapes_mode_coverage, shapes_caption_objects,
-shapes_find_objects, shapes_caption_accuracy and shapes_metrics (all of them at once); for
+shapes_find_objects and shapes_caption_accuracy; for
 hshape: hshape_sample, hshape_region, hshape_measure, hshape_jaccard.
 
 Real sets (layouts in DATASETS[name]["layout"]): deepfashion, cityscapes, ade20k, celebamask-hq,
@@ -578,35 +578,6 @@ def shapes_caption_accuracy(images, captions):
                      any(f["colour"] == colour and f["cls"] == cls for f in found)]
     hits = hits / max(n, 1)
     return {"colour": float(hits[0]), "shape": float(hits[1]), "object": float(hits[2])}
-
-
-def shapes_metrics(images, batches):
-    """All shapes scores of generated images against the items they were made for.
-
-    images (N, 3, H, W) in [-1, 1]; batches: one collated batch dict or a list of them, in the
-    same order, holding instance, inst_class, inst_mode, inst_color, inst_valid and caption.
-    Returns floats: colour_error and in_mode (shapes_colour_fidelity), mode_match (fraction of
-    objects drawn in their ground-truth mode, for reference/style-guided generation),
-    gt_colour_error (distance to the ground-truth colour), mode_coverage and mode_tv
-    (shapes_mode_coverage of the generated objects), caption_colour / caption_shape /
-    caption_object (shapes_caption_accuracy).
-    """
-    batches = [batches] if isinstance(batches, dict) else list(batches)
-    cat = lambda key: torch.cat([torch.as_tensor(b[key]) for b in batches])  # noqa: E731
-    images = torch.as_tensor(images, dtype=torch.float32).cpu()
-    inst_class, valid = cat("inst_class"), cat("inst_valid")
-    fid = shapes_colour_fidelity(images, cat("instance"), inst_class, valid)
-    colours, _ = shapes_measure_colours(images, cat("instance"), inst_class)
-    v = fid["valid"]
-    cover = shapes_mode_coverage(fid["mode"], inst_class, v)
-    captions = [c for b in batches for c in b["caption"]]
-    caps = shapes_caption_accuracy(images, captions)
-    return {"colour_error": fid["colour_error"], "in_mode": fid["in_mode"],
-            "mode_match": float((fid["mode"] == cat("inst_mode"))[v].float().mean()),
-            "gt_colour_error": float((colours - cat("inst_color")).norm(dim=-1)[v].mean()),
-            "mode_coverage": cover["coverage"], "mode_tv": cover["tv"],
-            "caption_colour": caps["colour"], "caption_shape": caps["shape"],
-            "caption_object": caps["object"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1858,3 +1829,176 @@ def shapes_style_summary(rows, names=("real", "random", "recon")):
             out[name]["mode_accuracy"] = (mode == true_mode)[valid].float().mean().item()
     return out
 # ---- end of inade.py's section ----
+
+
+# ---- cimle.py: scoring of the built-in shapes tasks ----
+
+class ShapesCimleScores:
+    """cimle.py's --eval on shapes layouts, accumulated input by input (k samples of one layout
+    and its z = 0 output at a time): per-instance colour fidelity (in a palette mode? colour
+    error), pooled palette-mode coverage and TV (from per-class mode counts), and per-instance
+    coverage: the share of its class's modes that one layout's samples hit."""
+
+    def __init__(self):
+        self.total, self.count = {}, {}
+        self.counts = torch.zeros(len(SHAPES_CLASSES), 3, dtype=torch.long)  # (class, mode)
+
+    def _add(self, name, value, count):
+        self.total[name] = self.total.get(name, 0.0) + float(value)
+        self.count[name] = self.count.get(name, 0) + count
+
+    def _mean(self, name):
+        return self.total[name] / self.count[name] if self.count.get(name) else float("nan")
+
+    def _fidelity(self, prefix, images, inst, cls, valid):
+        fid = shapes_colour_fidelity(images, inst, cls, valid)
+        seen = int(fid["valid"].sum())
+        if seen:  # means over the visible objects of all inputs
+            self._add(prefix + "in_mode", fid["in_mode"] * seen, seen)
+            self._add(prefix + "colour_error", fid["colour_error"] * seen, seen)
+        return fid
+
+    def add(self, samples, zero, item):
+        """samples (k, 3, H, W) of one layout item, zero (3, H, W) its z = 0 output."""
+        k = len(samples)
+        inst, cls, valid = item["instance"], item["inst_class"], item["inst_valid"]
+        rep = lambda t: t.unsqueeze(0).expand(k, *t.shape)  # noqa: E731
+        fid = self._fidelity("", samples, rep(inst), rep(cls), rep(valid))
+        keep = fid["valid"] & (fid["mode"] >= 0)
+        self.counts.index_put_((rep(cls)[keep], fid["mode"][keep]),
+                               torch.ones(int(keep.sum()), dtype=torch.long), accumulate=True)
+        hit = (fid["distance"] <= SHAPES_MODE_TOLERANCE) & fid["valid"]
+        modes = torch.nn.functional.one_hot(fid["mode"].clamp(min=0), 3) * hit.unsqueeze(-1)
+        covered = modes.amax(0).sum(-1).float()                  # (M,) modes hit per object
+        n_modes = torch.tensor([max(len(p), 1) for p in SHAPES_PALETTE])[cls]
+        self._add("per_instance", (covered / n_modes)[valid.bool()].sum(), int(valid.sum()))
+        self._fidelity("zero_", zero.unsqueeze(0), inst.unsqueeze(0), cls.unsqueeze(0),
+                       valid.unsqueeze(0))
+
+    def result(self):
+        classes = torch.arange(len(self.counts)).repeat_interleave(3)
+        modes = torch.arange(3).repeat(len(self.counts))
+        cov = shapes_mode_coverage(  # one entry per counted object, rebuilt from the counts
+            modes.repeat_interleave(self.counts.flatten()),
+            classes.repeat_interleave(self.counts.flatten()))
+        mean = self._mean
+        return {"in_mode": mean("in_mode"), "colour_error": mean("colour_error"),
+                "mode_coverage_pooled": cov["coverage"], "mode_tv": cov["tv"],
+                "mode_counts": cov["counts"], "per_instance_mode_coverage": mean("per_instance"),
+                "zero_z_in_mode": mean("zero_in_mode"),
+                "zero_z_colour_error": mean("zero_colour_error")}
+# ---- end of cimle.py's section ----
+
+
+# ---- compose_diffusion.py: scoring of the built-in shapes tasks ----
+
+def shapes_caption_above_chance(images, captions):
+    """How much more often each object a caption names is found (shapes_find_objects) than the
+    objects it could have named instead, so that images made without reading the caption score
+    about 0 (uniform noise, a flat image, a layout-only model picking a class's colour at random).
+
+    images (B, 3, H, W) in [-1, 1], captions list of B str -> fractions in [-1, 1], averaged over
+    the named objects (colour c, class k):
+      `colour`: [colour c found] - mean over the other colours of class k [that colour found];
+      `shape`:  [class k found, any colour] - mean over the other classes [that class found];
+      `object`: [class k in colour c found] - mean over the other (colour, class) modes [found].
+    """
+    modes = [(c, k) for k in range(1, len(SHAPES_CLASSES)) for c in SHAPES_MODE_NAMES[k]]
+    score, n = np.zeros(3), 0
+    for found, caption in zip(shapes_find_objects(images), captions):
+        colours = {f["colour"] for f in found}
+        classes = {f["cls"] for f in found}
+        objects = {(f["colour"], f["cls"]) for f in found}
+        for colour, cls in shapes_caption_objects(caption):
+            n += 1
+            other_colours = [c for c in SHAPES_MODE_NAMES[cls] if c != colour]
+            other_classes = [k for k in range(1, len(SHAPES_CLASSES)) if k != cls]
+            other_modes = [m for m in modes if m != (colour, cls)]
+            score += [(colour in colours) - np.mean([c in colours for c in other_colours]),
+                      (cls in classes) - np.mean([k in classes for k in other_classes]),
+                      ((colour, cls) in objects) - np.mean([m in objects for m in other_modes])]
+    score = score / max(n, 1)
+    return {"colour": float(score[0]), "shape": float(score[1]), "object": float(score[2])}
+
+
+def shapes_composition_scores(images, batch):
+    """Scores of images (B, 3, H, W) in [-1, 1] made for a batch's label map and caption.
+    Label map: `layout` = fraction of the map's objects whose region shows a colour of their
+    class's palette, `layout_iou` = IoU of palette-coloured pixels with the map's foreground.
+    Caption: `caption_colour`, `caption_shape`, `caption_object` (shapes_caption_above_chance).
+    Both: `both` = fraction of the map's objects whose region shows the colour the caption
+    names for them (the caption's colour of each object is its ground-truth mode)."""
+    fid = shapes_colour_fidelity(images, batch["instance"], batch["inst_class"],
+                                 batch["inst_valid"])
+    valid = batch["inst_valid"].bool()
+    near = fid["distance"] <= SHAPES_MODE_TOLERANCE
+    rgb = ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)          # (B, H, W, 3)
+    centres = torch.tensor(list(SHAPES_COLOURS.values()))               # (K, 3)
+    dist = (rgb[..., None, :] - centres).norm(dim=-1).amin(-1)
+    dark = (rgb[..., None, :] - SHAPES_STRIPE_DARK * centres).norm(dim=-1).amin(-1)
+    fg = (dist <= SHAPES_MODE_TOLERANCE) | (dark <= SHAPES_MODE_TOLERANCE / 2)
+    gt = batch["label"] > 0
+    iou = ((fg & gt).sum((1, 2)) / (fg | gt).sum((1, 2)).clamp(min=1)).float()
+    cap = shapes_caption_above_chance(images, batch["caption"])
+    return {"layout": float(near[valid].float().mean()), "layout_iou": float(iou.mean()),
+            "caption_colour": cap["colour"], "caption_shape": cap["shape"],
+            "caption_object": cap["object"],
+            "both": float((near & (fid["mode"] == batch["inst_mode"]))[valid].float().mean())}
+# ---- end of compose_diffusion.py's section ----
+
+
+# ---- ummgan.py: scoring of the built-in shapes tasks ----
+# uMM-GAN Fig. 6 on hshape: densities of the widths (w1, w2) read back from images, their
+# thresholded supports, and the Jaccard index between two of them. One binning rule for all
+# (the one of hshape_jaccard): a bins x bins grid over [0, 40]^2, widths outside it count in N
+# but in no cell.
+
+def hshape_density(widths, bins=20):
+    """Share of the widths (N, 2) in each cell (bins, bins): row = w1 cell, column = w2 cell."""
+    w = torch.as_tensor(widths, dtype=torch.float32).reshape(-1, 2)
+    idx = (w / (HSHAPE_MAX / bins)).floor().long()
+    ok = ((idx >= 0) & (idx < bins)).all(1)
+    counts = torch.bincount(idx[ok, 0] * bins + idx[ok, 1], minlength=bins * bins).float()
+    return (counts / max(len(w), 1)).view(bins, bins)
+
+
+def hshape_support(widths, bins=20, threshold=0.5):
+    """Cells holding at least `threshold` x the mass of a uniform density over the square: the
+    H's legs have exactly that density (1/1600 per unit^2). The paper gives no threshold: our
+    choice, the same as hshape_jaccard's."""
+    return hshape_density(widths, bins) >= threshold / bins ** 2
+
+
+def hshape_jaccard_between(widths_a, widths_b, bins=20, threshold=0.5):
+    """Fig. 6: Jaccard index |A & B| / |A | B| of the thresholded densities of two width sets
+    (the paper: training set vs generated)."""
+    a, b = hshape_support(widths_a, bins, threshold), hshape_support(widths_b, bins, threshold)
+    return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+
+
+def hshape_report(real, generated, real_test, bins=20):
+    """The Fig. 6 numbers of a generator from three width sets (N, 2): real (train), generated,
+    and a second real set (test) for the ceiling of the protocol."""
+    sums = {"real": real.sum(1), "generated": generated.sum(1)}
+    return {
+        "jaccard": hshape_jaccard_between(real, generated, bins),          # real vs generated
+        "jaccard_vs_true_H": hshape_jaccard(generated, bins),               # generated vs the H
+        "jaccard_real_vs_real": hshape_jaccard_between(real, real_test, bins),  # the ceiling
+        # w1 + w2 (mean, std): a generator that keeps the total white area fixed puts every
+        # sample on one anti-diagonal line of the plane (what style mixing leads to)
+        "width_sum": {k: [float(s.mean()), float(s.std())] for k, s in sums.items()},
+        # share off the H (the gaps between legs and bar, which a continuous map from one
+        # Gaussian tends to fill: the paper's argument for several constants); real: ~0
+        "outside_H": {"real": float((hshape_region(real) < 0).float().mean()),
+                      "generated": float((hshape_region(generated) < 0).float().mean())},
+    }
+
+
+def hshape_density_image(widths, bins=20, scale=6):
+    """Density of widths (N, 2) -> (1, H, W) picture in [-1, 1] drawn as in Fig. 6: width 1 to
+    the right, width 2 upwards (the H stands upright); each cell scale x scale pixels."""
+    hist = hshape_density(widths, bins)
+    img = (hist / hist.max().clamp(min=1e-12)).t().flip(0)
+    img = img.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    return (img * 2 - 1)[None]
+# ---- end of ummgan.py's section ----

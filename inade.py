@@ -13,36 +13,39 @@ reference image gives exemplar styles.
 
 Map of this file:
     config and presets       one preset per dataset; every value with its source; check_args
-    inputs                   one-hot / nearest resizing / instance edge map
+    inputs                   nearest resizing of id maps, D's condition (one-hot + instance edges)
     INADE layer              Eq. (1)-(3): batch norm, class distributions, per-instance noise
     generator                SPADE trunk with INADE residual blocks (supp. Fig. 8)
     noise-remapping encoder  instance-aware convs, instance average pooling (Eq. 4-5, supp. Fig. 7)
     discriminator + losses   multiscale PatchGAN, hinge (Eq. 6), FM (Eq. 7), VGG (Eq. 8), KL (Eq. 9)
-    training loop            Adam (0, 0.9), TTUR, constant then linear decay; exact resume;
-                             --compile compiles G, E and D (one graph each, no graph break)
+    training step, sampler   Eq. (10); random styles (§3.3) and exemplar styles (§3.4)
+    training loop            Adam (0, 0.9), TTUR, constant then linear decay; exact resume
     sampling controls        (a) random (b) one class (c) one instance (d) reference (e) reconstruction
-    evaluation               FID, LPIPS, mCSD/mOCD, mISD/mOID; shapes: colour, modes, locality;
-                             streamed batch by batch (running FID sums): memory set by the batch
-    main                     --dry_run, --bench, --sample, --eval or training
+    evaluation               FID, LPIPS diversity, mCSD/mOCD, mISD/mOID, locality; streamed batch by
+                             batch; on shapes the exact colour/mode scores (data.py's section)
+    bench, dry run, main     --bench: training img/s and Table 3/4's P, FLOPs, T of G
 
     python inade.py                                    # built-in shapes, CPU, ~5 min
     python inade.py --sample                           # the five control grids from that run
     python inade.py --eval                             # toy metrics (shapes) -> eval.json
-    python inade.py --data deepfashion --dry_run       # 84.63M generator parameters (Table 3)
+    python inade.py --no_unified_sampling              # Table 1 ablation "w/o US"
+    python inade.py --no_noise_remapping               # Table 1 ablation "w/o PNR"
+    python inade.py --data deepfashion --dry_run       # 84.63M parameters, 42.xx G FLOPs (Table 3)
     python inade.py --data cityscapes --noise_nc 8 --dry_run     # 76.78M (Table 4)
-    python inade.py --bench 20                         # img/s and peak memory of training steps
+    python inade.py --data deepfashion --bench 20 --batch_size 1 --pretrained 0 --perceptual l1
+                                                       # and G's time per image (Table 3's T)
     torchrun --nproc_per_node=8 inade.py --data deepfashion --dtype bfloat16   # paper scale
 """
 
 import json
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import data
 
 # ----------------------------------------------------------------------------------------------
 # Config. paper = the INADE paper (main text §4.1, supplement §6-9); official = tzt101/INADE
@@ -65,12 +68,14 @@ PAPER = dict(
     batch_size=16,        # our choice: the paper gives none (official default 1, SyncBN)
     num_up="normal",      # official: 5 up-samplings, 8x8 input map at 256x256
     aspect_ratio=1.0,
-    log_every=100, sample_every=5000, ckpt_every=5000, eval_n=2000,
+    log_every=100, sample_every=5000, ckpt_every=5000,  # our choice
+    eval_n=100_000,       # every test layout (DeepFashion: 2,247), as the paper's test sets
 )
 
 
 def paper_preset(num_classes, n_train, **over):
-    """Paper setting for one dataset; iters = 200 epochs (paper §4.1) at the preset batch."""
+    """Paper setting for one dataset; iters = 200 epochs (paper §4.1) at the preset batch. The
+    official code's default is 50 epochs without decay (--niter 50 --niter_decay 0)."""
     cfg = dict(PAPER, num_classes=num_classes, size=256, **over)
     cfg["iters"] = 200 * n_train // cfg["batch_size"]
     return cfg
@@ -91,14 +96,16 @@ PRESETS = {
                    sample_every=400, ckpt_every=400, eval_n=256),
 }
 
-# Generator sizes the paper reports (Table 3, C0 = 64; Table 4, C0 = 8 / 128), in millions.
-PAPER_PARAMS_M = {("deepfashion", 64): 84.63, ("cityscapes", 64): 77.39, ("ade20k", 64): 90.89,
-                  ("celebamask-hq", 64): 85.12, ("cityscapes", 8): 76.78,
-                  ("cityscapes", 128): 78.10, ("celebamask-hq", 8): 84.50,
-                  ("celebamask-hq", 128): 85.82}
+# The generator the paper reports (Table 3, C0 = 64; Table 4, C0 = 8 / 128): parameters P (M),
+# FLOPs (G) and inference time T (s, Titan XP) of one image.
+PAPER_COST = {("deepfashion", 64): (84.63, 42.92, 0.026), ("cityscapes", 64): (77.39, 75.25, 0.048),
+              ("ade20k", 64): (90.89, 42.19, 0.035), ("celebamask-hq", 64): (85.12, 42.18, 0.030),
+              ("cityscapes", 8): (76.78, 75.23, 0.0482), ("cityscapes", 128): (78.10, 75.28, 0.0497),
+              ("celebamask-hq", 8): (84.50, 42.16, 0.0295),
+              ("celebamask-hq", 128): (85.82, 42.20, 0.0306)}
 
 ARCH_KEYS = ("num_classes", "size", "ngf", "ndf", "nef", "num_d", "z_dim", "noise_nc", "num_up",
-             "aspect_ratio")
+             "aspect_ratio", "no_unified_sampling")
 
 
 def build_parser():
@@ -125,7 +132,8 @@ def build_parser():
                         "weights 1/4 and 1, a pixel L1 (no download), or none")
     p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
                    help="1: pretrained VGG/Inception/LPIPS; 0: pixel distances, no downloads")
-    p.add_argument("--eval_n", type=int, default=None, help="test layouts used by --eval")
+    p.add_argument("--eval_n", type=int, default=None,
+                   help="the first N test layouts used by --eval (paper presets: all)")
     p.add_argument("--sample_class", type=int, default=None, help="class for control (b)")
     p.add_argument("--sample_instance", type=int, default=None, help="instance id for (c)")
     p.add_argument("--target_index", type=int, default=0, help="test item for controls (b)-(e)")
@@ -133,6 +141,10 @@ def build_parser():
     p.add_argument("--ref_instance", type=int, default=None,
                    help="instance of the reference for (d); default its largest of the class")
     p.add_argument("--n_styles", type=int, default=6, help="columns per control grid")
+    p.add_argument("--no_unified_sampling", action="store_true",
+                   help="Table 1 'w/o US': every INADE layer draws its own instance noise")
+    p.add_argument("--no_noise_remapping", action="store_true",
+                   help="Table 1 'w/o PNR': train with N(0, 1) noise, no encoder, no KL")
     p.add_argument("--bench", type=int, default=None,
                    help="time N training steps on a synthetic batch (fp32 eager vs --dtype/--compile)")
     return p
@@ -179,22 +191,10 @@ def resize_ids(ids, size):
     return F.interpolate(ids[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
-def instance_edges(inst):
-    """Edge map of the instance map (pix2pixHD/SPADE): 1 where a 4-neighbour has another id."""
-    edge = torch.zeros_like(inst, dtype=torch.bool)
-    dv = inst[:, 1:, :] != inst[:, :-1, :]
-    dh = inst[:, :, 1:] != inst[:, :, :-1]
-    edge[:, 1:, :] |= dv
-    edge[:, :-1, :] |= dv
-    edge[:, :, 1:] |= dh
-    edge[:, :, :-1] |= dh
-    return edge[:, None].float()
-
-
 def d_condition(label, inst, num_classes):
     """D's semantic input: one-hot (L channels) + instance edge map (official), (B, L+1, H, W)."""
     onehot = F.one_hot(label, num_classes).permute(0, 3, 1, 2).float()
-    return torch.cat([onehot, instance_edges(inst)], 1)
+    return torch.cat([onehot, data.instance_edges(inst)[:, None].float()], 1)
 
 
 def num_instances(inst):
@@ -216,6 +216,8 @@ class INADE(nn.Module):
     Eq. (3): N^ = F(N), a linear map C0 -> C of the noise shared by all layers. The paper writes two
              maps F_gamma, F_beta; the official code has ONE map shared by the gamma and beta
              samples, and only that reproduces the parameter counts of Tables 3-4: we follow it.
+    The class is looked up per pixel and the noise per instance, as in the official code, so an
+    instance that crosses class borders takes each pixel's own class distribution.
     """
 
     def __init__(self, channels, num_classes, noise_nc):
@@ -226,24 +228,29 @@ class INADE(nn.Module):
         self.b = nn.Parameter(torch.zeros(num_classes, channels, 2))
         self.fc_noise = nn.Linear(noise_nc, channels)
 
-    def modulation(self, inst, inst_class, noise):
-        """gamma, beta (B, C, h, w) for an instance map inst (B, h, w), the class G(l_p) of every
-        instance slot inst_class (B, K) and the shared noise (B, K, 2, C0)."""
-        mapped = self.fc_noise(noise).transpose(2, 3)              # Eq. (3): (B, K, C, 2)
-        # Eq. (2) per instance: a[G(l_p)] * N^[l_p] + b[G(l_p)]. Every pixel of an instance has
-        # the same class, so this equals Eq. (2) per pixel, computed K times instead of H*W times.
-        mod = self.a[inst_class] * mapped + self.b[inst_class]     # (B, K, C, 2)
-        onehot = F.one_hot(inst, mod.shape[1]).to(mod.dtype)       # (B, h, w, K) instance one-hot
-        gamma_beta = torch.einsum("bhwk,bkcs->bschw", onehot, mod)  # each pixel: its instance's
-        return gamma_beta[:, 0], gamma_beta[:, 1]                  # (B, C, h, w) each
+    def modulation(self, label, inst, noise):
+        """gamma, beta (B, C, h, w) for a label and an instance map (B, h, w) and the instance
+        noise (B, K, 2, C0) ([:, :, 0] for gamma, [:, :, 1] for beta), or (B, K, layers, 2, C0)
+        with independent sampling per layer (the w/o US ablation: this layer takes its own)."""
+        if noise.dim() == 5:
+            noise = noise[:, :, self.index]
+        mapped = self.fc_noise(noise)                                   # Eq. (3): (B, K, 2, C)
+        onehot = F.one_hot(inst, noise.shape[1]).to(mapped.dtype)       # (B, h, w, K)
+        noise_px = torch.einsum("bhwk,bksc->bschw", onehot, mapped)     # N^[l_p]: (B, 2, C, h, w)
+        a = self.a[label].permute(0, 4, 3, 1, 2)                        # a[G(l_p)]: (B, 2, C, h, w)
+        b = self.b[label].permute(0, 4, 3, 1, 2)
+        gamma_beta = a * noise_px + b                                   # Eq. (2)
+        return gamma_beta[:, 0], gamma_beta[:, 1]                       # (B, C, h, w) each
 
-    def forward(self, x, inst, inst_class, noise):
-        gamma, beta = self.modulation(resize_ids(inst, x.shape[-2:]), inst_class, noise)
-        return gamma * self.norm(x) + beta                         # Eq. (1)
+    def forward(self, x, label, inst, noise):
+        size = x.shape[-2:]
+        gamma, beta = self.modulation(resize_ids(label, size), resize_ids(inst, size), noise)
+        return gamma * self.norm(x) + beta                              # Eq. (1)
 
 
 def instance_classes(label, inst, num_inst):
-    """G(l_p): the semantic class of every instance slot, (B, K); 0 for an absent slot."""
+    """G(l_p): the semantic class of every instance slot, (B, K); 0 for an absent slot (the class
+    of one of its pixels for an instance that crosses class borders). For picking instances."""
     cls = torch.zeros(len(inst), num_inst, dtype=torch.long, device=inst.device)
     return cls.scatter_(1, inst.flatten(1), label.flatten(1))
 
@@ -263,6 +270,12 @@ def init_weights(module):
                 nn.init.zeros_(m.bias)
 
 
+def spectral_norm(module):
+    """Spectral normalisation (Miyato et al., ICLR 2018) of a layer's weight (official: on every
+    conv of G's ResBlks and of D but the first and last)."""
+    return nn.utils.parametrizations.spectral_norm(module)
+
+
 class INADEResBlock(nn.Module):
     """INADE ResBlk: [INADE -> LReLU -> conv3x3] x 2, plus a learned shortcut
     (INADE -> conv1x1, no bias, no activation) when widths differ. Convs carry spectral norm."""
@@ -270,7 +283,7 @@ class INADEResBlock(nn.Module):
     def __init__(self, fin, fout, num_classes, noise_nc):
         super().__init__()
         mid = min(fin, fout)
-        sn = common.spectral_norm
+        sn = spectral_norm
         self.learned_shortcut = fin != fout
         self.norm_0 = INADE(fin, num_classes, noise_nc)
         self.conv_0 = sn(nn.Conv2d(fin, mid, 3, padding=1))
@@ -280,20 +293,20 @@ class INADEResBlock(nn.Module):
             self.norm_s = INADE(fin, num_classes, noise_nc)
             self.conv_s = sn(nn.Conv2d(fin, fout, 1, bias=False))
 
-    def forward(self, x, inst, inst_class, noise):
-        skip = (self.conv_s(self.norm_s(x, inst, inst_class, noise))
-                if self.learned_shortcut else x)
-        h = self.conv_0(F.leaky_relu(self.norm_0(x, inst, inst_class, noise), 0.2))
-        h = self.conv_1(F.leaky_relu(self.norm_1(h, inst, inst_class, noise), 0.2))
+    def forward(self, x, label, inst, noise):
+        skip = self.conv_s(self.norm_s(x, label, inst, noise)) if self.learned_shortcut else x
+        h = self.conv_0(F.leaky_relu(self.norm_0(x, label, inst, noise), 0.2))
+        h = self.conv_1(F.leaky_relu(self.norm_1(h, label, inst, noise), 0.2))
         return skip + h
 
 
 class Generator(nn.Module):
     """z (B, z_dim) -> fc -> (B, 16 ngf, sh, sw) -> 7 INADE ResBlks with nearest x2 up-sampling
-    -> LReLU -> conv3x3 -> tanh. 18 INADE layers, all fed the same instance noise (§3.3)."""
+    -> LReLU -> conv3x3 -> tanh. 18 INADE layers, all fed the same instance noise (unified
+    sampling, §3.3), or each its own sample with unified_sampling=False (Table 1, "w/o US")."""
 
     def __init__(self, num_classes, height, width, ngf=64, z_dim=256, noise_nc=64,
-                 num_up="normal"):
+                 num_up="normal", unified_sampling=True):
         super().__init__()
         n_up = {"normal": 5, "more": 6}[num_up]
         if width % 2 ** n_up or height % 2 ** n_up:
@@ -308,12 +321,21 @@ class Generator(nn.Module):
             self.add_module(name, INADEResBlock(fin, fout, num_classes, noise_nc))
         self.conv_img = nn.Conv2d(ngf, 3, 3, padding=1)
         init_weights(self)
+        self.unified_sampling = unified_sampling
+        for i, layer in enumerate(self.inade_layers()):
+            layer.index = i          # which noise sample the layer takes without unified sampling
+
+    def noise_shape(self, n, num_inst):
+        """(n, K, 2, C0), or (n, K, 18, 2, C0) with one sample per INADE layer (w/o US)."""
+        layers = () if self.unified_sampling else (len(self.inade_layers()),)
+        return (n, num_inst, *layers, 2, self.noise_nc)
 
     def forward(self, z, label, inst, noise):
         """z (B, z_dim) global vector (always random, official); label, inst (B, H, W) int;
-        noise (B, K, 2, C0): per instance, [:, :, 0] for gamma and [:, :, 1] for beta."""
+        noise (B, K, 2, C0) as noise_shape: per instance, [..., 0, :] for gamma, [..., 1, :]
+        for beta."""
         up = lambda t: F.interpolate(t, scale_factor=2, mode="nearest")
-        cond = (inst, instance_classes(label, inst, noise.shape[1]), noise)
+        cond = (label, inst, noise)
         x = self.fc(z).view(len(z), -1, self.sh, self.sw)
         x = up(self.head_0(x, *cond))
         x = self.G_middle_0(x, *cond)
@@ -334,9 +356,10 @@ class Generator(nn.Module):
 
 class InstanceAwareConv2d(nn.Conv2d):
     """"Instance partial convolution": in each k x k window, neighbours of another instance than
-    the window's centre are zeroed, so no information crosses instance borders. Like the official
-    code (segmentation-aware conv) we do NOT renormalise by the number of valid pixels, as partial
-    convolution would: the paper cites both; our choice. Zero padding counts as instance 0."""
+    the window's centre are zeroed, so no information crosses instance borders in this conv. Like
+    the official code (segmentation-aware conv) we do NOT renormalise by the number of valid
+    pixels, as partial convolution would: the paper cites both; our choice. Zero padding counts
+    as instance 0."""
 
     def forward(self, x, inst):
         """x (B, C, H, W), inst (B, H, W) at x's resolution -> (B, out, H', W')."""
@@ -364,7 +387,11 @@ class NoiseEncoder(nn.Module):
     a middle conv, 3 up-sampling convs with skips, then the four heads (mu_gamma, logvar_gamma,
     mu_beta, logvar_beta), each an instance-aware conv to C0, followed by instance pooling.
     Every conv: InstanceAwareConv3x3 -> InstanceNorm (no affine) -> LReLU(0.2); no spectral norm.
-    The four heads are computed as one conv with 4 C0 outputs (same parameters, same maths)."""
+    The four heads are computed as one conv with 4 C0 outputs: the same parameter count and maths,
+    but xavier's std depends on fan_out, so they start smaller than four separate heads, and the
+    official four weights must be concatenated to load. The encoder as a whole is not
+    instance-isolated (official too): InstanceNorm's statistics and the bilinear up-sampling
+    span the whole image, so one instance's pixels move the others' codes a little."""
 
     def __init__(self, noise_nc, nef=64):
         super().__init__()
@@ -394,6 +421,8 @@ class NoiseEncoder(nn.Module):
         y = up(self.block(self.up2, torch.cat([y, x2], 1), inst))          # H/2
         y = up(self.block(self.up3, torch.cat([y, x1], 1), inst))          # H
         maps = self.heads(y, inst)                                         # (B, 4 C0, H, W)
+        # Eq. (4) pools the heads' maps; the scale head is log sigma^2 (official), so the
+        # pooled scale exp(mean(logvar) / 2) is a geometric, not arithmetic, mean of a~'
         pooled = instance_average_pool(maps, inst, num_inst)               # Eq. (4): (B, K, 4 C0)
         mu_g, logvar_g, mu_b, logvar_b = pooled.float().chunk(4, dim=2)
         return torch.stack([mu_g, mu_b], 2), torch.stack([logvar_g, logvar_b], 2)
@@ -404,21 +433,86 @@ def remap_noise(mu, logvar):
     return torch.randn_like(mu) * torch.exp(0.5 * logvar) + mu
 
 
+def kl_standard_normal(mu, logvar):
+    """KL(N(mu, var) || N(0, 1)) elementwise: 0.5 (mu^2 + var - 1 - logvar) (Kingma & Welling)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+
 def kl_loss(mu, logvar):
     """Eq. (9): 0.5 (KL_gamma + KL_beta), KL(N(mu, sigma^2) || N(0, 1)) summed over instances and
     C0 (official: SPADE's sum-reduced KLD) and averaged over the batch (official batch size is 1;
     a per-sample sum keeps lambda3 = 0.05 meaningful at larger batches: our choice).
     Empty instance slots have mu = logvar = 0 and contribute 0."""
-    kl = common.kl_standard_normal(mu, logvar)          # (B, K, 2, C0)
+    kl = kl_standard_normal(mu, logvar)                 # (B, K, 2, C0)
     return 0.5 * kl.sum((1, 3)).sum(1).mean()
+
 
 
 # ----------------------------------------------------------------------------------------------
 # Discriminator and losses (supplement §6)
 # ----------------------------------------------------------------------------------------------
 
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pixHD / SPADE `NLayerDiscriminator`, supp. Fig. 9): 4x4 convs.
+
+    Layers (ndf = 64): in->64 s2 (no norm) | 64->128 s2 | 128->256 s2 | 256->512 s1 (spectral norm
+    + InstanceNorm, no bias) | 512->1 s1. LeakyReLU(0.2) after all but the last. forward returns
+    every layer's output (for feature matching, Eq. 7); the last one is the logit map."""
+
+    def __init__(self, in_ch, ndf=64, n_layers=4):
+        super().__init__()
+        pad = 2  # SPADE: ceil((4 - 1) / 2)
+        layers = [nn.Sequential(nn.Conv2d(in_ch, ndf, 4, 2, pad), nn.LeakyReLU(0.2))]
+        ch = ndf
+        for n in range(1, n_layers):
+            out = min(ch * 2, 512)
+            stride = 1 if n == n_layers - 1 else 2
+            layers.append(nn.Sequential(
+                spectral_norm(nn.Conv2d(ch, out, 4, stride, pad, bias=False)),
+                nn.InstanceNorm2d(out, affine=False), nn.LeakyReLU(0.2)))
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, 1, pad))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        feats = []
+        for layer in self.layers:
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+class MultiscaleDiscriminator(nn.Module):
+    """`num_d` PatchGANs on the input at full, 1/2, 1/4 ... resolution (pix2pixHD §3.2).
+    Down-sampling: avg-pool 3x3, stride 2, pad 1, count_include_pad=False (SPADE).
+    Returns one list of layer outputs per scale; [-1] of each is the logit map."""
+
+    def __init__(self, in_ch, num_d=2, ndf=64, n_layers=4):
+        super().__init__()
+        self.scales = nn.ModuleList(PatchDiscriminator(in_ch, ndf, n_layers) for _ in range(num_d))
+
+    def forward(self, x):
+        outs = []
+        for i, d in enumerate(self.scales):
+            if i > 0:
+                x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+            outs.append(d(x))
+        return outs
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    """Eq. (6), D side (hinge, Lim & Ye 2017): E[relu(1 - D(x))] + E[relu(1 + D(G(z)))], each a
+    list of logit maps, one per scale; averaged over scales (official)."""
+    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean()
+               for r, f in zip(real_logits, fake_logits)) / len(real_logits)
+
+
+def hinge_g_loss(fake_logits):
+    """Eq. (6), G side: -E[D(G(z))], averaged over scales."""
+    return sum(-f.mean() for f in fake_logits) / len(fake_logits)
+
 FM_LAYERS = (3,)   # Eq. (7) with S_D = 3 read 0-based: only D's 4th intermediate output (official)
-VGG_LAYERS = ("relu4_1", "relu5_1")   # Eq. (8) with S_V = 3 (0-based) of relu1_1..relu5_1
+VGG_LAYERS = ("relu4_1", "relu5_1")   # Eq. (8) with S_V = 3 (0-based) of relu1_1..relu5_1;
+                                      # the paper's Eq. (8) prints S_D, a typo for S_V
 VGG_WEIGHTS = {"vgg": (1.0, 1.0),     # paper: unweighted
                "vgg_official": (0.25, 1.0)}  # official [0, 0, 0, 1/4, 1]
 
@@ -463,14 +557,82 @@ class ReconstructionLoss(nn.Module):
 
 def build_models(args):
     H, W = gen_hw(args)
-    G = Generator(args.num_classes, H, W, args.ngf, args.z_dim, args.noise_nc, args.num_up)
+    G = Generator(args.num_classes, H, W, args.ngf, args.z_dim, args.noise_nc, args.num_up,
+                  unified_sampling=not args.no_unified_sampling)
     E = NoiseEncoder(args.noise_nc, args.nef)
-    D = common.MultiscaleDiscriminator(args.num_classes + 1 + 3, args.num_d, args.ndf)
+    D = MultiscaleDiscriminator(args.num_classes + 1 + 3, args.num_d, args.ndf)
     return G, E, D
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# The training step and the sampler (Eq. 10; random styles §3.3, exemplar styles §3.4)
+# ----------------------------------------------------------------------------------------------
+
+def random_noise(G, inst, n=None):
+    """Random styles (§3.3): N(0, 1) noise for every instance slot of inst (B, H, W), for B (or
+    n) outputs, shaped as G.noise_shape."""
+    return torch.randn(G.noise_shape(len(inst) if n is None else n, num_instances(inst)),
+                       device=inst.device)
+
+
+def encoded_noise(G, mu, logvar):
+    """Exemplar styles: Eq. (5) from the encoder's (mu, logvar) (B, K, 2, C0), one sample shared
+    by every layer, or one per layer without unified sampling."""
+    shape = G.noise_shape(*mu.shape[:2])
+    if len(shape) == 5:
+        mu, logvar = mu[:, :, None].expand(shape), logvar[:, :, None].expand(shape)
+    return remap_noise(mu, logvar)
+
+
+def generate(G, E, batch, z=None, noise=None, use_encoder=True):
+    """One forward pass: noise from the encoder (Eq. 5) or N(0, 1); returns fake, mu, logvar."""
+    inst, label = batch["instance"], batch["label"]
+    mu = logvar = None
+    if noise is None:
+        if use_encoder:
+            mu, logvar = E(batch["image"], inst, num_instances(inst))
+            noise = encoded_noise(common.unwrap(G), mu, logvar)
+        else:  # random styles: plain N(0, 1) noise per instance (§3.3)
+            noise = random_noise(common.unwrap(G), inst)
+    if z is None:
+        z = torch.randn(len(inst), common.unwrap(G).z_dim, device=inst.device)
+    return G(z, label, inst, noise), mu, logvar
+
+
+def train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch):
+    """One G(+E) step then one D step (official order); the D step reuses the generated batch
+    (detached) instead of generating a second one (our choice: one G forward per iteration)."""
+    real, label, inst = batch["image"], batch["label"], batch["instance"]
+    cond = d_condition(label, inst, args.num_classes)
+    with rt.autocast():  # w/o PNR (Table 1): N(0, 1) noise in training too, no encoder, no KL
+        fake, mu, logvar = generate(G, E, batch, use_encoder=not args.no_noise_remapping)
+        d_out = D(torch.cat([torch.cat([cond, fake], 1), torch.cat([cond, real], 1)]))
+        fake_out = [[f.chunk(2)[0] for f in scale] for scale in d_out]
+        real_out = [[f.chunk(2)[1] for f in scale] for scale in d_out]
+        g_gan = hinge_g_loss([scale[-1] for scale in fake_out])            # Eq. (6), G side
+        g_fm = feature_matching(real_out, fake_out)                        # Eq. (7)
+        g_rec = rec_loss(fake.float(), real)                               # Eq. (8)
+    g_kl = kl_loss(mu, logvar) if mu is not None else fake.new_zeros(())  # Eq. (9)
+    g_loss = g_gan + args.lambda_fm * g_fm + args.lambda_rec * g_rec + args.lambda_kl * g_kl
+    opt_g.zero_grad(set_to_none=True)
+    rt.scaler.scale(g_loss).backward()                                     # Eq. (10), min over E, G
+    rt.scaler.step(opt_g)
+
+    with rt.autocast():
+        d_out = D(torch.cat([torch.cat([cond, fake.detach()], 1), torch.cat([cond, real], 1)]))
+        fake_logit = [scale[-1].chunk(2)[0] for scale in d_out]
+        real_logit = [scale[-1].chunk(2)[1] for scale in d_out]
+        d_loss = hinge_d_loss(real_logit, fake_logit)                      # Eq. (6), D side
+    opt_d.zero_grad(set_to_none=True)
+    rt.scaler.scale(d_loss).backward()
+    rt.scaler.step(opt_d)
+    rt.scaler.update()
+    return dict(g_gan=g_gan.item(), g_fm=g_fm.item(), g_rec=g_rec.item(), g_kl=g_kl.item(),
+                d_loss=d_loss.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
 # ----------------------------------------------------------------------------------------------
 
 def lr_factor(iters):
@@ -481,7 +643,6 @@ def lr_factor(iters):
 
 
 def load_data(args, split):
-    import data  # deferred: --dry_run must touch no dataset
     H, W = gen_hw(args)
     ds = data.get_dataset(args.data, root=args.data_dir, split=split, size=args.size)
     if "instance" not in ds.has or "label" not in ds.has:
@@ -500,52 +661,43 @@ def fill_num_classes(args, ds):
     args.num_classes = ds.num_classes
 
 
-def generate(G, E, batch, z=None, noise=None, use_encoder=True):
-    """One forward pass: noise from the encoder (Eq. 5) or N(0, 1); returns fake, mu, logvar."""
-    inst, label = batch["instance"], batch["label"]
-    K = num_instances(inst)
-    mu = logvar = None
-    if noise is None:
-        if use_encoder:
-            mu, logvar = E(batch["image"], inst, K)
-            noise = remap_noise(mu, logvar)
-        else:  # random styles: plain N(0, 1) noise per instance (§3.3)
-            noise = random_noise(common.unwrap(G), inst)
-    if z is None:
-        z = torch.randn(len(inst), common.unwrap(G).z_dim, device=inst.device)
-    return G(z, label, inst, noise), mu, logvar
+def test_set(args):
+    """The test split: the layouts of --sample's grids and of --eval's protocol (§4.1)."""
+    try:
+        return data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size)
+    except common.UserError as err:
+        raise common.UserError(f"--sample and --eval take their layouts from the test split of "
+                               f"--data {args.data}, which could not be read: {err}") from None
 
 
-def train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch):
-    """One G(+E) step then one D step (official order); the D step reuses the generated batch
-    (detached) instead of generating a second one (our choice: one G forward per iteration)."""
-    real, label, inst = batch["image"], batch["label"], batch["instance"]
-    cond = d_condition(label, inst, args.num_classes)
-    with rt.autocast():
-        fake, mu, logvar = generate(G, E, batch)
-        d_out = D(torch.cat([torch.cat([cond, fake], 1), torch.cat([cond, real], 1)]))
-        fake_out = [[f.chunk(2)[0] for f in scale] for scale in d_out]
-        real_out = [[f.chunk(2)[1] for f in scale] for scale in d_out]
-        g_gan = common.hinge_g_loss(fake_out)                              # Eq. (6), G side
-        g_fm = feature_matching(real_out, fake_out)                        # Eq. (7)
-        g_rec = rec_loss(fake.float(), real)                               # Eq. (8)
-    g_kl = kl_loss(mu, logvar)                                             # Eq. (9)
-    g_loss = g_gan + args.lambda_fm * g_fm + args.lambda_rec * g_rec + args.lambda_kl * g_kl
-    opt_g.zero_grad(set_to_none=True)
-    rt.scaler.scale(g_loss).backward()                                     # Eq. (10), min over E, G
-    rt.scaler.step(opt_g)
+def fixed_batch(args, device, train_ds, n=6):
+    """The first n test layouts, shown in the training grids, and the dataset's label palette.
+    Training does not need the test split: without one the grids show the first training
+    layouts instead (a note says so)."""
+    try:
+        ds = test_set(args)
+    except common.UserError as err:
+        ds = train_ds
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {err} The training grids show the first training layouts instead.")
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return common.to_device(torch.utils.data.default_collate(items), device), ds.palette
 
-    with rt.autocast():
-        d_out = D(torch.cat([torch.cat([cond, fake.detach()], 1), torch.cat([cond, real], 1)]))
-        fake_logit = [scale[-1].chunk(2)[0] for scale in d_out]
-        real_logit = [scale[-1].chunk(2)[1] for scale in d_out]
-        d_loss = common.hinge_d_loss(real_logit, fake_logit)               # Eq. (6), D side
-    opt_d.zero_grad(set_to_none=True)
-    rt.scaler.scale(d_loss).backward()
-    rt.scaler.step(opt_d)
-    rt.scaler.update()
-    return dict(g_gan=g_gan.item(), g_fm=g_fm.item(), g_rec=g_rec.item(), g_kl=g_kl.item(),
-                d_loss=d_loss.item())
+
+@torch.no_grad()
+def training_grid(args, G, E, fixed, path):
+    """Rows: label, real, reconstruction (encoder, Eq. 5), then random styles (N(0, 1) noise).
+    The global RNG is restored afterwards, so a run that samples more often stays the same run."""
+    G.eval(), E.eval()
+    batch, palette = fixed
+    with common.preserved_rng():
+        rec, _, _ = generate(G, E, batch)
+        rows = [list(batch["label"]), list(batch["image"]), list(rec)]
+        for _ in range(3):
+            rows.append(list(generate(G, E, batch, use_encoder=False)[0]))
+    scale = max(1, 96 // args.size)
+    common.save_grid(path, [[show(t, scale) for t in row] for row in rows], palette)
+    G.train(), E.train()
 
 
 def train(args):
@@ -591,7 +743,7 @@ def train(args):
                               os.path.join(args.out_dir, f"samples_{done:06d}.png"))
             stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
             if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
-                common.save_checkpoint(ckpt_path, "inade", vars(args), done, objects, rt=rt)
+                common.save_checkpoint(ckpt_path, "inade", args, done, objects, rt=rt)
             if stop:
                 signals.stop(done, ckpt_path)
     log.close()
@@ -601,57 +753,11 @@ def train(args):
 # Sampling controls (--sample): one grid each, label map first
 # ----------------------------------------------------------------------------------------------
 
-def test_set(args):
-    """The test split: the layouts of --sample's grids and of --eval's protocol (§4.1)."""
-    import data
-    try:
-        return data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size)
-    except common.UserError as err:
-        raise common.UserError(f"--sample and --eval take their layouts from the test split of "
-                               f"--data {args.data}, which could not be read: {err}") from None
-
-
-def fixed_batch(args, device, train_ds, n=6):
-    """The first n test layouts, shown in the training grids, and the dataset's label palette.
-    Training does not need the test split: without one the grids show the first training
-    layouts instead (a note says so)."""
-    try:
-        ds = test_set(args)
-    except common.UserError as err:
-        ds = train_ds
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"note: {err} The training grids show the first training layouts instead.")
-    items = [ds[i] for i in range(min(n, len(ds)))]
-    return common.to_device(torch.utils.data.default_collate(items), device), ds.palette
-
-
 def item_batch(ds, index, device):
     if not 0 <= index < len(ds):
         raise common.UserError(f"test item {index} does not exist; the test split of this "
                                f"dataset has {len(ds)} items.")
     return common.to_device(torch.utils.data.default_collate([ds[index]]), device)
-
-
-def random_noise(G, inst, n=None):
-    return torch.randn(len(inst) if n is None else n, num_instances(inst), 2, G.noise_nc,
-                       device=inst.device)
-
-
-@torch.no_grad()
-def training_grid(args, G, E, fixed, path):
-    """Rows: label, real, reconstruction (encoder, Eq. 5), then random styles (N(0, 1) noise).
-    The global RNG is restored afterwards, so a run that samples more often stays the same run."""
-    rng = common.rng_state()
-    G.eval(), E.eval()
-    batch, palette = fixed
-    rec, _, _ = generate(G, E, batch)
-    rows = [list(batch["label"]), list(batch["image"]), list(rec)]
-    for _ in range(3):
-        rows.append(list(generate(G, E, batch, use_encoder=False)[0]))
-    scale = max(1, 96 // args.size)
-    common.save_grid(path, [[show(t, scale) for t in row] for row in rows], palette)
-    G.train(), E.train()
-    common.set_rng_state(rng)
 
 
 def pick_instance(inst, label, wanted=None, flag="--sample_instance"):
@@ -680,14 +786,38 @@ def show(tile, scale):
     return big[0, 0].long() if tile.dim() == 2 else big[0]
 
 
+def reference_instance(args, label, inst, k, ref):
+    """The instance of the reference item whose style control (d) gives target instance k:
+    --ref_instance, or the reference's largest instance of k's class."""
+    k_cls = int(label[0][inst[0] == k][0])
+    ids, counts = ref["instance"][0][ref["label"][0] == k_cls].unique(return_counts=True)
+    if args.ref_instance is None and len(ids):
+        return int(ids[counts.argmax()])
+    if args.ref_instance is not None and args.ref_instance in ids.tolist():
+        return args.ref_instance
+    which = "an instance" if args.ref_instance is None else f"instance {args.ref_instance}"
+    raise common.UserError(f"reference item {args.ref_index} has no {which} of class {k_cls} "
+                           f"(the class of target instance {k}); its instances of that class "
+                           f"are {ids.tolist()} (see --ref_index, --ref_instance).")
+
+
 @torch.no_grad()
 def control_grids(args, G, E, ds, device, out_dir):
-    """The five controls, one PNG each (label map first); returns the paths."""
+    """The five controls, one PNG each (label map first); returns the paths. Every choice is
+    checked before the first grid is written."""
     n, scale = args.n_styles, max(1, 96 // args.size)
     tgt = item_batch(ds, args.target_index, device)
     ref = item_batch(ds, args.ref_index, device)
     label, inst = tgt["label"], tgt["instance"]
-    B = lambda t: t.expand(n, *t.shape[1:])              # one layout, n outputs
+    k = pick_instance(inst, label, args.sample_instance)      # the instance of (c) and (d)
+    cls = int(label[0][inst[0] == k][0]) if args.sample_class is None else args.sample_class
+    class_ids = inst[0][label[0] == cls].unique().tolist()     # the instances of (b)
+    if not class_ids:
+        raise common.UserError(f"--sample_class {cls} does not occur in test item "
+                               f"{args.target_index}; its classes are {label.unique().tolist()}.")
+    r = reference_instance(args, label, inst, k, ref)
+
+    rep = lambda t: t.expand(n, *t.shape[1:])            # one layout, n outputs
     z = torch.randn(1, G.z_dim, device=device)           # global vector kept in (b)-(d)
     base = random_noise(G, inst)                         # every instance's noise, kept in (b)-(d)
     paths = {}
@@ -700,8 +830,8 @@ def control_grids(args, G, E, ds, device, out_dir):
         rows = []
         for i in range(min(4, len(ds))):
             b = item_batch(ds, i, device)
-            fakes = G(torch.randn(n, G.z_dim, device=device), B(b["label"]), B(b["instance"]),
-                      noise_of(b))
+            fakes = G(torch.randn(n, G.z_dim, device=device), rep(b["label"]),
+                      rep(b["instance"]), noise_of(b))
             rows.append([b["label"][0], b["image"][0]] + list(fakes))
         return rows
 
@@ -710,48 +840,29 @@ def control_grids(args, G, E, ds, device, out_dir):
 
     def resample(ids):
         """n outputs in which only the instances `ids` draw new noise; z and the rest kept."""
-        noise = B(base).clone()
-        noise[:, ids] = torch.randn(n, len(ids), 2, G.noise_nc, device=device)
-        return list(G(B(z), B(label), B(inst), noise))
+        noise = rep(base).clone()
+        noise[:, ids] = torch.randn(n, len(ids), *base.shape[2:], device=device)
+        return list(G(rep(z), rep(label), rep(inst), noise))
 
     # (b) semantic level (Fig. 1 left): all instances of one class resampled together
-    k = pick_instance(inst, label, args.sample_instance)
-    cls = args.sample_class
-    if cls is None:
-        cls = int(label[0][inst[0] == k][0])
-    class_ids = inst[0][label[0] == cls].unique().tolist()
-    if not class_ids:
-        raise common.UserError(f"--sample_class {cls} does not occur in test item "
-                               f"{args.target_index}; its classes are {label.unique().tolist()}.")
     save("class", [[label[0], label[0] == cls] + resample(class_ids) for _ in range(2)])
 
     # (c) instance level (Fig. 1 right): one instance resampled, the others kept
     save("instance", [[label[0], inst[0] == k] + resample([k]) for _ in range(2)])
 
-    # (d) reference-guided (Fig. 6a): instance k takes the encoded (mu, sigma) of an instance of
-    # the same class in the reference image (Eq. 5), separately for gamma and beta
-    k_cls = int(label[0][inst[0] == k][0])
-    ref_label, ref_inst = ref["label"], ref["instance"]
-    ids, counts = ref_inst[0][ref_label[0] == k_cls].unique(return_counts=True)
-    r = int(ids[counts.argmax()]) if len(ids) else None     # the largest such instance
-    if args.ref_instance is not None:
-        r = args.ref_instance if args.ref_instance in ids.tolist() else None
-    if r is None:
-        raise common.UserError(f"reference item {args.ref_index} has no instance "
-                               f"{'' if args.ref_instance is None else args.ref_instance + ' '}"
-                               f"of class {k_cls}; its instances of that class are "
-                               f"{ids.tolist()} (see --ref_index, --ref_instance).")
-    mu, logvar = E(ref["image"], ref_inst, num_instances(ref_inst))
-    noise = B(base).clone()
-    noise[:, k] = remap_noise(B(mu[:, r]), B(logvar[:, r]))
-    after = G(B(z), B(label), B(inst), noise)
+    # (d) reference-guided (Fig. 6a): instance k takes the encoded (mu, sigma) of instance r of
+    # the reference (Eq. 5), separately for gamma and beta
+    mu, logvar = E(ref["image"], ref["instance"], num_instances(ref["instance"]))
+    noise = rep(base).clone()
+    noise[:, k] = encoded_noise(G, rep(mu[:, r:r + 1]), rep(logvar[:, r:r + 1]))[:, 0]
+    after = G(rep(z), rep(label), rep(inst), noise)
     save("reference", [[label[0], inst[0] == k, G(z, label, inst, base)[0], ref["image"][0],
-                        ref_inst[0] == r] + list(after)])
+                        ref["instance"][0] == r] + list(after)])
 
     # (e) reconstruction from the image's own style (encoder on the target itself, Eq. 5)
     def own_noise(b):
         mu, logvar = E(b["image"], b["instance"], num_instances(b["instance"]))
-        return remap_noise(B(mu), B(logvar))
+        return encoded_noise(G, rep(mu), rep(logvar))
     save("reconstruction", own_style_rows(own_noise))
     return paths
 
@@ -776,12 +887,28 @@ def pixel_distance(a, b):
     return (a - b).abs().mean((1, 2, 3))
 
 
+@torch.no_grad()
+def masked_lpips(lpips, a, b, mask):
+    """LPIPS between a and b (B, 3, H, W) in [-1, 1] inside and outside a region mask (B, H, W):
+    (inside (B,), outside (B,)). Our definition (no official code exists for these metrics):
+    each tap's distance map (before LPIPS's spatial mean) is averaged with weights given by the
+    mask area-resized to that tap's resolution, and the five averages are summed, as LPIPS sums
+    its taps. With a mask of ones, inside equals LPIPS(a, b); an empty region gives NaN."""
+    mask = mask[:, None].float()
+    inside = outside = 0
+    for d in lpips.distance_maps(a, b):                                   # (B, 1, h, w) per tap
+        m = F.adaptive_avg_pool2d(mask, d.shape[-2:])
+        inside = inside + (d * m).sum((1, 2, 3)) / m.sum((1, 2, 3))
+        outside = outside + (d * (1 - m)).sum((1, 2, 3)) / (1 - m).sum((1, 2, 3))
+    return inside, outside
+
+
 def masked_distance(dist_net, a, b, mask):
     """(inside, outside) distance per image for a region mask (B, H, W): masked LPIPS
-    (common.masked_lpips: per-tap distance maps averaged under the area-resized mask, our
+    (masked_lpips: per-tap distance maps averaged under the area-resized mask, our
     definition) or, without pretrained nets, the masked mean absolute pixel difference."""
     if dist_net is not None:
-        return common.masked_lpips(dist_net, a, b, mask)
+        return masked_lpips(dist_net, a, b, mask)
     diff, m = (a - b).abs().mean(1), mask.float()
     return ((diff * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1),
             (diff * (1 - m)).sum((1, 2)) / (1 - m).sum((1, 2)).clamp(min=1))
@@ -804,7 +931,8 @@ def resample_pair(G, batch, moved_ids):
     label, inst = batch["label"], batch["instance"]
     z = torch.randn(len(inst), G.z_dim, device=inst.device)
     noise = random_noise(G, inst)
-    moved = torch.where(moved_ids[:, :, None, None], random_noise(G, inst), noise)
+    moved_ids = moved_ids.view(*moved_ids.shape, *[1] * (noise.dim() - 2))
+    moved = torch.where(moved_ids, random_noise(G, inst), noise)
     return G(z, label, inst, noise), G(z, label, inst, moved)
 
 
@@ -831,9 +959,11 @@ def eval_batch(args, G, E, batch, dist_net, inception, pick_gen):
     out["diversity"] = torch.tensor([common.lpips_diversity(dist_fn, group[None], pairs="random",
                                                             repeats=10, seed=args.seed)
                                      for group in fakes])
-    if inception is not None:   # FID of the first group against the real test images
-        out["feats_real"] = inception((batch["image"] + 1) / 2)
-        out["feats_fake"] = inception((fakes[:, 0] + 1) / 2)
+    # FID of the first group against the real test images, one sample per layout; the paper
+    # compares with training-set statistics and averages 10 runs (not done here)
+    if inception is not None:
+        out["feats_real"] = common.inception_features(inception, [(batch["image"] + 1) / 2])
+        out["feats_fake"] = common.inception_features(inception, [(fakes[:, 0] + 1) / 2])
     # instance level (mISD/mOID): resample one instance; class level (mCSD/mOCD): every instance
     # of its class (§4.2)
     k = pick_objects(inst, label, pick_gen)
@@ -846,7 +976,8 @@ def eval_batch(args, G, E, batch, dist_net, inception, pick_gen):
     a, b = resample_pair(G, batch, cls == k_cls)
     out["mcsd"], out["mocd"] = masked_distance(dist_net, a, b, label == k_cls[:, :, None])
     if args.data == "shapes":
-        out["shapes"] = shapes_batch_metrics(batch, fakes[:, 0], generate(G, E, batch)[0])
+        out["shapes"] = data.shapes_style_scores(batch, {"real": batch["image"], "random": fakes[:, 0],
+                                                          "recon": generate(G, E, batch)[0]})
     return out
 
 
@@ -889,7 +1020,7 @@ def evaluate(args):
     if inception is not None:
         result["fid"] = common.fid(stats_real.stats(), stats_fake.stats())
     if shapes_rows:
-        result.update(shapes_summary(shapes_rows))
+        result["shapes"] = data.shapes_style_summary(shapes_rows)
     path = os.path.join(args.out_dir, "eval.json")
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
@@ -898,67 +1029,22 @@ def evaluate(args):
     return result
 
 
-def shapes_batch_metrics(batch, fake, rec):
-    """Ground-truth scoring of one batch (data.py's exact helpers): the objects' measured colours
-    in random samples (fake) and in reconstructions from the real image (rec)."""
-    import data
-    inst, cls, valid = batch["instance"], batch["inst_class"], batch["inst_valid"]
-    out = {}
-    for name, images in (("real", batch["image"]), ("random", fake), ("recon", rec)):
-        f = data.shapes_colour_fidelity(images.cpu(), inst.cpu(), cls.cpu(), valid.cpu())
-        out[name] = {k: f[k] for k in ("distance", "mode", "valid")}
-    out["true_mode"], out["cls"] = batch["inst_mode"].cpu(), cls.cpu()
-    return out
-
-
-def same_class_pairs_differ(mode, cls, ok):
-    """Among pairs of objects of one class in one image (both in a mode), the fraction whose modes
-    differ: 0 if every instance of a class looked alike, as with one style per class."""
-    differ = total = 0
-    for i in range(mode.shape[1]):
-        for j in range(i + 1, mode.shape[1]):
-            pair = ok[:, i] & ok[:, j] & (cls[:, i] == cls[:, j])
-            differ += int((pair & (mode[:, i] != mode[:, j])).sum())
-            total += int(pair.sum())
-    return differ / total if total else float("nan")
-
-
-def shapes_summary(rows):
-    import data
-    cat = lambda name, key: torch.cat([r[name][key] for r in rows])
-    cls, true_mode = torch.cat([r["cls"] for r in rows]), torch.cat([r["true_mode"] for r in rows])
-    out = {}
-    for name in ("real", "random", "recon"):
-        dist, mode, valid = cat(name, "distance"), cat(name, "mode"), cat(name, "valid")
-        in_mode = valid & (dist <= data.SHAPES_MODE_TOLERANCE)
-        cover = data.shapes_mode_coverage(mode, cls, in_mode)
-        out[name] = {
-            "colour_error": dist[valid].mean().item(),          # RGB distance to nearest mode
-            "in_mode": in_mode[valid].float().mean().item(),    # within tolerance of a mode
-            "mode_coverage": cover["coverage"], "mode_tv": cover["tv"], "mode_counts": cover["counts"],
-            # the same over every visible object by its nearest mode, in tolerance or not
-            "mode_coverage_nearest": data.shapes_mode_coverage(mode, cls, valid)["coverage"],
-            "same_class_pairs_differ": same_class_pairs_differ(mode, cls, in_mode),
-            "same_class_pairs_differ_nearest": same_class_pairs_differ(mode, cls, valid),
-        }
-        if name == "recon":  # prior noise remapping: the reference's own mode comes back
-            out[name]["mode_accuracy"] = (mode == true_mode)[valid].float().mean().item()
-    return {"shapes": out}
-
-
 # ----------------------------------------------------------------------------------------------
-# main
+# Benchmark (--bench: training speed, Table 3/4 cost of G), dry run, main
 # ----------------------------------------------------------------------------------------------
 
 def dry_run(args):
     if args.num_classes is None:  # built-in data: ask the generator for its class count
-        import data
         args.num_classes = data.get_dataset(args.data, split="train", size=args.size).num_classes
     G, E, D = build_models(args)
-    paper = PAPER_PARAMS_M.get((args.data, args.noise_nc))
-    n_g = common.count_params(G)
+    paper = PAPER_COST.get((args.data, args.noise_nc))
+    flops, conv_linear = generator_flops(args, args.num_classes)   # one instance per class
+    print(f"G forward, one image: {conv_linear / 2e9:.2f} G multiply-adds in convolutions and "
+          f"linear maps, {(flops - conv_linear) / 2e9:.2f} G more in the instance gathers at "
+          f"{args.num_classes} instances" + (f"; paper Table 3/4: P {paper[0]:.2f}M, FLOPs "
+                                             f"{paper[1]:.2f} G" if paper else ""))
     if paper is not None:
-        print(f"G {n_g / 1e6:.2f}M parameters; paper Table 3/4: {paper:.2f}M")
+        print(f"G {common.count_params(G) / 1e6:.2f}M parameters; paper Table 3/4: {paper[0]:.2f}M")
     common.print_dry_run({"G": G, "E": E, "D": D})
 
 
@@ -994,23 +1080,78 @@ def bench(args):
         opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
         return lambda: train_step(args, run, G, E, D, rec, opt_g, opt_d, batch)
 
-    common.bench_training(args, rt, make_step)
+    result = {"training": common.bench_training(args, rt, make_step),
+              "inference": inference_cost(args, rt, batch)}
+    print(json.dumps(result["inference"]))
+    path = os.path.join(args.out_dir, "bench.json")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def generator_flops(args, num_inst):
+    """FLOPs of one generator forward pass (one image, num_inst instances), counted by
+    torch.utils.flop_counter on the meta device: shapes only, no weights, no compute. Returns
+    (all, convolutions and linear maps only); 2 FLOPs per multiply-add. The paper's FLOPs column
+    (Tables 3-4) matches the multiply-adds of the convolutions and linear maps (our reading: a
+    per-module counter such as thop sees only those); the per-pixel instance gathers (einsum)
+    grow with the number of instances."""
+    from torch.utils.flop_counter import FlopCounterMode
+    H, W = gen_hw(args)
+    with torch.device("meta"):
+        G = Generator(args.num_classes, H, W, args.ngf, args.z_dim, args.noise_nc, args.num_up,
+                      unified_sampling=not args.no_unified_sampling).eval()
+        ids = torch.zeros(1, H, W, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            G(torch.zeros(1, args.z_dim), ids, ids, torch.zeros(G.noise_shape(1, num_inst)))
+    total = counter.get_total_flops()
+    gathers = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "bmm" in str(op))
+    return total, total - gathers
+
+
+@torch.no_grad()
+def inference_cost(args, rt, batch):
+    """Table 3/4's P, FLOPs and T of the generator for the first layout of `batch` (random
+    styles, eval mode, batch 1, float32): T is the mean time of args.bench forward passes."""
+    import time
+    G = build_models(args)[0].to(rt.device).eval()
+    one = {k: v[:1] for k, v in batch.items()}
+    for _ in range(2):   # warm-up (allocator, cudnn)
+        generate(G, None, one, use_encoder=False)
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.bench):
+        generate(G, None, one, use_encoder=False)
+    sync()
+    seconds = (time.perf_counter() - t0) / args.bench
+    K = num_instances(one["instance"])
+    flops, conv_linear = generator_flops(args, K)
+    out = {"G_params": common.count_params(G), "G_flops": flops, "G_flops_conv_linear": conv_linear,
+           "G_gmacs_conv_linear": round(conv_linear / 2e9, 2), "G_seconds_per_image": round(seconds, 4),
+           "instances": K}
+    paper = PAPER_COST.get((args.data, args.noise_nc))
+    if paper is not None:
+        out["paper_P_M"], out["paper_flops_G"], out["paper_T_s"] = paper
+    return out
 
 
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, "inade", "shapes", argv, check=check_args)
     if args.dry_run:
-        dry_run(args)
-    elif args.bench:
-        bench(args)
-    elif args.sample:
+        return dry_run(args)
+    if args.bench:
+        return bench(args)
+    if args.sample:
         rt, ds, G, E, ckpt = load_for_inference(args)
         paths = control_grids(args, G, E, ds, rt.device, args.out_dir)
         print("\n".join(paths.values()))
-    elif args.eval:
-        evaluate(args)
-    else:
-        train(args)
+        return paths
+    if args.eval:
+        return evaluate(args)
+    return train(args)
 
 
 if __name__ == "__main__":

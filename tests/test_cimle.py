@@ -1,8 +1,11 @@
 """Tests of cimle.py: the exact chunked search, its flat memory, the search and the batch split
-over ranks, the rarity KDE, the metric, Algorithm 1 lowering the selected distance, exact
-resume, --compile, the streamed --eval and its flat memory, network sizes, every bad flag, and
-the paper presets (gta5, SR folder) under torchrun on fake data in the official layouts."""
+over ranks, the distance terms and their weights (§3.7 calibration), the schedule of outer
+iterations, the inner step and Adam's schedule, the rarity KDE and its guard, the sampling
+controls, the metrics, exact resume, --compile, --bench, the streamed --eval and its flat
+memory, network sizes, every bad flag, and the paper presets (gta5, SR folder) under torchrun on
+fake data in the official layouts."""
 
+import functools
 import json
 import math
 import os
@@ -23,7 +26,19 @@ from test_data import fake_gta5  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_LAYOUT = ["--size", "32", "--crn_channels", "8,8,8,8", "--encoder_channels", "8",
                "--noise_channels", "4", "--n_train", "48", "--S", "12", "--m", "4", "--L", "5",
-               "--batch_size", "4", "--log_every", "5", "--sample_every", "1000"]
+               "--batch_size", "4", "--log_every", "5", "--sample_every", "1000",
+               "--rarity_min_images", "0"]
+
+
+def flags_only(argv):
+    """The parsed flags, without preparing a run folder (no out/ written, none refused)."""
+    return cimle.parse(argv + ["--dry_run"])
+
+
+@functools.lru_cache(maxsize=None)
+def random_vgg():
+    """A VGG-19 with random weights (no download in tests), built once for the whole file."""
+    return common.VGG19(pretrained=False).eval()
 
 
 def tiny_layout_generator(seed=0, classes=5):
@@ -68,10 +83,10 @@ def test_select_latents_equals_brute_force_for_any_chunking(task):
         distance = cimle.Distance("layout", "pixel", "cpu")
     else:
         G = tiny_sr_generator()
-        cond = torch.rand((n, 3, 4, 4), generator=gen) * 2 - 1
-        target = torch.rand((n, 3, 32, 32), generator=gen) * 2 - 1
+        cond = torch.rand((n, 3, 2, 2), generator=gen) * 2 - 1
+        target = torch.rand((n, 3, 16, 16), generator=gen) * 2 - 1
         mask = None
-        vgg = common.VGG19(pretrained=False)  # random weights: no download in tests
+        vgg = random_vgg()
         distance = cimle.Distance("sr", "official", "cpu", vgg)  # two weighted terms
     table = torch.randn((n, m, *G.latent_shape(cond)), generator=gen)
     expected, d_all = brute_force(G, distance, cond, target, mask, table)
@@ -144,37 +159,240 @@ def test_memory_of_the_search_is_flat_in_m():
 
 
 # ---------------------------------------------------------------------------------------------
+# The distance L (§3.7, Eq. 1) term by term, the inner step, Adam and its schedule
+# ---------------------------------------------------------------------------------------------
+
+def test_distance_terms_by_hand_for_every_kind():
+    gen = torch.Generator().manual_seed(11)
+    fake = torch.rand((6, 3, 32, 32), generator=gen) * 2 - 1   # 2 targets x 3 candidates
+    target = torch.rand((2, 3, 32, 32), generator=gen) * 2 - 1
+    mask = torch.rand((2, 1, 32, 32), generator=gen)
+    vgg = random_vgg()
+    rep = lambda t: t.repeat_interleave(3, 0)  # noqa: E731  candidates of one target are adjacent
+    with torch.no_grad():
+        pixel = cimle.Distance("layout", "pixel", "cpu")
+        want = (fake - rep(target)).abs().flatten(1).mean(1)
+        assert torch.allclose(pixel(fake, pixel.prepare(target)), want, atol=1e-6)
+        # layouts: L1 per term, each weighted by the rarity mask area-resized to its resolution
+        lay = cimle.Distance("layout", "vgg", "cpu", vgg)
+        lay.weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+        ff = vgg((fake + 1) / 2, cimle.LAYOUT_VGG)
+        ft = vgg((target + 1) / 2, cimle.LAYOUT_VGG)
+        want = (fake - rep(target)).abs().mul(rep(mask)).flatten(1).mean(1)
+        for w, name in zip(range(2, 7), cimle.LAYOUT_VGG):
+            m = torch.nn.functional.adaptive_avg_pool2d(mask, ff[name].shape[-2:])
+            want = want + w * ((ff[name] - rep(ft[name])).abs() * rep(m)).flatten(1).mean(1)
+        assert torch.allclose(lay(fake, lay.prepare(target, mask)), want, rtol=1e-4)
+        # SR, Eq. (1): a sum of l2 norms (root mean squares), not of squared norms
+        sr = cimle.Distance("sr", "vgg", "cpu", vgg)
+        sr.weights = torch.tensor([1.0, 3.0])
+        f5, t5 = vgg((fake + 1) / 2, ["relu5_4"])["relu5_4"], vgg((target + 1) / 2, ["relu5_4"])
+        want = ((fake - rep(target)).pow(2).flatten(1).mean(1).sqrt()
+                + 3 * (f5 - rep(t5["relu5_4"])).pow(2).flatten(1).mean(1).sqrt())
+        assert torch.allclose(sr(fake, sr.prepare(target)), want, rtol=1e-4)
+        # SRIM's code: 0.01 L1 pixels + L1 conv5_4 (pre-ReLU), fixed weights
+        off = cimle.Distance("sr", "official", "cpu", vgg)
+        assert off.calibrated and not sr.calibrated and not lay.calibrated
+        c5, t5 = vgg((fake + 1) / 2, ["conv5_4"])["conv5_4"], vgg((target + 1) / 2, ["conv5_4"])
+        want = (0.01 * (fake - rep(target)).abs().flatten(1).mean(1)
+                + (c5 - rep(t5["conv5_4"])).abs().flatten(1).mean(1))
+        assert torch.allclose(off(fake, off.prepare(target)), want, rtol=1e-4)
+
+
+def test_inner_step_is_one_adam_step_on_the_mean_distance_of_the_selected_codes():
+    """Algorithm 1 lines 9-12: the loss of |S~| examples of S with their codes, its mean, one
+    Adam step of size --lr (Adam's first step moves every weight with a gradient by ~lr)."""
+    args = flags_only(TINY_LAYOUT + ["--lr", "0.01"])
+    rt = common.setup_runtime(args)
+    gen = torch.Generator().manual_seed(12)
+    items = (torch.randint(0, 5, (12, 16, 16), generator=gen),
+             torch.rand((12, 3, 16, 16), generator=gen) * 2 - 1,
+             torch.rand((12, 1, 16, 16), generator=gen) + 0.1)
+    codes = torch.randn((12, 3, 16, 16), generator=gen)
+    G = tiny_layout_generator()
+    before = [p.detach().clone() for p in G.parameters()]
+    distance = cimle.Distance("layout", "pixel", "cpu")
+    pick = torch.randperm(12, generator=torch.Generator().manual_seed(args.seed * 15_485_863 + 5))
+    pick = pick[:4]
+    with torch.no_grad():
+        want = ((G(items[0][pick], codes[pick]) - items[1][pick]).abs()
+                * items[2][pick]).flatten(1).mean(1).mean()
+    opt, sched = cimle.make_optimiser(G, args)
+    loss = cimle.inner_step(G, distance, opt, sched, items, codes, 5, args, rt)
+    assert math.isclose(loss, float(want), rel_tol=1e-5)
+    steps = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(G.parameters(), before)])
+    assert abs(float(steps.max()) - 0.01) < 1e-3 and float(steps.median()) > 0.005
+
+
+def test_learning_rate_schedules_of_the_paper_presets():
+    """SRIM: 1.5e-4 halved at 50k/100k/200k/300k IMLE steps (after 150k of pretraining); DISL:
+    1e-4, then 1e-5 after 5 outer iterations of 10k."""
+    for data, checks in (("folder", {0: 1.5e-4, 199_999: 1.5e-4, 200_000: 7.5e-5,
+                                     250_000: 3.75e-5, 450_000: 9.375e-6}),
+                         ("gta5", {0: 1e-4, 49_999: 1e-4, 50_000: 1e-5, 159_999: 1e-5})):
+        args = flags_only(["--data", data])
+        sched = cimle.make_optimiser(torch.nn.Linear(1, 1), args)[1]
+        for it in sorted(checks):  # the lr after `it` scheduler steps
+            sched.last_epoch = it
+            assert math.isclose(sched._get_closed_form_lr()[0], checks[it], rel_tol=1e-9), it
+
+
+def test_paper_presets_hold_the_papers_values():
+    sr = flags_only(["--data", "folder"])
+    assert (sr.task, sr.size, sr.S, sr.m, sr.L, sr.batch_size, sr.z_channels) == \
+        ("sr", 256, 640, 100, 200_000, 4, 5)                          # §5.1.2, §5.1.4
+    assert (sr.pretrain_iters, sr.n_train, sr.n_eval, sr.eval_samples, sr.distance) == \
+        (150_000, 1280, 80, 50, "vgg")                                # §5.1.1, §5.1.4, §5.1.6
+    lay = flags_only(["--data", "gta5"])
+    assert (lay.task, lay.size, lay.S, lay.m, lay.L, lay.batch_size) == \
+        ("layout", 256, 400, 10, 10_000, 1)                           # §5.2.5
+    assert (lay.noise_channels, lay.encoder_channels, lay.noise_encoder) == (10, 100, 1)
+    assert (lay.rebalance_data, lay.rebalance_loss, lay.rebalance_classes) == (1, 1, 5)
+    assert (lay.n_eval, lay.eval_samples, lay.rarity_min_images) == (100, 80, 67)  # §5.2.6, DISL
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule of outer iterations: z = 0 pretraining sweeps all images; the bilinear switch
+# ---------------------------------------------------------------------------------------------
+
+def test_outer_iterations_of_the_sr_preset():
+    """z = 0 pretraining in rounds of |S| / |S~| = 160 steps; IMLE outer iterations of L from
+    150k; the switch to bilinear at 450k starts a fresh one."""
+    args = flags_only(["--data", "folder"])
+    starts = [it for it in (0, 1, 159, 160, 320, 149_920, 149_999, 150_000, 150_001, 350_000,
+                            449_999, 450_000, 550_000, 650_000) if cimle.new_outer(it, args)]
+    assert starts == [0, 160, 320, 149_920, 150_000, 350_000, 450_000, 650_000]
+    numbers = [cimle.outer_index(it, args) for it in (0, 159, 160, 149_999, 150_000, 350_000,
+                                                       449_999, 450_000, 749_999)]
+    assert numbers == [1, 1, 2, 938, 939, 940, 940, 941, 942]  # k = 1 .. K as Algorithm 1
+    layout = flags_only(["--data", "gta5"])
+    assert [cimle.outer_index(it, layout) for it in (0, 9_999, 10_000, 159_999)] == [1, 1, 2, 16]
+
+
+def test_pretraining_rounds_show_every_training_image():
+    args = flags_only(["--data", "folder"])
+    rounds = math.ceil(args.pretrain_iters / (args.S // args.batch_size))
+    seen = torch.zeros(args.n_train, dtype=torch.bool)
+    for outer in range(0, rounds, 25):  # a few of the 938 rounds already cover the set
+        seen[cimle.pick_subset(outer, args.n_train, args, None)] = True
+    assert bool(seen.all())
+    one = cimle.pick_subset(0, args.n_train, args, None)
+    assert len(one) == len(set(one.tolist())) == 640  # without replacement
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling controls (--sample), measured on the tensors
+# ---------------------------------------------------------------------------------------------
+
+def test_sampling_controls_change_only_what_they_control():
+    G = tiny_layout_generator()
+    gen = torch.Generator().manual_seed(13)
+    cond = torch.randint(0, 5, (3, 16, 16), generator=gen)
+    many = cimle.generate_samples(G, cond, 4, "cpu", seed=1)            # (3, 4, 3, 16, 16)
+    z = torch.randn((3, 4, 3, 16, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for i in range(3):
+            assert torch.allclose(many[i], G(cond[i:i + 1].expand(4, -1, -1), z[i]).clamp(-1, 1),
+                                  atol=1e-6)
+    assert (many[:, 0] - many[:, 1]).abs().mean() > 1e-3            # codes differ -> samples
+    zero = cimle.generate_samples(G, cond, 4, "cpu", zero=True)
+    assert torch.equal(zero[:, 0], zero[:, 3])                        # z = 0: one output
+    za, zb = torch.randn((2, 3, 16, 16), generator=gen)
+    frames = cimle.interpolate_latents(G, cond[:1], za, zb)
+    with torch.no_grad():
+        for t, frame in zip(torch.linspace(0, 1, 8), frames):
+            want = G(cond[:1], ((1 - t) * za + t * zb)[None]).clamp(-1, 1)[0]
+            assert torch.allclose(frame, want, atol=1e-5)
+        shared = cimle.one_latent_many_inputs(G, cond, za)
+        for i in range(3):
+            assert torch.allclose(shared[i], G(cond[i:i + 1], za[None]).clamp(-1, 1)[0],
+                                  atol=1e-5)
+    assert not torch.allclose(shared[0], shared[1])
+
+
+def test_without_noise_encoder_the_crn_gets_the_raw_codes(capsys):
+    """Table 2's "Ours w/o noise encoder": T(x, z~) = CRN(x, z~); no encoder parameters."""
+    torch.manual_seed(0)
+    G = cimle.LayoutGenerator(5, 3, 6, [6, 6, 6], noise_encoder=False).eval()
+    cond = torch.randint(0, 5, (2, 16, 16))
+    z = torch.randn(2, 3, 16, 16)
+    layout = torch.nn.functional.one_hot(cond, 5).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        assert torch.equal(G(cond, z), G.crn(layout, z))
+        full = tiny_layout_generator()  # with the encoder: z' = E(x, z~) feeds the CRN
+        assert torch.equal(full(cond, z), full.crn(layout, full.encoder(layout, z)))
+    cimle.main(["--data", "gta5", "--noise_encoder", "0", "--dry_run"])
+    params = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]
+    assert set(params) == {"G"} and params["G"] == 98_416_131
+
+
+# ---------------------------------------------------------------------------------------------
 # Several processes: the search split over ranks gives one process's codes; |S~| must divide
 # ---------------------------------------------------------------------------------------------
 
 def test_search_split_over_ranks_selects_the_codes_of_one_process(monkeypatch):
     """Each rank searches examples r, r + W, ... of S with codes that depend only on (seed,
-    outer, example): the gathered codes and the §3.7 weights equal one process's."""
-    args = cimle.parse(["--S", "7", "--m", "5", "--search_examples", "3", "--search_chunk", "2",
+    outer, example): the gathered codes equal one process's; --perturb adds perturb * N(0, I)."""
+    args = flags_only(["--S", "7", "--m", "5", "--search_examples", "3", "--search_chunk", "2",
                         "--batch_size", "2"])
     G = tiny_layout_generator()
     gen = torch.Generator().manual_seed(7)
     items = (torch.randint(0, 5, (7, 16, 16), generator=gen),
              torch.rand((7, 3, 16, 16), generator=gen) * 2 - 1, None)
-    vgg = common.VGG19(pretrained=False)
+    distance = cimle.Distance("layout", "pixel", "cpu")
 
-    def search(rank, world):
-        distance = cimle.Distance("layout", "vgg", "cpu", vgg)  # calibrated in the search
+    def search(rank, world, outer=3):
         rt = common.Runtime(torch.device("cpu"), torch.float32, rank=rank, world_size=world)
-        codes, _ = cimle.outer_search(G, distance, items, 3, args, rt)
-        return codes, distance.weights
+        return cimle.outer_search(G, distance, items, outer, args, rt)[0]
 
-    one, weights = search(0, 1)
+    one = search(0, 1)
+    table = torch.stack([torch.randn((5, 3, 16, 16), generator=cimle.code_stream(args, 3, i, "cpu"))
+                         for i in range(7)])  # each example's own stream, m codes in order
+    idx, _ = brute_force(G, distance, items[0], items[1], None, table)
+    assert torch.equal(one, table[torch.arange(7), idx])
     monkeypatch.setattr(cimle, "gather_shares", lambda x, n, rt: x)  # keep each rank's share
     for world in (2, 3):
-        parts = [search(rank, world) for rank in range(world)]
-        for rank, (share, w) in enumerate(parts):
-            assert torch.equal(share, one[rank::world]), (world, rank)
-            assert torch.equal(w, weights)
-    assert not torch.equal(one[0], one[1])  # examples do not share a stream
-    assert not torch.equal(cimle.outer_search(G, cimle.Distance("layout", "pixel", "cpu"), items,
-                                              4, args, common.Runtime(torch.device("cpu"),
-                                                                      torch.float32))[0], one)
+        for rank in range(world):
+            assert torch.equal(search(rank, world), one[rank::world]), (world, rank)
+    assert not torch.equal(search(0, 1, outer=4), one)  # a new outer iteration, new codes
+    monkeypatch.undo()
+    args.perturb = 0.5
+    moved = search(0, 1) - one
+    assert abs(float(moved.std()) - 0.5) < 0.05 and abs(float(moved.mean())) < 0.05
+
+
+def test_distance_weights_are_set_from_several_examples_the_same_whatever_the_chunking():
+    """§3.7: lambda_i = 1 / mean of term i over the first --calibrate_examples examples of S, one
+    code each (z = 0 before pretraining ends); not moved by the speed flags or the rank."""
+    gen = torch.Generator().manual_seed(8)
+    items = (torch.randint(0, 5, (9, 16, 16), generator=gen),
+             torch.rand((9, 3, 16, 16), generator=gen) * 2 - 1,
+             torch.rand((9, 1, 16, 16), generator=gen) + 0.1)
+    G = tiny_layout_generator()
+    vgg = random_vgg()
+    weights = []
+    for examples, chunk, rank, world in ((1, 1, 0, 1), (2, 3, 1, 2), (5, 2, 0, 3)):
+        args = flags_only(["--S", "9", "--calibrate_examples", "6", "--search_examples",
+                            str(examples), "--search_chunk", str(chunk), "--batch_size", "3"])
+        distance = cimle.Distance("layout", "vgg", "cpu", vgg)
+        rt = common.Runtime(torch.device("cpu"), torch.float32, rank=rank, world_size=world)
+        cimle.calibrate_distance(G, distance, items, 2, False, args, rt)
+        assert distance.calibrated
+        weights.append(distance.weights)
+    z = torch.stack([torch.randn((3, 16, 16), generator=cimle.code_stream(args, 2, i, "cpu"))
+                     for i in range(6)])
+    probe = cimle.Distance("layout", "vgg", "cpu", vgg)
+    with torch.no_grad():
+        terms = probe.terms(G(items[0][:6], z), probe.prepare(items[1][:6], items[2][:6]))
+    assert len(weights[0]) == 6  # pixels + conv1_2 .. conv5_2
+    for w in weights:
+        assert torch.allclose(w, 1 / terms.mean(0), rtol=1e-4), (w, 1 / terms.mean(0))
+    distance = cimle.Distance("layout", "vgg", "cpu", vgg)  # at the start of z = 0 pretraining
+    cimle.calibrate_distance(G, distance, items, 2, True, args, rt)
+    with torch.no_grad():
+        zero = probe.terms(G(items[0][:6], torch.zeros_like(z)),
+                           probe.prepare(items[1][:6], items[2][:6]))
+    assert torch.allclose(distance.weights, 1 / zero.mean(0), rtol=1e-4)
 
 
 def test_a_batch_that_cannot_be_split_over_the_processes_is_refused_at_start(tmp_path,
@@ -237,8 +455,29 @@ def test_rarity_scores_and_mask_match_a_hand_computed_kde():
         assert mask[k].max() == 1 and mask[k].min() > 0
 
 
+def test_a_class_in_few_images_takes_the_largest_rarity_of_its_image():
+    """DISL's guard: a class found in <= --rarity_min_images images gets no KDE of its own (a
+    near-singular one would give it rarity ~0); its pixels weigh as the image's rarest class."""
+    gen = torch.Generator().manual_seed(14)
+    colours = torch.rand((8, 3, 3), generator=gen, dtype=torch.float64) * 255
+    present = torch.ones(8, 3, dtype=torch.bool)
+    present[2:, 2] = False                         # class 2 in images 0 and 1 only
+    present[1, 1] = False
+    plain = cimle.rarity_scores(colours, present)
+    guarded = cimle.rarity_scores(colours, present, min_images=2)
+    assert torch.equal(guarded[:, :2], plain[:, :2])               # classes in > 2 images
+    assert float(plain[0, 2]) < 1e-3 * float(plain[0, :2].max())   # the KDE's inversion
+    for k in (0, 1):
+        assert guarded[k, 2] == guarded[k, :2].max()
+    assert (guarded[2:, 2] == 0).all()
+    labels = torch.tensor([[[0, 1], [2, 2]]])
+    assert torch.equal(cimle.rarity_mask(labels, guarded[:1])[0, 0, 1], torch.ones(2))
+    alone = cimle.rarity_scores(colours[:, 2:], present[:, 2:], min_images=2)
+    assert torch.equal(alone[:, 0], present[:, 2].double())  # no scored class: weight 1
+
+
 def test_dataset_rebalancing_draws_by_rarity_within_the_largest_classes():
-    args = cimle.parse(["--S", "3000", "--rebalance_classes", "2"])
+    args = flags_only(["--S", "3000", "--rebalance_classes", "2"])
     rarity = {"R": torch.tensor([[1.0, 0.0, 5.0], [3.0, 2.0, 0.0], [0.0, 6.0, 1.0]],
                                 dtype=torch.float64),
               "area": torch.tensor([10.0, 30.0, 1.0])}  # largest: class 1, then class 0
@@ -291,21 +530,35 @@ def test_paper_networks_have_the_official_sizes(capsys):
     assert lay["E"] == 30 * 100 * 9 + 200 + 100 * 100 * 9 + 200 + 100 * 10 + 10 == 118_410
 
 
-def test_sr_generator_is_x8_and_uses_z_and_upsampling_mode():
+def test_sr_generator_concatenates_z_to_the_input_and_upsamples_x8_as_asked():
+    """§5.1.1: [x in [0, 1], z] -> first conv -> RRDB trunk (+ long skip) -> 3 x (up x2, conv,
+    LReLU) -> HR conv, LReLU -> conv -> tanh; nearest or bilinear up-sampling as set."""
     G = tiny_sr_generator()
     lr = torch.rand(2, 3, 4, 4) * 2 - 1
     z = torch.randn(2, 2, 4, 4)
+    F = torch.nn.functional
+
+    def by_hand(mode):
+        fea = G.fea_conv(torch.cat([(lr + 1) / 2, z], 1))
+        fea = fea + G.trunk_conv(G.trunk(fea))
+        for conv in G.up_convs:
+            up = F.interpolate(fea, scale_factor=2, mode=mode,
+                               **({"align_corners": False} if mode == "bilinear" else {}))
+            fea = F.leaky_relu(conv(up), 0.2)
+        return torch.tanh(G.out_conv(F.leaky_relu(G.hr_conv(fea), 0.2)))
+
     with torch.no_grad():
-        out = G(lr, z)
-        assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
-        assert not torch.allclose(out, G(lr, torch.zeros_like(z)))
-        G.upsample_mode = "bilinear"
-        assert not torch.allclose(out, G(lr, z))
+        for mode in ("nearest", "bilinear"):
+            G.upsample_mode = mode
+            out = G(lr, z)
+            assert out.shape == (2, 3, 32, 32)
+            assert torch.allclose(out, by_hand(mode), atol=1e-6), mode
+        assert not torch.allclose(G(lr, z), G(lr, torch.zeros_like(z)))
 
 
 def test_pretraining_steps_ignore_the_codes():
     """§5.1.1: while it < pretrain_iters the model is trained with z = 0, whatever the codes."""
-    args = cimle.parse(["--task", "sr", "--size", "32", "--nf", "6", "--gc", "4", "--n_blocks",
+    args = flags_only(["--task", "sr", "--size", "32", "--nf", "6", "--gc", "4", "--n_blocks",
                         "1", "--pretrain_iters", "10", "--batch_size", "2", "--S", "4"])
     rt = common.setup_runtime(args)
     gen = torch.Generator().manual_seed(6)
@@ -333,25 +586,45 @@ def test_pretraining_steps_ignore_the_codes():
 # Algorithm 1 on shapes: the selected distance falls; resume is exact
 # ---------------------------------------------------------------------------------------------
 
-def test_outer_iterations_lower_the_selected_distance():
-    args = cimle.parse(TINY_LAYOUT + ["--rebalance_data", "0", "--rebalance_loss", "0",
-                                      "--lr", "3e-3", "--L", "15"])
+class ToyGenerator(torch.nn.Module):
+    """T(x, z) for a 1x1 'image': a small MLP of the code alone (one input x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.Tanh(),
+                                       torch.nn.Linear(32, 3))
+
+    def latent_shape(self, cond):
+        return (1, 1, 1)
+
+    def forward(self, cond, z):
+        return self.net(z.flatten(1)).view(-1, 3, 1, 1)
+
+
+def test_imle_covers_both_modes_of_a_bimodal_target():
+    """What makes IMLE IMLE: one input whose targets are two colours (+1 or -1). Training each
+    target's nearest of m samples towards it makes the samples cover both modes, where a
+    regression on the one input would give one output."""
+    args = flags_only(["--S", "32", "--m", "8", "--L", "20", "--batch_size", "8", "--lr", "0.02",
+                        "--rebalance_data", "0"])
     rt = common.setup_runtime(args)
-    ds = cimle.load_data(args)
+    target = torch.ones(32, 3, 1, 1)
+    target[16:] = -1
+    items = (torch.zeros(32, 1, 1, 1), target, None)
     torch.manual_seed(0)
-    G = cimle.build_generator(args)
+    G = ToyGenerator()
     opt, sched = cimle.make_optimiser(G, args)
     distance = cimle.Distance("layout", "pixel", "cpu")
-    items = cimle.gather_items(ds, torch.arange(12), args, None)  # one fixed S
     selected = []
-    for outer in range(4):
-        G.eval()
+    for outer in range(6):
         codes, sel = cimle.outer_search(G, distance, items, outer, args, rt)
-        G.train()
         selected.append(sel)
         for it in range(outer * args.L, (outer + 1) * args.L):
             cimle.inner_step(G, distance, opt, sched, items, codes, it, args, rt)
-    assert selected[-1] < 0.7 * selected[0], selected
+    with torch.no_grad():
+        out = G(None, torch.randn(400, 1, 1, 1)).mean(1).flatten()
+    assert selected[-1] < 0.3 * selected[0], selected
+    assert (out > 0.7).float().mean() > 0.25 and (out < -0.7).float().mean() > 0.25
 
 
 def test_resume_is_exact(tmp_path):
@@ -375,7 +648,7 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_each_rank_takes_its_half_of_the_global_batch():
-    args = cimle.parse(TINY_LAYOUT)
+    args = flags_only(TINY_LAYOUT)
     gen = torch.Generator().manual_seed(9)
     items = (torch.randint(0, 5, (12, 16, 16), generator=gen),
              torch.rand((12, 3, 16, 16), generator=gen) * 2 - 1, None)
@@ -410,11 +683,11 @@ def reference_metrics(batches, d, task):
     zero = torch.stack([z for _, _, _, z in batches])
     truth = torch.stack([it["image"] for it, _, _, _ in batches])
     n, k = samples.shape[:2]
-    half = k // 2
+    half = k // 2  # §5.2.6: disjoint pairs (0, 1), (2, 3), ...
     flat = samples.flatten(0, 1)
     rep = lambda t: t.unsqueeze(1).expand(n, k, *t.shape[1:]).flatten(0, 1)  # noqa: E731
-    out = {"diversity_pixel_l1": d(samples[:, :half].flatten(0, 1),
-                                   samples[:, half:2 * half].flatten(0, 1)).mean(),
+    out = {"diversity_pixel_l1": d(samples[:, 0:2 * half:2].flatten(0, 1),
+                                   samples[:, 1:2 * half:2].flatten(0, 1)).mean(),
            "distance_to_truth_pixel_l1": d(flat, rep(truth)).mean(),
            "zero_z_distance_to_truth_pixel_l1": d(zero, truth).mean()}
     fwv = cimle.faithfulness_weighted_variance(samples, truth, d)
@@ -500,21 +773,90 @@ def test_compiled_training_step_gives_the_eager_losses(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
 
 
+def test_bench_times_inner_steps_and_the_search_offline_under_the_asked_dtype(tmp_path,
+                                                                              monkeypatch):
+    """--bench N: N inner steps (the training loop's own, on one fixed mini-batch) through
+    common.bench_training (float32 eager, then --dtype) and select_latents vs the naive search
+    in one bench.json; the paper's VGG distance without the download (--pretrained 0)."""
+    out = str(tmp_path / "bench")
+    steps = []
+    real = cimle.inner_step
+    monkeypatch.setattr(cimle, "inner_step", lambda *a: steps.append(a[6]) or real(*a))
+    cimle.main(["--data", "folder", "--pretrained", "0", "--size", "16", "--nf", "4", "--gc", "4",
+                "--n_blocks", "1", "--S", "3", "--candidates", "4", "--batch_size", "2",
+                "--search_examples", "2", "--search_chunk", "3", "--bench", "2", "--dtype",
+                "bfloat16", "--out_dir", out])
+    assert len(steps) == 2 * (3 + 2) and len(set(steps)) == 1  # 3 warm-up + 2 timed, twice
+    result = json.load(open(os.path.join(out, "bench.json")))
+    rows = result["training"]["bench"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert result["training"]["batch_size"] == 2 and result["training"]["size"] == 16
+    search = result["search"]
+    assert search["same_indices"] and search["dtype"] == "bfloat16"
+    assert (search["S"], search["m"], search["distance"]) == (3, 4, "vgg")
+
+
+def test_checkpoints_of_another_method_or_network_are_refused(tmp_path):
+    out = str(tmp_path / "run")
+    cimle.main(TINY_LAYOUT + ["--iters", "1", "--out_dir", out])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert "bench" not in ck["config"] and "resume" not in ck["config"]  # run-mode flags
+    assert ck["config"]["noise_encoder"] == 1
+    with pytest.raises(common.UserError, match="--noise_encoder 1 \\(asked: 0\\)"):
+        cimle.main(TINY_LAYOUT + ["--out_dir", out, "--sample", "--noise_encoder", "0"])
+    with pytest.raises(common.UserError, match="--crn_channels 8,8,8,8 \\(asked: 8,8,8,6\\)"):
+        cimle.main(TINY_LAYOUT + ["--out_dir", out, "--resume", "--iters", "2",
+                                  "--crn_channels", "8,8,8,6"])
+    ck["method"] = "inade"
+    torch.save(ck, os.path.join(out, "ckpt.pt"))
+    with pytest.raises(common.UserError, match="written by inade, not cimle.py"):
+        cimle.main(TINY_LAYOUT + ["--out_dir", out, "--eval"])
+
+
+def test_lpips_backbone_flag_reaches_the_metric(monkeypatch):
+    """--lpips_net: the paper names no backbone; the authors' evaluation script used vgg."""
+    built = []
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, net, pretrained):
+            super().__init__()
+            built.append((net, pretrained))
+
+        def forward(self, a, b):
+            return (a - b).abs().flatten(1).mean(1)
+
+    monkeypatch.setattr(common, "LPIPS", StandIn)
+    for net in ("alex", "vgg"):
+        args = flags_only(["--pretrained", "1", "--lpips_net", net])
+        name, _ = cimle.make_metric_distance(args, "cpu")
+        assert name == "lpips" and built[-1] == (net, True)
+
+
+def test_the_z0_baseline_is_evaluated_with_z0(tmp_path):
+    """--pretrain_iters >= --iters trains the deterministic regression; --eval samples it as
+    trained (z = 0): no diversity, every sample the z = 0 output."""
+    out = str(tmp_path / "run")
+    flags = TINY_LAYOUT + ["--out_dir", out, "--pretrain_iters", "2"]
+    cimle.main(flags + ["--iters", "2"])
+    cimle.main(flags + ["--eval", "--n_eval", "2", "--eval_samples", "4"])  # --iters not given
+    got = json.load(open(os.path.join(out, "eval.json")))
+    assert got["z"].startswith("zero") and got["diversity_pixel_l1"] == 0
+    assert got["distance_to_truth_pixel_l1"] == pytest.approx(
+        got["zero_z_distance_to_truth_pixel_l1"], rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one sentence, exit status 2
 # ---------------------------------------------------------------------------------------------
 
-def run_script(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "cimle.py"), *argv],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-
-
-def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys):
     missing = str(tmp_path / "no_such_folder")
-    res = run_script("--data", "gta5", "--data_dir", missing, "--out_dir", str(tmp_path / "o"))
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.startswith("error: ") and missing in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(lambda: cimle.main(["--data", "gta5", "--data_dir", missing, "--out_dir",
+                                            str(tmp_path / "o")]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and missing in err and len(err.strip().splitlines()) == 1
     with pytest.raises(common.UserError, match="no checkpoint"):
         cimle.main(["--sample", "--out_dir", str(tmp_path / "none")])
 
@@ -568,8 +910,6 @@ def test_every_out_of_range_flag_is_one_sentence_exit_2_before_the_run_folder(tm
                                                                                         err)
         assert err.rstrip().endswith("."), err
         assert not out.exists(), argv
-    res = run_script("--S", "3", "--batch_size", "2", "--out_dir", str(out))  # crashed before
-    assert res.returncode == 2 and "Traceback" not in res.stderr and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,14 +957,29 @@ def fake_image_folder(root):
         Image.fromarray(img).save(os.path.join(root, f"n0000_{k}.png"))
 
 
+def test_a_flat_image_folder_holds_out_its_last_images_scaled_whole(tmp_path):
+    """§5.1.2: 1,280 training and 80 disjoint test images, each scaled anisotropically to
+    256x256 (not centre-cropped): a flat folder keeps its last --n_eval images for testing."""
+    root = str(tmp_path / "imnet")
+    fake_image_folder(root)
+    args = flags_only(["--data", "folder", "--data_dir", root, "--size", "64", "--n_eval", "2"])
+    train, test = cimle.load_data(args), cimle.load_data(args, "test")
+    names = [[r["name"] for r in ds.records] for ds in (train, test)]
+    assert len(train) == 4 and len(test) == 2 and not set(names[0]) & set(names[1])
+    path = [r["image"] for r in test.records][0]
+    whole = Image.open(path).convert("RGB").resize((64, 64), Image.BICUBIC)
+    whole = torch.from_numpy(np.array(whole)).permute(2, 0, 1).float() / 127.5 - 1
+    assert (test[0]["image"] - whole).abs().mean() < 0.03
+
+
 PRESET_RUNS = {  # preset structure kept; widths, |S|, m, L, |S~| and the step counts shrunk
-    "gta5": (fake_gta5_train, [  # 64x128; CRN modules from 4 px high, so 5 of them at 64
-        "--size", "64", "--crn_channels", "8,8,8,8,8", "--encoder_channels", "4", "--S", "5",
-        "--candidates", "2", "--L", "3", "--batch_size", "2"], 1),
-    "folder": (fake_image_folder, [  # x8 SR, 64x64 from 8x8; z = 0 pretraining, then IMLE
+    "gta5": (fake_gta5_train, [  # 32x64; CRN modules from 4 px high, so 4 of them at 32
+        "--size", "32", "--crn_channels", "8,8,8,8", "--encoder_channels", "4", "--S", "5",
+        "--candidates", "2", "--L", "3", "--batch_size", "2"], 3, False),
+    "folder": (fake_image_folder, [  # x8 SR, 64x64 from 8x8; z = 0 pretraining, IMLE, bilinear
         "--size", "64", "--nf", "8", "--gc", "4", "--n_blocks", "1", "--S", "4",
         "--candidates", "2", "--L", "2", "--batch_size", "2", "--pretrain_iters", "1",
-        "--bilinear_from", "2"], 2),
+        "--bilinear_from", "3"], 4, True),
 }
 
 
@@ -642,41 +997,44 @@ def torch_home(tmp_path_factory):
 
 
 @pytest.mark.parametrize("preset", list(PRESET_RUNS))
-def test_paper_preset_under_torchrun_equals_one_process_then_resume_sample_eval(
-        preset, tmp_path, monkeypatch, torch_home):
-    """2 steps under torchrun (each rank half the batch) give one process's losses on the whole
-    batch; --resume continues mid outer iteration to one process's third loss (folder under
-    torchrun, gta5 in one process); then --sample and --eval (LPIPS) on the result."""
-    write, flags, resume_ranks = PRESET_RUNS[preset]
+def test_paper_preset_resumes_exactly_then_samples_and_evaluates(preset, tmp_path, monkeypatch,
+                                                                 torch_home):
+    """The paper presets on fake data in the official layouts: 2 steps (folder: under torchrun,
+    each rank half the batch), then --resume in the middle of an outer iteration (the folder
+    set's flips redrawn), give one process's losses; then --sample and --eval (LPIPS)."""
+    write, flags, iters, launch = PRESET_RUNS[preset]
     root = str(tmp_path / "data")
     write(root)
     monkeypatch.setenv("TORCH_HOME", torch_home)  # here and in the subprocesses
     flags = ["--data", preset, "--data_dir", root, "--device", "cpu", "--log_every", "1",
              "--n_eval", "2", "--eval_samples", "2"] + flags
 
-    def torchrun(argv):
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              "--master_port", str(free_port()), os.path.join(ROOT, "cimle.py")]
-                             + flags + argv, capture_output=True, text=True, cwd=ROOT,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-
     def losses(out):
         return [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
 
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    cimle.main(flags + ["--iters", "3", "--out_dir", one])  # one process, the whole batch
-    torchrun(["--iters", "2", "--out_dir", two])            # each rank half of it
-    if resume_ranks == 2:
-        torchrun(["--iters", "3", "--out_dir", two, "--resume"])
+    cimle.main(flags + ["--iters", str(iters), "--out_dir", one])  # one process, whole batch
+    if launch:
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              "--master_port", str(free_port()), os.path.join(ROOT, "cimle.py")]
+                             + flags + ["--iters", "2", "--out_dir", two], capture_output=True,
+                             text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
     else:
-        cimle.main(flags + ["--iters", "3", "--out_dir", two, "--resume"])
-    assert len(set(losses(one))) == 3
+        cimle.main(flags + ["--iters", "2", "--out_dir", two])
+    assert not cimle.new_outer(2, flags_only(flags))  # the resume lands mid outer iteration
+    cimle.main(flags + ["--iters", str(iters), "--out_dir", two, "--resume"])
+    assert len(set(losses(one))) == iters
     assert np.allclose(losses(two), losses(one), rtol=1e-4, atol=1e-7), (losses(two), losses(one))
     cimle.main(flags + ["--out_dir", two, "--sample"])
     for name in ("many_samples.png", "interpolation.png", "one_latent_many_inputs.png"):
         assert os.path.getsize(os.path.join(two, name)) > 0
+    trained = cimle.parse(flags + ["--out_dir", two, "--sample"])
+    G, _, regression = cimle.load_model(trained, "cpu")
+    assert G.upsample_mode == ("bilinear" if preset == "folder" else "nearest") and not regression
     cimle.main(flags + ["--out_dir", two, "--eval"])
     result = json.load(open(os.path.join(two, "eval.json")))
     assert result["metric_distance"] == "lpips" and result["n_inputs"] == 2
+    assert result["lpips_net"] == "alex"
     assert result["diversity_lpips"] > 0 and math.isfinite(result["distance_to_truth_lpips"])

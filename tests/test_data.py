@@ -210,10 +210,23 @@ def test_shapes_palette_modes_are_named_weighted_and_well_separated():
         assert abs(sum(data.SHAPES_MODE_WEIGHTS[c]) - 1) < 1e-9
 
 
+def shapes_scores(images, batch):
+    """The data.py scores of generated images, all at once, as the scripts combine them."""
+    fid = data.shapes_colour_fidelity(images, batch["instance"], batch["inst_class"],
+                                      batch["inst_valid"])
+    colours, _ = data.shapes_measure_colours(images, batch["instance"], batch["inst_class"])
+    v = fid["valid"]
+    caps = data.shapes_caption_accuracy(images, batch["caption"])
+    return {"colour_error": fid["colour_error"], "in_mode": fid["in_mode"],
+            "mode_match": float((fid["mode"] == batch["inst_mode"])[v].float().mean()),
+            "gt_colour_error": float((colours - batch["inst_color"]).norm(dim=-1)[v].mean()),
+            "caption_colour": caps["colour"], "caption_object": caps["object"]}
+
+
 def test_shapes_scores_are_exact_on_ground_truth_and_drop_on_wrong_images():
     ds = data.get_dataset("shapes", split="test")
     batch = torch.utils.data.default_collate([ds[i] for i in range(48)])
-    truth = data.shapes_metrics(batch["image"], batch)
+    truth = shapes_scores(batch["image"], batch)
     assert truth["in_mode"] == 1 and truth["mode_match"] == 1 and truth["gt_colour_error"] < 1e-5
     assert truth["colour_error"] <= math.sqrt(3) * data.SHAPES_JITTER
     assert truth["caption_colour"] == 1 and truth["caption_object"] >= 0.9
@@ -229,14 +242,14 @@ def test_shapes_scores_are_exact_on_ground_truth_and_drop_on_wrong_images():
             dark = old.sum(0) < batch["inst_color"][b, j].sum() * (1 + data.SHAPES_STRIPE_DARK) / 2
             shaded = torch.where(dark, new[:, None] * data.SHAPES_STRIPE_DARK, new[:, None])
             repainted[b][:, mask] = shaded * 2 - 1
-    moved = data.shapes_metrics(repainted, batch)
+    moved = shapes_scores(repainted, batch)
     assert moved["in_mode"] == 1 and moved["mode_match"] == 0 and moved["gt_colour_error"] > 0.4
     assert moved["caption_object"] < 0.3
 
-    grey = data.shapes_metrics(torch.zeros_like(batch["image"]), batch)
+    grey = shapes_scores(torch.zeros_like(batch["image"]), batch)
     assert grey["in_mode"] == 0 and grey["caption_colour"] == 0
     shuffled = dict(batch, caption=batch["caption"][1:] + batch["caption"][:1])
-    assert data.shapes_metrics(batch["image"], shuffled)["caption_object"] < 0.6
+    assert shapes_scores(batch["image"], shuffled)["caption_object"] < 0.6
 
 
 def test_shapes_mode_coverage_sees_missing_and_skewed_modes():
