@@ -12,22 +12,25 @@ null-condition predictions weighted by reliabilities a_j (sum a_j = 1):
 With one expert this is classifier-free guidance (Eq. 11). The composed eps then drives an
 ordinary DDPM or DDIM step. Nothing is retrained to add a condition: a new expert joins the sum.
 
-Map of this file:
+Map of this file (the paper's order: diffusion, composition, sampling, then the networks):
     config and presets    ADM (guided-diffusion) configurations, one preset per dataset,
                           check_args (every flag, before anything is built)
-    ADM UNet              guided-diffusion's UNetModel: same flags, modules, state_dict keys and
-                          computation (official checkpoints load strictly), plus optional
-                          condition inputs (concatenated maps, an embedding vector)
-    text encoder          offline hashing tokenizer + small transformer (built-in data); CLIP (§7.3)
     diffusion             linear/cosine schedules, respacing, eps-prediction loss (+ L_vlb when
-                          learn_sigma), classifier-free null-condition dropout
+                          learn_sigma)
     composition           compose_eps (Eq. 10), one batched forward per model per step, schedule
                           matching for models with different noise schedules (our reading of
                           supp. §7.2)
-    samplers              ancestral DDPM and DDIM on respaced steps with original timestep indices
+    samplers              ancestral DDPM (Eq. 9; fixed-small, fixed-large or learned variance)
+                          and DDIM on respaced steps with original timestep indices
+    ADM UNet              guided-diffusion's UNetModel: same flags, modules, state_dict keys and
+                          computation (official checkpoints load strictly), plus optional
+                          condition inputs (concatenated maps, an embedding vector)
+    text conditions       small CLIP-shaped text tower trained with its expert (offline); CLIP
+                          image/text embeddings (§7.3)
     experts and data      a run trains the experts of --experts: ONE expert on the whole dataset
                           (the paper's set-up: one run per expert and dataset, §4.1); several on
-                          the even/odd halves of one dataset (the in-one-run experiment)
+                          the even/odd halves of one dataset (the in-one-run experiment);
+                          classifier-free null-condition dropout
     training loop         the run's experts side by side; each step's randomness drawn for the
                           global batch (torchrun = one process), EMA, atomic checkpoints, resume
     sampling              the experts of this run, or of several runs composed with
@@ -35,16 +38,16 @@ Map of this file:
                           the test set or typed (--text, --label_map, --sketch, --class_id);
                           grids: each expert alone, composition, reliability sweep (Fig. 6),
                           guidance sweep
-    evaluation            exact toy metrics on shapes (incl. the Table 4 ablation); FID and LPIPS
-                          on real data, streamed batch by batch (running sums for FID)
-    benchmark             per-step time: composition vs separate CFG samplers vs bare forwards
+    evaluation            toy metrics on shapes (data.shapes_composition_scores, incl. the
+                          Table 4 ablation); FID, LPIPS and CLIP score on real data, streamed
+    dry run, benchmark    parameter counts; --bench N: training steps and the sampling step
     main
 
     python compose_diffusion.py                 # built-in shapes: label-map expert on one half,
                                                 # caption expert on the other half, CPU ~5 min
     python compose_diffusion.py --sample        # grids from out/compose_diffusion-shapes/ckpt.pt
     python compose_diffusion.py --eval          # toy metrics -> eval.json
-    python compose_diffusion.py --bench         # sampling time per step
+    python compose_diffusion.py --bench 20      # 20 training steps and a sampling step timed
     python compose_diffusion.py --data mm-celeba-hq --dry_run   # the paper's face UNet (256 px)
 
     # the paper's path: one expert per run and dataset, composed at sampling only (§3.2, §4.1)
@@ -66,7 +69,6 @@ import json
 import math
 import os
 import time
-import zlib
 
 import numpy as np
 import torch
@@ -133,6 +135,7 @@ PRESETS = {
                    experts="label,caption", text_encoder="tiny",
                    sampler="ddim", sample_steps=25,
                    eta=1.0,  # eta = 0 amplifies the eps errors of a 500-iteration CPU model
+                   fixed_variance="small",  # --sampler ddpm: beta_tilde (ADM's default: large)
                    guidance="3", reliability="uniform",  # w = 3: best of 1, 2, 3 (eval)
                    log_every=50, sample_every=250, ckpt_every=250, eval_n=256),
     # Paper §4.1 faces (hair map / skin map / text), official face UNet trunk: 256 px, 192 ch,
@@ -147,6 +150,7 @@ PRESETS = {
                          dropout=0.0, learn_sigma=True, noise_schedule="linear",
                          diffusion_steps=1000, p_uncond=0.125, experts="label,caption",
                          text_encoder="clip", sampler="ddim", sample_steps=100, eta=0.0,
+                         fixed_variance="large",  # ADM's default (used where sigma is not learned)
                          guidance="1", reliability="uniform",
                          log_every=100, sample_every=5000, ckpt_every=5000, eval_n=3000),
 }
@@ -163,7 +167,7 @@ ARCH_KEYS = ("size", "num_channels", "num_res_blocks", "channel_mult", "attentio
              "num_heads", "num_head_channels", "learn_sigma", "noise_schedule",
              "diffusion_steps", "experts", "text_encoder")
 
-TEXT_LEN, TEXT_VOCAB, TEXT_WIDTH = 24, 512, 64   # tiny text encoder: our choice
+SMALL_TEXT = dict(width=64, embed_dim=64, layers=2, heads=4)  # tiny text tower: our choice
 CLIP_DIM = 512                                     # CLIP ViT-B/32 joint embedding width
 
 
@@ -173,7 +177,7 @@ def check_args(args):
     the image size is theirs."""
     req = common.require
     common.at_least(args, 1, "num_channels", "num_res_blocks", "diffusion_steps", "eval_n",
-                    "num_heads")
+                    "num_heads", "bench")
     common.at_least(args, 0, "eta", "dropout", "p_uncond", "class_id", "ckpt_class")
     req(args.lr is None or args.lr > 0, f"--lr must be positive (got {args.lr}).")
     for flag in ("ema_decay", "p_uncond", "dropout"):
@@ -221,6 +225,375 @@ def check_args(args):
     k = max(len(names), 1)  # a run of the joint model alone guides it with one weight
     check_weights(parse_floats(args.reliability, k, "reliability"),
                   parse_floats(args.guidance, k, "guidance"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Diffusion: schedules, respacing, the training loss (DDPM, Ho et al. 2020; ADM / Improved DDPM)
+# ----------------------------------------------------------------------------------------------
+
+def make_betas(schedule, steps):
+    """Linear: beta from 1e-4 to 0.02, scaled by 1000/steps (ADM). Cosine (Nichol & Dhariwal):
+    abar(t) = cos^2((t/T + 0.008)/1.008 * pi/2), beta_t = 1 - abar(t+1)/abar(t) capped at 0.999."""
+    if schedule == "linear":
+        scale = 1000 / steps
+        return np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
+    if schedule == "cosine":
+        abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - abar((i + 1) / steps) / abar(i / steps), 0.999)
+                         for i in range(steps)], dtype=np.float64)
+    raise common.UserError(f"unknown --noise_schedule {schedule}; expected linear or cosine.")
+
+
+def space_timesteps(num_steps, spec):
+    """ADM respacing: "ddimN" keeps every (num_steps // N)-th step from 0; "N" or "N1,N2,..."
+    splits [0, num_steps) into equal sections and keeps N_k evenly spaced steps of each."""
+    if isinstance(spec, str) and spec.startswith("ddim"):
+        n = int(spec[4:])
+        for stride in range(1, num_steps):
+            if len(range(0, num_steps, stride)) == n:
+                return sorted(range(0, num_steps, stride))
+        raise common.UserError(f"cannot take exactly {n} evenly strided steps of {num_steps}.")
+    counts = [int(c) for c in str(spec).split(",")]
+    size, extra = divmod(num_steps, len(counts))
+    kept, start = [], 0
+    for k, count in enumerate(counts):
+        section = size + (1 if k < extra else 0)
+        if not 1 <= count <= section:
+            raise common.UserError(f"cannot keep {count} steps of a section of {section}; "
+                                   f"--sample_steps must be 1..{num_steps}.")
+        stride, pos = (section - 1) / (count - 1) if count > 1 else 1, 0.0
+        for _ in range(count):  # accumulated float stride, rounded: ADM's exact index choice
+            kept.append(start + round(pos))
+            pos += stride
+        start += section
+    return sorted(set(kept))
+
+
+class Schedule:
+    """The quantities of one (possibly respaced) chain, float64 as ADM. `timestep_map[i]` is the
+    original index of step i: models always see original timesteps."""
+
+    def __init__(self, betas, timestep_map=None):
+        self.betas = np.asarray(betas, dtype=np.float64)
+        self.num_steps = len(self.betas)
+        self.timestep_map = np.arange(self.num_steps) if timestep_map is None else \
+            np.asarray(timestep_map)
+        alphas = 1.0 - self.betas
+        self.abar = np.cumprod(alphas)
+        self.abar_prev = np.append(1.0, self.abar[:-1])
+        # q(z_{t-1} | z_t, x_0) = N(coef1 x_0 + coef2 z_t, beta_tilde) (DDPM Eq. 6-7)
+        self.post_var = self.betas * (1 - self.abar_prev) / (1 - self.abar)
+        # log of beta_tilde with its first (zero) value replaced by the second (ADM); a chain
+        # of one step ends at its first step, whose variance is never used
+        first = self.post_var[1] if self.num_steps > 1 else self.betas[0]
+        self.post_logvar = np.log(np.append(first, self.post_var[1:]))
+        self.post_coef1 = self.betas * np.sqrt(self.abar_prev) / (1 - self.abar)
+        self.post_coef2 = (1 - self.abar_prev) * np.sqrt(alphas) / (1 - self.abar)
+        # ADM's "fixed large" variance: beta_t, with beta_tilde at the first step
+        self.large_logvar = np.log(np.append(first, self.betas[1:]))
+        self.sqrt_abar, self.sqrt_one_minus_abar = np.sqrt(self.abar), np.sqrt(1 - self.abar)
+        self.log_betas = np.log(self.betas)
+        self.device_buffers = {}  # (name, device) -> float32 tensor, filled by gather
+
+    @classmethod
+    def make(cls, schedule, steps):
+        return cls(make_betas(schedule, steps))
+
+    def respaced(self, spec):
+        """ADM respacing: keep steps `use`, recompute beta_i = 1 - abar_i / abar_prev_kept."""
+        use = space_timesteps(self.num_steps, spec)
+        betas, last = [], 1.0
+        for i in use:
+            betas.append(1 - self.abar[i] / last)
+            last = self.abar[i]
+        return Schedule(betas, self.timestep_map[use])
+
+
+def gather(sched, name, t, x):
+    """sched.<name>[t] as float32 broadcastable to x (B, ...). Each quantity is copied to the
+    device once per schedule (float32: MPS has no float64), so no step waits on the host."""
+    key = (name, x.device)
+    if key not in sched.device_buffers:
+        sched.device_buffers[key] = torch.as_tensor(getattr(sched, name), dtype=torch.float32,
+                                                    device=x.device)
+    return sched.device_buffers[key][t].reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def q_sample(sched, x0, t, noise):
+    """Forward process (DDPM Eq. 4): z_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+    return (gather(sched, "sqrt_abar", t, x0) * x0
+            + gather(sched, "sqrt_one_minus_abar", t, x0) * noise)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_nll(x, mean, log_scale):
+    """-log P(x) of 8-bit data in [-1, 1] under a Gaussian integrated over each bin (DDPM §3.3)."""
+    def cdf(v):  # tanh approximation of the standard normal CDF
+        return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
+    inv = torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inv * (x - mean + 1 / 255)), cdf(inv * (x - mean - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    logp = torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return -logp
+
+
+def learned_logvar(sched, v, t, x):
+    """Improved DDPM Eq. 15: log sigma^2 = frac log beta + (1 - frac) log beta_tilde, frac=(v+1)/2."""
+    min_log, max_log = gather(sched, "post_logvar", t, x), gather(sched, "log_betas", t, x)
+    frac = (v + 1) / 2
+    return frac * max_log + (1 - frac) * min_log
+
+
+def diffusion_loss(model, x0, cond, sched, t=None, noise=None):
+    """eps-prediction MSE (DDPM Eq. 14, "L_simple"); with learn_sigma, ADM's hybrid loss adds
+    L_vlb for the variance with the mean frozen (Improved DDPM §3.1), scaled by T/1000.
+    t (B,) and noise like x0 are drawn here unless given (training draws them per global batch)."""
+    b = x0.shape[0]
+    t = torch.randint(0, sched.num_steps, (b,), device=x0.device) if t is None else t
+    noise = torch.randn_like(x0) if noise is None else noise
+    x_t = q_sample(sched, x0, t, noise)
+    out = model(x_t, t, **cond)
+    eps = out[:, :x0.shape[1]]
+    mse = (eps.float() - noise).pow(2).mean()
+    if out.shape[1] == x0.shape[1]:
+        return mse
+    v = out[:, x0.shape[1]:].float()
+    x0_hat = (x_t - gather(sched, "sqrt_one_minus_abar", t, x0) * eps.detach().float()) / \
+        gather(sched, "sqrt_abar", t, x0)
+    coef1, coef2 = gather(sched, "post_coef1", t, x0), gather(sched, "post_coef2", t, x0)
+    mean, true_mean = coef1 * x0_hat + coef2 * x_t, coef1 * x0 + coef2 * x_t
+    logvar = learned_logvar(sched, v, t, x0)
+    true_logvar = gather(sched, "post_logvar", t, x0)
+    kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1)
+    nll = discretized_gaussian_nll(x0, mean, 0.5 * logvar).flatten(1).mean(1)
+    vb = torch.where(t == 0, nll, kl) / math.log(2.0)  # bits per dimension
+    return mse + vb.mean() * sched.num_steps / 1000.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Composition (§3.2)
+# ----------------------------------------------------------------------------------------------
+
+def check_weights(a, w):
+    """Reliabilities a_j >= 0 summing to 1 (§3.2, Eq. 5) and guidance weights w_i >= 1 (Eq. 10)."""
+    a, w = [float(v) for v in a], [float(v) for v in w]
+    if not a or any(v < 0 for v in a) or abs(sum(a) - 1) > 1e-6:
+        raise common.UserError(f"reliabilities {a} must be non-negative and sum to 1 "
+                               f"(Eq. 5), one per expert.")
+    if not w or any(v < 1 for v in w):
+        raise common.UserError(f"guidance weights {w} must each be at least 1 (Eq. 10), "
+                               f"one per condition.")
+    return a, w
+
+
+def compose_eps(eps_cond, eps_null, a, w):
+    """Eq. (10): eps_c = sum_i w_i eps_i(z_t, x_i) - (sum_i w_i - 1) sum_j a_j eps_j(z_t, null).
+
+    eps_cond: N conditional predictions (list or (N, B, ...) tensor), one per condition i;
+    eps_null: M null predictions, one per expert j (M = N in the paper; one expert may carry
+    several conditions); a: M reliabilities, sum 1; w: N weights >= 1. The coefficients sum to 1.
+
+    The printed Eq. (8) (the w_i = 1 case) runs its inner sum from j = i; supp. Eq. (18) and
+    Eq. (10) run it from j = 1, which is what the product-of-experts derivation (Eq. 6) gives, so
+    Eq. (8) is read as sum_i eps_i(x_i) - (N - 1) sum_j a_j eps_j(null). N = 1, a = 1, w = 1 + s
+    is classifier-free guidance (Eq. 11): (1 + s) eps(c) - s eps(null). Experts with a_j = 0
+    (e.g. ADM checkpoints, never trained with a null label) may pass None as their null.
+    """
+    a, w = check_weights(a, w)
+    if len(eps_cond) != len(w) or len(eps_null) != len(a):
+        raise common.UserError(f"{len(eps_cond)} conditional predictions need {len(eps_cond)} "
+                               f"guidance weights (got {len(w)}) and {len(eps_null)} null "
+                               f"predictions {len(eps_null)} reliabilities (got {len(a)}).")
+    out = sum(wi * e for wi, e in zip(w, eps_cond))
+    if sum(w) != 1:
+        null = sum(aj * e for aj, e in zip(a, eps_null) if aj != 0)
+        out = out - (sum(w) - 1) * null
+    return out
+
+
+class Expert:
+    """One diffusion model at sampling time: the network, its own full noise schedule, and
+    whether its null prediction is usable (trained with condition dropout)."""
+
+    def __init__(self, name, model, sched, has_null=True):
+        self.name, self.model, self.sched, self.has_null = name, model, sched, has_null
+        self.learn_sigma = getattr(model, "learn_sigma", False)
+
+
+def match_timesteps(expert_sched, ref, tol=0.01):
+    """Our reading of supp. §7.2 (which only sketches combining eps and stepping each model on
+    its own schedule): a model with another variance schedule is asked at the noise level of the
+    sampler's step, not at its index. For each step of the reference chain `ref`, the
+    (fractional) timestep of `expert_sched` with the same abar, interpolated in log abar.
+    Both chains are variance preserving, so the same z_t and the same eps parameterisation serve
+    both. Refused when the expert never saw a noise level within `tol` (signal or noise scale)."""
+    own = np.log(expert_sched.abar)                        # decreasing in t
+    target = ref.abar                                      # abar of every kept step
+    t = np.interp(-np.log(target), -own, np.arange(len(own)))  # clamps at both ends
+    reached = np.exp(np.interp(t, np.arange(len(own)), own))
+    gap = np.maximum(np.abs(np.sqrt(reached) - np.sqrt(target)),
+                     np.abs(np.sqrt(1 - reached) - np.sqrt(1 - target)))
+    if gap.max() > tol:
+        raise common.UserError(f"an expert's noise schedule cannot reach the sampler's noise "
+                               f"levels (signal or noise scale off by {gap.max():.3f} > {tol}); "
+                               f"compose models whose schedules cover the same range.")
+    return t
+
+
+class Composition:
+    """What one sampling run composes: experts, conditions (expert index, condition kwargs of
+    B rows), a guidance weight w_i per condition and a reliability a_j per expert (Eq. 10).
+
+    Per step every expert runs ONE forward pass on its rows stacked in a batch: one block of B
+    rows per condition it serves and, only where its null is used (a_j > 0, sum w != 1), one
+    null block. Models on another noise schedule get matched timesteps (our reading of supp.
+    §7.2, not the paper's: match_timesteps); models see
+    original timestep indices, never respaced ones.
+    """
+
+    def __init__(self, experts, conditions, w, a, ref):
+        self.experts, self.conditions, self.ref = experts, conditions, ref
+        self.a, self.w = check_weights(a, w)
+        if len(self.a) != len(experts) or len(self.w) != len(conditions):
+            raise common.UserError(f"{len(experts)} experts need {len(experts)} reliabilities "
+                                   f"(got {len(self.a)}) and {len(conditions)} conditions need "
+                                   f"{len(conditions)} guidance weights (got {len(self.w)}).")
+        self.need_null = [aj > 0 and sum(self.w) != 1 for aj in self.a]
+        for e, need in zip(experts, self.need_null):
+            if need and not e.has_null:
+                raise common.UserError(f"expert {e.name} was never trained with a null "
+                                       f"condition; give it reliability 0.")
+        self.model_t = [ref.timestep_map.astype(np.float64) if same_schedule(e.sched, ref)
+                        else match_timesteps(e.sched, ref) for e in experts]
+        self.same = [same_schedule(e.sched, ref) for e in experts]
+        self.stacked = {}  # expert index -> its stacked condition inputs (see inputs)
+
+    def eps_and_var(self, x, i):
+        """Composed eps (Eq. 10) at sampler step i, and the variance output v of the first
+        condition's expert when it learns sigma on the sampler's schedule (the official code
+        also takes the first row's variance), else None (fixed variance)."""
+        b, c = x.shape[0], x.shape[1]
+        eps_cond, eps_null, v = [None] * len(self.conditions), [None] * len(self.experts), None
+        for j, e in enumerate(self.experts):
+            rows = [k for k, (ej, _) in enumerate(self.conditions) if ej == j]
+            n = len(rows) + self.need_null[j]
+            if n == 0:
+                continue
+            t = self.model_t[j][i]
+            t = torch.full((n * b,), t, device=x.device,
+                           dtype=torch.long if float(t).is_integer() else torch.float32)
+            out = e.model(x.repeat(n, 1, 1, 1), t, **self.inputs(j, rows, b, x.device)).float()
+            chunks = out.chunk(n)
+            for k, chunk in zip(rows, chunks):
+                eps_cond[k] = chunk[:, :c]
+                if k == 0 and e.learn_sigma and self.same[j]:
+                    v = chunk[:, c:]
+            if self.need_null[j]:
+                eps_null[j] = chunks[-1][:, :c]
+        return compose_eps(eps_cond, eps_null, self.a, self.w), v
+
+
+    def inputs(self, j, rows, b, device):
+        """Expert j's condition blocks (its conditions, then its null) stacked along the batch,
+        and text already encoded: built at the first step, reused by every step (they never
+        change during a sampling run)."""
+        if j not in self.stacked:
+            e = self.experts[j]
+            conds = [self.conditions[k][1] for k in rows]
+            if self.need_null[j]:
+                conds.append(e.model.null_cond(b, device))
+            stacked = cat_conds(conds)
+            encode = getattr(e.model, "encode", None)
+            self.stacked[j] = encode(stacked) if encode is not None else stacked
+        return self.stacked[j]
+
+
+def same_schedule(sched, ref):
+    return len(sched.abar) == len(ref.full_abar) and np.allclose(sched.abar, ref.full_abar)
+
+
+def cat_conds(conds):
+    """Stack per-block condition dicts along the batch; a map given as None means zeros."""
+    out = {}
+    for key in conds[0]:
+        parts = [c[key] for c in conds]
+        like = next((p for p in parts if p is not None), None)
+        out[key] = None if like is None else \
+            torch.cat([p if p is not None else torch.zeros_like(like) for p in parts])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers. The composed eps replaces a single model's eps before the update (official code);
+# x_0 is clipped to [-1, 1] and eps re-derived from it, as ADM does.
+# ----------------------------------------------------------------------------------------------
+
+def sampler_schedule(full, spec):
+    """The respaced chain a sampler walks, remembering the full abar (for schedule matching)."""
+    ref = full.respaced(spec)
+    ref.full_abar = full.abar
+    return ref
+
+
+def predict_x0(ref, x, i, eps, clip):
+    x0 = (x - math.sqrt(1 - ref.abar[i]) * eps) / math.sqrt(ref.abar[i])
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - math.sqrt(ref.abar[i]) * x0) / math.sqrt(1 - ref.abar[i])
+    return x0, eps
+
+
+def ddpm_step(ref, x, i, eps, v=None, clip=True, noise=None, variance="small"):
+    """Ancestral step (DDPM Alg. 2 via the posterior mean of x_0): z_{t-1} = coef1 x0 + coef2 z_t
+    + sigma_t eta. Eq. (9) of the paper writes sigma_t^2 * eta; the Gaussian reverse step adds the
+    standard deviation sigma_t = sqrt(var), which we use. var: learned (Improved DDPM Eq. 15) when
+    v is given, else fixed: "small" = beta_tilde_t (our default on shapes), "large" = beta_t with
+    beta_tilde_1 at the first step (ADM's default for models without learned variance)."""
+    x0, _ = predict_x0(ref, x, i, eps, clip)
+    mean = ref.post_coef1[i] * x0 + ref.post_coef2[i] * x
+    if i == 0:
+        return mean
+    if v is not None:
+        logvar = learned_logvar(ref, v, torch.full((x.shape[0],), i, device=x.device), x)
+    else:
+        fixed = ref.post_logvar if variance == "small" else ref.large_logvar
+        logvar = torch.full_like(x[:1], float(fixed[i]))
+    noise = torch.randn_like(x) if noise is None else noise
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+def ddim_step(ref, x, i, eps, eta=0.0, clip=True, noise=None):
+    """DDIM (Song et al. 2021, Eq. 12): z_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps
+    + s eta, s = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev)."""
+    x0, eps = predict_x0(ref, x, i, eps, clip)
+    ab, ab_prev = ref.abar[i], ref.abar_prev[i]
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
+    out = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
+    if sigma > 0 and i > 0:
+        out = out + sigma * (torch.randn_like(x) if noise is None else noise)
+    return out
+
+
+@torch.no_grad()
+def sample(eps_fn, ref, shape, sampler="ddim", eta=0.0, clip=True, x_T=None, generator=None,
+           device="cpu", variance="small"):
+    """Walk the respaced chain `ref` from z_T ~ N(0, I). eps_fn(x, i) -> (eps, v or None)."""
+    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.clone()
+    for i in reversed(range(ref.num_steps)):
+        eps, v = eps_fn(x, i)
+        noise = torch.randn(shape, generator=generator, device=device)
+        if sampler == "ddim":
+            x = ddim_step(ref, x, i, eps, eta, clip, noise)
+        else:
+            x = ddpm_step(ref, x, i, eps, v, clip, noise, variance)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,43 +885,38 @@ def unet_flags(args, map_channels=0, cond_dim=0, num_classes=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Text conditions. Built-in data: a tokenizer that needs no download (words hashed into a fixed
-# table, crc32) and a small transformer trained with its expert by the diffusion loss (our
-# choice: no pretrained CLIP offline). Real data: CLIP, image embedding at training and text
+# Text conditions. Without a download (the built-in data, our choice): a small CLIP-shaped text
+# tower trained with its expert by the diffusion loss, on one id per word of the built-in captions
+# or on CLIP's byte-level tokens elsewhere. Real data: CLIP, image embedding at training and text
 # embedding at sampling (supp. §7.3, Eq. 20), so no captions are needed for training.
 # ----------------------------------------------------------------------------------------------
 
-def hash_tokenize(captions, length=TEXT_LEN, vocab=TEXT_VOCAB):
-    """Lower-case words -> ids 1..vocab-1 by crc32 (0 = padding) -> (B, length) int64."""
-    out = torch.zeros(len(captions), length, dtype=torch.long)
-    for b, caption in enumerate(captions):
-        words = "".join(c if c.isalnum() else " " for c in caption.lower()).split()[:length]
-        out[b, :len(words)] = torch.tensor([1 + zlib.crc32(w.encode()) % (vocab - 1)
-                                            for w in words], dtype=torch.long)
-    return out
+def text_tokenizer(data_name):
+    """The small tower's tokenizer: the closed word vocabulary of the shapes captions (data.py
+    lists it), CLIP's byte-level tokens on other data (real captions have an open vocabulary)."""
+    if data_name == "shapes":
+        return common.WordTokenizer(data.shapes_caption_vocabulary(), 24)
+    return common.CLIPTokenizer(bpe_path="", context_length=77)
 
 
-class TextEncoder(nn.Module):
-    """Token + position embeddings, 2 transformer layers, masked mean pool, L2-normalised
-    (never all-zero, so a zero vector stays free to mean "no caption")."""
+class SmallText(nn.Module):
+    """Tokens (B, L) -> L2-normalised embedding (B, SMALL_TEXT["embed_dim"]). A row of padding
+    only (what null_cond and condition dropout give) is the null caption: a zero vector, which no
+    real caption maps to."""
 
-    def __init__(self, width=TEXT_WIDTH, layers=2, heads=4, vocab=TEXT_VOCAB, length=TEXT_LEN):
+    def __init__(self, data_name):
         super().__init__()
-        self.token = nn.Embedding(vocab, width)
-        self.position = nn.Parameter(torch.randn(length, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0,
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.proj = nn.Linear(width, width)
+        self.tokenizer = text_tokenizer(data_name)
+        self.tower = common.CLIP.small(self.tokenizer.vocab_size, self.tokenizer.context_length,
+                                       **SMALL_TEXT)
+        self.tower.logit_scale.requires_grad_(False)  # CLIP's contrastive temperature: unused
+
+    def tokens(self, captions):
+        return self.tokenizer(captions, truncate=True)
 
     def forward(self, tokens):
-        # (B, L) padding mask; an empty (null) caption masks nothing, since a fully masked row
-        # would give NaN in attention (its output is zeroed by the caller anyway)
-        pad = (tokens == 0) & (tokens != 0).any(1, keepdim=True)
-        h = self.encoder(self.token(tokens) + self.position, src_key_padding_mask=pad)
-        keep = (~pad).float()[..., None]
-        h = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
-        return F.normalize(self.proj(h), dim=-1)
+        has_text = (tokens > 0).any(1, keepdim=True)
+        return torch.where(has_text, F.normalize(self.tower.encode_text(tokens), dim=-1), 0.0)
 
 
 class ClipText:
@@ -565,352 +933,12 @@ class ClipText:
         return F.normalize(self.model.encode_image(((images + 1) / 2).clamp(0, 1)).float(), dim=-1)
 
     @torch.no_grad()
-    def text(self, captions):  # the last batch is kept: a grid asks for it once per row
+    def text(self, captions, truncate=False):  # the last batch is kept: asked once per grid row
         if self.last[0] != list(captions):
-            tokens = self.tokenizer(captions).to(self.device)
+            tokens = self.tokenizer(captions, truncate=truncate).to(self.device)
             embedding = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
             self.last = (list(captions), embedding)
         return self.last[1]
-
-
-# ----------------------------------------------------------------------------------------------
-# Diffusion: schedules, respacing, the training loss (DDPM, Ho et al. 2020; ADM / Improved DDPM)
-# ----------------------------------------------------------------------------------------------
-
-def make_betas(schedule, steps):
-    """Linear: beta from 1e-4 to 0.02, scaled by 1000/steps (ADM). Cosine (Nichol & Dhariwal):
-    abar(t) = cos^2((t/T + 0.008)/1.008 * pi/2), beta_t = 1 - abar(t+1)/abar(t) capped at 0.999."""
-    if schedule == "linear":
-        scale = 1000 / steps
-        return np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
-    if schedule == "cosine":
-        abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        return np.array([min(1 - abar((i + 1) / steps) / abar(i / steps), 0.999)
-                         for i in range(steps)], dtype=np.float64)
-    raise common.UserError(f"unknown --noise_schedule {schedule}; expected linear or cosine.")
-
-
-def space_timesteps(num_steps, spec):
-    """ADM respacing: "ddimN" keeps every (num_steps // N)-th step from 0; "N" or "N1,N2,..."
-    splits [0, num_steps) into equal sections and keeps N_k evenly spaced steps of each."""
-    if isinstance(spec, str) and spec.startswith("ddim"):
-        n = int(spec[4:])
-        for stride in range(1, num_steps):
-            if len(range(0, num_steps, stride)) == n:
-                return sorted(range(0, num_steps, stride))
-        raise common.UserError(f"cannot take exactly {n} evenly strided steps of {num_steps}.")
-    counts = [int(c) for c in str(spec).split(",")]
-    size, extra = divmod(num_steps, len(counts))
-    kept, start = [], 0
-    for k, count in enumerate(counts):
-        section = size + (1 if k < extra else 0)
-        if not 1 <= count <= section:
-            raise common.UserError(f"cannot keep {count} steps of a section of {section}; "
-                                   f"--sample_steps must be 1..{num_steps}.")
-        stride, pos = (section - 1) / (count - 1) if count > 1 else 1, 0.0
-        for _ in range(count):  # accumulated float stride, rounded: ADM's exact index choice
-            kept.append(start + round(pos))
-            pos += stride
-        start += section
-    return sorted(set(kept))
-
-
-class Schedule:
-    """The quantities of one (possibly respaced) chain, float64 as ADM. `timestep_map[i]` is the
-    original index of step i: models always see original timesteps."""
-
-    def __init__(self, betas, timestep_map=None):
-        self.betas = np.asarray(betas, dtype=np.float64)
-        self.num_steps = len(self.betas)
-        self.timestep_map = np.arange(self.num_steps) if timestep_map is None else \
-            np.asarray(timestep_map)
-        alphas = 1.0 - self.betas
-        self.abar = np.cumprod(alphas)
-        self.abar_prev = np.append(1.0, self.abar[:-1])
-        # q(z_{t-1} | z_t, x_0) = N(coef1 x_0 + coef2 z_t, beta_tilde) (DDPM Eq. 6-7)
-        self.post_var = self.betas * (1 - self.abar_prev) / (1 - self.abar)
-        # log of beta_tilde with its first (zero) value replaced by the second (ADM); a chain
-        # of one step ends at its first step, whose variance is never used
-        first = self.post_var[1] if self.num_steps > 1 else self.betas[0]
-        self.post_logvar = np.log(np.append(first, self.post_var[1:]))
-        self.post_coef1 = self.betas * np.sqrt(self.abar_prev) / (1 - self.abar)
-        self.post_coef2 = (1 - self.abar_prev) * np.sqrt(alphas) / (1 - self.abar)
-
-    @classmethod
-    def make(cls, schedule, steps):
-        return cls(make_betas(schedule, steps))
-
-    def respaced(self, spec):
-        """ADM respacing: keep steps `use`, recompute beta_i = 1 - abar_i / abar_prev_kept."""
-        use = space_timesteps(self.num_steps, spec)
-        betas, last = [], 1.0
-        for i in use:
-            betas.append(1 - self.abar[i] / last)
-            last = self.abar[i]
-        return Schedule(betas, self.timestep_map[use])
-
-
-def gather(array, t, x):
-    """array[t] (numpy float64) as a float32 tensor broadcastable to x (B, ...)."""
-    out = torch.as_tensor(array, device=x.device)[t].float()
-    return out.reshape(-1, *([1] * (x.dim() - 1)))
-
-
-def q_sample(sched, x0, t, noise):
-    """Forward process (DDPM Eq. 4): z_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-    return gather(np.sqrt(sched.abar), t, x0) * x0 + gather(np.sqrt(1 - sched.abar), t, x0) * noise
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    return 0.5 * (-1 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def discretized_gaussian_nll(x, mean, log_scale):
-    """-log P(x) of 8-bit data in [-1, 1] under a Gaussian integrated over each bin (DDPM §3.3)."""
-    def cdf(v):  # tanh approximation of the standard normal CDF
-        return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
-    inv = torch.exp(-log_scale)
-    cdf_plus, cdf_min = cdf(inv * (x - mean + 1 / 255)), cdf(inv * (x - mean - 1 / 255))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
-    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    logp = torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
-    return -logp
-
-
-def learned_logvar(sched, v, t, x):
-    """Improved DDPM Eq. 15: log sigma^2 = frac log beta + (1 - frac) log beta_tilde, frac=(v+1)/2."""
-    min_log, max_log = gather(sched.post_logvar, t, x), gather(np.log(sched.betas), t, x)
-    frac = (v + 1) / 2
-    return frac * max_log + (1 - frac) * min_log
-
-
-def diffusion_loss(model, x0, cond, sched, t=None, noise=None):
-    """eps-prediction MSE (DDPM Eq. 14, "L_simple"); with learn_sigma, ADM's hybrid loss adds
-    L_vlb for the variance with the mean frozen (Improved DDPM §3.1), scaled by T/1000.
-    t (B,) and noise like x0 are drawn here unless given (training draws them per global batch)."""
-    b = x0.shape[0]
-    t = torch.randint(0, sched.num_steps, (b,), device=x0.device) if t is None else t
-    noise = torch.randn_like(x0) if noise is None else noise
-    x_t = q_sample(sched, x0, t, noise)
-    out = model(x_t, t, **cond)
-    eps = out[:, :x0.shape[1]]
-    mse = (eps.float() - noise).pow(2).mean()
-    if out.shape[1] == x0.shape[1]:
-        return mse
-    v = out[:, x0.shape[1]:].float()
-    x0_hat = (x_t - gather(np.sqrt(1 - sched.abar), t, x0) * eps.detach().float()) / \
-        gather(np.sqrt(sched.abar), t, x0)
-    mean = gather(sched.post_coef1, t, x0) * x0_hat + gather(sched.post_coef2, t, x0) * x_t
-    true_mean = gather(sched.post_coef1, t, x0) * x0 + gather(sched.post_coef2, t, x0) * x_t
-    logvar = learned_logvar(sched, v, t, x0)
-    kl = normal_kl(true_mean, gather(sched.post_logvar, t, x0), mean, logvar).flatten(1).mean(1)
-    nll = discretized_gaussian_nll(x0, mean, 0.5 * logvar).flatten(1).mean(1)
-    vb = torch.where(t == 0, nll, kl) / math.log(2.0)  # bits per dimension
-    return mse + vb.mean() * sched.num_steps / 1000.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Composition (§3.2)
-# ----------------------------------------------------------------------------------------------
-
-def check_weights(a, w):
-    """Reliabilities a_j >= 0 summing to 1 (§3.2, Eq. 5) and guidance weights w_i >= 1 (Eq. 10)."""
-    a, w = [float(v) for v in a], [float(v) for v in w]
-    if not a or any(v < 0 for v in a) or abs(sum(a) - 1) > 1e-6:
-        raise common.UserError(f"reliabilities {a} must be non-negative and sum to 1 "
-                               f"(Eq. 5), one per expert.")
-    if not w or any(v < 1 for v in w):
-        raise common.UserError(f"guidance weights {w} must each be at least 1 (Eq. 10), "
-                               f"one per condition.")
-    return a, w
-
-
-def compose_eps(eps_cond, eps_null, a, w):
-    """Eq. (10): eps_c = sum_i w_i eps_i(z_t, x_i) - (sum_i w_i - 1) sum_j a_j eps_j(z_t, null).
-
-    eps_cond: N conditional predictions (list or (N, B, ...) tensor), one per condition i;
-    eps_null: M null predictions, one per expert j (M = N in the paper; one expert may carry
-    several conditions); a: M reliabilities, sum 1; w: N weights >= 1. The coefficients sum to 1.
-
-    The printed Eq. (8) (the w_i = 1 case) runs its inner sum from j = i; supp. Eq. (18) and
-    Eq. (10) run it from j = 1, which is what the product-of-experts derivation (Eq. 6) gives, so
-    Eq. (8) is read as sum_i eps_i(x_i) - (N - 1) sum_j a_j eps_j(null). N = 1, a = 1, w = 1 + s
-    is classifier-free guidance (Eq. 11): (1 + s) eps(c) - s eps(null). Experts with a_j = 0
-    (e.g. ADM checkpoints, never trained with a null label) may pass None as their null.
-    """
-    a, w = check_weights(a, w)
-    if len(eps_cond) != len(w) or len(eps_null) != len(a):
-        raise common.UserError(f"{len(eps_cond)} conditional predictions need {len(eps_cond)} "
-                               f"guidance weights (got {len(w)}) and {len(eps_null)} null "
-                               f"predictions {len(eps_null)} reliabilities (got {len(a)}).")
-    out = sum(wi * e for wi, e in zip(w, eps_cond))
-    if sum(w) != 1:
-        null = sum(aj * e for aj, e in zip(a, eps_null) if aj != 0)
-        out = out - (sum(w) - 1) * null
-    return out
-
-
-class Expert:
-    """One diffusion model at sampling time: the network, its own full noise schedule, and
-    whether its null prediction is usable (trained with condition dropout)."""
-
-    def __init__(self, name, model, sched, has_null=True):
-        self.name, self.model, self.sched, self.has_null = name, model, sched, has_null
-        self.learn_sigma = getattr(model, "learn_sigma", False)
-
-
-def match_timesteps(expert_sched, ref, tol=0.01):
-    """Our reading of supp. §7.2 (which only sketches combining eps and stepping each model on
-    its own schedule): a model with another variance schedule is asked at the noise level of the
-    sampler's step, not at its index. For each step of the reference chain `ref`, the
-    (fractional) timestep of `expert_sched` with the same abar, interpolated in log abar.
-    Both chains are variance preserving, so the same z_t and the same eps parameterisation serve
-    both. Refused when the expert never saw a noise level within `tol` (signal or noise scale)."""
-    own = np.log(expert_sched.abar)                        # decreasing in t
-    target = ref.abar                                      # abar of every kept step
-    t = np.interp(-np.log(target), -own, np.arange(len(own)))  # clamps at both ends
-    reached = np.exp(np.interp(t, np.arange(len(own)), own))
-    gap = np.maximum(np.abs(np.sqrt(reached) - np.sqrt(target)),
-                     np.abs(np.sqrt(1 - reached) - np.sqrt(1 - target)))
-    if gap.max() > tol:
-        raise common.UserError(f"an expert's noise schedule cannot reach the sampler's noise "
-                               f"levels (signal or noise scale off by {gap.max():.3f} > {tol}); "
-                               f"compose models whose schedules cover the same range.")
-    return t
-
-
-class Composition:
-    """What one sampling run composes: experts, conditions (expert index, condition kwargs of
-    B rows), a guidance weight w_i per condition and a reliability a_j per expert (Eq. 10).
-
-    Per step every expert runs ONE forward pass on its rows stacked in a batch: one block of B
-    rows per condition it serves and, only where its null is used (a_j > 0, sum w != 1), one
-    null block. Models on another noise schedule get matched timesteps (supp. §7.2); models see
-    original timestep indices, never respaced ones.
-    """
-
-    def __init__(self, experts, conditions, w, a, ref):
-        self.experts, self.conditions, self.ref = experts, conditions, ref
-        self.a, self.w = check_weights(a, w)
-        if len(self.a) != len(experts) or len(self.w) != len(conditions):
-            raise common.UserError(f"{len(experts)} experts need {len(experts)} reliabilities "
-                                   f"(got {len(self.a)}) and {len(conditions)} conditions need "
-                                   f"{len(conditions)} guidance weights (got {len(self.w)}).")
-        self.need_null = [aj > 0 and sum(self.w) != 1 for aj in self.a]
-        for e, need in zip(experts, self.need_null):
-            if need and not e.has_null:
-                raise common.UserError(f"expert {e.name} was never trained with a null "
-                                       f"condition; give it reliability 0.")
-        self.model_t = [ref.timestep_map.astype(np.float64) if same_schedule(e.sched, ref)
-                        else match_timesteps(e.sched, ref) for e in experts]
-
-    def eps_and_var(self, x, i):
-        """Composed eps (Eq. 10) at sampler step i, and the variance output v of the first
-        condition's expert when it learns sigma on the sampler's schedule (the official code
-        also takes the first row's variance), else None (fixed variance)."""
-        b, c = x.shape[0], x.shape[1]
-        eps_cond, eps_null, v = [None] * len(self.conditions), [None] * len(self.experts), None
-        for j, e in enumerate(self.experts):
-            rows = [k for k, (ej, _) in enumerate(self.conditions) if ej == j]
-            conds = [self.conditions[k][1] for k in rows]
-            if self.need_null[j]:
-                conds.append(e.model.null_cond(b, x.device))
-            if not conds:
-                continue
-            n, t = len(conds), self.model_t[j][i]
-            t = torch.full((n * b,), t, device=x.device,
-                           dtype=torch.long if float(t).is_integer() else torch.float32)
-            out = e.model(x.repeat(n, 1, 1, 1), t, **cat_conds(conds)).float()
-            chunks = out.chunk(n)
-            for k, chunk in zip(rows, chunks):
-                eps_cond[k] = chunk[:, :c]
-                if k == 0 and e.learn_sigma and same_schedule(e.sched, self.ref):
-                    v = chunk[:, c:]
-            if self.need_null[j]:
-                eps_null[j] = chunks[-1][:, :c]
-        return compose_eps(eps_cond, eps_null, self.a, self.w), v
-
-
-def same_schedule(sched, ref):
-    return len(sched.abar) == len(ref.full_abar) and np.allclose(sched.abar, ref.full_abar)
-
-
-def cat_conds(conds):
-    """Stack per-block condition dicts along the batch; a map given as None means zeros."""
-    out = {}
-    for key in conds[0]:
-        parts = [c[key] for c in conds]
-        like = next((p for p in parts if p is not None), None)
-        out[key] = None if like is None else \
-            torch.cat([p if p is not None else torch.zeros_like(like) for p in parts])
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Samplers. The composed eps replaces a single model's eps before the update (official code);
-# x_0 is clipped to [-1, 1] and eps re-derived from it, as ADM does.
-# ----------------------------------------------------------------------------------------------
-
-def sampler_schedule(full, spec):
-    """The respaced chain a sampler walks, remembering the full abar (for schedule matching)."""
-    ref = full.respaced(spec)
-    ref.full_abar = full.abar
-    return ref
-
-
-def predict_x0(ref, x, i, eps, clip):
-    x0 = (x - math.sqrt(1 - ref.abar[i]) * eps) / math.sqrt(ref.abar[i])
-    if clip:
-        x0 = x0.clamp(-1, 1)
-        eps = (x - math.sqrt(ref.abar[i]) * x0) / math.sqrt(1 - ref.abar[i])
-    return x0, eps
-
-
-def ddpm_step(ref, x, i, eps, v=None, clip=True, noise=None):
-    """Ancestral step (DDPM Alg. 2 via the posterior mean of x_0): z_{t-1} = coef1 x0 + coef2 z_t
-    + sigma_t eta. Eq. (9) of the paper writes sigma_t^2 * eta; the Gaussian reverse step adds the
-    standard deviation sigma_t = sqrt(var), which we use. var: learned (Improved DDPM) or
-    beta_tilde ("fixed small")."""
-    x0, _ = predict_x0(ref, x, i, eps, clip)
-    mean = ref.post_coef1[i] * x0 + ref.post_coef2[i] * x
-    if i == 0:
-        return mean
-    if v is not None:
-        logvar = learned_logvar(ref, v, torch.full((x.shape[0],), i, device=x.device), x)
-    else:
-        logvar = torch.full_like(x[:1], float(ref.post_logvar[i]))
-    noise = torch.randn_like(x) if noise is None else noise
-    return mean + torch.exp(0.5 * logvar) * noise
-
-
-def ddim_step(ref, x, i, eps, eta=0.0, clip=True, noise=None):
-    """DDIM (Song et al. 2021, Eq. 12): z_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps
-    + s eta, s = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev)."""
-    x0, eps = predict_x0(ref, x, i, eps, clip)
-    ab, ab_prev = ref.abar[i], ref.abar_prev[i]
-    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
-    out = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
-    if sigma > 0 and i > 0:
-        out = out + sigma * (torch.randn_like(x) if noise is None else noise)
-    return out
-
-
-@torch.no_grad()
-def sample(eps_fn, ref, shape, sampler="ddim", eta=0.0, clip=True, x_T=None, generator=None,
-           device="cpu"):
-    """Walk the respaced chain `ref` from z_T ~ N(0, I). eps_fn(x, i) -> (eps, v or None)."""
-    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.clone()
-    for i in reversed(range(ref.num_steps)):
-        eps, v = eps_fn(x, i)
-        noise = torch.randn(shape, generator=generator, device=device)
-        if sampler == "ddim":
-            x = ddim_step(ref, x, i, eps, eta, clip, noise)
-        else:
-            x = ddpm_step(ref, x, i, eps, v, clip, noise)
-    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1002,24 +1030,31 @@ class Trained(nn.Module):
         self.clip_text = "text" in conditions and args.text_encoder == "clip"
         cond_dim = 0
         if "text" in conditions:
-            cond_dim = TEXT_WIDTH if self.tiny_text else CLIP_DIM
+            cond_dim = SMALL_TEXT["embed_dim"] if self.tiny_text else CLIP_DIM
         if self.tiny_text:
-            self.text = TextEncoder()
+            self.text = SmallText(args.data)
         map_ch = self.num_labels + (1 if "sketch" in conditions else 0)
         self.unet = UNet(**unet_flags(args, map_ch, cond_dim, self.num_classes))
         self.learn_sigma = self.unet.learn_sigma
 
     def forward(self, x, t, cond_tokens=None, **cond):
-        if self.tiny_text:  # all-padding rows are the null caption: a zero vector
-            has_text = (cond_tokens > 0).any(1, keepdim=True)
-            cond["cond_vec"] = torch.where(has_text, self.text(cond_tokens), 0.0)
-        return self.unet(x, t, **cond)
+        return self.unet(x, t, **self.encode(dict(cond, cond_tokens=cond_tokens)))
+
+    def encode(self, cond):
+        """Text tokens (B, L) -> cond_vec (B, 64) for the tiny text tower (padding-only rows, the
+        null caption, give zeros); the sampler encodes its constant conditions once."""
+        cond = dict(cond)
+        tokens = cond.pop("cond_tokens", None)
+        if self.tiny_text and tokens is not None:
+            cond["cond_vec"] = self.text(tokens)
+        return cond
 
     def null_cond(self, batch, device):
         cond = self.unet.null_cond(batch, device)
         if self.tiny_text:
             del cond["cond_vec"]
-            cond["cond_tokens"] = torch.zeros(batch, TEXT_LEN, dtype=torch.long, device=device)
+            cond["cond_tokens"] = torch.zeros(batch, self.text.tokenizer.context_length,
+                                              dtype=torch.long, device=device)
         return cond
 
 
@@ -1060,7 +1095,7 @@ def condition_inputs(expert, batch, clip=None, active=None, text_from="caption")
         cond["y"] = batch["class"].long()
     if "text" in expert.conditions and "text" in active and text_from is not None:
         if expert.tiny_text:
-            cond["cond_tokens"] = hash_tokenize(batch["caption"]).to(device)
+            cond["cond_tokens"] = expert.text.tokens(batch["caption"]).to(device)
         else:
             cond["cond_vec"] = clip.image(batch["image"]) if text_from == "image" else \
                 clip.text(batch["caption"])
@@ -1134,7 +1169,18 @@ def train_step(args, rt, index, model, expert, batch, sched, clip, it):
         return diffusion_loss(model, x0, cond, sched, t, noise)
 
 
-def train(args, rt):
+def optimise(rt, model, opt, loss):
+    """One AdamW step of one expert (one GradScaler shared by the experts: a no-op unless fp16)."""
+    opt.zero_grad(set_to_none=True)
+    rt.scaler.scale(loss).backward()
+    rt.scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # our choice (lucidrains, nanoGPT)
+    rt.scaler.step(opt)
+    rt.scaler.update()
+
+
+def train(args):
+    rt = common.setup_runtime(args)
     train_set = load_dataset(args, "train")
     num_labels, num_classes = train_set.num_classes, len(train_set.class_names)
     experts = build_experts(args, num_labels, num_classes, train_set.has)
@@ -1165,21 +1211,16 @@ def train(args, rt):
             losses = {}
             for index, (n, model) in enumerate(models.items()):
                 loss = train_step(args, rt, index, model, experts[n], batch, sched, clip, it)
-                opts[n].zero_grad(set_to_none=True)
-                rt.scaler.scale(loss).backward()
-                rt.scaler.unscale_(opts[n])
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # our choice (lucidrains, nanoGPT)
-                rt.scaler.step(opts[n])
-                rt.scaler.update()
+                optimise(rt, model, opts[n], loss)
                 emas[n].update(model, min(args.ema_decay, (1 + it) / (10 + it)))  # warm-up: our choice
-                losses[f"loss_{n}"] = common.reduce_mean(loss.item(), rt)
+                losses[f"loss_{n}"] = loss.detach()  # read at log steps only (no sync)
             logger.step(args.batch_size)
             done = it + 1
-            if done % args.log_every == 0 or done == args.iters:
-                logger.log(done, **losses)
+            if done % args.log_every == 0 or done == args.iters:  # every rank: an all-reduce
+                logger.log(done, **{k: common.reduce_mean(v.item(), rt) for k, v in losses.items()})
             stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
             if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
-                common.save_checkpoint(ckpt_path, "compose_diffusion", vars(args), done, objects,
+                common.save_checkpoint(ckpt_path, "compose_diffusion", args, done, objects,
                                        extra=facts, rt=rt)
             if stop:
                 signals.stop(done, ckpt_path)
@@ -1288,7 +1329,7 @@ def generate(args, comp, n, device, seed):
     x_T = torch.randn(n, 3, args.size, args.size, generator=gen).to(device)
     return sample(comp.eps_and_var, comp.ref, x_T.shape, args.sampler, args.eta,
                   x_T=x_T, generator=torch.Generator(device=device).manual_seed(seed + 1),
-                  device=device)
+                  device=device, variance=args.fixed_variance)
 
 
 class Setup:
@@ -1490,32 +1531,8 @@ def sweep_grids(args, setup, test):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: exact toy metrics on shapes (data.py's scoring helpers); FID and LPIPS on real data
+# Evaluation: toy metrics on shapes (data.py); FID, LPIPS and CLIP score on real data
 # ----------------------------------------------------------------------------------------------
-
-def shapes_scores(images, batch):
-    """Condition 1 (label map): `layout` = fraction of the map's objects whose region shows a
-    colour of their class's palette, `layout_iou` = IoU of palette-coloured pixels with the map's
-    foreground. Condition 2 (caption): data.shapes_caption_accuracy (`caption_colour`,
-    `caption_shape`, `caption_object`: that shape in that colour, anywhere). Both: `both` =
-    fraction of the map's objects whose region shows the colour the caption names for them."""
-    fid = data.shapes_colour_fidelity(images, batch["instance"], batch["inst_class"],
-                                      batch["inst_valid"])
-    valid = batch["inst_valid"].bool()
-    near = fid["distance"] <= data.SHAPES_MODE_TOLERANCE
-    rgb = ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)          # (B, H, W, 3)
-    centres = torch.tensor(list(data.SHAPES_COLOURS.values()))          # (K, 3)
-    dist = (rgb[..., None, :] - centres).norm(dim=-1).amin(-1)
-    dark = (rgb[..., None, :] - data.SHAPES_STRIPE_DARK * centres).norm(dim=-1).amin(-1)
-    fg = (dist <= data.SHAPES_MODE_TOLERANCE) | (dark <= data.SHAPES_MODE_TOLERANCE / 2)
-    gt = batch["label"] > 0
-    iou = ((fg & gt).sum((1, 2)) / (fg | gt).sum((1, 2)).clamp(min=1)).float()
-    cap = data.shapes_caption_accuracy(images, batch["caption"])
-    return {"layout": float(near[valid].float().mean()), "layout_iou": float(iou.mean()),
-            "caption_colour": cap["colour"], "caption_shape": cap["shape"],
-            "caption_object": cap["object"],
-            "both": float((near & (fid["mode"] == batch["inst_mode"]))[valid].float().mean())}
-
 
 def eval_methods(setup):
     """What --eval compares: each expert alone (classifier-free guidance), their composition
@@ -1537,10 +1554,12 @@ def eval_methods(setup):
 
 @torch.no_grad()
 def evaluate(args, setup):
-    """shapes: exact toy metrics (shapes_scores). Real data: FID between the eval_n test images
-    and the samples for their conditions (pytorch-fid Inception), and LPIPS-alex of each sample
-    to its ground truth (the paper's Tables 1-2 protocol; lower is better). Weights download on
-    first use. Every method samples the same test items with the same seeds.
+    """shapes: exact toy metrics (data.shapes_composition_scores). Real data: FID between the
+    eval_n test images and the samples for their conditions (pytorch-fid Inception), LPIPS-alex
+    of each sample to its ground truth (the paper's Tables 1-2 protocol; lower is better) and,
+    where the test set has captions, the CLIP score of each sample and its caption (Table 3).
+    Weights download on first use. Every method samples the same test items with the same seeds
+    (--seed shifts them all: a second sampling seed).
 
     Streams: items are generated, measured and dropped --batch_size at a time; FID keeps running
     sums (common.RunningFIDStats), so memory is set by the batch, not by --eval_n. Inception and
@@ -1553,18 +1572,25 @@ def evaluate(args, setup):
     if not shapes:
         inception = common.FIDInception(pretrained=True).to(device)
         lpips = common.LPIPS(net="alex", pretrained=True).to(device)
+        captions = "caption" in test.has
+        clip = ClipText(device) if captions else None  # Table 3's CLIP score
         real = common.inception_stats(inception, ((test_batch(test, n, device, start)["image"]
                                                    + 1) / 2 for start, n in spans))
     for name, make in methods.items():
         sums, fake = {}, common.RunningFIDStats()
         for start, n in spans:
             batch = test_batch(test, n, device, offset=start)
-            images = generate(args, make(batch), n, device, 1000 + start).clamp_(-1, 1)
+            seed = 1000 + start + 100_003 * args.seed
+            images = generate(args, make(batch), n, device, seed).clamp_(-1, 1)
             if shapes:
-                scores = shapes_scores(images.cpu(), common.to_device(batch, "cpu"))
+                scores = data.shapes_composition_scores(images.cpu(),
+                                                        common.to_device(batch, "cpu"))
             else:
                 fake.add(common.inception_features(inception, [(images + 1) / 2]))
                 scores = {"lpips_to_gt": float(lpips(images, batch["image"]).mean())}
+                if captions:  # 100 x cos(CLIP image, CLIP caption), ViT-B/32, clipped at 0
+                    cos = (clip.image(images) * clip.text(batch["caption"], truncate=True)).sum(1)
+                    scores["clip_score"] = float(100 * cos.clamp(min=0).mean())
             for k, v in scores.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             del batch, images  # nothing of this batch outlives it
@@ -1580,17 +1606,80 @@ def evaluate(args, setup):
     return out
 
 
+def sample_and_evaluate(args):
+    """--sample and/or --eval: the experts of this run or of --expert_ckpt, CLIP only when an
+    expert reads text through it, the official ADM expert with --ckpt."""
+    rt = common.setup_runtime(args)
+    models, scheds = load_experts(args)
+    test = load_dataset(args, "test") if needs_test_set(args, models) else None
+    captions = args.text is not None or (test is not None and "caption" in test.has)
+    clip = ClipText(rt.device, vision=not captions) if needs_clip(models) else None
+    setup = Setup(args, models, scheds, rt.device, clip)
+    if args.ckpt:
+        load_official(args, setup, rt.device)
+    os.makedirs(args.out_dir, exist_ok=True)  # a composition of other runs: a new folder
+    if args.sample:
+        sample_grids(args, setup, test, os.path.join(args.out_dir, "experts.png"))
+        sweep_grids(args, setup, test)
+    if args.eval:
+        evaluate(args, setup)
+
+
 # ----------------------------------------------------------------------------------------------
-# Benchmark: wall time per sampling step (ratios against a baseline in one run)
+# Dry run and benchmark: --bench N times N training steps (common.bench_training) and the
+# sampling step (composition vs separate samplers vs bare forwards, ratios in one run): bench.json
 # ----------------------------------------------------------------------------------------------
 
+def dry_run(args):
+    """Parameter counts of the run's experts (and of --ckpt's ADM model), nothing read."""
+    experts = build_experts(args, 5 if args.data == "shapes" else 19, 1000)  # 1000: ImageNet
+    nets = dict(experts)
+    if args.ckpt:
+        with torch.device("meta"):
+            nets[args.ckpt_config] = UNet(**ADM_CONFIGS.get(args.ckpt_config, {}))
+    common.print_dry_run(nets)
+
+
+def bench(args):
+    """--bench N: N training steps of the run's experts on one fixed batch of the training set
+    (fp32 eager first, then the asked --dtype / --compile), then N rounds of bench_sampling; one
+    bench.json."""
+    rt = common.setup_runtime(args)
+    train_set = load_dataset(args, "train")
+    facts = facts_of(train_set)
+    batch = test_batch(train_set, args.batch_size, rt.device)
+    text = args.text_encoder == "clip" and "caption" in args.experts
+    clip = ClipText(rt.device) if text else None
+    sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
+
+    def make_step(run, compile_model):
+        experts = build_experts(args, facts["num_labels"], facts["num_classes"], train_set.has)
+        models = {n: common.prepare_model(e, run, compile_model, ddp=False)
+                  for n, e in experts.items()}
+        opts = {n: torch.optim.AdamW(e.parameters(), lr=args.lr, weight_decay=0.0)
+                for n, e in experts.items()}
+        sources = {c: batch for e in experts.values() for c in e.conditions}
+
+        def step():
+            for index, (n, model) in enumerate(models.items()):
+                loss = train_step(args, run, index, model, experts[n], sources, sched, clip, 0)
+                optimise(run, model, opts[n], loss)
+        return step
+
+    out = {"training": common.bench_training(args, rt, make_step),
+           "sampling": bench_sampling(args, rt, rounds=args.bench)}
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
 @torch.no_grad()
-def benchmark(args, rt, n_experts=(2, 3), batch=8, steps=10):
+def bench_sampling(args, rt, n_experts=(2, 3), batch=8, rounds=10):
     """Per step, N experts with their own condition each: (a) Eq. 10 composition, one forward per
     model on 2B rows (cond + null); (b) N separate classifier-free-guided samplers, each its own
     step; (c) the composition without row batching (2N forwards of B rows); (d) the bare
-    forwards of (a), no sampler. Untrained models of the preset's shape."""
-    args.text_encoder = "tiny"
+    forwards of (a), no sampler. Untrained label-map experts of the preset's shape."""
     sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
     ref = sampler_schedule(sched, str(args.sample_steps))
     step = min(5, ref.num_steps - 1)  # a step inside the chain (any will do)
@@ -1628,7 +1717,7 @@ def benchmark(args, rt, n_experts=(2, 3), batch=8, steps=10):
         runs = {name: [] for name in fns}
         for name, fn in fns.items():
             fn()  # warm-up
-        for _ in range(steps):  # interleaved rounds, median: robust to a busy machine
+        for _ in range(rounds):  # interleaved rounds, median: robust to a busy machine
             for name, fn in fns.items():
                 if rt.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -1643,12 +1732,8 @@ def benchmark(args, rt, n_experts=(2, 3), batch=8, steps=10):
                              for k, v in timings.items()}
         print(f"N={n}: " + ", ".join(f"{k} {v:.1f} ms ({v / base:.2f}x)"
                                      for k, v in timings.items()))
-    out = {"device": str(rt.device), "threads": torch.get_num_threads(), "batch": batch,
-           "size": args.size, "num_channels": args.num_channels, "results": results}
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    return out
+    return {"device": str(rt.device), "threads": torch.get_num_threads(), "batch": batch,
+            "size": args.size, "num_channels": args.num_channels, "results": results}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1684,6 +1769,9 @@ def build_parser():
     g.add_argument("--sampler", default=None, choices=["ddim", "ddpm"])
     g.add_argument("--sample_steps", default=None, help='respacing: "25", "ddim25", "10,15"')
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    g.add_argument("--fixed_variance", default=None, choices=["small", "large"],
+                   help="DDPM steps of models without learned variance: small = beta_tilde_t, "
+                        "large = beta_t (ADM's default)")
     g.add_argument("--guidance", default=None,
                    help="w_i >= 1 (Eq. 10): one value, or one per composed expert in order")
     g.add_argument("--reliability", default=None,
@@ -1696,41 +1784,22 @@ def build_parser():
     g.add_argument("--ckpt", default=None, help="an official guided-diffusion checkpoint to compose")
     g.add_argument("--ckpt_config", default="adm64", help=f"one of {', '.join(ADM_CONFIGS)}")
     g.add_argument("--ckpt_class", type=int, default=0, help="ImageNet class for --ckpt")
-    g.add_argument("--bench", action="store_true", help="time sampling steps, write bench.json")
+    g.add_argument("--bench", type=int, default=None, metavar="N",
+                   help="time N training steps and the sampling step, write bench.json")
     return p
 
 
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, "compose_diffusion", "shapes", argv,
                              check=check_args)
-    rt = common.setup_runtime(args)
     if args.dry_run:
-        experts = build_experts(args, 5 if args.data == "shapes" else 19, 1000)  # 1000: ImageNet
-        nets = {n: e for n, e in experts.items()}
-        if args.ckpt:
-            with torch.device("meta"):
-                nets[args.ckpt_config] = UNet(**ADM_CONFIGS.get(args.ckpt_config, {}))
-        common.print_dry_run(nets)
-        return
-    if args.bench:
-        benchmark(args, rt)
-        return
-    if args.sample or args.eval:
-        models, scheds = load_experts(args)
-        test = load_dataset(args, "test") if needs_test_set(args, models) else None
-        captions = args.text is not None or (test is not None and "caption" in test.has)
-        clip = ClipText(rt.device, vision=not captions) if needs_clip(models) else None
-        setup = Setup(args, models, scheds, rt.device, clip)
-        if args.ckpt:
-            load_official(args, setup, rt.device)
-        os.makedirs(args.out_dir, exist_ok=True)  # a composition of other runs: a new folder
-        if args.sample:
-            sample_grids(args, setup, test, os.path.join(args.out_dir, "experts.png"))
-            sweep_grids(args, setup, test)
-        if args.eval:
-            evaluate(args, setup)
-        return
-    train(args, rt)
+        dry_run(args)
+    elif args.bench:
+        bench(args)
+    elif args.sample or args.eval:
+        sample_and_evaluate(args)
+    else:
+        train(args)
 
 
 if __name__ == "__main__":

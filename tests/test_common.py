@@ -217,6 +217,11 @@ def test_ema_is_the_exponential_moving_average():
     ema.update(model)
     assert torch.allclose(ema.model.weight, 0.75 * w0 + 0.25 * (w0 + 1.0))
     assert not ema.model.weight.requires_grad
+    norm = nn.BatchNorm1d(2)
+    ema = common.EMA(norm, decay=0.75)
+    norm(torch.randn(8, 2) + 5)                     # running statistics are buffers: copied
+    ema.update(norm)
+    assert torch.equal(ema.model.running_mean, norm.running_mean)
 
 
 def test_logger_keeps_only_lines_up_to_the_resumed_iteration(tmp_path):

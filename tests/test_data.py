@@ -336,6 +336,9 @@ def test_instance_edges_reindex_and_image_sketch():
     assert np.array_equal(data.instance_edges(ids), edges_by_neighbours(ids))
     assert torch.equal(data.instance_edges(torch.from_numpy(ids)),
                        torch.from_numpy(edges_by_neighbours(ids)))
+    rows = np.array([[1, 1, 1], [1, 1, 1], [2, 2, 2]])  # a horizontal border marks both rows
+    assert data.instance_edges(rows).tolist() == [[False] * 3, [True] * 3, [True] * 3]
+    assert data.instance_edges(rows.T).tolist() == [[False, True, True]] * 3
     step = np.zeros((20, 30), np.float32)
     step[:, 12:] = 0.8
     sketch = data.image_sketch(step)
