@@ -11,20 +11,17 @@ supervised variant: a one-hot w_M selects one constant and the discriminator gai
 classifier (Fig. 5 top).
 
 Map of this file:
-    config and presets          hyperparameters per dataset, each with its source
-    StyleGAN layers             blur, styled conv (AdaIN + noise), minibatch stddev
+    config and presets          hyperparameters per dataset, each with its source; flag checks
+    StyleGAN layers             blur, noise injection, styled conv (AdaIN + noise), mbstd
     mapping network (+ w_R)     8 FC, lr x0.01, pixel norm; the w_R branch and softmax (§4)
-    generator                   K root constants, mixing layer R / multiplexer, progressive to_rgb
+    generator                   K root constants, mixing layer R / multiplexer, truncation
     discriminator               progressive from_rgb, minibatch stddev, sMM K-way classifier
     progressive schedule        (resolution step, fade-in alpha) as a pure function of iteration
-    losses and one train step   non-saturating + R1 (our choice), sMM classifier loss
-    building, data              check_args (every flag in range, before any work), data, build
-    training loop               EMA of G, grids (every random generator given back), atomic
-                                checkpoints, exact resume; --compile: G (and D when R1 is off)
+    losses and one train step   non-saturating + R1 (our choice), sMM classifier loss, mixing
+    training loop               data, build, EMA of G, grids, checkpoints, exact resume
     sampling controls           mode x style grid (Fig. 7), modes with w_avg (Fig. 10), mixing
-    evaluation                  H-shape widths, thresholded densities, Jaccard (Fig. 6); FID;
-                                streamed batch by batch (running FID sums)
-    main                        --sample / --eval take the architecture from the checkpoint
+    evaluation                  Jaccard of width densities (Fig. 6; data.hshape_*), FID (§4)
+    dry run, bench, main        --sample / --eval take the architecture from the checkpoint
 
     python ummgan.py                                  # built-in hshape, uMM-GAN K=3, CPU ~5 min
     python ummgan.py --K 1                            # the same with plain StyleGAN (K = 1)
@@ -43,7 +40,6 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,9 +53,6 @@ import data
 # ----------------------------------------------------------------------------------------------
 
 MAPPING_LAYERS = 8        # StyleGAN / rosi: 8 FC layers in the mapping network
-BRANCH_AFTER = 6          # w_R leaves the shared trunk after 6 FCs: its own FC takes the place of
-                          # the penultimate (7th) FC and the softmax the last (§4: "shared ...
-                          # except the penultimate FC, followed by a softmax"); our reading
 MBSTD_GROUP = 4           # minibatch stddev group size (StyleGAN official)
 
 PAPER = dict(             # 128x128 natural images (§4), StyleGAN widths (rosi)
@@ -68,7 +61,7 @@ PAPER = dict(             # 128x128 natural images (§4), StyleGAN widths (rosi)
     lr=0.001,             # rosi: Adam lr 0.001, betas (0, 0.99)
     mapping_lr_mul=0.01,  # StyleGAN / rosi: mapping network at 0.01x learning rate
     r1_gamma=10.0,        # rosi --loss r1: R1 weight 10 (every step); our choice of loss
-    mixing_prob=0.9,      # rosi --mixing
+    mixing_prob=0.9,      # StyleGAN §3.1 (p = 0.9); rosi has it behind --mixing, off by default
     ema_decay=0.999,      # rosi g_running
     cls_weight=1.0,       # sMM classifier loss weight: our choice (paper silent)
     progressive=1, init_size=8,                 # rosi --init_size 8; paper: progressive growing
@@ -78,13 +71,18 @@ PAPER = dict(             # 128x128 natural images (§4), StyleGAN widths (rosi)
     eval_n=5000,          # paper §4: FID on 5,000 real vs 5,000 generated
     pretrained=1,         # FID with the pretrained Inception
     sample_every=2000, ckpt_every=5000, log_every=100, chars=None,
+    # §4: w_R's mapping network is w's "except the penultimate fully connected layer, which is
+    # followed by a softmax": the first 6 FCs are shared, a FC(512 -> K) takes the place of the
+    # 7th, then the softmax (8th FC not used for w_R). Our reading; 7 = share 7, replace the 8th.
+    branch_after=6,
+    head_lr_mul=None,     # the w_R head is part of the mapping network: its lr_mul (our reading)
 )
 CPU = dict(               # our choice throughout: what learns in minutes on 2 CPU cores
     K=3, mode="umm", size=32, style_dim=64, max_channels=32, channel_base=512,
     batch_size=32, lr=0.002, mapping_lr_mul=0.1, r1_gamma=1.0, mixing_prob=0.9,
     ema_decay=0.99, cls_weight=1.0, progressive=1, init_size=8, phase_iters=200,
     iters=1000, psi=1.0, eval_n=5000, pretrained=0,
-    sample_every=250, ckpt_every=250, log_every=25, chars=None,
+    sample_every=250, ckpt_every=250, log_every=25, chars=None, branch_after=6, head_lr_mul=None,
 )
 PRESETS = {
     # Fig. 6 (paper: K = 3, 10,000 samples). No style mixing here (our choice): the image mean is
@@ -95,11 +93,12 @@ PRESETS = {
     "folder": dict(PAPER),                       # Cats & Dogs (K=2), Cars (K=4), LSUN (K=16)
 }
 ARCH_KEYS = ("K", "mode", "size", "style_dim", "max_channels", "channel_base", "channels",
-             "mapping_lr_mul")  # lr_mul scales the stored mapping weights at run time
+             "mapping_lr_mul", "branch_after", "head_lr_mul")  # lr_mul scales stored weights
 # What --sample / --eval read from the checkpoint unless the command line gives them: the data,
 # the architecture and the growing schedule (which fixes the resolution at the saved iteration).
 RUN_KEYS = ("data", "data_dir", "chars", "K", "mode", "size", "style_dim", "max_channels",
-            "channel_base", "mapping_lr_mul", "progressive", "init_size", "phase_iters")
+            "channel_base", "mapping_lr_mul", "branch_after", "head_lr_mul", "progressive",
+            "init_size", "phase_iters")
 
 
 def build_parser():
@@ -112,6 +111,10 @@ def build_parser():
     p.add_argument("--channel_base", type=int, default=None, help="channels = base / resolution")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--mapping_lr_mul", type=float, default=None)
+    p.add_argument("--branch_after", type=int, default=None,
+                   help="w_R leaves the mapping network after this many shared FCs (1-7)")
+    p.add_argument("--head_lr_mul", type=float, default=None,
+                   help="lr multiplier of the w_R head (default: --mapping_lr_mul)")
     p.add_argument("--r1_gamma", type=float, default=None)
     p.add_argument("--mixing_prob", type=float, default=None, help="style mixing probability")
     p.add_argument("--ema_decay", type=float, default=None)
@@ -136,6 +139,34 @@ def channels_at(res, args):
     return min(args.max_channels, args.channel_base // res)
 
 
+def check_args(args):
+    """Every uMM-GAN flag in its range, before any data or model is built (one sentence each)."""
+    require, at_least = common.require, common.at_least
+    at_least(args, 1, "K", "style_dim", "max_channels", "channel_base", "bench")
+    require(args.size >= 8 and args.size & (args.size - 1) == 0,
+            f"--size must be a power of two >= 8 (got {args.size}).")
+    require(args.channel_base >= args.size, f"--channel_base {args.channel_base} leaves no channel "
+            f"at {args.size}x{args.size} (channels = channel_base / resolution); give at least "
+            f"--channel_base {args.size}.")
+    if args.progressive:
+        require(8 <= args.init_size <= args.size and args.init_size & (args.init_size - 1) == 0,
+                f"--init_size must be a power of two between 8 and --size {args.size} "
+                f"(got {args.init_size}).")
+    at_least(args, 2, "phase_iters", "eval_n")
+    require(args.lr > 0 and args.mapping_lr_mul > 0,
+            f"--lr and --mapping_lr_mul must be positive (got {args.lr}, {args.mapping_lr_mul}).")
+    require(args.head_lr_mul is None or args.head_lr_mul > 0,
+            f"--head_lr_mul must be positive (got {args.head_lr_mul}).")
+    require(1 <= args.branch_after < MAPPING_LAYERS, f"--branch_after must be between 1 and "
+            f"{MAPPING_LAYERS - 1} (got {args.branch_after}).")
+    at_least(args, 0, "r1_gamma", "cls_weight")
+    require(0 <= args.mixing_prob <= 1, f"--mixing_prob is a probability in [0, 1] "
+                                        f"(got {args.mixing_prob}).")
+    require(0 <= args.ema_decay < 1, f"--ema_decay must be in [0, 1) (got {args.ema_decay}).")
+    require(args.data == "letters" or args.chars is None,
+            f"--chars chooses the characters of --data letters, not of --data {args.data}.")
+
+
 # ----------------------------------------------------------------------------------------------
 # StyleGAN layers (Karras et al. 2019, Fig. 1b): equalised lr from common, blur, styled conv
 # ----------------------------------------------------------------------------------------------
@@ -153,11 +184,28 @@ class Blur(nn.Module):
         return F.conv2d(x, self.kernel, padding=1, groups=x.shape[1])
 
 
+class NoiseInjection(nn.Module):
+    """x + scale_c * noise: one learned scale per channel, N(0, 1) noise shared over channels
+    (StyleGAN §2, "B" in Fig. 1b). The scales start at zero and are plain parameters, as in the
+    official StyleGAN (rosi equal-lr's them, which makes them ~sqrt(C/2) times slower)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x, noise=None):
+        if noise is None:  # (B, 1, H, W): a fresh draw per image and layer
+            noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3],
+                                device=x.device, dtype=x.dtype)
+        return x + self.weight * noise
+
+
 class StyledLayer(nn.Module):
     """conv 3x3 (optional) -> noise -> LReLU -> AdaIN(w): one "A"+"B" unit of StyleGAN Fig. 1b.
 
     Every layer draws its own noise (rosi feeds both layers of a block the same tensor: a quirk we
-    do not copy). `noise_off` feeds zeros (Fig. 10's mode rendering).
+    do not copy). `noise_off` feeds zeros (Fig. 10's mode rendering). Up-sampling is nearest + conv
+    at every resolution (rosi fuses a transposed conv from 128 px on: same parameters).
     """
 
     def __init__(self, in_ch, out_ch, style_dim, conv=True, upsample=False):
@@ -165,8 +213,8 @@ class StyledLayer(nn.Module):
         self.upsample = upsample
         self.conv = EqualConv(in_ch, out_ch) if conv else None
         self.blur = Blur(out_ch) if upsample else None
-        self.noise = common.NoiseInjection(out_ch)
-        self.adain = common.AdaIN(out_ch, style_dim)
+        self.noise = NoiseInjection(out_ch)
+        self.adain = common.AdaIN(out_ch, style_dim)  # StyleGAN Eq. (1); its affine has gain 1
 
     def forward(self, x, w, noise_off=False):
         if self.upsample:
@@ -182,7 +230,9 @@ class StyledLayer(nn.Module):
 def lrelu(x):
     """LReLU(0.2) times sqrt(2): the He gain of StyleGAN's equalised layers (official code and
     rosi scale weights by sqrt(2 / fan_in); common.EqualLinear/EqualConv2d use 1 / sqrt(fan_in),
-    so the gain goes here, as StyleGAN2 does). Keeps the 8-layer mapping from shrinking w."""
+    so the gain goes here, as StyleGAN2 does). Keeps the 8-layer mapping from shrinking w.
+    Layers not followed by a LReLU (AdaIN's affine, to_rgb, D's output) keep gain 1, as the
+    official StyleGAN does (rosi: sqrt(2) everywhere)."""
     return F.leaky_relu(x, 0.2) * math.sqrt(2)
 
 
@@ -213,23 +263,27 @@ def minibatch_stddev(x):
 
 class MappingNetwork(nn.Module):
     """Pixel norm, then 8 x (FC + LReLU 0.2) at lr x`lr_mul`. With `mix_k` > 1 a second head
-    FC(style_dim -> K) + softmax leaves the trunk after BRANCH_AFTER layers and gives w_R (§4); it
-    is the only mapping parameter uMM-GAN adds (style_dim * K weights + K biases, which we keep
-    as rosi's EqualLinear has them; the paper's count 512 K omits them).
+    FC(style_dim -> K) + softmax leaves the trunk after `branch_after` layers and gives w_R (§4);
+    it is the only mapping parameter uMM-GAN adds (style_dim * K weights + K biases, which we keep
+    as rosi's EqualLinear has them; the paper's count 512 K omits them). The head learns at
+    `head_lr_mul` (None: the mapping's lr_mul, as a layer of the mapping network).
     """
 
-    def __init__(self, dim, mix_k, lr_mul):
+    def __init__(self, dim, mix_k, lr_mul, branch_after=6, head_lr_mul=None):
         super().__init__()
         self.norm = common.PixelNorm()
         self.layers = nn.ModuleList(common.EqualLinear(dim, dim, lr_mul=lr_mul)
                                     for _ in range(MAPPING_LAYERS))
-        self.mix_head = common.EqualLinear(dim, mix_k, lr_mul=lr_mul) if mix_k > 1 else None
+        self.branch_after = branch_after
+        head_lr_mul = lr_mul if head_lr_mul is None else head_lr_mul
+        self.mix_head = (common.EqualLinear(dim, mix_k, lr_mul=head_lr_mul) if mix_k > 1
+                         else None)
 
     def forward(self, z):
         h = self.norm(z)
         mix = None
         for i, layer in enumerate(self.layers):
-            if i == BRANCH_AFTER and self.mix_head is not None:
+            if i == self.branch_after and self.mix_head is not None:
                 mix = torch.softmax(self.mix_head(h), dim=1)  # w_R (B, K), rows sum to 1
             h = lrelu(layer(h))
         return h, mix  # w (B, D), w_R (B, K) or None
@@ -245,7 +299,8 @@ class Generator(nn.Module):
         self.K, self.mode, self.style_dim = args.K, args.mode, args.style_dim
         self.max_step = int(math.log2(args.size)) - 2  # step s renders 4 * 2^s pixels
         umm_branch = args.K if args.mode == "umm" else 1  # K = 1: no branch, exactly StyleGAN
-        self.mapping = MappingNetwork(args.style_dim, umm_branch, args.mapping_lr_mul)
+        self.mapping = MappingNetwork(args.style_dim, umm_branch, args.mapping_lr_mul,
+                                      args.branch_after, args.head_lr_mul)
         c4 = channels_at(4, args)
         self.constants = nn.Parameter(torch.randn(args.K, c4, 4, 4))  # C_1..C_K (§3)
         layers, rgb = [], []
@@ -307,7 +362,7 @@ class Generator(nn.Module):
             ws = [w if i < crossover else w2 for i in range(self.n_styles)]
         styles = torch.stack(ws, dim=1)  # (B, n_styles, D)
         if psi != 1.0:
-            styles = torch.lerp(w_avg.view(1, 1, -1), styles, psi)
+            styles = torch.lerp(w_avg.view(1, 1, -1), styles, psi)  # w_avg + psi (w - w_avg)
         return self.synthesis(styles, mix, step, alpha, noise_off)
 
     @torch.no_grad()
@@ -334,7 +389,8 @@ class Discriminator(nn.Module):
             res = 4 * 2 ** s
             c = channels_at(res, args)
             rgb.append(common.EqualConv2d(img_channels, c, 1))
-            if s > 0:  # conv 3x3 -> blur -> conv 3x3 -> avg-pool /2
+            if s > 0:  # conv 3x3 -> blur -> conv 3x3 -> avg-pool /2 (LReLU before the pool,
+                       # where rosi and official pool first: same parameters, our order)
                 blocks.append(nn.Sequential(
                     EqualConv(c, c), LReLU(), Blur(c),
                     EqualConv(c, channels_at(res // 2, args)), LReLU(),
@@ -395,20 +451,22 @@ def smm_class_loss(class_logits, modes):
     return F.cross_entropy(class_logits, modes)
 
 
-def sample_styles_args(G, batch, args, device, gen=None):
-    """Random z, and with probability mixing_prob a second z and a crossover layer (StyleGAN §3.1)."""
+def sample_styles_args(step, batch, args, device, gen=None):
+    """Random z, and with probability mixing_prob a second z and a crossover layer (StyleGAN
+    §3.1), drawn among the layers active at this step (2 per resolution), as StyleGAN and rosi
+    do: a crossover above them would make the mixing a no-op."""
     z = torch.randn(batch, args.style_dim, device=device, generator=gen)
     if torch.rand((), generator=gen).item() < args.mixing_prob:
         z2 = torch.randn(batch, args.style_dim, device=device, generator=gen)
-        return dict(z=z, z2=z2, crossover=int(torch.randint(1, G.n_styles, (),
-                                                            generator=gen)))
+        active = 2 * (step + 1)
+        return dict(z=z, z2=z2, crossover=int(torch.randint(1, active, (), generator=gen)))
     return dict(z=z)
 
 
 def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
     """One D step then one G step (n_critic 1, rosi). Returns the logged scalars."""
     step, alpha = schedule(it, args)
-    g, d = common.unwrap(G), common.unwrap(D)
+    d = common.unwrap(D)
     B = real.shape[0]
     real = resize_real(real, step)
     smm = args.mode == "smm"
@@ -416,7 +474,8 @@ def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
 
     # --- D: softplus(D(G(z))) + softplus(-D(x)) + gamma/2 E||grad D(x)||^2 (+ classifier on real)
     with torch.no_grad(), rt.autocast():
-        fake = G(step=step, alpha=alpha, modes=modes, **sample_styles_args(g, B, args, rt.device))
+        fake = G(step=step, alpha=alpha, modes=modes,
+                 **sample_styles_args(step, B, args, rt.device))
     real.requires_grad_(args.r1_gamma > 0)
     # With R1 on, D sees the real images in float32 even under --dtype bfloat16: R1's double
     # backward through bf16 convolutions took 4.5x the float32 time on an H200 (cuDNN; README).
@@ -435,7 +494,8 @@ def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
     # --- G: softplus(-D(G(z))) (+ classifier: the image must be of the requested mode w_M)
     d.requires_grad_(False)
     with rt.autocast():
-        fake = G(step=step, alpha=alpha, modes=modes, **sample_styles_args(g, B, args, rt.device))
+        fake = G(step=step, alpha=alpha, modes=modes,
+                 **sample_styles_args(step, B, args, rt.device))
         fake_logit, fake_cls = D(fake, step, alpha)
         loss_g = common.ns_g_loss(fake_logit)
         cls_g = smm_class_loss(fake_cls, modes) if smm else torch.zeros(())
@@ -449,32 +509,8 @@ def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
 
 
 # ----------------------------------------------------------------------------------------------
-# Building, data, checkpoints
+# Building the networks, optimisers and data (training, --sample, --eval, --bench)
 # ----------------------------------------------------------------------------------------------
-
-def check_args(args):
-    """Every uMM-GAN flag in its range, before any data or model is built (one sentence each)."""
-    require, at_least = common.require, common.at_least
-    at_least(args, 1, "K", "style_dim", "max_channels", "channel_base", "bench")
-    require(args.size >= 8 and args.size & (args.size - 1) == 0,
-            f"--size must be a power of two >= 8 (got {args.size}).")
-    require(args.channel_base >= args.size, f"--channel_base {args.channel_base} leaves no channel "
-            f"at {args.size}x{args.size} (channels = channel_base / resolution); give at least "
-            f"--channel_base {args.size}.")
-    if args.progressive:
-        require(8 <= args.init_size <= args.size and args.init_size & (args.init_size - 1) == 0,
-                f"--init_size must be a power of two between 8 and --size {args.size} "
-                f"(got {args.init_size}).")
-    at_least(args, 2, "phase_iters", "eval_n")
-    require(args.lr > 0 and args.mapping_lr_mul > 0,
-            f"--lr and --mapping_lr_mul must be positive (got {args.lr}, {args.mapping_lr_mul}).")
-    at_least(args, 0, "r1_gamma", "cls_weight")
-    require(0 <= args.mixing_prob <= 1, f"--mixing_prob is a probability in [0, 1] "
-                                        f"(got {args.mixing_prob}).")
-    require(0 <= args.ema_decay < 1, f"--ema_decay must be in [0, 1) (got {args.ema_decay}).")
-    require(args.data == "letters" or args.chars is None,
-            f"--chars chooses the characters of --data letters, not of --data {args.data}.")
-
 
 def compile_d(args):
     """--compile's backend for D: R1 differentiates D's input gradient (a double backward), which
@@ -502,15 +538,17 @@ def image_channels(args):
     return 3 if args.data == "folder" else 1
 
 
+def optimizers(G, D, args):
+    """Adam (0, 0.99) for both (rosi). The mapping network's x0.01 rate lives in its EqualLinear
+    (stored weights scaled at run time), so one learning rate serves every parameter."""
+    return (torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99)),
+            torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99)))
+
+
 def build(args, device="cpu"):
     c = image_channels(args)
     args.channels = c
     return Generator(args, c).to(device), Discriminator(args, c).to(device)
-
-
-def config_of(args):
-    return {k: v for k, v in vars(args).items() if k not in ("resume", "sample", "eval",
-                                                             "dry_run", "device")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,14 +589,12 @@ def train(args):
     ds = load_data(args)
     G, D = build(args, rt.device)
     ema = common.EMA(G, args.ema_decay)
-    # Adam (0, 0.99) for both (rosi); the mapping network's 0.01x rate lives in its EqualLinear.
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    opt_g, opt_d = optimizers(G, D, args)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     objects = dict(G=G, D=D, G_ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=rt.scaler)
     start = 0
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, "ummgan", config_of(args), ARCH_KEYS, objects, rt=rt)
+        ck = common.load_checkpoint(ckpt_path, "ummgan", vars(args), ARCH_KEYS, objects, rt=rt)
         start = ck["iter"]
     G = common.prepare_model(G, rt, args.compile, find_unused_parameters=True)
     D = common.prepare_model(D, rt, compile_d(args), find_unused_parameters=True)
@@ -582,8 +618,7 @@ def train(args):
                 common.save_grid(os.path.join(args.out_dir, f"samples_{done:06d}.png"), rows)
             stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
             if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
-                common.save_checkpoint(ckpt_path, "ummgan", config_of(args), done, objects,
-                                       rt=rt)
+                common.save_checkpoint(ckpt_path, "ummgan", args, done, objects, rt=rt)
             if stop:
                 signals.stop(done, ckpt_path)
     log.close()
@@ -595,22 +630,13 @@ def train(args):
 
 def load_ema(args, device):
     G, _ = build(args, device)
-    ck = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "ummgan", config_of(args),
-                                ARCH_KEYS, {"G_ema": _Holder(G)}, restore_rng=False)
+    # The EMA is saved as the state of its model: it loads straight into a Generator.
+    ck = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "ummgan", vars(args),
+                                ARCH_KEYS, {"G_ema": G}, restore_rng=False)
     G.eval()
     step, alpha = schedule(ck["iter"] - 1, args)
     common.seed_everything(args.seed)  # the same grids (noise inputs) on every call
     return G, step, alpha
-
-
-class _Holder:
-    """Loads the EMA weights (saved by common.EMA) straight into a Generator."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state)
 
 
 @torch.no_grad()
@@ -622,31 +648,42 @@ def sample(args):
     # Fig. 7: mode x style (rows: one-hot w_R, columns: fixed w), truncated by --psi.
     rows = mode_style_grid(G, step, args, device, alpha=alpha, psi=args.psi, w_avg=w_avg)
     common.save_grid(os.path.join(out, "mode_style.png"), rows)
-    # Fig. 10 / Fig. 3: each mode rendered with w_avg and the noise inputs off.
-    z0 = torch.zeros(G.K, args.style_dim, device=device)
-    modes = torch.arange(G.K, device=device)
-    img = G(z0, step, alpha, modes=modes if G.K > 1 else None, psi=0.0, w_avg=w_avg,
-            noise_off=True)
+    img = mode_renders(G, step, alpha, w_avg)
     common.save_grid(os.path.join(out, "modes.png"), [list(resize_to(img, args.size))])
-    # Style mixing (StyleGAN Fig. 3 / paper Fig. 4): coarse styles (and w_R) from the top row,
-    # the rest from the left column.
-    gen = torch.Generator().manual_seed(7)
-    za = torch.randn(5, args.style_dim, generator=gen).to(device)
-    zb = torch.randn(4, args.style_dim, generator=gen).to(device)
-    top = list(resize_to(G(za, step, alpha, psi=args.psi, w_avg=w_avg, modes=_smm(G, 5, args)),
-                         args.size))
-    grid = [[torch.ones_like(top[0])] + top]
-    cut = min(4, G.n_styles - 1)  # coarse = the 4x4 and 8x8 styles
-    for b in range(4):
-        zb_rep = zb[b:b + 1].expand(5, -1)
-        left = G(zb[b:b + 1], step, alpha, psi=args.psi, w_avg=w_avg, modes=_smm(G, 1, args))
-        mixed = G(za, step, alpha, z2=zb_rep, crossover=cut, psi=args.psi, w_avg=w_avg,
-                  modes=_smm(G, 5, args))
-        grid.append(list(resize_to(left, args.size)) + list(resize_to(mixed, args.size)))
-    common.save_grid(os.path.join(out, "style_mixing.png"), grid)
+    top, left, mixed = style_mixing_grid(G, step, alpha, args, w_avg)
+    grid = [[torch.ones_like(top[0])] + list(top)]
+    grid += [[left[b]] + list(mixed[b]) for b in range(len(left))]
+    common.save_grid(os.path.join(out, "style_mixing.png"),
+                     [list(resize_to(torch.stack(row), args.size)) for row in grid])
     info = {"step": step, "alpha": alpha, "psi": args.psi, **mode_usage(G, device)}
     print(json.dumps(info))
     print(f"wrote mode_style.png, modes.png, style_mixing.png into {out}")
+
+
+@torch.no_grad()
+def mode_renders(G, step, alpha, w_avg):
+    """Fig. 10 / Fig. 3: each constant rendered with w = w_avg and the noise inputs off.
+    Returns (K, C, H, W)."""
+    modes = torch.arange(G.K, device=w_avg.device) if G.K > 1 else None
+    z0 = torch.zeros(G.K, G.style_dim, device=w_avg.device)  # psi = 0: w is w_avg for every z
+    return G(z0, step, alpha, modes=modes, psi=0.0, w_avg=w_avg, noise_off=True)
+
+
+@torch.no_grad()
+def style_mixing_grid(G, step, alpha, args, w_avg, n_top=5, n_left=4, seed=7):
+    """StyleGAN Fig. 3 / paper Fig. 4: the coarse styles (4x4 and 8x8 layers) and w_R from the
+    top row, the remaining styles from the left column. Returns top (n_top, C, H, W), left
+    (n_left, C, H, W) and mixed (n_left, n_top, C, H, W), all truncated by --psi."""
+    gen = torch.Generator().manual_seed(seed)
+    za = torch.randn(n_top, args.style_dim, generator=gen).to(w_avg.device)
+    zb = torch.randn(n_left, args.style_dim, generator=gen).to(w_avg.device)
+    kw = dict(psi=args.psi, w_avg=w_avg)
+    top = G(za, step, alpha, modes=_smm(G, n_top, args), **kw)
+    left = G(zb, step, alpha, modes=_smm(G, n_left, args), **kw)
+    cut = min(4, G.n_styles - 1)  # coarse = the 4x4 and 8x8 styles
+    mixed = torch.stack([G(za, step, alpha, z2=zb[b:b + 1].expand(n_top, -1), crossover=cut,
+                           modes=_smm(G, n_top, args), **kw) for b in range(n_left)])
+    return top, left, mixed
 
 
 @torch.no_grad()
@@ -670,33 +707,6 @@ def _smm(G, n, args):
 # ----------------------------------------------------------------------------------------------
 # Evaluation (--eval): H-shape Jaccard index (Fig. 6), per-mode densities, FID (§4)
 # ----------------------------------------------------------------------------------------------
-
-def density(widths, bins, max_width):
-    """Normalised 2-D histogram (bins x bins) of widths (N, 2) over [0, max_width]^2."""
-    idx = (widths / max_width * bins).long().clamp(0, bins - 1)
-    flat = idx[:, 0] * bins + idx[:, 1]
-    hist = torch.bincount(flat, minlength=bins * bins).float().view(bins, bins)
-    return hist / hist.sum().clamp(min=1)
-
-
-def jaccard_index(real_widths, fake_widths, bins, max_width, threshold=0.5):
-    """Fig. 6: threshold the real and the generated width densities, then |A & B| / |A | B|.
-    A bin is in the support when it holds at least `threshold` times the mass of a uniform
-    density over the whole square (the H's legs have exactly that density). The paper gives no
-    threshold: our choice, the same as data.hshape_jaccard's."""
-    level = threshold / bins ** 2
-    a = density(real_widths, bins, max_width) >= level
-    b = density(fake_widths, bins, max_width) >= level
-    return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
-
-
-def density_image(hist, scale=6):
-    """(bins, bins) density over (w1, w2) -> (1, H, W) picture in [-1, 1] drawn as in Fig. 6:
-    width 1 to the right, width 2 upwards (the H stands upright); each bin scale x scale pixels."""
-    img = (hist / hist.max().clamp(min=1e-12)).t().flip(0)
-    img = img.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    return (img * 2 - 1)[None]
-
 
 @torch.no_grad()
 def fake_batches(G, n, step, alpha, args, device, modes=None, seed=0):
@@ -753,34 +763,26 @@ def evaluate(args):
     device = common.pick_device(args.device)
     G, step, alpha = load_ema(args, device)
     ds = load_data(args)
-    n = min(args.eval_n, len(ds))
+    n_real = min(args.eval_n, len(ds))  # the paper's 5,000 real: all of a smaller training set
+    if n_real < args.eval_n:
+        print(f"--eval: the training set has {len(ds)} images; FID compares all of them with "
+              f"{args.eval_n} generated ones.")
+    n = args.eval_n
     inception = common.FIDInception(pretrained=True).to(device) if args.pretrained else None
-    real_w, real_stats = measure(real_batches(ds, n, args.batch_size), args, inception)
+    real_w, real_stats = measure(real_batches(ds, n_real, args.batch_size), args, inception)
     fake_w, fake_stats = measure(fake_batches(G, n, step, alpha, args, device), args, inception)
-    result = {"iter_step": step, "n": n, "K": args.K, "mode": args.mode}
+    result = {"iter_step": step, "n_real": n_real, "n_generated": n, "K": args.K,
+              "mode": args.mode}
     if args.data == "hshape":  # widths read back from the pixels, in the paper's units 0..40
-        bins, max_w = 20, data.HSHAPE_MAX
-        result["jaccard"] = jaccard_index(real_w, fake_w, bins, max_w)      # real vs generated
-        result["jaccard_vs_true_H"] = data.hshape_jaccard(fake_w, bins)     # generated vs the H
-        real2_w = measure(real_batches(load_data(args, "test"), n, args.batch_size), args, None)[0]
-        result["jaccard_real_vs_real"] = jaccard_index(real_w, real2_w, bins, max_w)  # ceiling
-        # w1 + w2 (mean, std): a generator that keeps the total white area fixed puts every
-        # sample on one anti-diagonal line of the plane (what our CPU runs do; README, Fig. 6)
-        s_real, s_fake = real_w.sum(1), fake_w.sum(1)
-        result["width_sum"] = {"real": [float(s_real.mean()), float(s_real.std())],
-                               "generated": [float(s_fake.mean()), float(s_fake.std())]}
-        # Share of samples off the H (the gaps between legs and bar, which a continuous map
-        # from one Gaussian tends to fill: §4's argument for several constants). Real: 0 up to
-        # the width read-back.
-        result["outside_H"] = {name: float((data.hshape_region(w) < 0).float().mean())
-                               for name, w in (("real", real_w), ("generated", fake_w))}
-        tiles = [density_image(density(real_w, bins, max_w)),
-                 density_image(density(fake_w, bins, max_w))]
+        test_w = measure(real_batches(load_data(args, "test"), n_real, args.batch_size), args,
+                         None)[0]
+        result.update(data.hshape_report(real_w, fake_w, test_w))
+        tiles = [data.hshape_density_image(real_w), data.hshape_density_image(fake_w)]
         if G.K > 1:  # Fig. 6 middle row: the density of each constant alone (one-hot w_R)
             for k in range(G.K):
                 wk = measure(fake_batches(G, max(1, n // G.K), step, alpha, args, device, modes=k,
                                           seed=k + 1), args, None)[0]
-                tiles.append(density_image(density(wk, bins, max_w)))
+                tiles.append(data.hshape_density_image(wk))
         common.save_grid(os.path.join(args.out_dir, "densities.png"), [tiles])
     result.update(mode_usage(G, device))
     result["fid"] = (common.fid(real_stats.stats(), fake_stats.stats())
@@ -804,7 +806,7 @@ def to_rgb01(x):
 def dry_run(args):
     """Parameter counts, and what uMM-GAN adds over StyleGAN (K = 1) at the same widths (§4)."""
     G, D = build(args)
-    base_args = type(args)(**{**vars(args), "K": 1})
+    base_args = type(args)(**{**vars(args), "K": 1, "mode": "umm"})  # StyleGAN
     G1, D1 = build(base_args)
     added = common.count_params(G) - common.count_params(G1)
     c4, d = channels_at(4, args), args.style_dim
@@ -838,8 +840,7 @@ def bench(args):
         G, D = build(args)
         G = common.prepare_model(G, run, compile_model, ddp=False)
         D = common.prepare_model(D, run, compile_model and compile_d(args), ddp=False)
-        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
-        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+        opt_g, opt_d = optimizers(G, D, args)
         return lambda: train_step(G, D, opt_g, opt_d, images, labels, 0, args, run)
 
     common.bench_training(args, rt, make_step)

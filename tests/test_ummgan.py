@@ -90,11 +90,17 @@ def test_mixing_weights_are_softmax_of_shared_trunk():
     w, w_R = G.mapping(z)
     assert w_R.shape == (6, 4) and (w_R > 0).all()
     assert torch.allclose(w_R.sum(1), torch.ones(6), atol=1e-6)
-    # by hand: the trunk's first BRANCH_AFTER layers, then the head FC and a softmax
-    h = common.PixelNorm()(z)
-    for layer in G.mapping.layers[:ummgan.BRANCH_AFTER]:
-        h = ummgan.lrelu(layer(h))
-    assert torch.allclose(w_R, torch.softmax(G.mapping.mix_head(h), 1), atol=1e-6)
+    assert G.mapping.branch_after == 6                     # the preset: share 6, replace FC 7
+
+    def by_hand(G, z, shared):  # the trunk's first `shared` layers, the head FC, a softmax
+        h = common.PixelNorm()(z)
+        for layer in G.mapping.layers[:shared]:
+            h = ummgan.lrelu(layer(h))
+        return torch.softmax(G.mapping.mix_head(h), 1)
+    assert torch.allclose(w_R, by_hand(G, z, 6), atol=1e-6)
+    _, G7, _ = build("--K", "4", "--branch_after", "7")   # the other reading: share 7
+    assert torch.allclose(G7.mapping(z)[1], by_hand(G7, z, 7), atol=1e-6)
+    assert not torch.allclose(G7.mapping(z)[1], by_hand(G7, z, 6), atol=1e-3)
     with torch.no_grad():  # a shared layer moves both w and w_R
         G.mapping.layers[0].weight.mul_(-1.0)
     w2, w_R2 = G.mapping(z)
@@ -171,8 +177,13 @@ def test_smm_training_steps_lower_the_classifier_loss():
     real = -torch.ones(16, 1, 8, 8)
     real[labels == 0, :, :, :4] = 1
     real[labels == 1, :, :, 4:] = 1
-    losses = [ummgan.train_step(G, D, opt_g, opt_d, real.clone(), labels, i, args, rt)["cls_d"]
-              for i in range(30)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 30 steps of tiny ops: threads only wait on a loaded machine
+    try:
+        losses = [ummgan.train_step(G, D, opt_g, opt_d, real.clone(), labels, i, args,
+                                    rt)["cls_d"] for i in range(30)]
+    finally:
+        torch.set_num_threads(threads)
     assert losses[0] > 0.5 and sum(losses[-5:]) / 5 < 0.5 * losses[0]
 
 
@@ -237,18 +248,47 @@ def test_minibatch_stddev_feature():
 # ---------------------------------------------------------------------------------------------
 
 def test_jaccard_index_on_hand_made_point_sets():
-    a = torch.tensor([[0.5, 0.5], [1.5, 0.5], [2.5, 0.5], [3.5, 0.5]]).repeat(10, 1)
-    assert ummgan.jaccard_index(a, a, bins=4, max_width=4) == 1.0
-    far = torch.tensor([[0.5, 3.5]]).repeat(40, 1)
-    assert ummgan.jaccard_index(a, far, bins=4, max_width=4) == 0.0
-    half = a[a[:, 0] < 2]          # covers 2 of the 4 bins of a
-    assert ummgan.jaccard_index(a, half, bins=4, max_width=4) == 0.5
-    shifted = a + torch.tensor([1.0, 0.0])  # bins 1..3 (+ clamped 3): overlap 3, union 4
-    assert ummgan.jaccard_index(a, shifted, bins=4, max_width=4) == 0.75
-    # a bin holding too little mass is below the threshold and is not support
-    dense = a.repeat(10, 1)                                # 400 points
-    sparse = torch.cat([dense, torch.tensor([[0.5, 3.5]])])  # 1/401 < 0.5 / 16
-    assert ummgan.jaccard_index(dense, sparse, bins=4, max_width=4) == 1.0
+    J = lambda a, b: data.hshape_jaccard_between(a, b, bins=4)   # cells of 10 x 10 units
+    a = torch.tensor([[5.0, 5.0], [15.0, 5.0], [25.0, 5.0], [35.0, 5.0]]).repeat(10, 1)
+    assert J(a, a) == 1.0
+    far = torch.tensor([[5.0, 35.0]]).repeat(40, 1)
+    assert J(a, far) == 0.0
+    half = a[a[:, 0] < 20]                  # covers 2 of the 4 cells of a
+    assert J(a, half) == 0.5 and J(half, a) == 0.5
+    shifted = a + torch.tensor([10.0, 0.0])  # cells 1..3 and one off the square: 3 of union 4
+    assert J(a, shifted) == 0.75
+    # a cell holding less than half the uniform mass (1/32 here) is not support
+    dense = a.repeat(10, 1)                                 # 400 points
+    assert J(dense, torch.cat([dense, torch.tensor([[5.0, 35.0]])])) == 1.0
+    assert J(dense, torch.cat([dense, torch.tensor([[5.0, 35.0]]).repeat(13, 1)])) == 0.8
+    # widths off the square count in N but in no cell: 40 outside points halve a's cell masses
+    # (10/80 = 1/8 >= 1/32: still support), 400 of them push them below (10/440 < 1/32)
+    out = torch.tensor([[45.0, 5.0]])
+    assert J(a, torch.cat([a, out.repeat(40, 1)])) == 1.0
+    assert J(a, torch.cat([a, out.repeat(400, 1)])) == 0.0
+    # one binning rule: against the exact H it agrees with data.hshape_jaccard
+    rng = __import__("numpy").random.default_rng(0)
+    w = torch.from_numpy(data.hshape_sample(rng, 4000)) * torch.tensor([1.0, 0.8])
+    cells = (torch.arange(20) + 0.5) * 2
+    centres = torch.stack(torch.meshgrid(cells, cells, indexing="ij"), -1).reshape(-1, 2)
+    truth = centres[data.hshape_region(centres) >= 0].repeat_interleave(10, 0)
+    assert data.hshape_jaccard_between(truth, w) == pytest.approx(data.hshape_jaccard(w))
+
+
+def test_hshape_report_keys_measure_the_right_sets():
+    """jaccard: real vs generated; the ceiling: real vs real test; outside_H and width_sum per
+    set: a generator that puts everything in the gap between legs and bar scores outside 1."""
+    rng = __import__("numpy").random.default_rng(0)
+    real = torch.from_numpy(data.hshape_sample(rng, 4000))
+    test = torch.from_numpy(data.hshape_sample(rng, 4000))
+    gap = torch.tensor([[20.0, 5.0]]).repeat(1000, 1) + torch.rand(1000, 2)
+    r = data.hshape_report(real, gap, test)
+    assert r["jaccard"] == 0.0 and r["jaccard_vs_true_H"] == 0.0
+    assert r["jaccard_real_vs_real"] > 0.9
+    assert r["outside_H"] == {"real": 0.0, "generated": 1.0}
+    assert r["width_sum"]["generated"] == pytest.approx([float(gap.sum(1).mean()),
+                                                         float(gap.sum(1).std())])
+    assert r["width_sum"]["real"][0] == pytest.approx(40.0, abs=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +350,7 @@ def test_bench_times_training_at_full_size(capsys, monkeypatch):
     for extra in ([], ["--data", "folder", "--mode", "smm", "--K", "2"]):
         steps.clear()
         ummgan.main(["--bench", "1", "--batch_size", "4", *RUN_TINY, *extra])
-        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert summary["bench"][0]["img_per_s"] > 0
+        capsys.readouterr()
         assert len(steps) == 3 + 1                               # warm-up + timed, one dtype
         assert all(s["res"] == 32 and s["alpha"] == 1.0 for s in steps)   # no growing
         if "smm" in extra:
@@ -439,7 +478,7 @@ def test_sample_and_eval_take_the_architecture_from_the_checkpoint(tmp_path, cap
     assert (info["step"], info["alpha"], len(info["mean_w_R"])) == (2, 0.0, 2)  # 16x16 fading in
     ummgan.main(["--eval", "--eval_n", "8", "--batch_size", "4", "--out_dir", out])
     result = json.load(open(os.path.join(out, "eval.json")))
-    assert (result["K"], result["iter_step"], result["n"]) == (2, 2, 8)
+    assert (result["K"], result["iter_step"], result["n_generated"]) == (2, 2, 8)
     err = run_cli(["--sample", "--out_dir", out, "--size", "32"], capsys)
     assert "--size 64 (asked: 32)" in err
 
@@ -484,6 +523,8 @@ def test_compiled_training_step_gives_the_eager_losses(r1_gamma):
     (["--eval_n", "0", "--eval"], "--eval_n must be at least 2 (got 0)."),
     (["--lr", "0"], "--lr and --mapping_lr_mul must be positive (got 0.0, 0.1)."),
     (["--mapping_lr_mul", "-1"], "--lr and --mapping_lr_mul must be positive (got 0.002, -1.0)."),
+    (["--head_lr_mul", "0"], "--head_lr_mul must be positive (got 0.0)."),
+    (["--branch_after", "8"], "--branch_after must be between 1 and 7 (got 8)."),
     (["--r1_gamma", "-1"], "--r1_gamma must be at least 0 (got -1.0)."),
     (["--cls_weight", "-0.5"], "--cls_weight must be at least 0 (got -0.5)."),
     (["--mixing_prob", "1.5"], "--mixing_prob is a probability in [0, 1] (got 1.5)."),
@@ -568,4 +609,247 @@ def test_folder_preset_under_torchrun_then_resume_sample_eval(stand_in_home, tmp
         assert os.path.getsize(os.path.join(two, f"{name}.png")) > 0
     ummgan.main(["--eval", "--eval_n", "4", "--batch_size", "2", "--out_dir", two])
     result = json.load(open(os.path.join(two, "eval.json")))
-    assert result["n"] == 4 and result["fid"] >= 0 and len(result["mean_w_R"]) == 2
+    assert (result["n_real"], result["n_generated"]) == (4, 4)
+    assert result["fid"] >= 0 and len(result["mean_w_R"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour: noise, learning rates, EMA, truncation, the losses and their weights, mixing
+# ---------------------------------------------------------------------------------------------
+
+def test_noise_injection_adds_scaled_noise_and_reaches_the_image():
+    layer = ummgan.NoiseInjection(3)
+    x, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 1, 4, 4)
+    assert torch.equal(layer(x, noise), x)                       # the scales start at zero
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1))
+    torch.testing.assert_close(layer(x, noise), x + layer.weight * noise)
+    _, G, _ = build("--K", "2")
+    for m in G.modules():
+        if isinstance(m, ummgan.NoiseInjection):
+            torch.nn.init.constant_(m.weight, 0.5)
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        a, b = G(z), G(z)
+        off = G(z, noise_off=True)
+    assert (a - b).abs().mean() > 1e-3                            # a fresh draw every call
+    assert torch.equal(off, G(z, noise_off=True))                 # noise_off: deterministic
+    torch.manual_seed(3)
+    c = G(z)
+    torch.manual_seed(3)
+    assert torch.equal(c, G(z))
+
+
+def test_one_training_step_moves_mapping_and_head_at_their_lr_multipliers():
+    """Adam's first step (beta1 = 0) moves every stored weight by lr * sign(grad); the run-time
+    scale lr_mul / sqrt(fan_in) then gives the mapping's effective weights lr_mul x the step of an
+    ordinary layer (StyleGAN's 0.01 x mapping rate), and the w_R head its own multiplier."""
+    args = make_args("--K", "2", "--progressive", "0", "--size", "8", "--mapping_lr_mul", "0.1",
+                     "--head_lr_mul", "0.5", "--lr", "0.01")
+    rt = common.setup_runtime(args)
+    torch.manual_seed(0)
+    G, D = ummgan.build(args)
+    opt_g, opt_d = ummgan.optimizers(G, D, args)
+    eff = lambda m: (m.weight * m.scale).detach().clone()
+    layers = {"mapping": G.mapping.layers[0], "head": G.mapping.mix_head,
+              "adain": G.layers[1].adain.style}
+    before = {k: eff(m) for k, m in layers.items()}
+    ummgan.train_step(G, D, opt_g, opt_d, torch.rand(4, 1, 8, 8) * 2 - 1, None, 0, args, rt)
+    fan_in = 16
+    for name, mul in (("mapping", 0.1), ("head", 0.5), ("adain", 1.0)):
+        step = (eff(layers[name]) - before[name]).abs()
+        moved = step > 0
+        assert moved.float().mean() > 0.5, name
+        # (a few entries with |grad| near Adam's eps move a little less)
+        assert step[moved].median().item() == pytest.approx(0.01 * mul / fan_in ** 0.5,
+                                                            rel=1e-3), name
+
+
+def test_ema_of_g_is_updated_after_every_step(tmp_path, monkeypatch):
+    """One iteration: G_ema = decay * G_init + (1 - decay) * G_after_the_step, every parameter."""
+    inits = []
+    build = ummgan.build
+
+    def recording(args, device="cpu"):
+        G, D = build(args, device)
+        inits.append({k: v.clone() for k, v in G.state_dict().items()})
+        return G, D
+    monkeypatch.setattr(ummgan, "build", recording)
+    out = str(tmp_path / "run")
+    ummgan.main(RUN + ["--out_dir", out, "--iters", "1", "--ema_decay", "0.75"])
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["state"]
+    moved = 0
+    for name, _ in ummgan.Generator(make_args("--K", "2", *RUN_TINY), 1).named_parameters():
+        g, ema, init = state["G"][name], state["G_ema"][name], inits[0][name]
+        torch.testing.assert_close(ema, 0.75 * init + 0.25 * g, rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(ema, init))
+    assert moved > 10
+
+
+def test_truncation_pulls_every_style_toward_w_avg():
+    """psi: w' = w_avg + psi (w - w_avg) on every layer, w_R untouched (our choice)."""
+    _, G, _ = build("--K", "2")
+    z = torch.randn(3, 16)
+    w_avg = torch.randn(16)
+    with torch.no_grad():
+        w, w_R = G.mapping(z)
+        styles = (w_avg + 0.6 * (w - w_avg))[:, None].expand(-1, G.n_styles, -1)
+        expect = G.synthesis(styles, w_R, G.max_step, noise_off=True)
+        torch.testing.assert_close(G(z, psi=0.6, w_avg=w_avg, noise_off=True), expect)
+        avg = G.mean_style(n=3000)
+    gen = torch.Generator().manual_seed(0)
+    z_all = torch.randn(3000, 16, generator=gen)
+    torch.testing.assert_close(avg, G.mapping(z_all)[0].mean(0).detach(), rtol=1e-4, atol=1e-5)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a network and keeps every call's inputs and outputs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, *args, **kwargs):
+        out = self.net(*args, **kwargs)
+        self.calls.append((args, kwargs, out))
+        return out
+
+
+@pytest.mark.parametrize("mode", ["umm", "smm"])
+def test_train_step_losses_by_hand(mode, monkeypatch):
+    """D: softplus(-D(x)) + softplus(D(G(z))) + gamma/2 R1 + cls_weight CE(D_cls(x), label);
+    G: softplus(-D(G(z))) + cls_weight CE(D_cls(G(z, w_M)), w_M). The totals handed to backward
+    and each term are recomputed from the recorded D calls."""
+    args = make_args("--K", "2", "--mode", mode, "--progressive", "0", "--size", "8",
+                     "--r1_gamma", "3", "--cls_weight", "0.7", data="letters")
+    rt = common.setup_runtime(args)
+    totals = []
+    monkeypatch.setattr(rt.scaler, "scale", lambda loss: totals.append(loss) or loss)
+    torch.manual_seed(0)
+    G, D = ummgan.build(args)
+    G, D = Recorder(G), Recorder(D)
+    opt_g, opt_d = ummgan.optimizers(G.net, D.net, args)
+    labels = torch.tensor([0, 1, 1, 0])
+    real = torch.rand(4, 1, 8, 8) * 2 - 1
+    D_before = __import__("copy").deepcopy(D.net)
+    out = ummgan.train_step(G, D, opt_g, opt_d, real.clone(), labels, 0, args, rt)
+    sp = F.softplus
+    (real_in, *_), _, (real_logit, real_cls) = D.calls[0]
+    (fake_in, *_), _, (fake_logit, _) = D.calls[1]
+    (g_in, *_), _, (g_logit, g_cls) = D.calls[2]
+    assert torch.equal(real_in.detach(), real) and not fake_in.requires_grad
+    assert torch.equal(fake_in, G.calls[0][2]) and torch.equal(g_in, G.calls[1][2])
+    loss_d = (sp(-real_logit).mean() + sp(fake_logit).mean()).item()
+    x = real.clone().requires_grad_(True)                  # R1 by hand, on D before its step
+    r1 = torch.autograd.grad(D_before(x)[0].sum(), x)[0].pow(2).flatten(1).sum(1).mean().item()
+    loss_g = sp(-g_logit).mean().item()
+    assert out["loss_d"] == pytest.approx(loss_d, rel=1e-5)
+    assert out["r1"] == pytest.approx(r1, rel=1e-4)
+    assert out["loss_g"] == pytest.approx(loss_g, rel=1e-5)
+    if mode == "smm":
+        modes = G.calls[1][1]["modes"]                            # w_M of the G step
+        assert torch.equal(G.calls[0][1]["modes"], modes)         # one w_M per step, both phases
+        assert out["cls_d"] == pytest.approx(F.cross_entropy(real_cls, labels).item(), rel=1e-5)
+        assert out["cls_g"] == pytest.approx(F.cross_entropy(g_cls, modes).item(), rel=1e-5)
+        assert out["cls_g"] != pytest.approx(F.cross_entropy(g_cls, 1 - modes).item(), rel=1e-3)
+    else:
+        assert out["cls_d"] == out["cls_g"] == 0 and G.calls[1][1]["modes"] is None
+    assert totals[0].item() == pytest.approx(out["loss_d"] + 1.5 * out["r1"]
+                                             + 0.7 * out["cls_d"], rel=1e-5)
+    assert totals[1].item() == pytest.approx(out["loss_g"] + 0.7 * out["cls_g"], rel=1e-5)
+
+
+def test_style_mixing_crossover_is_drawn_over_the_active_layers():
+    args = make_args("--mixing_prob", "1")
+    gen = torch.Generator().manual_seed(0)
+    for step in (1, 2):       # 8x8: layers 0-3 active, 16x16: 0-5
+        cuts = {ummgan.sample_styles_args(step, 2, args, "cpu", gen)["crossover"]
+                for _ in range(200)}
+        assert cuts == set(range(1, 2 * (step + 1)))
+    never = make_args("--mixing_prob", "0")
+    assert all("z2" not in ummgan.sample_styles_args(2, 2, never, "cpu", gen) for _ in range(50))
+    half = make_args("--mixing_prob", "0.5")
+    mixed = sum("z2" in ummgan.sample_styles_args(2, 2, half, "cpu", gen) for _ in range(400))
+    assert 150 < mixed < 250
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling controls on tensors: what changes and what stays
+# ---------------------------------------------------------------------------------------------
+
+def test_mode_style_grid_rows_change_the_mode_only():
+    """Row k = one-hot w_R on C_k; a column keeps its z and its noise down the rows: with equal
+    constants every row is the same image, with different ones the rows differ."""
+    args, G, _ = build("--K", "3")
+    for m in G.modules():
+        if isinstance(m, ummgan.NoiseInjection):
+            torch.nn.init.constant_(m.weight, 0.5)
+    rows = torch.stack([torch.stack(r) for r in ummgan.mode_style_grid(G, G.max_step, args,
+                                                                       "cpu", n_styles=4)])
+    assert rows.shape == (3, 4, 1, 16, 16)
+    z = torch.randn(4, 16, generator=torch.Generator().manual_seed(1234))
+    with common.preserved_rng():
+        torch.manual_seed(1234)
+        torch.testing.assert_close(rows[2], G(z, modes=torch.full((4,), 2)))
+    assert (rows[0] - rows[1]).abs().mean() > 1e-3 and (rows[:, 0] - rows[:, 1]).abs().mean() > 1e-3
+    with torch.no_grad():
+        G.constants.copy_(G.constants[:1].expand(3, -1, -1, -1))
+    same = torch.stack([torch.stack(r) for r in ummgan.mode_style_grid(G, G.max_step, args,
+                                                                       "cpu", n_styles=4)])
+    torch.testing.assert_close(same[0], same[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(same[0], same[2], atol=1e-5, rtol=0)
+
+
+def test_mode_renders_and_style_mixing_grid():
+    """modes.png: C_k with w = w_avg and no noise. style_mixing.png: the coarse styles (layers
+    0-3: 4x4 and 8x8) and w_R of column j, the rest of row b; top and left are plain samples."""
+    args, G, _ = build("--K", "2", "--psi", "0.5")
+    w_avg = G.mean_style(n=500)
+    with torch.no_grad():
+        for m in G.modules():       # noise scales on: the renders must still be noise-free
+            if isinstance(m, ummgan.NoiseInjection):
+                m.weight.fill_(0.5)
+        renders = ummgan.mode_renders(G, G.max_step, 1.0, w_avg)
+        styles = w_avg.view(1, 1, -1).expand(2, G.n_styles, -1)
+        torch.testing.assert_close(renders, G.synthesis(styles, torch.eye(2), G.max_step,
+                                                        noise_off=True))
+        for m in G.modules():       # noise off, so that the grid's images can be recomputed
+            if isinstance(m, ummgan.NoiseInjection):
+                m.weight.zero_()
+        top, left, mixed = ummgan.style_mixing_grid(G, G.max_step, 1.0, args, w_avg)
+        gen = torch.Generator().manual_seed(7)
+        za, zb = torch.randn(5, 16, generator=gen), torch.randn(4, 16, generator=gen)
+        trunc = lambda w: w_avg + 0.5 * (w - w_avg)
+        (wa, wR_a), (wb, _) = G.mapping(za), G.mapping(zb)
+        torch.testing.assert_close(top, G(za, psi=0.5, w_avg=w_avg))
+        torch.testing.assert_close(left, G(zb, psi=0.5, w_avg=w_avg))
+        for b in (0, 3):
+            styles = torch.stack([trunc(wa) if i < 4 else trunc(wb[b]).expand(5, -1)
+                                  for i in range(G.n_styles)], 1)
+            torch.testing.assert_close(mixed[b], G.synthesis(styles, wR_a, G.max_step))
+    assert mixed.shape == (4, 5, 1, 16, 16)
+
+
+def test_mode_usage_counts_the_dominant_constant():
+    _, G, _ = build("--K", "3")
+    with torch.no_grad():
+        G.mapping.mix_head.weight.zero_()
+        G.mapping.mix_head.bias.copy_(torch.tensor([0.0, 2.0, 1.0]) / G.mapping.mix_head.lr_mul)
+    u = ummgan.mode_usage(G, "cpu", n=100)
+    p = torch.softmax(torch.tensor([0.0, 2.0, 1.0]), 0)
+    assert u["mode_usage_argmax"] == [0.0, 1.0, 0.0]
+    assert u["mean_w_R"] == pytest.approx(p.tolist(), rel=1e-5)
+    assert u["mean_max_w_R"] == pytest.approx(p.max().item(), rel=1e-5)
+    assert ummgan.mode_usage(build("--K", "1")[1], "cpu") == {}
+
+
+def test_dry_run_counts_what_smm_adds_to_d(capsys):
+    """sMM-GAN's D adds a K-way classifier on the 4x4 features: (c4 + 1) K parameters over the
+    StyleGAN D (K = 2, c4 = 16 here: 34)."""
+    ummgan.main(["--data", "letters", *TINY, "--K", "2", "--mode", "smm", "--dry_run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "D adds 34 (K-way classifier)" in lines[-2]
+    d_smm = json.loads(lines[-1])["params"]["D"]
+    ummgan.main(["--data", "letters", *TINY, "--K", "1", "--dry_run"])
+    assert d_smm - json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]["D"] \
+        == 34
