@@ -928,13 +928,10 @@ def train(args):
                                  os.path.join(args.out_dir, f"samples_{done:06d}.png"), ds.palette
                                  if args.task == "layout" else None)
                     G.train()
-            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
-                extra = dict(subset=subset, codes=codes, distance_weights=distance.weights.cpu(),
-                             calibrated=distance.calibrated)
-                common.save_checkpoint(ckpt_path, "cimle", args, done, objects, extra, rt=rt)
-            if stop:
-                signals.stop(done, ckpt_path)
+            signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
+                ckpt_path, "cimle", args, done, objects, rt=rt,  # with the outer iteration's state
+                extra=dict(subset=subset, codes=codes, distance_weights=distance.weights.cpu(),
+                           calibrated=distance.calibrated)))
     log.close()
 
 
@@ -1335,16 +1332,7 @@ def dry_run(args):
 
 def main(argv=None):
     args = parse(argv)
-    if args.dry_run:
-        dry_run(args)
-    elif args.bench:
-        bench(args)
-    elif args.sample:
-        sample(args)
-    elif args.eval:
-        evaluate(args)
-    else:
-        train(args)
+    return common.dispatch(args, dry_run, bench, sample, evaluate, train)
 
 
 if __name__ == "__main__":

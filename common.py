@@ -85,6 +85,16 @@ def run_main(main):
         sys.exit(status)
 
 
+def dispatch(args, dry_run, bench, sample, evaluate, train):
+    """What every script's main does with the parsed flags: --dry_run, --bench, --sample, --eval
+    (in that order of precedence), else training."""
+    for flag, run in (("dry_run", dry_run), ("bench", bench), ("sample", sample),
+                      ("eval", evaluate)):
+        if getattr(args, flag):
+            return run(args)
+    return train(args)
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -634,6 +644,16 @@ class StopSignals:
         if flag.item() and self.received is None:
                 self.received = signal.Signals(int(flag.item()))
         return bool(flag.item())
+
+    def end_of_step(self, rt, args, done, ckpt_path, save):
+        """The last thing of every training step: `save()` (the checkpoint) every --ckpt_every
+        iterations, at the last one, and when a signal asked to stop; then leave if one did.
+        Every rank calls it (the stop request and the checkpoint's RNG gather are collective)."""
+        stop = self.requested(rt)
+        if done % args.ckpt_every == 0 or done == args.iters or stop:
+            save()
+        if stop:
+            self.stop(done, ckpt_path)
 
     def stop(self, iteration, ckpt_path):
         """Leave training (after the checkpoint at `iteration` was written) with a resume hint."""

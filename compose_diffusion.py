@@ -1218,12 +1218,8 @@ def train(args):
             done = it + 1
             if done % args.log_every == 0 or done == args.iters:  # every rank: an all-reduce
                 logger.log(done, **{k: common.reduce_mean(v.item(), rt) for k, v in losses.items()})
-            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
-                common.save_checkpoint(ckpt_path, "compose_diffusion", args, done, objects,
-                                       extra=facts, rt=rt)
-            if stop:
-                signals.stop(done, ckpt_path)
+            signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
+                ckpt_path, "compose_diffusion", args, done, objects, extra=facts, rt=rt))
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
                 setup = Setup(args, {n: m.model for n, m in emas.items()}, sched, rt.device, clip)
                 test = load_dataset(args, "test") if args.data == "shapes" else train_set

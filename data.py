@@ -1662,12 +1662,9 @@ def main(argv=None):
         check(args.check, args.data_dir, args.split, args.size)
 
 
-if __name__ == "__main__":
-    from common import run_main
-    run_main(main)
-
-
-# ---- poe_gan.py: scoring of the built-in shapes tasks ----
+# ----------------------------------------------------------------------------------------------
+# Scoring for poe_gan.py on the built-in data
+# ----------------------------------------------------------------------------------------------
 # Exact per-modality scores of images generated for shapes items, from counts that add up over
 # batches and torchrun ranks (poe_gan.py --eval sums them per modality subset).
 
@@ -1770,10 +1767,11 @@ def shapes_modality_scores(c):
     m["mode_coverage"], m["mode_tv"] = cover["coverage"], cover["tv"]
     m["objects_per_image"] = float(table.sum() / c["images"].clamp(min=1))
     return m
-# ---- end of poe_gan.py's section ----
 
 
-# ---- inade.py: scoring of the built-in shapes tasks ----
+# ----------------------------------------------------------------------------------------------
+# Scoring for inade.py on the built-in data
+# ----------------------------------------------------------------------------------------------
 # Ground-truth scoring of INADE's samples on the built-in shapes: every object's measured colour
 # against its class's colour modes (random styles should cover the modes, reconstructions should
 # return the reference's own mode, two objects of one class should be able to differ).
@@ -1828,10 +1826,11 @@ def shapes_style_summary(rows, names=("real", "random", "recon")):
         if name == "recon":  # prior noise remapping: the reference's own mode comes back
             out[name]["mode_accuracy"] = (mode == true_mode)[valid].float().mean().item()
     return out
-# ---- end of inade.py's section ----
 
 
-# ---- cimle.py: scoring of the built-in shapes tasks ----
+# ----------------------------------------------------------------------------------------------
+# Scoring for cimle.py on the built-in data
+# ----------------------------------------------------------------------------------------------
 
 class ShapesCimleScores:
     """cimle.py's --eval on shapes layouts, accumulated input by input (k samples of one layout
@@ -1887,10 +1886,11 @@ class ShapesCimleScores:
                 "mode_counts": cov["counts"], "per_instance_mode_coverage": mean("per_instance"),
                 "zero_z_in_mode": mean("zero_in_mode"),
                 "zero_z_colour_error": mean("zero_colour_error")}
-# ---- end of cimle.py's section ----
 
 
-# ---- compose_diffusion.py: scoring of the built-in shapes tasks ----
+# ----------------------------------------------------------------------------------------------
+# Scoring for compose_diffusion.py on the built-in data
+# ----------------------------------------------------------------------------------------------
 
 def shapes_caption_above_chance(images, captions):
     """How much more often each object a caption names is found (shapes_find_objects) than the
@@ -1944,10 +1944,11 @@ def shapes_composition_scores(images, batch):
             "caption_colour": cap["colour"], "caption_shape": cap["shape"],
             "caption_object": cap["object"],
             "both": float((near & (fid["mode"] == batch["inst_mode"]))[valid].float().mean())}
-# ---- end of compose_diffusion.py's section ----
 
 
-# ---- ummgan.py: scoring of the built-in shapes tasks ----
+# ----------------------------------------------------------------------------------------------
+# Scoring for ummgan.py on the built-in data
+# ----------------------------------------------------------------------------------------------
 # uMM-GAN Fig. 6 on hshape: densities of the widths (w1, w2) read back from images, their
 # thresholded supports, and the Jaccard index between two of them. One binning rule for all
 # (the one of hshape_jaccard): a bins x bins grid over [0, 40]^2, widths outside it count in N
@@ -2001,4 +2002,8 @@ def hshape_density_image(widths, bins=20, scale=6):
     img = (hist / hist.max().clamp(min=1e-12)).t().flip(0)
     img = img.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     return (img * 2 - 1)[None]
-# ---- end of ummgan.py's section ----
+
+
+if __name__ == "__main__":
+    from common import run_main
+    run_main(main)

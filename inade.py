@@ -741,11 +741,8 @@ def train(args):
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
                 training_grid(args, common.unwrap(G), common.unwrap(E), fixed,
                               os.path.join(args.out_dir, f"samples_{done:06d}.png"))
-            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
-                common.save_checkpoint(ckpt_path, "inade", args, done, objects, rt=rt)
-            if stop:
-                signals.stop(done, ckpt_path)
+            signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
+                ckpt_path, "inade", args, done, objects, rt=rt))  # on schedule or on a signal
     log.close()
 
 

@@ -13,28 +13,32 @@ multimodal projection discriminator (Eq. 7) scores the image against every prese
 from each single-modality conditional to the prior (Eq. 9), contrastive losses (Eq. 10-13) and
 modality dropout keep the samples diverse and every subset usable.
 
-Map of this file:
+Map of this file (the method first, in the paper's order; then the programme around it):
     config and presets        hyperparameters per dataset, each with its source; check_args
-    product of experts        Eq. (4) in log-variance form, presence mask, theta*tanh limiter;
-                              share_of_noise (each torchrun process's rows of the batch's noise)
+    product of experts        Eq. (4) in log-variance form, presence mask, theta*tanh limiter,
+                              the KL of one expert's conditional to the prior (Eq. 9's terms)
     encoders (§3.3)           seg/sketch CNNs with input skips, residual style net, text tower
     generator (§3.2-3.3)      Global PoE-Net -> w, decoder blocks with Local PoE-Net + LG-AdaIN
     discriminator (§3.4)      multiscale multimodal projection discriminator (Eq. 7, Fig. 5c):
                               seg/sketch projected as maps at every scale, text/style as vectors
-    losses (§3.5)             non-saturating GAN, lazy R1, KL (Eq. 9), contrastive (Eq. 10-13)
-    training loop             modality dropout, G EMA, grids, atomic checkpoints, exact resume;
-                              --compile compiles G and D, R1's double backward stays eager
+    losses (§3.5)             KL (Eq. 9, all its reductions in kl_loss), contrastive (Eq. 10-13)
+    training step             modality dropout, G step, D step with lazy R1 (Eq. 14)
+    training loop             data, G EMA, grids, atomic checkpoints, exact resume, torchrun
     sampling controls         the Fig. 1 grid: every modality subset, several samples each
-    evaluation                streamed batch by batch: FID (running moments) and LPIPS diversity
-                              per subset; exact toy metrics on shapes (from summed counts)
-    main
+    evaluation                streamed batch by batch: FID (running sums) and LPIPS diversity per
+                              subset; exact toy metrics on shapes (data.shapes_modality_counts)
+    benchmark, main
 
-    python poe_gan.py                              # built-in shapes, 4 modalities, CPU ~5 min
-    python poe_gan.py --fusion concat              # Table 3 row (a): concatenation + dropout
-    python poe_gan.py --no_kl                      # Table 3 row (b)
-    python poe_gan.py --no_modality_dropout        # Table 3 row (c)
+Table 3 (MM-CelebA-HQ ablations) as switches: (a) --fusion concat, (b) --no_kl,
+(c) --no_modality_dropout, (d) --discriminator concat, (e) --lambda_cx 0 (no image contrastive
+loss, Eq. 11), (f) --lambda_cy 0 (no conditional contrastive loss, Eq. 12-13), (g) the default.
+Supplement stabilisers not implemented: the +-256 clamp of conv/FC outputs and anti-aliased
+resampling (bilinear up, average-pool down here); FID is pytorch-fid's Inception, not Clean-FID.
+
+    python poe_gan.py                              # built-in shapes, 4 modalities, CPU
     python poe_gan.py --sample                     # Fig. 1 grid from out/poe_gan-shapes/ckpt.pt
     python poe_gan.py --eval                       # per-subset metrics -> eval.json
+    python poe_gan.py --discriminator concat       # Table 3 row (d) (rows: see above)
     python poe_gan.py --data mm-celeba-hq          # paper scale, 256x256, text + seg + sketch
     torchrun --nproc_per_node=8 poe_gan.py --data coco-stuff   # --batch_size is the global batch
     python poe_gan.py --data coco-stuff --dry_run  # parameter counts
@@ -45,7 +49,6 @@ import itertools
 import json
 import math
 import os
-import re
 
 import numpy as np
 import torch
@@ -83,6 +86,7 @@ PAPER = dict(             # MM-CelebA-HQ 256x256 (Table 3) unless a dataset over
     lambda_cx=3.0, lambda_cy=0.3, tau=0.3,  # supp: lambda1 3, lambda2 0.3; tau 0.3 (fixed, ports)
     dropout_p=0.5,               # supp: modality dropout p 0.5; per sample: our choice
     kl_warmup=0,                 # iterations of linear KL warm-up (NVAE's); 0 = off, as the paper
+    kl_locations="mean",         # Eq. (9): local KL averaged over locations (omega^k): our choice
     cx_features="vgg",           # paper Eq. (11): pretrained VGG (relu5_1, pooled: supp)
     pretrained=1, iters=400_000, eval_n=5000,  # iters: our choice (supp gives hours, not steps)
     sample_every=5000, ckpt_every=5000, log_every=100,
@@ -97,7 +101,7 @@ CPU = dict(               # our choice throughout: what learns in minutes on 2 C
                           # label map's outline, and at 10x seg's weight the KL switched the sketch
                           # expert off on one of two seeds at this budget (sketch F1 0.396 vs 0.395
                           # unconditional); seg's 0.1 keeps it on (0.51-0.62 vs 0.42): our choice
-    dropout_p=0.5, kl_warmup=0, pretrained=0, iters=1000, eval_n=256,
+    dropout_p=0.5, kl_warmup=0, kl_locations="mean", pretrained=0, iters=1000, eval_n=256,
     cx_features="random+pixels",  # offline stand-in for pooled VGG features (see image_features)
     sample_every=250, ckpt_every=250, log_every=25,
 )
@@ -115,6 +119,8 @@ DATA_INFO = {
 # another dataset has other classes and modalities, so other encoder shapes.
 ARCH_KEYS = ("data", "size", "ch_base", "ch_max", "z_base", "z_max", "feat_dim", "z0_dim",
              "w_dim", "text_width", "fusion", "pretrained")
+# (--discriminator is none: G, all that --sample and --eval load, is the same for either D; a
+# --resume with the other D is refused by D's tensor names.)
 
 
 def build_parser():
@@ -122,8 +128,12 @@ def build_parser():
     p.add_argument("--fusion", default="poe", choices=["poe", "concat"],
                    help="poe: product of experts; concat: Table 3 row (a) baseline")
     p.add_argument("--no_kl", action="store_true", help="drop the KL loss (Table 3 row (b))")
+    p.add_argument("--discriminator", default="mmpd", choices=["mmpd", "concat"],
+                   help="mmpd: Eq. (7) projections; concat: Table 3 row (d), inputs concatenated")
     p.add_argument("--no_modality_dropout", action="store_true",
                    help="train with every modality present (Table 3 row (c))")
+    p.add_argument("--kl_locations", default=None, choices=["mean", "sum"],
+                   help="Eq. (9) over the r_k x r_k locations of a local z^k (see kl_loss)")
     for name in ("ch_base", "ch_max", "z_base", "z_max", "feat_dim", "z0_dim", "w_dim",
                  "text_width", "r1_every", "eval_n", "kl_warmup"):
         p.add_argument(f"--{name}", type=int, default=None)
@@ -178,6 +188,12 @@ def check_args(args):
     require(not (args.eval and args.pretrained and args.eval_n < 2),
             f"--eval_n must be at least 2 with --pretrained 1: FID needs two images per set "
             f"(got {args.eval_n}).")
+    # Eq. (11) on a random VGG-19 is at chance: it would only cost its forward pass
+    require(not (common.training_run(args) and args.cx_features == "vgg" and not args.pretrained
+                 and args.lambda_cx > 0),
+            "--cx_features vgg with --pretrained 0 would train the image contrastive loss "
+            "(Eq. 11) on a randomly initialised VGG-19; pass --pretrained 1 --text_width 0, an "
+            "offline stand-in (--cx_features random+pixels) or --lambda_cx 0.")
     # Eq. (10)-(13) contrast each sample with the others of its batch (on its own rank): a batch
     # of one has no negatives and masked_contrastive returns 0 for every contrastive loss.
     per_rank = args.batch_size // common.world_size()
@@ -229,13 +245,20 @@ def product_of_experts(mu, logvar, mask):
     return mu_out, logvar_out
 
 
+def kl_diag_gaussians(mu_q, logvar_q, mu_p, logvar_p):
+    """KL(N(mu_q, var_q) || N(mu_p, var_p)) of diagonal Gaussians, elementwise:
+    0.5 * (logvar_p - logvar_q + (var_q + (mu_q - mu_p)^2) / var_p - 1)."""
+    return 0.5 * (logvar_p - logvar_q
+                  + (logvar_q.exp() + (mu_q - mu_p).pow(2)) * torch.exp(-logvar_p) - 1)
+
+
 def conditional_kl(mu0, logvar0, mu_i, logvar_i):
     """KL(p(z | y_i) || p(z)) elementwise, p(z | y_i) being the product of the prior and expert i
     alone (Eq. 3 with Y = {y_i}): the quantity Eq. (9) weighs and sums."""
     ones = torch.ones(mu0.shape[0], 2, device=mu0.device)
     mu_c, logvar_c = product_of_experts(torch.stack([mu0, mu_i], 1),
                                         torch.stack([logvar0, logvar_i], 1), ones)
-    return common.kl_diag_gaussians(mu_c, logvar_c, mu0, logvar0)
+    return kl_diag_gaussians(mu_c, logvar_c, mu0, logvar0)
 
 
 def share_of_noise(draw, shape, share=(0, 1), generator=None, **kw):
@@ -358,43 +381,13 @@ def byte_tokenizer():
     return common.CLIPTokenizer(bpe_path="", context_length=SMALL_TEXT["context_length"])
 
 
-# The words data.shapes_caption writes around the colour and shape names ("a red circle above a
-# blue striped diamond and a ..."); tests/test_poe_gan.py checks that no shapes caption has others.
-SHAPES_CAPTION_WORDS = ("a", "and", "above", "below", "left", "right", "of", "striped")
-
-
-class WordTokenizer(common.CLIPTokenizer):
-    """A word vocabulary of the built-in shapes captions for the small offline text tower (our
-    choice; the paper uses CLIP's BPE and its frozen tower). Measured: on byte-level tokens the
-    tower, trained from scratch with the GAN, had not learned the colour words in 1,000 iterations
-    (text alone did not steer the colours); with one id per word it only has to learn what each
-    id means.
-
-    Only the vocabulary and `encode` differ from common.CLIPTokenizer; its call (SOT, ids, EOT,
-    zero padding, truncation) is reused. Ids: 0 padding, 1 <unk> (any word outside the
-    vocabulary), the words, then SOT and EOT as the two largest ids, so that CLIP's text tower
-    pools at EOT (the largest id of each row) exactly as with CLIP's own tokenizer. The vocabulary
-    is built deterministically from data.py's colour and shape names."""
-
-    def __init__(self, words, context_length):   # no BPE: CLIPTokenizer.__init__ is not needed
-        self.vocab = ["<pad>", "<unk>"] + sorted(set(words)) + list(self.SPECIAL)
-        self.encoder = {w: i for i, w in enumerate(self.vocab)}
-        self.unk, self.sot, self.eot = 1, len(self.vocab) - 2, len(self.vocab) - 1
-        self.vocab_size, self.context_length = len(self.vocab), context_length
-
-    def encode(self, text):
-        """One string -> list of word ids (no SOT/EOT): lower case, runs of letters are words,
-        every other non-space character is a word of its own."""
-        words = re.findall(r"[a-z]+|[^\sa-z]", text.lower())
-        return [self.encoder.get(w, self.unk) for w in words]
-
-
 def text_tokenizer(args):
-    """The small tower's tokenizer: shapes captions' words on the built-in set, CLIP's byte-level
-    tokens elsewhere (real captions have an open vocabulary)."""
+    """The small tower's tokenizer: shapes captions' words on the built-in set (23 ids), CLIP's
+    byte-level tokens elsewhere (real captions have an open vocabulary). Measured: on byte-level
+    tokens the tower, trained from scratch with the GAN, had not learned the colour words in
+    1,000 iterations; with one id per word it only has to learn what each id means."""
     if args.data == "shapes":
-        words = list(data.SHAPES_COLOURS) + data.SHAPES_CLASSES[1:] + list(SHAPES_CAPTION_WORDS)
-        return WordTokenizer(words, SMALL_TEXT["context_length"])
+        return common.WordTokenizer(data.shapes_caption_vocabulary(), SMALL_TEXT["context_length"])
     return byte_tokenizer()
 
 
@@ -520,22 +513,21 @@ class DecoderBlock(nn.Module):
         self.shortcut = conv1(cin, cout)
 
     def local_latent(self, h, skips, mask, randn):
-        """z^k (B, c_k, r, r) and the KL terms {modality: (B,)} (empty for concat)."""
+        """z^k (B, c_k, r, r) and {modality: elementwise KL (B, c_k, r, r)} of Eq. (9), reduced
+        by kl_loss (empty for concat)."""
         if self.fusion == "concat":
             parts = [h] + [skips[s][self.res] * mask[s][:, None, None, None] for s in self.spatial]
             noise = randn((h.shape[0], self.z_ch, self.res, self.res), h.device, h.dtype)
             return self.fuse(torch.cat(parts + [noise], 1)), {}
         mu0, lv0 = self.prior(h)
-        mus, lvs, present = [mu0], [lv0], [torch.ones_like(mask["_all"])]
+        mus, lvs, present = [mu0], [lv0], [torch.ones(h.shape[0], device=h.device)]
         for s in self.spatial:
             mu, lv = self.experts[s](torch.cat([h, skips[s][self.res]], 1))
             mus.append(mu), lvs.append(lv), present.append(mask[s])
         mu, lv = product_of_experts(torch.stack(mus, 1), torch.stack(lvs, 1),
                                     torch.stack(present, 1))
-        # Eq. (9): KL(p(z^k | z^<k, y_i) || p(z^k | z^<k)) per modality, summed over channels,
-        # averaged over locations (so omega^k does not grow with r_k^2: our choice)
-        kls = {s: conditional_kl(mu0, lv0, mus[i], lvs[i]).sum(1).mean((1, 2))
-               for i, s in enumerate(self.spatial, 1)}
+        # Eq. (9)'s KL(p(z^k | z^<k, y_i) || p(z^k | z^<k)) of each spatial modality, per element
+        kls = {s: conditional_kl(mu0, lv0, mus[i], lvs[i]) for i, s in enumerate(self.spatial, 1)}
         return sample_gaussian(mu, lv, randn), kls
 
     def forward(self, h, w, skips, mask, randn):
@@ -579,14 +571,15 @@ class Generator(nn.Module):
 
     def global_posterior(self, vecs, mask, batch, device):
         """Fig. 4a: (mu, logvar) of p(z^0 | Y), the product of p(z^0) = N(0, I) and the present
-        modalities' experts, and the KL of each single-modality conditional {modality: (B,)}."""
+        modalities' experts, and the KL of each single-modality conditional to the prior
+        {modality: (B, z0_dim)}, per element."""
         zeros = torch.zeros(batch, self.z0_dim, device=device)
         mus, lvs, present, kls = [zeros], [zeros], [torch.ones(batch, device=device)], {}
         for m in self.modalities:
             mu, lv = self.global_experts[m](vecs[m]).chunk(2, 1)
             lv = limit_logvar(lv, THETA_EXPERT)
             mus.append(mu), lvs.append(lv), present.append(mask[m])
-            kls[m] = conditional_kl(zeros, zeros, mu, lv).sum(1)
+            kls[m] = conditional_kl(zeros, zeros, mu, lv)          # Eq. (9), k = 0: (B, z0_dim)
         mu, lv = product_of_experts(torch.stack(mus, 1), torch.stack(lvs, 1),
                                     torch.stack(present, 1))
         return mu, lv, kls
@@ -607,10 +600,10 @@ class Generator(nn.Module):
 
     def forward(self, cond, mask):
         """cond: {modality: input tensor}; mask: (B, len(modalities)) presence, 1 = given.
-        Returns the image (B, C, H, W) and the KL terms [(modality, level, (B,))]."""
+        Returns the image (B, C, H, W) and the KL terms of Eq. (9), per element:
+        [(modality, level k, (B, z0_dim) at k = 0 or (B, c_k, r_k, r_k))], reduced by kl_loss."""
         batch, device = mask.shape[0], mask.device
         masks = {m: mask[:, i].float() for i, m in enumerate(self.modalities)}
-        masks["_all"] = torch.ones(batch, device=device)
         vecs, skips = encode_all(self.encoders, cond)
         z0, kl0 = self.global_latent(vecs, masks, batch, device)
         w = self.mapping(z0)
@@ -634,25 +627,42 @@ class Discriminator(nn.Module):
     forward returns the list of logit maps (per scale (B, 1, r, r), global (B, 1)) and the global
     embeddings {"image": D_x, "text": D_text} for the conditional contrastive loss (Eq. 12-13)
     (and "maps", the image features D_x at each scale).
+
+    Text and style are vectors with no layout, so (§3.4, Fig. 5b) they are projected on the one
+    global image embedding; only the spatial modalities get the multiscale projection (Fig. 5c).
+    The loss averages the logits over locations, then over resolutions (common.ns_*_loss), as
+    §3.4 says. At each scale the linear term reads lrelu(h) and the projection the block output h
+    itself (our choice: the paper gives no D_x detail beyond Eq. 7).
+
+    --discriminator concat (Table 3 row (d), "w/o MMPD"): no projection; the image and every given
+    input enter together, the label map and sketch concatenated to the image (zero when absent),
+    the text and style vectors to the global image embedding (zero when absent) before its
+    linear logit. The per-scale unconditional logits stay, so only the conditioning differs.
     """
 
     def __init__(self, args, num_classes, channels, modalities):
         super().__init__()
         self.modalities = tuple(modalities)
         self.spatial = tuple(s for s in SPATIAL if s in modalities)
+        self.vector_mods = tuple(m for m in modalities if m not in SPATIAL)
+        self.concat = args.discriminator == "concat"
         res = resolutions(args)[::-1]                                    # size .. 4
         self.scales = res[1:]                                            # size/2 .. 4
-        self.from_rgb = conv3(channels, channels_at(res[0], args))
+        cin = channels
+        if self.concat:     # row (d): one-hot label map and sketch stacked on the image
+            cin += (num_classes if "seg" in modalities else 0) + ("sketch" in modalities)
+        self.from_rgb = conv3(cin, channels_at(res[0], args))
         self.blocks = nn.ModuleList(ResDown(channels_at(r, args), channels_at(r // 2, args))
                                     for r in res[:-1])
         self.uncond = nn.ModuleList(conv1(channels_at(r, args), 1) for r in self.scales)
         emb = args.feat_dim
         self.to_emb = common.EqualLinear(channels_at(4, args) * 16, emb)
-        self.uncond_global = common.EqualLinear(emb, 1)
+        self.uncond_global = common.EqualLinear(emb * (1 + len(self.vector_mods) * self.concat), 1)
         # D_{y_i}: its own encoders. Fig. 5c: seg and sketch are encoded into feature maps (the
         # image's channel counts at each scale) and projected there only; they have no vector
         # (a global one would feed no term of Eq. 7). Text and style give vectors (Fig. 5b).
-        self.encoders = make_encoders(args, num_classes, channels, modalities, emb,
+        self.encoders = make_encoders(args, num_classes, channels,
+                                      self.vector_mods if self.concat else modalities, emb,
                                       spatial_vectors=False)
 
     def encode(self, cond):
@@ -662,20 +672,25 @@ class Discriminator(nn.Module):
     def forward(self, x, cond, mask, encoded=None):
         masks = {m: mask[:, i].float() for i, m in enumerate(self.modalities)}
         vecs, skips = encoded if encoded is not None else self.encode(cond)
+        if self.concat:                                                  # row (d)
+            x = torch.cat([x] + [cond[s] * masks[s][:, None, None, None] for s in self.spatial], 1)
         h, logits, feats = self.from_rgb(x), [], []
         for block, uncond in zip(self.blocks, self.uncond):
             h = block(h)
             feats.append(h)
             f = uncond(lrelu(h))                                         # (B, 1, r, r)
-            for s in self.spatial:                                       # per-location inner product
+            for s in () if self.concat else self.spatial:                # Eq. (7) per location
                 f = f + masks[s][:, None, None, None] * (skips[s][h.shape[-1]] * h).sum(1, True)
             logits.append(f)
         image_emb = self.to_emb(lrelu(h).flatten(1))                     # D_x(x), (B, emb)
-        f = self.uncond_global(image_emb)                                # (B, 1)
-        for m in self.modalities:
-            if m not in SPATIAL:
+        if self.concat:                                                  # row (d)
+            given = [vecs[m] * masks[m][:, None] for m in self.vector_mods]
+            logits.append(self.uncond_global(torch.cat([image_emb] + given, 1)))
+        else:                                                            # Eq. (7), global
+            f = self.uncond_global(image_emb)                            # (B, 1)
+            for m in self.vector_mods:
                 f = f + masks[m][:, None] * (vecs[m] * image_emb).sum(1, True)
-        logits.append(f)
+            logits.append(f)
         return logits, {"image": image_emb, "text": vecs.get("text"), "maps": feats}
 
 
@@ -684,16 +699,31 @@ class Discriminator(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def kl_loss(kls, mask, modalities, args):
-    """Eq. (9): sum_i omega_i sum_k omega^k E[KL(p(z^k | z^<k, y_i) || p(z^k | z^<k))], summed over
-    the modalities present in each sample (our copy of Eq. 9 is cut off; this is the text's
-    definition). The expectation over z^<k uses the z^<k of the current forward pass (whose subset
-    contains y_i) rather than a pass with y_i alone: our choice, one pass instead of M + 1."""
+    """Eq. (9): L_KL = sum_{y_i in Y} omega_i sum_k omega^k E[KL(p(z^k | z^<k, y_i) || p(z^k | z^<k))],
+    p(z^k | z^<k, y_i) being the product of the prior and expert i alone (conditional_kl). Our copy
+    of Eq. (9) is cut off; this is the text's definition. kls: G's elementwise terms.
+
+    The reductions, the whole of Eq. (9) in one place (the supplement's omega^k is lost):
+      channels    summed: the KL of the vector z^k at one location (all of z^0 at k = 0);
+      locations   of a local z^k: averaged (--kl_locations mean, both presets: omega^k = 1/r_k^2
+                  relative to the map's full KL, so a level does not weigh more as r_k grows; one
+                  z^k element of the 256^2 level then weighs 1/65,536 of a z^0 element) or summed
+                  (sum: omega^k = 1, the KL of the whole map); our choice;
+      levels      omega^k = 1 otherwise; modalities omega_i (--w_text, --w_seg, ...);
+      batch       averaged over all samples, a sample counting 0 where y_i is not given (the
+                  sum runs over the present modalities).
+    The expectation over z^<k uses the z^<k of the current forward pass (whose subset contains
+    y_i), not a pass with y_i alone: our choice, one pass instead of M + 1."""
     weight = {"text": args.w_text, "seg": args.w_seg, "sketch": args.w_sketch,
               "style": args.w_style}
     total = torch.zeros((), device=mask.device)
-    for name, _level, kl in kls:
+    for name, level, kl in kls:
+        per_sample = kl.sum(1)                                        # channels: (B,) or (B, r, r)
+        if level > 0:
+            per_sample = (per_sample.mean((1, 2)) if args.kl_locations == "mean"
+                          else per_sample.sum((1, 2)))                # locations
         present = mask[:, modalities.index(name)].float()
-        total = total + weight[name] * (kl * present).mean()            # omega^k = 1 per group
+        total = total + weight[name] * (per_sample * present).mean()  # Eq. (9)
     return total
 
 
@@ -724,7 +754,7 @@ def image_features(x, net, kind):
       random         RandomConvFeatures (what is drawn, not where)
       random+pixels  both, each part unit length, so the cosine of Eq. (10) is the mean of the two
     The three offline ones are our stand-ins and know nothing of semantics. Measured on shapes
-    (README): "pixels" alone, for a modality that gives no layout (style, text), makes the faint
+    (1,000 iterations, two seeds): "pixels" alone, for a modality that gives no layout (style, text), makes the faint
     average of all layouts the contrastive optimum (style alone gave faint haze); "random" alone
     leaves the label map and sketch to the GAN loss, which at the CPU budget did not learn them on
     one of two seeds; "random+pixels" is the CPU preset's."""
@@ -738,12 +768,20 @@ def image_features(x, net, kind):
     return parts[0] if len(parts) == 1 else torch.cat([F.normalize(p, dim=1) for p in parts], 1)
 
 
+def contrastive_loss(u, v, tau):
+    """Eq. (10): symmetric cross-entropy over a batch of pairs (CLIP's loss), u, v (N, D):
+    -1/(2N) sum_i [log softmax_j(cos(u_i, v_j) / tau)_i + log softmax_j(cos(u_j, v_i) / tau)_i]."""
+    logits = F.normalize(u, dim=1) @ F.normalize(v, dim=1).t() / tau          # (N, N)
+    target = torch.arange(len(u), device=u.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
 def masked_contrastive(u, v, keep, tau):
     """Eq. (10) over the pairs with keep = True (needs at least two pairs, else 0)."""
     keep = keep.bool()
     if keep.sum() < 2:
         return torch.zeros((), device=u.device)
-    return common.contrastive_loss(u[keep], v[keep], tau)
+    return contrastive_loss(u[keep], v[keep], tau)
 
 
 def r1_score(logits):
@@ -752,7 +790,96 @@ def r1_score(logits):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Training step (§3.5, Eq. 14)
+# ----------------------------------------------------------------------------------------------
+
+def dropout_mask(batch, n_modalities, p, device, share=(0, 1), generator=None):
+    """Modality dropout (§3.5): each modality of each sample dropped with probability p (per
+    sample: our choice; the paper says only "randomly dropping out some input modalities")."""
+    draw = share_of_noise(torch.rand, (batch, n_modalities), share, generator, device=device)
+    return (draw >= p).float()
+
+
+def as_float32(encoded):
+    """D's encodings of the conditions (vectors, maps), in float32 (for R1)."""
+    vecs, skips = encoded
+    return ({m: v.float() for m, v in vecs.items()},
+            {m: {r: f.float() for r, f in maps.items()} for m, maps in skips.items()})
+
+
+def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
+    """One iteration (Eq. 14): the fakes are drawn once (as pix2pixHD), G steps against the current
+    D, then D steps on the same fakes, detached. Returns the logged scalars."""
+    g, d = common.unwrap(G), common.unwrap(D)
+    mods = g.modalities
+    B = real.shape[0]
+    p = 0.0 if args.no_modality_dropout else args.dropout_p
+    if g.noise is not None:   # train(): this step's noise, a function of (--seed, it) alone
+        g.noise.manual_seed(args.seed * 1_000_003 + it)
+    mask = dropout_mask(B, len(mods), p, rt.device, g.share, g.noise)
+    has_text = mask[:, mods.index("text")] if "text" in mods else torch.zeros(B, device=rt.device)
+    zero = torch.zeros((), device=rt.device)
+
+    # --- G: L^G = L^G_GAN + L_KL + lambda1 L_cx + lambda2 L^G_cy
+    trainable_d = [q for q in d.parameters() if q.requires_grad]   # what was frozen stays so
+    for param in trainable_d:
+        param.requires_grad_(False)
+    with rt.autocast():
+        fake, kls = G(cond, mask)
+        encoded = d.encode(cond)
+        fake_logits, fake_emb = D(fake, cond, mask, encoded)
+        loss_g = common.ns_g_loss(fake_logits)
+        kl = zero if args.no_kl or args.fusion == "concat" else kl_loss(kls, mask, mods, args)
+        if args.kl_warmup:   # optional NVAE-style warm-up (our addition, off in every preset)
+            kl = kl * min(1.0, it / args.kl_warmup)
+        any_given = mask.sum(1) > 0     # the real image is a positive only if something was given
+        cx = zero if not args.lambda_cx else masked_contrastive(          # Eq. (11)
+            image_features(real, image_net, args.cx_features),
+            image_features(fake, image_net, args.cx_features), any_given, args.tau)
+        cy_g = (masked_contrastive(fake_emb["image"], fake_emb["text"], has_text, args.tau)
+                if "text" in mods else zero)                                # Eq. (13)
+    total_g = loss_g + kl + args.lambda_cx * cx + args.lambda_cy * cy_g     # Eq. (14), G
+    opt_g.zero_grad(set_to_none=True)
+    rt.scaler.scale(total_g).backward()
+    rt.scaler.unscale_(opt_g)
+    nn.utils.clip_grad_norm_(G.parameters(), GRAD_CLIP)
+    rt.scaler.step(opt_g)
+    for param in trainable_d:
+        param.requires_grad_(True)
+
+    # --- D: L^D = L^D_GAN + lambda2 L^D_cy (+ lambda3 L_GP every r1_every steps, lazy)
+    with rt.autocast():
+        encoded = d.encode(cond)
+        real_logits, real_emb = D(real, cond, mask, encoded)
+        fake_logits, _ = D(fake.detach(), cond, mask, encoded)
+        loss_d = common.ns_d_loss(real_logits, fake_logits)
+        cy_d = (masked_contrastive(real_emb["image"], real_emb["text"], has_text, args.tau)
+                if "text" in mods else zero)                                # Eq. (12)
+    total_d = loss_d + args.lambda_cy * cy_d                                # Eq. (14), D
+    r1 = zero
+    if args.r1_gamma > 0 and it % args.r1_every == 0:
+        real_r1 = real.detach().float().requires_grad_(True)
+        # Eager and float32 on purpose. Eager: the R1 gradient is differentiated again (double
+        # backward), which torch.compile cannot do, so it runs on the plain module d even under
+        # --compile (under DDP its gradients still reach d's parameters in this backward). Float32
+        # even under --dtype bfloat16: R1's double backward through bf16 convolutions took 4.5x
+        # the float32 time on an H200 (cuDNN; measured with ummgan.py's R1).
+        with torch.autocast(rt.device.type, enabled=False):
+            logits, _ = d(real_r1, cond, mask, as_float32(encoded))
+            r1 = common.r1_penalty(r1_score(logits).float(), real_r1)
+        total_d = total_d + args.r1_gamma / 2 * r1 * args.r1_every      # lazy: scaled by interval
+    opt_d.zero_grad(set_to_none=True)
+    rt.scaler.scale(total_d).backward()
+    rt.scaler.unscale_(opt_d)
+    nn.utils.clip_grad_norm_(D.parameters(), GRAD_CLIP)
+    rt.scaler.step(opt_d)
+    rt.scaler.update()
+    return dict(loss_d=loss_d.item(), loss_g=loss_g.item(), kl=kl.item(), cx=cx.item(),
+                cy_d=cy_d.item(), cy_g=cy_g.item(), r1=r1.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
 # ----------------------------------------------------------------------------------------------
 
 def dataset_info(args):
@@ -810,84 +937,6 @@ class Conditioner:
         return cond
 
 
-def dropout_mask(batch, n_modalities, p, device, share=(0, 1), generator=None):
-    """Modality dropout (§3.5): each modality of each sample dropped with probability p (per
-    sample: our choice; the paper says only "randomly dropping out some input modalities")."""
-    draw = share_of_noise(torch.rand, (batch, n_modalities), share, generator, device=device)
-    return (draw >= p).float()
-
-
-def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
-    """One iteration (Eq. 14): the fakes are drawn once (as pix2pixHD), G steps against the current
-    D, then D steps on the same fakes, detached. Returns the logged scalars."""
-    g, d = common.unwrap(G), common.unwrap(D)
-    mods = g.modalities
-    B = real.shape[0]
-    p = 0.0 if args.no_modality_dropout else args.dropout_p
-    if g.noise is not None:   # train(): this step's noise, a function of (--seed, it) alone
-        g.noise.manual_seed(args.seed * 1_000_003 + it)
-    mask = dropout_mask(B, len(mods), p, rt.device, g.share, g.noise)
-    has_text = mask[:, mods.index("text")] if "text" in mods else torch.zeros(B, device=rt.device)
-    zero = torch.zeros((), device=rt.device)
-
-    # --- G: L^G = L^G_GAN + L_KL + lambda1 L_cx + lambda2 L^G_cy
-    trainable_d = [q for q in d.parameters() if q.requires_grad]   # what was frozen stays so
-    for param in trainable_d:
-        param.requires_grad_(False)
-    with rt.autocast():
-        fake, kls = G(cond, mask)
-        encoded = d.encode(cond)
-        fake_logits, fake_emb = D(fake, cond, mask, encoded)
-        loss_g = common.ns_g_loss(fake_logits)
-        kl = zero if args.no_kl or args.fusion == "concat" else kl_loss(kls, mask, mods, args)
-        if args.kl_warmup:   # optional NVAE-style warm-up (our addition, off in every preset)
-            kl = kl * min(1.0, it / args.kl_warmup)
-        any_given = mask.sum(1) > 0     # the real image is a positive only if something was given
-        cx = masked_contrastive(image_features(real, image_net, args.cx_features),
-                                image_features(fake, image_net, args.cx_features), any_given,
-                                args.tau)
-        cy_g = (masked_contrastive(fake_emb["image"], fake_emb["text"], has_text, args.tau)
-                if "text" in mods else zero)
-    total_g = loss_g + kl + args.lambda_cx * cx + args.lambda_cy * cy_g
-    opt_g.zero_grad(set_to_none=True)
-    rt.scaler.scale(total_g).backward()
-    rt.scaler.unscale_(opt_g)
-    nn.utils.clip_grad_norm_(G.parameters(), GRAD_CLIP)
-    rt.scaler.step(opt_g)
-    for param in trainable_d:
-        param.requires_grad_(True)
-
-    # --- D: L^D = L^D_GAN + lambda2 L^D_cy (+ lambda3 L_GP every r1_every steps, lazy)
-    with rt.autocast():
-        encoded = d.encode(cond)
-        real_logits, real_emb = D(real, cond, mask, encoded)
-        fake_logits, _ = D(fake.detach(), cond, mask, encoded)
-        loss_d = common.ns_d_loss(real_logits, fake_logits)
-        cy_d = (masked_contrastive(real_emb["image"], real_emb["text"], has_text, args.tau)
-                if "text" in mods else zero)
-    total_d = loss_d + args.lambda_cy * cy_d
-    r1 = zero
-    if args.r1_gamma > 0 and it % args.r1_every == 0:
-        real_r1 = real.detach().requires_grad_(True)
-        # Eager and float32 on purpose. Eager: the R1 gradient is differentiated again (double
-        # backward), which torch.compile cannot do, so it runs on the plain module d even under
-        # --compile (under DDP its gradients still reach d's parameters in this backward). Float32
-        # even under --dtype bfloat16: R1's double backward through bf16 convolutions took 4.5x
-        # the float32 time on an H200 (cuDNN; measured with ummgan.py, README).
-        with torch.autocast(rt.device.type, enabled=False):
-            logits, _ = d(real_r1, cond, mask, encoded)
-            r1 = common.r1_penalty(r1_score(logits).float(), real_r1)
-        total_d = total_d + args.r1_gamma / 2 * r1 * args.r1_every      # lazy: scaled by interval
-    opt_d.zero_grad(set_to_none=True)
-    rt.scaler.scale(total_d).backward()
-    rt.scaler.unscale_(opt_d)
-    nn.utils.clip_grad_norm_(D.parameters(), GRAD_CLIP)
-    rt.scaler.step(opt_d)
-    rt.scaler.update()
-    return dict(loss_d=loss_d.item(), loss_g=loss_g.item(), kl=kl.item(), cx=cx.item(),
-                cy_d=cy_d.item(), cy_g=cy_g.item(), r1=r1.item())
-
-
 def load_data(args, split="train"):
     root = None if args.data == "shapes" else args.data_dir
     ds = data.get_dataset(args.data, root=root, split=split, size=args.size)
@@ -900,19 +949,14 @@ def load_data(args, split="train"):
     return ds
 
 
-def config_of(args):
-    return {k: v for k, v in vars(args).items()
-            if k not in ("resume", "sample", "eval", "dry_run", "device", "num_workers")}
-
-
 def make_image_net(args, device, weights=True):
     """The network behind image_features: VGG-19 (--cx_features vgg), the fixed random conv net
-    (random, random+pixels) or none (pixels)."""
+    (random, random+pixels) or none (pixels, or --lambda_cx 0: Eq. (11) is not computed)."""
+    if args.cx_features == "pixels" or not args.lambda_cx:
+        return None
     if args.cx_features == "vgg":
         return common.VGG19(pretrained=bool(args.pretrained) and weights).to(device).eval() \
             .requires_grad_(False)
-    if args.cx_features == "pixels":
-        return None
     return RandomConvFeatures(dataset_info(args)["channels"]).to(device)
 
 
@@ -933,7 +977,7 @@ def train(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     start = 0
     if args.resume:
-        start = common.load_checkpoint(ckpt_path, "poe_gan", config_of(args), ARCH_KEYS,
+        start = common.load_checkpoint(ckpt_path, "poe_gan", vars(args), ARCH_KEYS,
                                        objects, rt=rt)["iter"]
     ema.model.to(rt.device)
     Gt = common.prepare_model(G, rt, args.compile)
@@ -959,45 +1003,9 @@ def train(args):
                 with common.preserved_rng():
                     subset_grid(ema.model, fixed, cond_of, ds,
                                 os.path.join(args.out_dir, f"samples_{done:06d}.png"))
-            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
-                common.save_checkpoint(ckpt_path, "poe_gan", config_of(args), done, objects,
-                                       rt=rt)
-            if stop:
-                signals.stop(done, ckpt_path)
+            signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
+                ckpt_path, "poe_gan", args, done, objects, rt=rt))  # on schedule or on a signal
     log.close()
-
-
-def bench(args):
-    """--bench N: training steps on one fixed batch (common.bench_training). shapes times its own
-    items; the paper sets a synthetic batch of their shapes (random label cells, sketch = their
-    edges, one caption repeated) with the frozen networks at random weights (no download)."""
-    rt = common.setup_runtime(args)
-    info = dataset_info(args)
-    B, S = args.batch_size, args.size
-    if args.data == "shapes":
-        ds = load_data(args)
-        batch = torch.utils.data.default_collate([ds[i % len(ds)] for i in range(B)])
-    else:
-        g = torch.Generator().manual_seed(0)
-        cells = torch.randint(0, info["num_classes"], (B, 1, 8, 8), generator=g).float()
-        label = F.interpolate(cells, size=(S, S), mode="nearest")[:, 0].long()
-        batch = dict(image=torch.rand(B, 3, S, S, generator=g) * 2 - 1, label=label,
-                     sketch=data.instance_edges(label)[:, None].float(),
-                     caption=["This woman has wavy black hair and is smiling."] * B)
-    batch = common.to_device(batch, rt.device)
-    cond = Conditioner(args, info, rt.device, weights=False)(batch)
-    image_net = make_image_net(args, rt.device, weights=False)
-
-    def make_step(run, compile_model):
-        G, D = (common.prepare_model(m, run, compile_model, ddp=False) for m in build(args, info))
-        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
-        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
-        counter = itertools.count()   # iterations 0, 1, ...: lazy R1 runs every r1_every-th
-        return lambda: train_step(G, D, opt_g, opt_d, batch["image"], cond, next(counter), args,
-                                  run, image_net)
-
-    common.bench_training(args, rt, make_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1060,7 +1068,7 @@ def load_generator(args, info, rt):
     """The EMA generator of out_dir/ckpt.pt, on the device, in eval mode (--sample, --eval)."""
     G, _ = build(args, info)
     ema = common.EMA(G)
-    common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "poe_gan", config_of(args),
+    common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "poe_gan", vars(args),
                            ARCH_KEYS, {"ema": ema}, restore_rng=False)
     return ema.model.to(rt.device).eval()
 
@@ -1091,55 +1099,49 @@ def pixel_diversity(a, b):
     return (a - b).abs().flatten(1).mean(1)
 
 
-class FeatureMoments:
-    """Running sums of feature vectors (B, D), batch by batch -> the mean and covariance FID
-    needs (N - 1 normalisation, as common.fid_stats and np.cov), in float64. Memory: D^2 numbers
-    (32 MB for Inception's 2048), whatever the number of images."""
-
-    def __init__(self, dim):
-        self.sums = {"n": torch.zeros((), dtype=torch.float64),
-                     "sum": torch.zeros(dim, dtype=torch.float64),
-                     "outer": torch.zeros(dim, dim, dtype=torch.float64)}
-
-    def add(self, feats):
-        f = feats.detach().double().cpu()
-        self.sums["n"] += len(f)
-        self.sums["sum"] += f.sum(0)
-        self.sums["outer"] += f.T @ f
-
-    def stats(self):
-        n, total, outer = self.sums["n"], self.sums["sum"], self.sums["outer"]
-        mu = total / n
-        return mu.numpy(), ((outer - n * torch.outer(mu, mu)) / (n - 1)).numpy()
-
-
 class SubsetScores:
     """Everything --eval measures for one set of images (one modality subset, or the real test
     images), as running sums over batches: diversity of the two samples per input (LPIPS, or the
-    pixel stand-in offline), Inception moments for FID (pretrained), the shapes toy counts.
-    `tensors()` lists the sums, so that torchrun ranks can add theirs together."""
+    pixel stand-in offline), Inception statistics for FID (pretrained), the shapes toy counts.
+    `all_reduce` adds the sums of every torchrun rank together."""
 
     def __init__(self, args, nets):
         self.lpips, self.inception = nets
         self.diversity = torch.zeros(2, dtype=torch.float64)          # (sum, number of inputs)
-        self.moments = FeatureMoments(2048) if self.inception is not None else None
-        self.toy = no_toy_counts() if args.data == "shapes" else None
+        self.fid_stats = None
+        if self.inception is not None:
+            self.fid_stats = common.RunningFIDStats()
+            self.fid_stats.add(np.zeros((0, 2048)))   # zero sums, also on a rank that gets no batch
+        self.toy = data.shapes_modality_zero_counts() if args.data == "shapes" else None
 
     def add(self, images, batch, second=None):
         """images (B, C, H, W) in [-1, 1] made for the items of `batch`; second: another sample
         for the same inputs (diversity), None for the real images."""
         if second is not None:
-            d = (self.lpips(images, second) if self.lpips is not None
-                 else pixel_diversity(images, second))
-            self.diversity += torch.tensor([float(d.double().sum()), len(d)], dtype=torch.float64)
-        if self.moments is not None:
-            self.moments.add(self.inception((images.float() + 1) / 2))
+            distance = self.lpips if self.lpips is not None else pixel_diversity
+            mean = common.lpips_diversity(distance, torch.stack([images, second], 1))
+            self.diversity += torch.tensor([mean * len(images), len(images)], dtype=torch.float64)
+        if self.fid_stats is not None:
+            self.fid_stats.add(common.inception_features(self.inception, [(images + 1) / 2]))
         if self.toy is not None:
-            self.toy = {k: v + self.toy[k] for k, v in toy_counts(images, batch).items()}
+            counts = data.shapes_modality_counts(images, batch)
+            self.toy = {k: v + self.toy[k] for k, v in counts.items()}
 
-    def tensors(self):
-        toy = [self.toy[k] for k in sorted(self.toy)] if self.toy is not None else []
-        return [self.diversity] + (list(self.moments.sums.values()) if self.moments else []) + toy
+    def all_reduce(self, device):
+        """Every rank's sums, added together (in place)."""
+        def total(t):
+            t = t.to(device)
+            torch.distributed.all_reduce(t)
+            return t.cpu()
+
+        self.diversity = total(self.diversity)
+        if self.toy is not None:
+            self.toy = {k: total(v) for k, v in self.toy.items()}
+        if self.fid_stats is not None:
+            f = self.fid_stats
+            f.n = int(total(torch.tensor(f.n, dtype=torch.float64)))
+            f.sum = total(torch.from_numpy(f.sum)).numpy()
+            f.outer = total(torch.from_numpy(f.outer)).numpy()
 
     def scores(self, real=None):
         """The metrics of this set; FID against `real` (the real images' SubsetScores)."""
@@ -1147,10 +1149,10 @@ class SubsetScores:
         if self.diversity[1] > 0:
             name = "lpips_diversity" if self.lpips is not None else "pixel_diversity"
             m[name] = float(self.diversity[0] / self.diversity[1])
-        if self.moments is not None and real is not None:
-            m["fid"] = common.frechet_distance(*real.moments.stats(), *self.moments.stats())
+        if self.fid_stats is not None and real is not None:
+            m["fid"] = common.frechet_distance(*real.fid_stats.stats(), *self.fid_stats.stats())
         if self.toy is not None:
-            m.update(toy_scores(self.toy))
+            m.update(data.shapes_modality_scores(self.toy))
         return m
 
 
@@ -1197,12 +1199,9 @@ def evaluate(args):
             scores[name].add(fake, batch, fake2)
             del fake, fake2                     # before the next subset's pair is drawn
         del cond
-    if rt.ddp:                                  # every rank's sums, added together
+    if rt.ddp:
         for sums in scores.values():
-            for t in sums.tensors():
-                total = t.to(rt.device)
-                torch.distributed.all_reduce(total)
-                t.copy_(total.cpu())
+            sums.all_reduce(rt.device)
     if not rt.is_main:
         return
     results = {name: scores[name].scores(scores["real"]) for name in names[1:]}
@@ -1217,100 +1216,40 @@ def evaluate(args):
     print(f"wrote {out}")
 
 
-def shapes_foreground(images):
-    """Object pixels of shapes images (B, 3, H, W) in [-1, 1]: all but the flat grey background
-    (channels within 0.1 of each other at a level in [0.4, 0.65]; the set's grey is 0.45-0.60)."""
-    rgb = (images + 1) / 2
-    flat = rgb.amax(1) - rgb.amin(1) < 0.1
-    level = rgb.mean(1)
-    return ~(flat & (level > 0.4) & (level < 0.65))
+# ----------------------------------------------------------------------------------------------
+# Benchmark: --bench N
+# ----------------------------------------------------------------------------------------------
 
+def bench(args):
+    """--bench N: training steps on one fixed batch (common.bench_training). shapes times its own
+    items; the paper sets a synthetic batch of their shapes (random label cells, sketch = their
+    edges, one caption repeated) with the frozen networks at random weights (no download)."""
+    rt = common.setup_runtime(args)
+    info = dataset_info(args)
+    B, S = args.batch_size, args.size
+    if args.data == "shapes":
+        ds = load_data(args)
+        batch = torch.utils.data.default_collate([ds[i % len(ds)] for i in range(B)])
+    else:
+        g = torch.Generator().manual_seed(0)
+        cells = torch.randint(0, info["num_classes"], (B, 1, 8, 8), generator=g).float()
+        label = F.interpolate(cells, size=(S, S), mode="nearest")[:, 0].long()
+        batch = dict(image=torch.rand(B, 3, S, S, generator=g) * 2 - 1, label=label,
+                     sketch=data.instance_edges(label)[:, None].float(),
+                     caption=["This woman has wavy black hair and is smiling."] * B)
+    batch = common.to_device(batch, rt.device)
+    cond = Conditioner(args, info, rt.device, weights=False)(batch)
+    image_net = make_image_net(args, rt.device, weights=False)
 
-def toy_metrics(images, batch):
-    """Exact shapes scores of images generated for the items of `batch` (collated, CPU), for
-    every modality whether given or not (a given one should beat the unconditional samples):
-      label_fg_acc    object/background pixels agree with the label map (seg)
-      in_mode         each labelled region is painted in a palette mode of its class (seg)
-      sketch_f1       edges of the image vs the sketch, 1-pixel tolerance (sketch)
-      caption_*       the objects the caption names are found, by colour / shape / both (text)
-      style_colour    colours of the style reference's objects found in the image (style)
-      colour_precision  share of the objects found whose colour is one the item asks for (its
-                      caption names and its style reference shows the same colours): recall
-                      (caption_colour, style_colour) also rewards multicoloured blobs (text, style)
-      mode_coverage   fraction of (class, palette mode) pairs drawn at least once, over the
-                      objects found in all images, and mode_tv their distance to the set's weights
-    Computed from counts (toy_counts), which --eval adds up batch by batch (toy_scores)."""
-    return toy_scores(toy_counts(images, batch))
+    def make_step(run, compile_model):
+        G, D = (common.prepare_model(m, run, compile_model, ddp=False) for m in build(args, info))
+        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+        counter = itertools.count()   # iterations 0, 1, ...: lazy R1 runs every r1_every-th
+        return lambda: train_step(G, D, opt_g, opt_d, batch["image"], cond, next(counter), args,
+                                  run, image_net)
 
-
-def no_toy_counts():
-    """toy_counts of no images, all zeros: the start of --eval's sums (on every torchrun rank,
-    also one that evaluates no batch). The modes table counts the objects found per (class,
-    palette mode + 1), column 0 for a colour that is no mode of its class."""
-    keys = ("images", "fg_match", "pixels", "in_mode", "coloured", "edge_pred", "edge_pred_hit",
-            "edge_true", "edge_true_hit", "named", "caption_colour", "caption_shape",
-            "caption_object", "style_hits", "style_wanted", "asked")
-    c = {k: torch.zeros((), dtype=torch.float64) for k in keys}
-    columns = 1 + max(len(p) for p in data.SHAPES_PALETTE)
-    c["modes"] = torch.zeros(len(data.SHAPES_CLASSES), columns, dtype=torch.float64)
-    return c
-
-
-def toy_counts(images, batch):
-    """The sums behind toy_metrics (the keys of no_toy_counts), as float64 tensors that add
-    across batches and ranks."""
-    images = images.float().cpu().clamp(-1, 1)
-    c = {"images": len(images)}
-    fg = shapes_foreground(images) == (batch["label"].cpu() > 0)
-    c["fg_match"], c["pixels"] = int(fg.sum()), fg.numel()
-    fid = data.shapes_colour_fidelity(images, batch["instance"].cpu(), batch["inst_class"].cpu(),
-                                      batch["inst_valid"].cpu())
-    distance = fid["distance"][fid["valid"]]
-    c["in_mode"], c["coloured"] = int((distance <= data.SHAPES_MODE_TOLERANCE).sum()), len(distance)
-    gray = ((images.mean(1) + 1) / 2).numpy()
-    pred = torch.from_numpy(np.stack([data.image_sketch(g) for g in gray])).bool()
-    target = batch["sketch"][:, 0].cpu().bool()
-    grow = lambda e: F.max_pool2d(e[:, None].float(), 3, 1, 1)[:, 0] > 0   # noqa: E731
-    c["edge_pred"], c["edge_pred_hit"] = int(pred.sum()), int((pred & grow(target)).sum())
-    c["edge_true"], c["edge_true_hit"] = int(target.sum()), int((target & grow(pred)).sum())
-    named = sum(len(data.shapes_caption_objects(t)) for t in batch["caption"])
-    caps = data.shapes_caption_accuracy(images, batch["caption"])   # fractions of `named`
-    c["named"] = named
-    c.update({f"caption_{k}": round(v * max(named, 1)) for k, v in caps.items()})
-    table = torch.zeros_like(no_toy_counts()["modes"], dtype=torch.long)
-    hits, total, asked = 0, 0, 0
-    for objs, cls, mode, valid in zip(data.shapes_find_objects(images), batch["inst_class"],
-                                      batch["inst_mode"], batch["inst_valid"]):
-        wanted = {data.SHAPES_MODE_NAMES[k][j] for k, j, v in zip(cls.tolist(), mode.tolist(),
-                                                                  valid.tolist()) if v}
-        seen = {o["colour"] for o in objs}
-        hits, total = hits + len(wanted & seen), total + len(wanted)
-        asked += sum(o["colour"] in wanted for o in objs)
-        for o in objs:
-            names = data.SHAPES_MODE_NAMES[o["cls"]]
-            table[o["cls"], 1 + names.index(o["colour"]) if o["colour"] in names else 0] += 1
-    c.update(style_hits=hits, style_wanted=total, asked=asked, modes=table)
-    return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in c.items()}
-
-
-def toy_scores(c):
-    """toy_metrics from the (summed) counts of toy_counts."""
-    ratio = lambda a, b: float(c[a] / c[b].clamp(min=1))                  # noqa: E731
-    precision, recall = ratio("edge_pred_hit", "edge_pred"), ratio("edge_true_hit", "edge_true")
-    m = {"label_fg_acc": ratio("fg_match", "pixels"), "in_mode": ratio("in_mode", "coloured"),
-         "sketch_f1": 2 * precision * recall / max(precision + recall, 1e-8)}
-    m.update({f"caption_{k}": ratio(f"caption_{k}", "named")
-              for k in ("colour", "shape", "object")})
-    m["style_colour"] = ratio("style_hits", "style_wanted")
-    table = c["modes"].long()
-    m["colour_precision"] = float(c["asked"] / table.sum().clamp(min=1))
-    cls, mode = torch.nonzero(table, as_tuple=True)                        # back to one per object
-    counts = table[cls, mode]
-    cover = data.shapes_mode_coverage((mode - 1).repeat_interleave(counts),
-                                      cls.repeat_interleave(counts))
-    m["mode_coverage"], m["mode_tv"] = cover["coverage"], cover["tv"]
-    m["objects_per_image"] = float(table.sum() / c["images"].clamp(min=1))
-    return m
+    common.bench_training(args, rt, make_step)
 
 
 def main(argv=None):

@@ -616,11 +616,8 @@ def train(args):
                     rows = mode_style_grid(ema.model, step, args, rt.device, alpha=alpha)
                     rows.append(random_row(ema.model, step, alpha, args, rt.device))
                 common.save_grid(os.path.join(args.out_dir, f"samples_{done:06d}.png"), rows)
-            stop = signals.requested(rt)  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint, then leave
-            if done % args.ckpt_every == 0 or done == args.iters or stop:  # all ranks
-                common.save_checkpoint(ckpt_path, "ummgan", args, done, objects, rt=rt)
-            if stop:
-                signals.stop(done, ckpt_path)
+            signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
+                ckpt_path, "ummgan", args, done, objects, rt=rt))  # on schedule or on a signal
     log.close()
 
 
@@ -868,16 +865,7 @@ def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv, check=check_args)
     if args.sample or args.eval:
         args = flags_from_checkpoint(args, argv)
-    if args.dry_run:
-        dry_run(args)
-    elif args.bench:
-        bench(args)
-    elif args.sample:
-        sample(args)
-    elif args.eval:
-        evaluate(args)
-    else:
-        train(args)
+    return common.dispatch(args, dry_run, bench, sample, evaluate, train)
 
 
 if __name__ == "__main__":
