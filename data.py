@@ -63,7 +63,8 @@ only (scan_folder), so a test split is never trained on.
 Map of this file: helpers (splits, tensors, edges, instance re-indexing, sketches, palettes)
 -> shapes (palette, scene, drawing, captions, scoring helpers) -> hshape -> letters -> real
 datasets (reading, label encodings, transforms, file checks, one scanner per layout) ->
-registry and get_dataset -> start-up check and full scan -> benchmark, preview and main.
+registry and get_dataset -> start-up check and full scan -> benchmark, preview and main ->
+each script's scores on the built-in data (poe_gan, inade, cimle, compose_diffusion, ummgan).
 
     python data.py --bench                    # items/s of the synthetic sets, one thread
     python data.py --preview shapes           # a sample grid in /tmp/data_preview_shapes.png
