@@ -490,6 +490,33 @@ def test_stop_signals_set_a_flag_and_a_second_ctrl_c_aborts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
+def test_end_of_step_saves_on_schedule_at_the_end_and_on_a_signal():
+    import argparse
+    rt = common.Runtime(torch.device("cpu"), torch.float32)
+    args = argparse.Namespace(ckpt_every=3, iters=7)
+    saved = []
+    with common.StopSignals() as signals:
+        for done in range(1, 8):
+            signals.end_of_step(rt, args, done, "run/ckpt.pt", lambda: saved.append(done))
+        assert saved == [3, 6, 7]                  # every --ckpt_every and the last iteration
+        signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(common.Stopped, match="stopped after iteration 4"):
+            signals.end_of_step(rt, args, 4, "run/ckpt.pt", lambda: saved.append(4))
+    assert saved == [3, 6, 7, 4]                   # off schedule, but saved before leaving
+
+
+def test_dispatch_runs_one_mode_in_the_order_dry_run_bench_sample_eval_train():
+    import argparse
+    modes = ("dry_run", "bench", "sample", "eval")
+    run = {m: (lambda m: lambda args: m)(m) for m in modes + ("train",)}
+    call = lambda **on: common.dispatch(  # noqa: E731
+        argparse.Namespace(**{m: on.get(m, False) for m in modes}), run["dry_run"],
+        run["bench"], run["sample"], run["eval"], run["train"])
+    assert call() == "train" and call(eval=True) == "eval" and call(sample=True) == "sample"
+    assert call(sample=True, eval=True) == "sample" and call(bench=3, sample=True) == "bench"
+    assert call(dry_run=True, bench=3) == "dry_run"
+
+
 def test_an_error_inside_the_training_loop_starts_on_a_line_of_its_own(capsys):
     def main():
         bar = tqdm(total=10, file=sys.stderr)
