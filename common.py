@@ -136,6 +136,9 @@ def base_parser(description):
     p.add_argument("--eval", action="store_true", help="load ckpt.pt and write eval.json")
     p.add_argument("--dry_run", action="store_true",
                    help="build the models, print their parameter counts as JSON, touch no data")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="--bench: the device's dense peak TFLOP/s for the MFU figure (known GPUs "
+                        "are looked up; see common.PEAK_TFLOPS)")
     return p
 
 
@@ -193,6 +196,9 @@ def world_size():
 def check_common_flags(args):
     at_least(args, 1, "iters", "batch_size", "size", "log_every", "sample_every", "ckpt_every")
     at_least(args, 0, "num_workers")
+    peak = getattr(args, "peak_tflops", None)
+    require(peak is None or peak > 0, f"--peak_tflops must be a positive number of TFLOP/s "
+                                      f"(got {peak}).")
 
 
 def check_batch_divides(args):
@@ -351,23 +357,82 @@ def reduce_mean(value, rt):
     return t.item() / rt.world_size
 
 
+# Dense peak TFLOP/s (no sparsity) from the vendors' datasheets, per autocast dtype, for the MFU
+# line of --bench; float32 counts TF32 tensor cores, which setup_runtime switches on. The first
+# name contained in torch.cuda.get_device_name() wins; other devices take --peak_tflops.
+PEAK_TFLOPS = {  # name: (float32 as TF32, bfloat16, float16)
+    "H100 PCIe": (378.0, 756.0, 756.0),
+    "H100": (494.7, 989.4, 989.4),      # SXM; the H200 has the same tensor cores
+    "H200": (494.7, 989.4, 989.4),
+    "A100": (156.0, 312.0, 312.0),
+    "L40S": (183.0, 362.1, 362.1),
+    "A10": (62.5, 125.0, 125.0),
+    "RTX 4090": (82.6, 165.2, 165.2),
+    "V100": (15.7, None, 125.0),        # no TF32 and no bf16 tensor cores
+}
+
+
+def peak_tflops(device_name, dtype, given=None):
+    """The device's dense peak for `dtype` (a name: float32, bfloat16, float16); `given`
+    (--peak_tflops) wins; None where unknown (CPUs), and then no MFU is printed."""
+    if given:
+        return float(given)
+    for name, peaks in PEAK_TFLOPS.items():
+        if name in device_name:
+            return peaks[("float32", "bfloat16", "float16").index(dtype)]
+    return None
+
+
+def significant(x, digits=4):
+    return float(f"{x:.{digits}g}")
+
+
+def count_flops(step):
+    """FLOPs of one call of `step` (forward and backward): matrix multiplies and convolutions with
+    torch.utils.flop_counter's formulas (element-wise work is not counted, as in MFU figures).
+    FlopCounterMode itself cannot run R1's double backward (its module tracker refuses
+    autograd.grad), so a bare dispatch mode applies the same formulas to every op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **(kwargs or {}), out_val=out)
+            return out
+
+    with Count() as counter:
+        step()
+    return counter.total
+
+
 def bench_training(args, rt, make_step, warmup=3):
     """--bench N: images/s and peak memory of N training steps, float32 eager first as the
     baseline, then the asked --dtype / --compile, in one process (speed is a ratio within one run).
     make_step(run, compile_model) builds fresh networks for Runtime `run` (compiled if asked) and
-    returns a no-argument step that trains on one fixed batch of args.batch_size images. Prints one JSON line per configuration,
-    then a summary line; returns the summary."""
+    returns a no-argument step that trains on one fixed batch of args.batch_size images.
+    One extra float32 step, untimed, counts the FLOPs per image; with the device's peak (the
+    table above or --peak_tflops) that gives the model FLOPs utilisation, as nanoGPT reports it:
+    MFU = FLOPs per step x steps per second / peak. Prints one JSON line per configuration, then
+    a summary line; returns the summary."""
     import resource
     configs = [("float32", None)]
     if (args.dtype, args.compile) != ("float32", None):
         configs.append((args.dtype, args.compile))
     cuda = rt.device.type == "cuda"
-    rows = []
+    device_name = torch.cuda.get_device_name(rt.device) if cuda else "cpu"
+    rows, flops = [], None
     for dtype, compile_model in configs:
         torch.manual_seed(args.seed)
         step = make_step(Runtime(rt.device, getattr(torch, dtype)), compile_model)
         for _ in range(warmup):  # cudnn autotuning, compilation
             step()
+        if flops is None:
+            flops = count_flops(step)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -380,18 +445,22 @@ def bench_training(args, rt, make_step, warmup=3):
         else:  # the process's peak resident memory so far (Linux reports KiB)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         seconds = time.perf_counter() - t0
+        peak_flops = peak_tflops(device_name, dtype, getattr(args, "peak_tflops", None))
+        achieved = flops * args.bench / seconds  # FLOP/s
         rows.append(dict(dtype=dtype, compile=compile_model,
                          img_per_s=round(args.bench * args.batch_size / seconds, 2),
                          ms_per_step=round(1000 * seconds / args.bench, 1),
-                         peak_mem_gib=round(peak, 3)))
+                         peak_mem_gib=round(peak, 3),
+                         tflops=significant(achieved / 1e12),
+                         mfu=None if not peak_flops else significant(achieved / peak_flops / 1e12)))
         print(json.dumps(rows[-1]), flush=True)
         del step
         if cuda:
             torch.cuda.empty_cache()
     rows[-1]["speedup_vs_fp32_eager"] = round(rows[-1]["img_per_s"] / rows[0]["img_per_s"], 3)
     summary = {"bench": rows, "data": args.data, "batch_size": args.batch_size,
-               "size": args.size, "device": torch.cuda.get_device_name(rt.device) if cuda
-               else "cpu", "threads": torch.get_num_threads()}
+               "size": args.size, "gflops_per_img": significant(flops / args.batch_size / 1e9),
+               "device": device_name, "threads": torch.get_num_threads()}
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -494,7 +563,7 @@ def preserved_rng():
 
 # Flags that say what a command does, not what was trained: never saved in a checkpoint's config.
 RUN_MODE_FLAGS = ("resume", "sample", "eval", "dry_run", "bench", "device", "num_workers",
-                  "compile")
+                  "compile", "peak_tflops")
 
 
 def save_checkpoint(path, method, config, iteration, objects, extra=None, rt=None):

@@ -64,8 +64,9 @@ def test_dry_run_prints_exact_counts_as_last_line(capsys):
 
 
 def test_bench_training_times_float32_then_the_asked_dtype(capsys):
-    """--bench: fresh networks per configuration, warm-up then N timed steps each, float32 eager
-    first as the baseline, the summary last with the speed-up."""
+    """--bench: fresh networks per configuration, warm-up, one untimed step that counts the FLOPs,
+    then N timed steps each, float32 eager first as the baseline, the summary last with the
+    speed-up."""
     import argparse
     args = argparse.Namespace(bench=2, batch_size=4, dtype="bfloat16", compile=None, seed=0,
                               data="toy", size=8)
@@ -78,10 +79,44 @@ def test_bench_training_times_float32_then_the_asked_dtype(capsys):
     summary = common.bench_training(args, common.Runtime(torch.device("cpu"), torch.float32),
                                     make_step)
     assert made == [(torch.float32, None), (torch.bfloat16, None)]
-    assert calls == [torch.float32] * 5 + [torch.bfloat16] * 5      # 3 warm-up + 2 timed each
+    assert calls == [torch.float32] * 6 + [torch.bfloat16] * 5   # 3 warm-up (+1 counted) + 2 timed
     assert [r["dtype"] for r in summary["bench"]] == ["float32", "bfloat16"]
     assert "speedup_vs_fp32_eager" in summary["bench"][-1]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+
+def test_bench_counts_the_flops_of_a_training_step_and_reports_mfu_against_the_peak():
+    """A linear layer's training step costs 2*B*I*O FLOPs forward and twice that backward (input
+    and weight gradients): the count per image and the MFU = achieved / peak must follow."""
+    import argparse
+    batch, n_in, n_out = 8, 64, 32
+    args = argparse.Namespace(bench=3, batch_size=batch, dtype="float32", compile=None, seed=0,
+                              data="toy", size=8, peak_tflops=2.0)
+
+    def make_step(run, compile_model):
+        layer = nn.Linear(n_in, n_out, bias=False)
+        x = torch.randn(batch, n_in, requires_grad=True)  # as inside a deeper network
+        return lambda: layer(x).square().sum().backward()
+
+    summary = common.bench_training(args, common.Runtime(torch.device("cpu"), torch.float32),
+                                    make_step)
+    assert summary["gflops_per_img"] == pytest.approx(6 * n_in * n_out / 1e9, rel=1e-3)
+    row = summary["bench"][0]
+    achieved = 6 * batch * n_in * n_out / (row["ms_per_step"] / 1000)
+    assert row["mfu"] == pytest.approx(achieved / 2e12, rel=0.05)
+    # the same count as torch's FlopCounterMode on a convolutional step (which it can run)
+    from torch.utils.flop_counter import FlopCounterMode
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2))
+    images = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as reference:
+        net(images).sum().backward()
+    assert common.count_flops(lambda: net(images).sum().backward()) == \
+        reference.get_total_flops() > 0
+    assert common.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert common.peak_tflops("NVIDIA H200", "float32") == 494.7
+    assert common.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
+    assert common.peak_tflops("cpu", "float32") is None
+    assert common.peak_tflops("cpu", "float32", given=1.5) == 1.5
 
 
 # ---------------------------------------------------------------------------------------------
