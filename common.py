@@ -161,7 +161,8 @@ def parse_args(parser, presets, method, default_data, argv=None, check=None):
             raise KeyError(f"preset '{args.data}' sets unknown flag '{key}'")  # a bug, not input
         if getattr(args, key) is None:
             setattr(args, key, value)
-    generic = dict(log_every=50, sample_every=500, ckpt_every=1000, num_workers=0)
+    generic = dict(log_every=50, sample_every=500, ckpt_every=1000,
+                   num_workers=default_workers(args.device))
     for key, value in generic.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -173,6 +174,16 @@ def parse_args(parser, presets, method, default_data, argv=None, check=None):
     check_batch_divides(args)
     prepare_out_dir(args)
     return args
+
+
+def default_workers(device):
+    """Data workers when --num_workers is not given: on a GPU up to 8 per process, one CPU core
+    kept for the process itself (items are made while the GPU computes); on the CPU none, as the
+    cores are busy training. Batches do not depend on it (ResumableBatches)."""
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return 0
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, cores - 1))
 
 
 def require(ok, sentence):
@@ -474,10 +485,13 @@ class ResumableBatches(torch.utils.data.Sampler):
 
     Batch number i of the run is a pure function of (seed, i), so `start_iter` resumes the
     stream exactly where a checkpoint left it. Under DDP each rank takes its own slice of every
-    global batch, so the processes together see exactly what one process would.
+    global batch, so the processes together see exactly what one process would. With `seeded`,
+    each index comes with the seed of its item's random draws (crop, flip, caption): a pure
+    function of (seed, i, index) too, so that neither data workers nor a resume change them.
     """
 
-    def __init__(self, n_items, batch_size, seed, start_iter=0, rank=0, world_size=1):
+    def __init__(self, n_items, batch_size, seed, start_iter=0, rank=0, world_size=1,
+                 seeded=False):
         require(batch_size % world_size == 0,
                 f"--batch_size {batch_size} is the global batch and must divide evenly over the "
                 f"{world_size} processes of this torchrun launch.")
@@ -486,6 +500,7 @@ class ResumableBatches(torch.utils.data.Sampler):
                             f"{batch_size}; lower --batch_size or add data.")
         self.n, self.batch, self.seed = n_items, batch_size, seed
         self.start, self.rank, self.world = start_iter, rank, world_size
+        self.seeded = seeded
 
     def __iter__(self):
         per_epoch = self.n // self.batch  # the last incomplete batch of an epoch is dropped
@@ -496,20 +511,42 @@ class ResumableBatches(torch.utils.data.Sampler):
                 self.seed * 1_000_003 + epoch))
             batch = perm[k * self.batch:(k + 1) * self.batch]
             share = self.batch // self.world
-            yield batch[self.rank * share:(self.rank + 1) * share].tolist()
+            mine = batch[self.rank * share:(self.rank + 1) * share].tolist()
+            if self.seeded:
+                mine = [(j, (self.seed * 1_000_003 + i) * 1_000_033 + j) for j in mine]
+            yield mine
             i += 1
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """dataset[(index, seed)]: the item made with torch's RNG seeded to `seed` (the dataset's
+    random crop, flip and caption draw from it), the caller's RNG left as it was."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed % 2 ** 63)
+            return self.dataset[index]
 
 
 def batch_stream(dataset, batch_size, rt, seed, start_iter=0, num_workers=0):
     """Endless iterator of collated batches (dicts of tensors / lists), resumable at start_iter.
 
-    `batch_size` is the GLOBAL batch (--batch_size): each rank yields its share of it.
+    `batch_size` is the GLOBAL batch (--batch_size): each rank yields its share of it. Batch i is
+    the same whatever the number of processes, data workers or resumes.
     """
-    sampler = ResumableBatches(len(dataset), batch_size, seed, start_iter, rt.rank, rt.world_size)
+    sampler = ResumableBatches(len(dataset), batch_size, seed, start_iter, rt.rank, rt.world_size,
+                               seeded=True)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers,
+        SeededItems(dataset), batch_sampler=sampler, num_workers=num_workers,
         pin_memory=rt.device.type == "cuda", persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed * 7919 + start_iter))
+        generator=torch.Generator().manual_seed(seed * 7919 + start_iter))  # not the global RNG
     return iter(loader)
 
 

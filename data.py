@@ -955,7 +955,7 @@ class FileDataset(torch.utils.data.Dataset):
             np.asarray(palette, np.uint8)
         self.encode, self.label_nc, self.dontcare = encode, label_nc, dontcare
         self.rgb_labels, self.scaled_maps = rgb_labels, scaled_maps
-        self.channels, self.lowres = channels, lowres
+        self.channels, self.lowres, self.sketch = channels, lowres, True
         first = records[0]
         self.has = {"image", "sketch", "name"} | ({"lowres"} if lowres else set())
         if first.get("label"):
@@ -967,6 +967,13 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.records)
+
+    def skip(self, keys):
+        """Stop making these per-item keys (of OPTIONAL_KEYS) for a script that never reads them:
+        the sketch (an edge detector over the image, or a file read) and the 8x low-res copy."""
+        self.sketch = self.sketch and "sketch" not in keys
+        self.lowres = self.lowres and "lowres" not in keys
+        self.has -= set(keys)
 
     def transform_params(self, width, height):
         """Resize size, crop box and flip of one item, from the image's own size."""
@@ -1059,15 +1066,8 @@ class FileDataset(torch.utils.data.Dataset):
                 inst = raw if raw.ndim == 2 else label
             item["label"] = torch.from_numpy(label)
             item["instance"] = torch.from_numpy(reindex(inst))
-        if rec.get("sketch"):
-            sk = self.read_file("sketch", rec["sketch"]).convert("L")
-            sk = np.asarray(self.apply(sk, params, Image.NEAREST), np.float32) / 255
-            # Lines may be dark on white (sketch simplification) or white on black (Canny):
-            # the minority side is the line.
-            sketch = (sk < 0.5) if sk.mean() > 0.5 else (sk >= 0.5)
-        else:
-            sketch = image_sketch(array)
-        item["sketch"] = torch.from_numpy(np.asarray(sketch, np.float32)[None])
+        if self.sketch:
+            item["sketch"] = self.read_sketch(rec, params, array)
         if "captions" in rec:
             caps = rec["captions"]
             k = int(torch.randint(0, len(caps), ())) if self.split == "train" and caps else index
@@ -1077,6 +1077,18 @@ class FileDataset(torch.utils.data.Dataset):
         if self.lowres:
             item["lowres"] = box_downsample(image)
         return item
+
+    def read_sketch(self, rec, params, array):
+        """(1, H, W) float32 lines in {0, 1}: the dataset's sketch file, else image_sketch()."""
+        if rec.get("sketch"):
+            sk = self.read_file("sketch", rec["sketch"]).convert("L")
+            sk = np.asarray(self.apply(sk, params, Image.NEAREST), np.float32) / 255
+            # Lines may be dark on white (sketch simplification) or white on black (Canny):
+            # the minority side is the line.
+            sketch = (sk < 0.5) if sk.mean() > 0.5 else (sk >= 0.5)
+        else:
+            sketch = image_sketch(array)
+        return torch.from_numpy(np.asarray(sketch, np.float32)[None])
 
     def file_problems(self, rec, read="header"):
         """[(path, reason)] for the files of one record, without loading the item. read="exists":
@@ -1480,18 +1492,26 @@ DATASETS = {
 }
 
 
-def get_dataset(name, root=None, split="train", size=None, check_files=True, **options):
+# Keys a real set computes per item whether or not a script reads them; get_dataset(skip=...)
+# drops them (the built-in sets are cheap and keep their items whole).
+OPTIONAL_KEYS = ("sketch", "lowres")
+
+
+def get_dataset(name, root=None, split="train", size=None, check_files=True, skip=(), **options):
     """The dataset `name` (a key of DATASETS). Options: synthetic sets `seed`, `length`,
     `letters` (letters only); folder `stretch`, `channels`; folder-pairs `num_classes`,
-    `dontcare`. The files of a real set pass check_at_start first (check_files=False skips it:
-    data.py --check makes its own, complete one)."""
+    `dontcare`. `skip`: OPTIONAL_KEYS a script never reads (real sets then do not make them).
+    The files of a real set pass check_at_start first (check_files=False skips it: data.py
+    --check makes its own, complete one)."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}.")
+    assert set(skip) <= set(OPTIONAL_KEYS), skip  # a script's bug, not a user's input
     split = split_name(split)
     if DATASETS[name]["kind"] == "synthetic":
         return SyntheticDataset(name, split, size, **options)
     root = root or os.path.join("data", name)
     ds = DATASETS[name]["scan"](root, split, size, **options)
+    ds.skip(skip)
     if check_files:
         check_at_start(ds, root)
     return ds
@@ -1564,26 +1584,37 @@ def load_problems(ds, index):
 # Benchmark and preview: python data.py --bench | --preview NAME [--data_dir DIR]
 # ----------------------------------------------------------------------------------------------
 
-def benchmark(names=("shapes", "hshape", "letters"), sizes=(None, 256), rounds=10, seconds=0.3):
-    """Items per second of each synthetic set on one thread: {(name, (H, W)): items/s}.
-
-    The best of `rounds` short rounds of CPU time (time.process_time), so that other jobs on a
-    shared machine disturb the figure as little as possible.
-    """
+def items_per_second(ds, rounds=10, seconds=0.3):
+    """Items per second of one data worker (one thread): the best of `rounds` short rounds of CPU
+    time (time.process_time), so that other jobs on a shared machine disturb it as little as
+    possible."""
     torch.set_num_threads(1)
+    ds[0]  # warm caches (fonts, file system)
+    best, index = 0.0, 0
+    for _ in range(rounds):
+        n, start = 0, time.process_time()
+        while time.process_time() - start < seconds:
+            ds[index % len(ds)]
+            n, index = n + 1, index + 1
+        best = max(best, n / (time.process_time() - start))
+    return best
+
+
+def benchmark(names=("shapes", "hshape", "letters"), sizes=(None, 256), root=None, **kw):
+    """Items per second of one data worker: {(name, (H, W), what): items/s}. The synthetic sets
+    at their default size and 256; a real set (`root`) at its default size, with every key and
+    without OPTIONAL_KEYS (what a script that skips them pays)."""
     results = {}
     for name in names:
+        if DATASETS.get(name, {}).get("kind") == "real":
+            for skip in ((), OPTIONAL_KEYS):
+                ds = get_dataset(name, root, split="train", size=sizes[0], skip=skip)
+                what = "all keys" if not skip else "without " + " and ".join(skip)
+                results[(name, ds.size, what)] = items_per_second(ds, **kw)
+            continue
         for size in sizes:
             ds = get_dataset(name, size=size)
-            ds[0]  # warm caches (fonts)
-            best, index = 0.0, 0
-            for _ in range(rounds):
-                n, start = 0, time.process_time()
-                while time.process_time() - start < seconds:
-                    ds[index % len(ds)]
-                    n, index = n + 1, index + 1
-                best = max(best, n / (time.process_time() - start))
-            results[(name, ds.size)] = best
+            results[(name, ds.size, "all keys")] = items_per_second(ds, **kw)
     return results
 
 
@@ -1644,7 +1675,9 @@ def check(name, root, split, size):
 def main(argv=None):
     p = argparse.ArgumentParser(description="datasets of the five scripts: benchmark, preview, "
                                 "check")
-    p.add_argument("--bench", action="store_true", help="items/s of the synthetic sets, one thread")
+    p.add_argument("--bench", nargs="?", const="synthetic", default=None, metavar="NAME",
+                   help="items/s of one data worker (one thread): the synthetic sets, or the real "
+                        "set NAME in --data_dir")
     p.add_argument("--preview", default=None, help="write a sample grid of this dataset")
     p.add_argument("--check", default=None, help="read every file of this dataset, list bad ones")
     p.add_argument("--data_dir", "--root", dest="data_dir", default=None,
@@ -1655,8 +1688,11 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=None)
     args = p.parse_args(argv)
     if args.bench:
-        for (name, size), rate in benchmark().items():
-            print(f"{name:8s} {size[0]:4d}x{size[1]:<4d} {rate:8.0f} items/s (one thread, best round)")
+        names = ("shapes", "hshape", "letters") if args.bench == "synthetic" else (args.bench,)
+        sizes = (None, 256) if args.bench == "synthetic" else (args.size,)
+        for (name, size, what), rate in benchmark(names, sizes, args.data_dir).items():
+            print(f"{name:12s} {size[0]:4d}x{size[1]:<4d} {rate:8.0f} items/s per worker "
+                  f"({what}; one thread, best round)")
     if args.preview:
         print(preview(args.preview, args.data_dir, args.out, size=args.size))
     if args.check:
@@ -2003,6 +2039,42 @@ def hshape_density_image(widths, bins=20, scale=6):
     img = (hist / hist.max().clamp(min=1e-12)).t().flip(0)
     img = img.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     return (img * 2 - 1)[None]
+
+
+# uMM-GAN Table 1 and Fig. 8 on letters without a pretrained Inception (a CPU stand-in for FID,
+# our choice): pixel nearest neighbours between generated glyphs and a fixed set of real ones.
+
+class LettersNearest:
+    """Streams generated images (B, C, H, W) in [-1, 1] against `reference` real ones (N, C, H, W)
+    of known `classes` (N,). Keeps a sum and per-class counts for the generated images and one
+    running minimum per reference image, so memory is set by the reference set, not by how many
+    are generated. report(): `fidelity`, the mean RMS pixel distance of a generated image to its
+    nearest real one, and `coverage`, the mean RMS distance of a real one to its nearest generated
+    one (lower is better for both: FID's two sides, crudely); `nearest_class_share`, the share of
+    generated images whose nearest real image is of each class (1/N each for a balanced set)."""
+
+    def __init__(self, reference, classes, num_classes):
+        self.ref = reference.flatten(1).float()
+        self.ref_sq = self.ref.pow(2).sum(1)
+        self.classes, self.num_classes = torch.as_tensor(classes).long(), num_classes
+        self.dist_sum, self.n = 0.0, 0
+        self.counts = torch.zeros(num_classes)
+        self.ref_min = torch.full((len(self.ref),), float("inf"))
+
+    def add(self, images):
+        x = images.flatten(1).float().to(self.ref.device)
+        d2 = (x.pow(2).sum(1, keepdim=True) + self.ref_sq - 2 * x @ self.ref.t()).clamp(min=0)
+        nearest, j = d2.min(1)  # (B,): each generated image's nearest real one
+        self.dist_sum += float(nearest.div(x.shape[1]).sqrt().sum())
+        self.n += len(x)
+        self.counts += torch.bincount(self.classes[j], minlength=self.num_classes).float()
+        self.ref_min = torch.minimum(self.ref_min, d2.min(0).values)
+
+    def report(self):
+        dim = self.ref.shape[1]
+        return {"fidelity": self.dist_sum / max(self.n, 1),
+                "coverage": float(self.ref_min.div(dim).sqrt().mean()),
+                "nearest_class_share": (self.counts / max(self.n, 1)).tolist()}
 
 
 if __name__ == "__main__":

@@ -145,6 +145,41 @@ def test_batch_stream_resumes_the_same_batches_and_splits_ranks():
     assert next(iter(r0)) + next(iter(r1)) == first[0]
 
 
+def test_data_workers_default_to_none_on_the_cpu_and_to_the_free_cores_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert [common.default_workers(d) for d in ("auto", "cuda", "cpu", "mps")] == [3, 3, 0, 0]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert common.default_workers("auto") == 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.default_workers("auto") == 0
+
+
+class RandomCrops(ToyData):
+    """An item with a random draw from torch's global RNG, as FileDataset's crop and flip."""
+
+    def __getitem__(self, i):
+        return dict(super().__getitem__(i), crop=torch.randint(0, 10 ** 9, ()))
+
+
+def test_random_draws_of_items_survive_resume_workers_and_ranks_and_spare_the_global_rng():
+    rt = common.Runtime(torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    full = common.batch_stream(RandomCrops(), 6, rt, seed=3)
+    batches = [next(full) for _ in range(5)]
+    assert torch.equal(torch.get_rng_state(), before)  # the training's RNG is not consumed
+    crops = [b["crop"].tolist() for b in batches]
+    assert len({c for b in crops for c in b}) == 30     # also an item met again in epoch 2
+    resumed = common.batch_stream(RandomCrops(), 6, rt, seed=3, start_iter=2, num_workers=2)
+    assert [next(resumed)["crop"].tolist() for _ in range(3)] == crops[2:]
+    world = [common.Runtime(torch.device("cpu"), torch.float32, rank, 2) for rank in (0, 1)]
+    halves = [next(common.batch_stream(RandomCrops(), 6, r, seed=3))["crop"].tolist()
+              for r in world]
+    assert halves[0] + halves[1] == crops[0]
+
+
 class ToyModel(nn.Module):
     def __init__(self):
         super().__init__()

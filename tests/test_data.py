@@ -666,6 +666,33 @@ def test_folder_classes_lowres_and_sketch(tmp_path):
     assert "class" not in data.get_dataset("folder", root=str(flat), size=16)[0]
 
 
+@pytest.mark.parametrize("key", ["mm-celeba-hq", "deepfashion"])  # sketch files / computed
+def test_skipped_keys_are_neither_made_nor_read_and_the_rest_is_unchanged(key, tmp_path,
+                                                                          monkeypatch):
+    fake = REAL[key](str(tmp_path), np.random.default_rng(0))
+    full = data.get_dataset(key, root=fake.root, split="test", size=fake.size)
+    lean = data.get_dataset(key, root=fake.root, split="test", size=fake.size,
+                            skip=data.OPTIONAL_KEYS)
+    expected = {k: v for k, v in full[1].items() if k not in data.OPTIONAL_KEYS}
+    made, read = [], []
+    monkeypatch.setattr(data, "image_sketch", lambda a: made.append(a))
+    original = data.FileDataset.read_file
+    monkeypatch.setattr(data.FileDataset, "read_file",
+                        lambda self, what, path: read.append(what) or original(self, what, path))
+    item = lean[1]
+    assert "sketch" in full.has and set(item) == lean.has == full.has - {"sketch"}
+    assert same_item(item, expected)
+    assert made == [] and "sketch" not in read
+
+
+def test_bench_measures_one_worker_on_a_real_layout_with_and_without_the_optional_keys(tmp_path):
+    fake = fake_deepfashion(str(tmp_path), np.random.default_rng(0))
+    rates = data.benchmark(("deepfashion",), (fake.size,), fake.root, rounds=1, seconds=0.05)
+    assert list(rates) == [("deepfashion", (32, 32), "all keys"),
+                           ("deepfashion", (32, 32), "without sketch and lowres")]
+    assert all(rate > 0 for rate in rates.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Real datasets: the promised sentences
 # ---------------------------------------------------------------------------------------------
