@@ -136,6 +136,9 @@ def base_parser(description):
     p.add_argument("--eval", action="store_true", help="load ckpt.pt and write eval.json")
     p.add_argument("--dry_run", action="store_true",
                    help="build the models, print their parameter counts as JSON, touch no data")
+    p.add_argument("--init_from", default=None, metavar="PATH",
+                   help="the authors' released weights (recognised by their keys): --sample and "
+                        "--eval use them instead of ckpt.pt; training starts from them")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="--bench: the device's dense peak TFLOP/s for the MFU figure (known GPUs "
                         "are looked up; see common.PEAK_TFLOPS)")
@@ -600,7 +603,7 @@ def preserved_rng():
 
 # Flags that say what a command does, not what was trained: never saved in a checkpoint's config.
 RUN_MODE_FLAGS = ("resume", "sample", "eval", "dry_run", "bench", "device", "num_workers",
-                  "compile", "peak_tflops")
+                  "compile", "peak_tflops", "init_from")
 
 
 def save_checkpoint(path, method, config, iteration, objects, extra=None, rt=None):
