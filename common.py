@@ -145,16 +145,21 @@ def base_parser(description):
     return p
 
 
-def parse_args(parser, presets, method, default_data, argv=None, check=None):
+def parse_args(parser, presets, method, default_data, argv=None, check=None,
+               no_released_weights=None):
     """Parse the command line, fill every flag left at None from the dataset's preset, check every
     flag, and make sure the run folder can be used; all of it before any data or model is built.
 
     `presets` maps a dataset name to a dict of flag values (the paper's settings); a flag given on
     the command line always wins. `check(args)` is the script's own flag check (it raises
-    UserError). Returns the args namespace with `args.method` set.
+    UserError). `no_released_weights`: for a script that cannot read released weights, the reason,
+    said when --init_from is given. Returns the args namespace with `args.method` set.
     """
     args = parser.parse_args(argv)
     args.method = method
+    if args.init_from and no_released_weights:
+        raise UserError(f"{method}.py cannot start from --init_from {args.init_from}: "
+                        f"{no_released_weights}")
     args.data = args.data or default_data
     if args.data not in presets:
         raise UserError(f"{method}.py has no preset for --data {args.data}; "
@@ -210,6 +215,11 @@ def world_size():
 def check_common_flags(args):
     at_least(args, 1, "iters", "batch_size", "size", "log_every", "sample_every", "ckpt_every")
     at_least(args, 0, "num_workers")
+    init = getattr(args, "init_from", None)
+    require(not (init and args.resume), "--init_from starts a new run from released weights and "
+                                        "--resume continues ckpt.pt: give one of them.")
+    require(not init or os.path.isfile(init), f"--init_from {init}: no such file (released "
+                                              f"weights are downloaded by hand; see the README).")
     peak = getattr(args, "peak_tflops", None)
     require(peak is None or peak > 0, f"--peak_tflops must be a positive number of TFLOP/s "
                                       f"(got {peak}).")
@@ -241,7 +251,7 @@ def prepare_out_dir(args):
         require(os.path.isfile(ckpt), no_checkpoint_sentence(ckpt))
     if int(os.environ.get("RANK", 0)) != 0:
         return  # rank 0 alone writes into the run folder
-    if not training_run(args) and not os.path.isdir(args.out_dir):
+    if not training_run(args) and not os.path.isdir(args.out_dir) and not args.init_from:
         return  # --sample / --eval: load_checkpoint names the missing checkpoint
     probe = os.path.join(args.out_dir, f".write_test_{os.getpid()}")
     try:

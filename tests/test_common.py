@@ -457,6 +457,7 @@ def exit_of(script, argv, capsys):
     (["--sample_every", "0"], "--sample_every must be at least 1 (got 0)."),
     (["--num_workers", "-1"], "--num_workers must be at least 0 (got -1)."),
     (["--size", "0"], "--size must be at least 1 (got 0)."),
+    (["--peak_tflops", "0"], "--peak_tflops must be a positive number of TFLOP/s (got 0.0)."),
 ])
 def test_a_bad_common_flag_is_one_sentence_before_anything_is_written(script, flags, sentence,
                                                                        tmp_path, capsys):
