@@ -13,11 +13,13 @@ With one expert this is classifier-free guidance (Eq. 11). The composed eps then
 ordinary DDPM or DDIM step. Nothing is retrained to add a condition: a new expert joins the sum.
 
 Map of this file (the paper's order: diffusion, composition, sampling, then the networks):
-    config and presets    ADM (guided-diffusion) configurations, one preset per dataset,
-                          check_args (every flag, before anything is built)
+    config and presets    ADM (guided-diffusion) configurations, the experts (label map, the
+                          paper's skin and hair maps, caption, sketch, class), one preset per
+                          dataset, named compositions (the official literals), check_args
     diffusion             linear/cosine schedules, respacing, eps-prediction loss (+ L_vlb when
                           learn_sigma)
-    composition           compose_eps (Eq. 10), one batched forward per model per step, schedule
+    composition           compose_eps (Eq. 10), the official literals and --guidance /
+                          --reliability per expert, one batched forward per model per step, schedule
                           matching for models with different noise schedules (our reading of
                           supp. §7.2)
     samplers              ancestral DDPM (Eq. 9; fixed-small, fixed-large or learned variance)
@@ -39,7 +41,8 @@ Map of this file (the paper's order: diffusion, composition, sampling, then the 
                           grids: each expert alone, composition, reliability sweep (Fig. 6),
                           guidance sweep
     evaluation            toy metrics on shapes (data.shapes_composition_scores, incl. the
-                          Table 4 ablation); FID, LPIPS and CLIP score on real data, streamed
+                          Table 4 ablation); SSIM (Wang et al. 2004); FID, LPIPS and CLIP score
+                          on real data, streamed
     dry run, benchmark    parameter counts; --bench N: training steps and the sampling step
     main
 
@@ -50,16 +53,17 @@ Map of this file (the paper's order: diffusion, composition, sampling, then the 
     python compose_diffusion.py --bench 20      # 20 training steps and a sampling step timed
     python compose_diffusion.py --data mm-celeba-hq --dry_run   # the paper's face UNet (256 px)
 
-    # the paper's path: one expert per run and dataset, composed at sampling only (§3.2, §4.1)
-    torchrun --nproc_per_node=8 compose_diffusion.py --data celebamask-hq --out_dir out/cd-map
-    torchrun --nproc_per_node=8 compose_diffusion.py --data mm-celeba-hq --experts caption \
-        --out_dir out/cd-text                   # CLIP image embedding in training (§7.3)
-    python compose_diffusion.py --sample --expert_ckpt out/cd-map/ckpt.pt out/cd-text/ckpt.pt \
-        --data mm-celeba-hq --out_dir out/cd-faces                # test-set label maps + captions
-    python compose_diffusion.py --sample --expert_ckpt out/cd-map/ckpt.pt out/cd-text/ckpt.pt \
-        --label_map map.png --text "she has blond hair" --out_dir out/cd-mine   # typed conditions
-    python compose_diffusion.py --eval --expert_ckpt out/cd-map/ckpt.pt out/cd-text/ckpt.pt \
-        --data mm-celeba-hq --out_dir out/cd-faces                # FID, LPIPS -> eval.json
+    # the paper's path: one expert per run and dataset, composed at sampling only (§3.2, §4.1):
+    # hair maps on CelebA-HQ; skin maps, text (CLIP image embedding in training, §7.3), sketches
+    torchrun --nproc_per_node=8 compose_diffusion.py --data celebamask-hq --out_dir out/cd-hair
+    torchrun --nproc_per_node=8 compose_diffusion.py --data mm-celeba-hq --experts skin \
+        --out_dir out/cd-skin                   # the same with caption, sketch
+    python compose_diffusion.py --eval --expert_ckpt out/cd-hair/ckpt.pt out/cd-skin/ckpt.pt \
+        --data mm-celeba-hq --out_dir out/cd-maps       # Tables 1-2: FID, LPIPS, SSIM
+    python compose_diffusion.py --sample --expert_ckpt out/cd-hair/ckpt.pt out/cd-skin/ckpt.pt \
+        out/cd-text/ckpt.pt out/cd-sketch/ckpt.pt --data mm-celeba-hq \
+        --text "A person with black hair" --out_dir out/cd-four   # Figs. 28-32 (+ --composition
+                                                                  # official-faces: the release's)
     python compose_diffusion.py --sample --ckpt 64x64_diffusion.pt --ckpt_config adm64 \
         --ckpt_class 291 --data folder ...      # an official ADM checkpoint as one more expert
 """
@@ -68,6 +72,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -110,19 +115,29 @@ ADM_SCHEDULES = {"adm64": "cosine", "adm128": "linear", "adm256": "linear",
 ADM_PARAMS = {"adm64": 295_904_454, "adm128": 421_529_606, "adm256": 553_838_086,
               "adm256-uncond": 552_814_086}
 
-# The experts of the cross-dataset run and the conditions each one takes. "map" = one-hot label
-# map concatenated to z_t (official face model); "text" = caption embedding added to the time
-# embedding, which every ResBlock's adaptive group norm reads (§7.3: "adaptive group
-# normalization"); "joint" = one model trained on both datasets alternately, for the Table 4
+# The experts and the conditions each one takes. Spatial conditions are concatenated to z_t
+# (official face model), in the order of SPATIAL: "map" = the one-hot label map (all classes);
+# "skin" and "hair" = the paper's face experts (§4.1, Fig. 1b, Tables 1-2): the binary skin or
+# hair region of the face parsing map (FACE_PARTS; the official maps are a face parser's soft
+# skin / hair probabilities, ours the dataset's hard CelebAMask-HQ labels); "sketch" = an edge
+# map (supp. §7.5: Canny edges). "text" = caption embedding added to the time embedding, which
+# every ResBlock's adaptive group norm reads (§7.3: "adaptive group normalization"); "class" =
+# a class label (ADM). "joint" = one model trained on both datasets alternately, for the Table 4
 # ablation (sampled "as usual": both conditions in one forward pass).
-EXPERT_CONDITIONS = {"label": ("map",), "caption": ("text",), "sketch": ("sketch",),
-                     "class": ("class",), "joint": ("map", "text")}
+EXPERT_CONDITIONS = {"label": ("map",), "skin": ("skin",), "hair": ("hair",),
+                     "caption": ("text",), "sketch": ("sketch",), "class": ("class",),
+                     "joint": ("map", "text")}
+SPATIAL = ("map", "skin", "hair", "sketch")
+FACE_PARTS = {"skin": data.CELEBAMASK_CLASSES.index("skin"),   # id 1 (CelebAMask-HQ g_mask.py)
+              "hair": data.CELEBAMASK_CLASSES.index("hair")}   # id 13
 # The in-one-run experiment (several experts in one run): which half of the training set stands
-# in for each condition's dataset: maps and sketches the even items, captions and class labels
-# the odd ones (our choice; the paper trains separate runs on CelebA-HQ and FFHQ, which
-# --expert_ckpt composes). A run of one expert trains it on the whole set.
-IN_ONE_RUN_HALF = {"map": 0, "sketch": 0, "text": 1, "class": 1}
-NEEDS_KEY = {"map": "label", "sketch": "sketch", "text": "caption", "class": "class"}
+# in for each condition's dataset. Paper §4.1: hair maps from CelebA-HQ, skin maps and text from
+# FFHQ, so hair takes the even items, skin and text the odd ones; label maps and sketches the
+# even, class labels the odd (our choice). The paper trains separate runs on CelebA-HQ and FFHQ,
+# which --expert_ckpt composes. A run of one expert trains it on the whole set.
+IN_ONE_RUN_HALF = {"map": 0, "hair": 0, "sketch": 0, "skin": 1, "text": 1, "class": 1}
+NEEDS_KEY = {"map": "label", "skin": "label", "hair": "label", "sketch": "sketch",
+             "text": "caption", "class": "class"}
 
 PRESETS = {
     # Built-in data, scaled to a 2-core CPU: all "our choice" except where marked.
@@ -138,7 +153,8 @@ PRESETS = {
                    fixed_variance="small",  # --sampler ddpm: beta_tilde (ADM's default: large)
                    guidance="3", reliability="uniform",  # w = 3: best of 1, 2, 3 (eval)
                    log_every=50, sample_every=250, ckpt_every=250, eval_n=256),
-    # Paper §4.1 faces (hair map / skin map / text), official face UNet trunk: 256 px, 192 ch,
+    # Paper §4.1 faces: the four face experts of Figs. 28-32 (hair map, skin map, text, sketch;
+    # in one run: IN_ONE_RUN_HALF), official face UNet trunk: 256 px, 192 ch,
     # mult (1,1,2,2,4,4), 2 res blocks, attention 32/16/8 with 64-ch heads (legacy order),
     # scale-shift, resblock up/down, dropout 0, 6 output channels; linear schedule, 1000 steps;
     # AdamW lr 1e-5, batch 8, EMA 0.9999, 100k iterations (official training script); DDIM 100
@@ -148,19 +164,33 @@ PRESETS = {
                          num_channels=192, num_res_blocks=2, channel_mult="1,1,2,2,4,4",
                          attention_resolutions="32,16,8", num_heads=4, num_head_channels=64,
                          dropout=0.0, learn_sigma=True, noise_schedule="linear",
-                         diffusion_steps=1000, p_uncond=0.125, experts="label,caption",
+                         diffusion_steps=1000, p_uncond=0.125, experts="hair,skin,caption,sketch",
                          text_encoder="clip", sampler="ddim", sample_steps=100, eta=0.0,
                          fixed_variance="large",  # ADM's default (used where sigma is not learned)
                          guidance="1", reliability="uniform",
                          log_every=100, sample_every=5000, ckpt_every=5000, eval_n=3000),
 }
-PRESETS["celebamask-hq"] = dict(PRESETS["mm-celeba-hq"], experts="label")  # map expert only
-# Class-conditional expert on a folder of class sub-folders, ADM's ImageNet-64 trunk (flags from
-# the ADM README; lr 3e-4, EMA 0.9999 from the ADM paper; batch and iterations our choice).
+# Paper §4.1: the hair-map expert is trained on CelebA-HQ (the skin map and text on FFHQ).
+PRESETS["celebamask-hq"] = dict(PRESETS["mm-celeba-hq"], experts="hair")
+# Generic scenes (§4.2, Table 3): a class-conditional expert on a folder of class sub-folders,
+# ADM's ImageNet-64 trunk (flags from the ADM README; lr 3e-4, EMA 0.9999 from the ADM paper;
+# batch and iterations our choice); w_i = 5 (paper §4.2), a = 1/N (Table 3 sweeps {0, .5, 1}).
 PRESETS["folder"] = dict(PRESETS["mm-celeba-hq"], size=64, num_channels=192, num_res_blocks=3,
                          channel_mult="1,2,3,4", dropout=0.1, noise_schedule="cosine", lr=3e-4,
-                         batch_size=256, iters=200_000, experts="class", guidance="2",
+                         batch_size=256, iters=200_000, experts="class", guidance="5",
                          text_encoder="tiny")
+# Named compositions, --composition NAME: flags that a command line's own flags override. The
+# official release's literals (official_weights) with its sampler: DDIM, eta 0, 100 respaced
+# steps; faces on the face model's linear schedule of 1000 steps, scenes on ADM-64's cosine one
+# with class 0 as the class model's null.
+COMPOSITIONS = {
+    "official-faces": dict(guidance="official", reliability="official", sampler="ddim",
+                           sample_steps="100", eta=0.0, noise_schedule="linear",
+                           diffusion_steps=1000),
+    "official-scenes": dict(guidance="official", reliability="official", sampler="ddim",
+                            sample_steps="100", eta=0.0, noise_schedule="cosine",
+                            diffusion_steps=1000, ckpt_null_class=0),
+}
 
 # Flags that fix the architecture and schedule: a checkpoint is refused when they differ.
 ARCH_KEYS = ("size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions",
@@ -178,7 +208,8 @@ def check_args(args):
     req = common.require
     common.at_least(args, 1, "num_channels", "num_res_blocks", "diffusion_steps", "eval_n",
                     "num_heads", "bench")
-    common.at_least(args, 0, "eta", "dropout", "p_uncond", "class_id", "ckpt_class")
+    common.at_least(args, 0, "eta", "dropout", "p_uncond", "class_id", "ckpt_class",
+                    "ckpt_null_class")
     req(args.lr is None or args.lr > 0, f"--lr must be positive (got {args.lr}).")
     for flag in ("ema_decay", "p_uncond", "dropout"):
         value = getattr(args, flag)
@@ -222,9 +253,16 @@ def check_args(args):
         raise common.UserError(f"--sample_steps {args.sample_steps} must be a step count (25), "
                                f"ddimN (ddim25) or per-section counts (10,15,20), each 1.."
                                f"{steps}.") from None
-    k = max(len(names), 1)  # a run of the joint model alone guides it with one weight
-    check_weights(parse_floats(args.reliability, k, "reliability"),
-                  parse_floats(args.guidance, k, "guidance"))
+    # one w and one a per composed expert: the trained ones, then --ckpt's ADM model
+    kinds = [EXPERT_CONDITIONS[n][0] for n in names] + (["class"] if args.ckpt else [])
+    has_null = [True] * len(names) + ([args.ckpt_null_class is not None] if args.ckpt else [])
+    if kinds:
+        w, a, _ = composition_weights(args.guidance, args.reliability, kinds, has_null)
+        req(all(h or aj == 0 or sum(w) == 1 for h, aj in zip(has_null, a)),
+            f"--reliability {args.reliability} gives the --ckpt model a null, which ADM never "
+            f"learnt; give it 0 or a stand-in null class with --ckpt_null_class (official: 0).")
+    else:  # a run of the joint model alone guides it with one weight
+        check_weights([1.0], parse_floats(args.guidance, 1, "guidance"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,19 +419,64 @@ def diffusion_loss(model, x0, cond, sched, t=None, noise=None):
 # Composition (§3.2)
 # ----------------------------------------------------------------------------------------------
 
-def check_weights(a, w):
-    """Reliabilities a_j >= 0 summing to 1 (§3.2, Eq. 5) and guidance weights w_i >= 1 (Eq. 10)."""
+def check_weights(a, w, low=1.0):
+    """Reliabilities a_j >= 0 summing to 1 (§3.2, Eq. 5) and guidance weights w_i >= 1 (Eq. 10).
+    low < 1 only for the official release's literals (a sketch weight of 0.6)."""
     a, w = [float(v) for v in a], [float(v) for v in w]
     if not a or any(v < 0 for v in a) or abs(sum(a) - 1) > 1e-6:
         raise common.UserError(f"reliabilities {a} must be non-negative and sum to 1 "
                                f"(Eq. 5), one per expert.")
-    if not w or any(v < 1 for v in w):
-        raise common.UserError(f"guidance weights {w} must each be at least 1 (Eq. 10), "
+    if not w or any(v < low for v in w):
+        raise common.UserError(f"guidance weights {w} must each be at least {low:g} (Eq. 10), "
                                f"one per condition.")
     return a, w
 
 
-def compose_eps(eps_cond, eps_null, a, w):
+def official_weights(kinds):
+    """The official release's literals (w, a) for composed experts whose conditions are `kinds`.
+    Faces (test_multimodal_face.py): skin, hair and text are rows of ONE face model, which alone
+    gives the null (a = 1 shared here by its stand-ins, 0 for the sketch model); w: 1 each, text
+    1.25 when skin, hair and text are all given; 1.2 each beside a sketch when at most two are;
+    the sketch 0.6 (below Eq. 10's w_i >= 1). A single face modality gets w = 1 (the release
+    returns eps = 0 there, a bug). Scenes (ImageNet class + text): w = 5, 5; a = 5/9, 4/9."""
+    if sorted(kinds) == ["class", "text"]:
+        return [5.0, 5.0], [5 / 9 if k == "class" else 4 / 9 for k in kinds]
+    face = [k for k in kinds if k in ("skin", "hair", "text")]
+    if not kinds or len(face) + kinds.count("sketch") != len(kinds) or kinds.count("sketch") > 1:
+        raise common.UserError(f"official weights exist for the face experts (skin, hair, "
+                               f"caption, sketch) and for class + caption; not for {kinds}.")
+    sketch = "sketch" in kinds
+    if sketch and 0 < len(face) < 3:
+        w = {"skin": 1.2, "hair": 1.2, "text": 1.2, "sketch": 0.6}
+    else:
+        w = {"skin": 1.0, "hair": 1.0, "text": 1.25 if len(face) == 3 else 1.0,
+             "sketch": 0.6 if face else 1.0}
+    a = [1 / len(face) if k in face else 0.0 for k in kinds] if face else [1.0]
+    return [w[k] for k in kinds], a
+
+
+def composition_weights(guidance, reliability, kinds, has_null):
+    """--guidance / --reliability for experts with conditions `kinds` (one each, in order):
+    numbers (one, or one per expert), "uniform" reliability (1/N over the experts that have a
+    null prediction, paper §4.1) or "official" (official_weights). Returns (w, a, the lowest
+    w allowed)."""
+    n = len(kinds)
+    if guidance == "official":
+        w = official_weights(kinds)[0]
+    else:
+        w = parse_floats(guidance, n, "guidance")
+    if reliability == "official":
+        a = official_weights(kinds)[1]
+    elif reliability == "uniform":
+        a = [1.0 / max(sum(has_null), 1) if h else 0.0 for h in has_null]
+    else:
+        a = parse_floats(reliability, n, "reliability")
+    low = 0.0 if guidance == "official" else 1.0
+    a, w = check_weights(a, w, low)
+    return w, a, low
+
+
+def compose_eps(eps_cond, eps_null, a, w, low=1.0):
     """Eq. (10): eps_c = sum_i w_i eps_i(z_t, x_i) - (sum_i w_i - 1) sum_j a_j eps_j(z_t, null).
 
     eps_cond: N conditional predictions (list or (N, B, ...) tensor), one per condition i;
@@ -406,7 +489,7 @@ def compose_eps(eps_cond, eps_null, a, w):
     is classifier-free guidance (Eq. 11): (1 + s) eps(c) - s eps(null). Experts with a_j = 0
     (e.g. ADM checkpoints, never trained with a null label) may pass None as their null.
     """
-    a, w = check_weights(a, w)
+    a, w = check_weights(a, w, low)
     if len(eps_cond) != len(w) or len(eps_null) != len(a):
         raise common.UserError(f"{len(eps_cond)} conditional predictions need {len(eps_cond)} "
                                f"guidance weights (got {len(w)}) and {len(eps_null)} null "
@@ -422,9 +505,16 @@ class Expert:
     """One diffusion model at sampling time: the network, its own full noise schedule, and
     whether its null prediction is usable (trained with condition dropout)."""
 
-    def __init__(self, name, model, sched, has_null=True):
-        self.name, self.model, self.sched, self.has_null = name, model, sched, has_null
+    def __init__(self, name, model, sched, has_null=True, null_class=None):
+        self.name, self.model, self.sched = name, model, sched
+        self.has_null = has_null or null_class is not None
+        self.null_class = null_class  # an ADM model's stand-in null (official: class 0)
         self.learn_sigma = getattr(model, "learn_sigma", False)
+
+    def null_cond(self, batch, device):
+        if self.null_class is not None:
+            return {"y": torch.full((batch,), self.null_class, dtype=torch.long, device=device)}
+        return self.model.null_cond(batch, device)
 
 
 def match_timesteps(expert_sched, ref, tol=0.01):
@@ -458,9 +548,9 @@ class Composition:
     original timestep indices, never respaced ones.
     """
 
-    def __init__(self, experts, conditions, w, a, ref):
-        self.experts, self.conditions, self.ref = experts, conditions, ref
-        self.a, self.w = check_weights(a, w)
+    def __init__(self, experts, conditions, w, a, ref, low=1.0):
+        self.experts, self.conditions, self.ref, self.low = experts, conditions, ref, low
+        self.a, self.w = check_weights(a, w, low)
         if len(self.a) != len(experts) or len(self.w) != len(conditions):
             raise common.UserError(f"{len(experts)} experts need {len(experts)} reliabilities "
                                    f"(got {len(self.a)}) and {len(conditions)} conditions need "
@@ -469,7 +559,8 @@ class Composition:
         for e, need in zip(experts, self.need_null):
             if need and not e.has_null:
                 raise common.UserError(f"expert {e.name} was never trained with a null "
-                                       f"condition; give it reliability 0.")
+                                       f"condition; give it reliability 0 (or, for --ckpt, a "
+                                       f"stand-in null class with --ckpt_null_class).")
         self.model_t = [ref.timestep_map.astype(np.float64) if same_schedule(e.sched, ref)
                         else match_timesteps(e.sched, ref) for e in experts]
         self.same = [same_schedule(e.sched, ref) for e in experts]
@@ -497,7 +588,7 @@ class Composition:
                     v = chunk[:, c:]
             if self.need_null[j]:
                 eps_null[j] = chunks[-1][:, :c]
-        return compose_eps(eps_cond, eps_null, self.a, self.w), v
+        return compose_eps(eps_cond, eps_null, self.a, self.w, self.low), v
 
 
     def inputs(self, j, rows, b, device):
@@ -508,7 +599,7 @@ class Composition:
             e = self.experts[j]
             conds = [self.conditions[k][1] for k in rows]
             if self.need_null[j]:
-                conds.append(e.model.null_cond(b, device))
+                conds.append(e.null_cond(b, device))
             stacked = cat_conds(conds)
             encode = getattr(e.model, "encode", None)
             self.stacked[j] = encode(stacked) if encode is not None else stacked
@@ -1013,7 +1104,7 @@ def load_dataset(args, split):
             raise common.UserError(f"--size {args.size} must be 32 or more, or 16 or 8 for the "
                                    f"built-in data (drawn at 32 px, then pooled).")
         return Pooled(data.get_dataset(args.data, args.data_dir, split, 32), factor)
-    return data.get_dataset(args.data, args.data_dir, split, args.size)
+    return data.get_dataset(args.data, args.data_dir, split, args.size, skip=("lowres",))
 
 
 class Trained(nn.Module):
@@ -1033,7 +1124,7 @@ class Trained(nn.Module):
             cond_dim = SMALL_TEXT["embed_dim"] if self.tiny_text else CLIP_DIM
         if self.tiny_text:
             self.text = SmallText(args.data)
-        map_ch = self.num_labels + (1 if "sketch" in conditions else 0)
+        map_ch = sum(self.num_labels if c == "map" else 1 for c in SPATIAL if c in conditions)
         self.unet = UNet(**unet_flags(args, map_ch, cond_dim, self.num_classes))
         self.learn_sigma = self.unet.learn_sigma
 
@@ -1063,39 +1154,46 @@ def rows_of(batch):
     return len(next(iter(batch.values())))
 
 
-def condition_inputs(expert, batch, clip=None, active=None, text_from="caption"):
+def condition_inputs(expert, batch, clip=None, active=None, text_from="caption", validate=True):
     """Keyword arguments of an expert for a batch. Conditions of the expert not in `active` are
-    null: zero map channels (one-hot label map, edge sketch), label -1, zero caption. Captions
-    are tokens for the tiny encoder or a CLIP vector; text_from "image" takes the CLIP image
-    embedding of the batch's image instead (supp. §7.3, Eq. 20: the training condition)."""
+    null: zero map channels (one-hot label map, skin / hair region, edge sketch), label -1, zero
+    caption. Captions are tokens for the tiny encoder or a CLIP vector; text_from "image" takes
+    the CLIP image embedding of the batch's image instead (supp. §7.3, Eq. 20: the training
+    condition). validate: check label and class ids (sampling; training skips it: no host sync)."""
     active = set(expert.conditions if active is None else active)
     n, device = rows_of(batch), next(expert.parameters()).device
     hw = (expert.size, expert.size)
     cond = expert.null_cond(n, device)
     maps = []
-    if "map" in expert.conditions:
-        if "map" in active:
+    for c in (c for c in SPATIAL if c in expert.conditions):  # channels in SPATIAL's order
+        if c not in active:
+            maps.append(torch.zeros(n, expert.num_labels if c == "map" else 1, *hw,
+                                    device=device))
+        elif c == "map":
             label = batch["label"]
             top = expert.num_labels - 1
-            common.require(int(label.max()) <= top,
-                           f"a label map holds class id {int(label.max())}, but the label-map "
-                           f"expert knows {expert.num_labels} classes (0..{top}).")
+            if validate:  # the training set's ids are checked by data.py (and a check syncs)
+                common.require(int(label.max()) <= top,
+                               f"a label map holds class id {int(label.max())}, but the "
+                               f"label-map expert knows {expert.num_labels} classes (0..{top}).")
             maps.append(F.one_hot(label, expert.num_labels).permute(0, 3, 1, 2).float())
+        elif c in FACE_PARTS:  # the skin or hair region of the parsing map, (B, 1, H, W)
+            maps.append((batch["label"] == FACE_PARTS[c]).float()[:, None])
         else:
-            maps.append(torch.zeros(n, expert.num_labels, *hw, device=device))
-    if "sketch" in expert.conditions:
-        maps.append(batch["sketch"].float() if "sketch" in active else
-                    torch.zeros(n, 1, *hw, device=device))
-    if maps and active & {"map", "sketch"}:
+            maps.append(batch["sketch"].float())
+    if maps and active & set(SPATIAL):
         cond["cond_map"] = torch.cat(maps, dim=1)
     if "class" in expert.conditions and "class" in active:
-        common.require(int(batch["class"].max()) < expert.num_classes,
-                       f"class id {int(batch['class'].max())} is out of range for the class "
-                       f"expert's {expert.num_classes} classes.")
+        if validate:
+            common.require(int(batch["class"].max()) < expert.num_classes,
+                           f"class id {int(batch['class'].max())} is out of range for the class "
+                           f"expert's {expert.num_classes} classes.")
         cond["y"] = batch["class"].long()
     if "text" in expert.conditions and "text" in active and text_from is not None:
         if expert.tiny_text:
-            cond["cond_tokens"] = expert.text.tokens(batch["caption"]).to(device)
+            tokens = expert.text.tokens(batch["caption"])
+            tokens = tokens.pin_memory() if device.type == "cuda" else tokens
+            cond["cond_tokens"] = tokens.to(device, non_blocking=True)  # no wait for the GPU
         else:
             cond["cond_vec"] = clip.image(batch["image"]) if text_from == "image" else \
                 clip.text(batch["caption"])
@@ -1117,8 +1215,9 @@ def drop_conditions(cond, p, uniform):
     return cond
 
 
-def build_experts(args, num_labels, num_classes=0, has=None):
-    """The experts named by --experts; `has` (the dataset's keys) is checked when given."""
+def build_experts(args, num_labels, num_classes=0, has=None, label_names=None):
+    """The experts named by --experts; `has` (the dataset's keys) and `label_names` (its label
+    classes: skin and hair experts read face parsing maps) are checked when given."""
     names = [n for n in args.experts.split(",") if n]
     for n in names:
         for c in EXPERT_CONDITIONS[n]:
@@ -1126,6 +1225,11 @@ def build_experts(args, num_labels, num_classes=0, has=None):
                     not (c == "text" and args.text_encoder == "clip"):
                 raise common.UserError(f"expert {n} needs '{NEEDS_KEY[c]}' items, which "
                                        f"--data {args.data} does not provide.")
+            if c in FACE_PARTS and label_names is not None:
+                common.require(list(label_names) == data.CELEBAMASK_CLASSES,
+                               f"expert {n} reads the {c} region of face parsing maps "
+                               f"(CelebAMask-HQ's 19 classes); --data {args.data} has other "
+                               f"labels.")
     return {n: Trained(EXPERT_CONDITIONS[n], args, num_labels, num_classes) for n in names}
 
 
@@ -1139,15 +1243,17 @@ def needs_clip(models):
 # Training: the run's experts side by side in one loop, each on its own data
 # ----------------------------------------------------------------------------------------------
 
-def step_randomness(args, it, expert_index, global_batch, shape, num_conditions=8):
+def step_randomness(args, it, expert_index, global_batch, shape, num_conditions=8,
+                    device="cpu"):
     """Timesteps, noise and null-condition draws of one expert's training step for the GLOBAL
     batch, from a generator seeded by (seed, iteration, expert). Each rank takes its rows, so
     torchrun with N processes computes exactly the losses of one process on the whole batch,
-    and --resume needs no random state (our choice)."""
-    gen = torch.Generator().manual_seed((args.seed * 1_000_003 + it) * 31 + expert_index)
-    t = torch.randint(0, args.diffusion_steps, (global_batch,), generator=gen)
-    noise = torch.randn((global_batch, *shape), generator=gen)
-    uniform = torch.rand((global_batch, num_conditions), generator=gen)
+    and --resume needs no random state (our choice). Drawn on the device: no host-to-device
+    copy, which would wait for the GPU, in a training step."""
+    gen = torch.Generator(device).manual_seed((args.seed * 1_000_003 + it) * 31 + expert_index)
+    t = torch.randint(0, args.diffusion_steps, (global_batch,), generator=gen, device=device)
+    noise = torch.randn((global_batch, *shape), generator=gen, device=device)
+    uniform = torch.rand((global_batch, num_conditions), generator=gen, device=device)
     return t, noise, uniform
 
 
@@ -1159,12 +1265,12 @@ def train_step(args, rt, index, model, expert, batch, sched, clip, it):
     x0 = batch[source]["image"]
     local = x0.shape[0]
     rows = slice(rt.rank * local, (rt.rank + 1) * local)
-    t, noise, uniform = (v[rows].to(rt.device) for v in step_randomness(
-        args, it, index, local * rt.world_size, x0.shape[1:]))
+    t, noise, uniform = (v[rows] for v in step_randomness(
+        args, it, index, local * rt.world_size, x0.shape[1:], device=rt.device))
     with rt.autocast():
         # supp. §7.3: a CLIP text expert trains on the CLIP image embedding of its image
         text_from = "image" if expert.clip_text else "caption"
-        cond = condition_inputs(expert, batch[source], clip, {source}, text_from)
+        cond = condition_inputs(expert, batch[source], clip, {source}, text_from, validate=False)
         cond = drop_conditions(cond, args.p_uncond, uniform)
         return diffusion_loss(model, x0, cond, sched, t, noise)
 
@@ -1183,7 +1289,7 @@ def train(args):
     rt = common.setup_runtime(args)
     train_set = load_dataset(args, "train")
     num_labels, num_classes = train_set.num_classes, len(train_set.class_names)
-    experts = build_experts(args, num_labels, num_classes, train_set.has)
+    experts = build_experts(args, num_labels, num_classes, train_set.has, train_set.class_names)
     datasets = expert_datasets(train_set, experts)
     clip = ClipText(rt.device) if needs_clip(experts) else None
     sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
@@ -1356,17 +1462,39 @@ class Setup:
         return Composition([self.experts[name]], [(0, self.cond(name, batch))], [w], [1.0],
                            self.ref)
 
-    def composed(self, batch, w, a):
-        """Every expert but the joint model, each on its own condition (Eq. 10); with --ckpt,
-        the official ADM model joins with its class and reliability 0."""
-        experts = [self.experts[n] for n in self.names]
+    def composed_experts(self):
+        """The experts Eq. (10) composes: every trained one but the joint model, then --ckpt's."""
+        return [self.experts[n] for n in self.names] + \
+            ([self.official] if self.official is not None else [])
+
+    def weights(self):
+        """(w, a, lowest w) of --guidance / --reliability for composed_experts()."""
+        experts = self.composed_experts()
+        if not experts:  # the joint model alone: one weight
+            return parse_floats(self.args.guidance.replace("official", "1"), 1, "guidance"), \
+                [1.0], 1.0
+        kinds = [getattr(e.model, "conditions", ("class",))[0] for e in experts]
+        return composition_weights(self.args.guidance, self.args.reliability, kinds,
+                                   [e.has_null for e in experts])
+
+    def alone_weights(self):
+        """w of each trained expert sampled alone: its --guidance value (1 under "official":
+        one face modality alone is its plain conditional model there)."""
+        if self.args.guidance == "official":
+            return [1.0] * len(self.names)
+        return parse_floats(self.args.guidance, len(self.composed_experts()),
+                            "guidance")[:len(self.names)]
+
+    def composed(self, batch, w, a, low=1.0):
+        """Every expert but the joint model, each on its own condition (Eq. 10), with one w and
+        one a per expert of composed_experts(): with --ckpt, the official ADM model is the last,
+        conditioned on --ckpt_class."""
+        experts = self.composed_experts()
         conds = [(j, self.cond(n, batch)) for j, n in enumerate(self.names)]
         if self.official is not None:
-            experts.append(self.official)
             y = torch.full((rows_of(batch),), self.args.ckpt_class, device=self.device)
             conds.append((len(experts) - 1, {"y": y}))
-            w, a = list(w) + [w[0]], list(a) + [0.0]
-        return Composition(experts, conds, w, a, self.ref)
+        return Composition(experts, conds, w, a, self.ref, low)
 
     def joint_usual(self, batch, w):
         """Table 4 ablation: the jointly trained model given both conditions in one forward pass,
@@ -1400,7 +1528,10 @@ def load_official(args, setup, device):
         raise common.UserError(f"{args.ckpt} does not match --ckpt_config {args.ckpt_config}: "
                                f"{len(missing)} missing and {len(unexpected)} unexpected keys.")
     sched = Schedule.make(ADM_SCHEDULES[args.ckpt_config], 1000)
-    setup.official = Expert("adm", model.to(device).eval(), sched, has_null=False)
+    # ADM never saw a null label: its null is absent (reliability 0) or, as in the official
+    # scene code, the prediction for a stand-in class (--ckpt_null_class; official: 0, tench)
+    setup.official = Expert("adm", model.to(device).eval(), sched, has_null=False,
+                            null_class=args.ckpt_null_class)
 
 
 def test_batch(dataset, n, device, offset=0):
@@ -1481,14 +1612,13 @@ def sample_grids(args, setup, test, path, quick=False):
     file beside the PNG."""
     n, names, device = min(8, args.batch_size), setup.names, setup.device  # one batch at most
     batch = sampling_batch(args, setup, test, n, 0)
-    w = parse_floats(args.guidance, max(len(names), 1), "guidance")
-    a = parse_floats(args.reliability, max(len(names), 1), "reliability")
+    w, a, low = setup.weights()
     rows, titles, palette = condition_rows(setup, test, batch)
-    for k, name in enumerate(names):
-        rows.append(list(generate(args, setup.alone(name, batch, w[k]), n, device, 1).cpu()))
+    for name, w_alone in zip(names, setup.alone_weights()):
+        rows.append(list(generate(args, setup.alone(name, batch, w_alone), n, device, 1).cpu()))
         titles.append(f"{name} expert alone")
-    if len(names) > 1 or setup.official is not None:
-        rows.append(list(generate(args, setup.composed(batch, w, a), n, device, 1).cpu()))
+    if len(setup.composed_experts()) > 1:
+        rows.append(list(generate(args, setup.composed(batch, w, a, low), n, device, 1).cpu()))
         titles.append("composition (Eq. 10)")
     if "joint" in setup.experts and not quick:
         rows.append(list(generate(args, setup.joint_usual(batch, w[0]), n, device, 1).cpu()))
@@ -1500,27 +1630,33 @@ def sample_grids(args, setup, test, path, quick=False):
 
 
 def sweep_grids(args, setup, test):
-    """Fig. 6: reliability moved from the first expert (a = 0 for the last) to the last (a = 1),
-    rows; and a guidance sweep w in {1, 2, 3, 5} for all experts, rows. Same z_T in every row."""
-    n, k, device = min(8, args.batch_size), len(setup.names), setup.device
-    if k < 2:
+    """Fig. 6: reliability moved from the first expert with a null prediction (a = 1) to the
+    last one (a = 1; with --ckpt and --ckpt_null_class: the class model as null, Fig. 6's top
+    row), rows; and a guidance sweep w in {1, 2, 3, 5} for all experts, rows. Same z_T in every
+    row."""
+    experts, device = setup.composed_experts(), setup.device
+    n, k = min(8, args.batch_size), len(experts)
+    nulls = [j for j, e in enumerate(experts) if e.has_null]
+    if k < 2 or len(nulls) < 2:
         return
+    first, last = experts[nulls[0]].name, experts[nulls[-1]].name
     batch = sampling_batch(args, setup, test, n, n)
-    w = parse_floats(args.guidance, k, "guidance")
+    w, a_given, low = setup.weights()
     head, titles, palette = condition_rows(setup, test, batch)
     rows = list(head)
     for r in (0.0, 0.25, 0.5, 0.75, 1.0):
-        a = [1 - r] + [0.0] * (k - 2) + [r]
-        rows.append(list(generate(args, setup.composed(batch, w, a), n, device, 2).cpu()))
+        a = [0.0] * k
+        a[nulls[0]], a[nulls[-1]] = 1 - r, r
+        rows.append(list(generate(args, setup.composed(batch, w, a, low), n, device, 2).cpu()))
     common.save_grid(os.path.join(args.out_dir, "reliability.png"), rows, palette=palette)
-    a = parse_floats(args.reliability, k, "reliability")
     rows = list(head)
     for g in (1.0, 2.0, 3.0, 5.0):
-        rows.append(list(generate(args, setup.composed(batch, [g] * k, a), n, device, 2).cpu()))
+        rows.append(list(generate(args, setup.composed(batch, [g] * k, a_given), n, device,
+                                  2).cpu()))
     common.save_grid(os.path.join(args.out_dir, "guidance.png"), rows, palette=palette)
     with open(os.path.join(args.out_dir, "sweeps.txt"), "w") as f:
-        f.write(f"reliability.png rows: {' | '.join(titles)} | a_{setup.names[-1]} = 0, .25, "
-                f".5, .75, 1 (a_{setup.names[0]} = 1 - that)\n"
+        f.write(f"reliability.png rows: {' | '.join(titles)} | a_{last} = 0, .25, "
+                f".5, .75, 1 (a_{first} = 1 - that)\n"
                 f"guidance.png rows: {' | '.join(titles)} | w = 1, 2, 3, 5 (every expert)\n")
         f.writelines(f"{j}: {c}\n" for j, c in enumerate(batch.get("caption", [])))
 
@@ -1530,17 +1666,52 @@ def sweep_grids(args, setup, test):
 # Evaluation: toy metrics on shapes (data.py); FID, LPIPS and CLIP score on real data
 # ----------------------------------------------------------------------------------------------
 
+def ssim(x, y, data_range=1.0, window=11, sigma=1.5, k1=0.01, k2=0.03):
+    """SSIM (Wang, Bovik, Sheikh, Simoncelli, IEEE TIP 2004, Eq. 13) of images x, y (B, C, H, W)
+    in [0, data_range] -> (B,): the mean over channels and over every position of an 11 x 11
+    Gaussian window (sigma 1.5, normalised) lying inside the image, with
+    SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),
+    C1 = (k1 L)^2, C2 = (k2 L)^2 (the paper's constants). Colour: per RGB channel, averaged (the
+    paper defines it on grey images; our choice, as skimage's channel_axis). Images smaller
+    than the window use a window of their size (our choice)."""
+    c, size = x.shape[1], min(window, x.shape[-2], x.shape[-1])
+    # float64: E[x^2] - mu^2 in float32 loses ~1e-7, a 1e-4 error against C2 (MPS: float32)
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
+    k = torch.arange(size, dtype=dtype, device=x.device) - (size - 1) / 2
+    g = torch.exp(-k ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, size, size)    # (C, 1, size, size)
+
+    def mean(v):  # the Gaussian-weighted local mean of every channel, valid positions only
+        return F.conv2d(v, kernel, groups=c)
+
+    x, y = x.to(dtype), y.to(dtype)
+    mu_x, mu_y = mean(x), mean(y)
+    var_x, var_y = mean(x * x) - mu_x ** 2, mean(y * y) - mu_y ** 2
+    cov = mean(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / \
+        ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))   # Wang et al. Eq. (13)
+    return index.mean((1, 2, 3)).float()                       # mean SSIM, their Eq. (17)
+
+
+def clip_score(clip, images, captions):
+    """Table 3's CLIP score of each image (B, 3, H, W) in [-1, 1] and its caption: the cosine of
+    their CLIP embeddings (the paper's "average clip distance between the image embeddings and
+    the embeddings of the input text prompt"; its values, 0.28-0.32, are raw cosines) -> (B,)."""
+    return (clip.image(images) * clip.text(captions, truncate=True)).sum(1)
+
+
 def eval_methods(setup):
     """What --eval compares: each expert alone (classifier-free guidance), their composition
     (Eq. 10) and, when a joint model was trained, the Table 4 ablation (both conditions in one
     forward pass) and the same model's conditions composed."""
-    names, args = setup.names, setup.args
-    w = parse_floats(args.guidance, max(len(names), 1), "guidance")
-    a = parse_floats(args.reliability, max(len(names), 1), "reliability")
+    names = setup.names
+    w, a, low = setup.weights()
     methods = {f"{n} expert alone": (lambda b, n=n, wn=wn: setup.alone(n, b, wn))
-               for n, wn in zip(names, w)}
-    if len(names) > 1 or setup.official is not None:
-        methods["composition (Eq. 10)"] = lambda b: setup.composed(b, w, a)
+               for n, wn in zip(names, setup.alone_weights())}
+    if len(setup.composed_experts()) > 1:
+        methods["composition (Eq. 10)"] = lambda b: setup.composed(b, w, a, low)
     if "joint" in setup.experts:
         methods["joint model, usual sampling (Table 4 ablation)"] = \
             lambda b: setup.joint_usual(b, w[0])
@@ -1550,10 +1721,13 @@ def eval_methods(setup):
 
 @torch.no_grad()
 def evaluate(args, setup):
-    """shapes: exact toy metrics (data.shapes_composition_scores). Real data: FID between the
-    eval_n test images and the samples for their conditions (pytorch-fid Inception), LPIPS-alex
-    of each sample to its ground truth (the paper's Tables 1-2 protocol; lower is better) and,
-    where the test set has captions, the CLIP score of each sample and its caption (Table 3).
+    """shapes: exact toy metrics (data.shapes_composition_scores) and SSIM to the ground truth.
+    Real data: FID between the eval_n test images and the samples for their conditions
+    (pytorch-fid Inception), LPIPS-alex and SSIM of each sample to its ground truth (the paper's
+    Tables 1-2 protocol) and, where the test set has captions, the CLIP score of each sample and
+    its caption (Table 3). Tables 1-2's mIoU and F1 compare a face parser's maps of the samples
+    with the input maps, and Table 3's NIQE and ImageNet accuracy need their own networks and
+    fitted statistics: none of them is here (README).
     Weights download on first use. Every method samples the same test items with the same seeds
     (--seed shifts them all: a second sampling seed).
 
@@ -1578,15 +1752,16 @@ def evaluate(args, setup):
             batch = test_batch(test, n, device, offset=start)
             seed = 1000 + start + 100_003 * args.seed
             images = generate(args, make(batch), n, device, seed).clamp_(-1, 1)
+            # Tables 1-2: SSIM of each sample to its ground truth
+            scores = {"ssim_to_gt": float(ssim((images + 1) / 2, (batch["image"] + 1) / 2).mean())}
             if shapes:
-                scores = data.shapes_composition_scores(images.cpu(),
-                                                        common.to_device(batch, "cpu"))
+                scores.update(data.shapes_composition_scores(images.cpu(),
+                                                             common.to_device(batch, "cpu")))
             else:
                 fake.add(common.inception_features(inception, [(images + 1) / 2]))
-                scores = {"lpips_to_gt": float(lpips(images, batch["image"]).mean())}
-                if captions:  # 100 x cos(CLIP image, CLIP caption), ViT-B/32, clipped at 0
-                    cos = (clip.image(images) * clip.text(batch["caption"], truncate=True)).sum(1)
-                    scores["clip_score"] = float(100 * cos.clamp(min=0).mean())
+                scores["lpips_to_gt"] = float(lpips(images, batch["image"]).mean())
+                if captions:
+                    scores["clip_score"] = float(clip_score(clip, images, batch["caption"]).mean())
             for k, v in scores.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             del batch, images  # nothing of this batch outlives it
@@ -1627,11 +1802,11 @@ def sample_and_evaluate(args):
 # ----------------------------------------------------------------------------------------------
 
 def dry_run(args):
-    """Parameter counts of the run's experts (and of --ckpt's ADM model), nothing read."""
-    experts = build_experts(args, 5 if args.data == "shapes" else 19, 1000)  # 1000: ImageNet
-    nets = dict(experts)
-    if args.ckpt:
-        with torch.device("meta"):
+    """Parameter counts of the run's experts (and of --ckpt's ADM model), nothing read; built as
+    shapes only (meta device), so a 300M-parameter count takes no memory or time."""
+    with torch.device("meta"):
+        nets = build_experts(args, 5 if args.data == "shapes" else 19, 1000)  # 1000: ImageNet
+        if args.ckpt:
             nets[args.ckpt_config] = UNet(**ADM_CONFIGS.get(args.ckpt_config, {}))
     common.print_dry_run(nets)
 
@@ -1649,7 +1824,8 @@ def bench(args):
     sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
 
     def make_step(run, compile_model):
-        experts = build_experts(args, facts["num_labels"], facts["num_classes"], train_set.has)
+        experts = build_experts(args, facts["num_labels"], facts["num_classes"], train_set.has,
+                                train_set.class_names)
         models = {n: common.prepare_model(e, run, compile_model, ddp=False)
                   for n, e in experts.items()}
         opts = {n: torch.optim.AdamW(e.parameters(), lr=args.lr, weight_decay=0.0)
@@ -1768,10 +1944,14 @@ def build_parser():
     g.add_argument("--fixed_variance", default=None, choices=["small", "large"],
                    help="DDPM steps of models without learned variance: small = beta_tilde_t, "
                         "large = beta_t (ADM's default)")
+    g.add_argument("--composition", default=None, choices=list(COMPOSITIONS),
+                   help="a named composition: the official release's weights and sampler")
     g.add_argument("--guidance", default=None,
-                   help="w_i >= 1 (Eq. 10): one value, or one per composed expert in order")
+                   help="w_i >= 1 (Eq. 10): one value, or one per composed expert in order "
+                        "(--ckpt's model last); \"official\": the official release's literals")
     g.add_argument("--reliability", default=None,
-                   help='a_j >= 0, sum 1 (Eq. 5): one per composed expert; "uniform" = 1/N')
+                   help='a_j >= 0, sum 1 (Eq. 5): one per composed expert; "uniform" = 1/N '
+                        'over the experts with a null; "official": the release\'s literals')
     g.add_argument("--text", default=None, help="caption for the text experts (--sample)")
     g.add_argument("--label_map", default=None, help="PNG of class ids for label-map experts")
     g.add_argument("--sketch", default=None, help="PNG of lines for sketch experts")
@@ -1780,14 +1960,32 @@ def build_parser():
     g.add_argument("--ckpt", default=None, help="an official guided-diffusion checkpoint to compose")
     g.add_argument("--ckpt_config", default="adm64", help=f"one of {', '.join(ADM_CONFIGS)}")
     g.add_argument("--ckpt_class", type=int, default=0, help="ImageNet class for --ckpt")
+    g.add_argument("--ckpt_null_class", type=int, default=None,
+                   help="--ckpt's null prediction: this class (official scene code: 0); "
+                        "default none (the model's reliability must be 0)")
     g.add_argument("--bench", type=int, default=None, metavar="N",
                    help="time N training steps and the sampling step, write bench.json")
     return p
 
 
+def with_composition(argv):
+    """--composition NAME: its flags (COMPOSITIONS) appended where the command line has none."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = build_parser().parse_args(argv).composition
+    if name is not None:
+        given = build_parser().parse_args(argv)
+        for key, value in COMPOSITIONS[name].items():
+            if getattr(given, key) is None:
+                argv += [f"--{key}", str(value)]
+    return argv
+
+
 def main(argv=None):
-    args = common.parse_args(build_parser(), PRESETS, "compose_diffusion", "shapes", argv,
-                             check=check_args)
+    args = common.parse_args(build_parser(), PRESETS, "compose_diffusion", "shapes",
+                             with_composition(argv), check=check_args,
+                             no_released_weights="the released Unite and Conquer face and sketch "
+                             "models are not readable here yet; guided-diffusion's ADM "
+                             "checkpoints join a composition with --ckpt.")
     if args.dry_run:
         dry_run(args)
     elif args.bench:

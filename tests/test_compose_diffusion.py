@@ -332,7 +332,7 @@ def test_training_steps_lower_the_denoising_loss():
     args = tiny_args()
     model = cd.Trained(("map", "text"), args, 5)
     ds = cd.load_dataset(args, "train")
-    batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
     sched = cd.Schedule.make("cosine", 1000)
     cond = cd.condition_inputs(model, batch)
 
@@ -342,8 +342,8 @@ def test_training_steps_lower_the_denoising_loss():
             return cd.diffusion_loss(model, batch["image"], cond, sched).item()
 
     before = fixed_loss()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(40):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(10):
         loss = cd.diffusion_loss(model, batch["image"], cd.condition_inputs(model, batch), sched)
         opt.zero_grad()
         loss.backward()
@@ -420,28 +420,29 @@ def test_discretized_nll_is_the_bin_probability():
 
 def test_resume_is_exact(tmp_path, monkeypatch):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    common_flags = TINY + ["--ckpt_every", "2", "--sample_every", "100", "--ema_decay", "0.25"]
+    common_flags = TINY + ["--ckpt_every", "2", "--sample_every", "100", "--ema_decay", "0.25",
+                           "--batch_size", "2"]
     decays, update = [], common.EMA.update
     monkeypatch.setattr(common.EMA, "update", lambda self, model, decay=None: (
         decays.append(decay), update(self, model, decay)))
-    cd.main(common_flags + ["--iters", "4", "--out_dir", full])
+    cd.main(common_flags + ["--iters", "3", "--out_dir", full])
     # every expert's EMA after each of its steps, warm-up min(decay, (1 + it) / (10 + it))
-    assert decays == pytest.approx([d for d in (0.1, 2 / 11, 0.25, 0.25) for _ in range(2)])
-    cd.main(common_flags + ["--iters", "2", "--out_dir", part])
-    cd.main(common_flags + ["--iters", "4", "--out_dir", part, "--resume"])
+    assert decays == pytest.approx([d for d in (0.1, 2 / 11, 0.25) for _ in range(2)])
+    cd.main(common_flags + ["--iters", "1", "--out_dir", part])
+    cd.main(common_flags + ["--iters", "3", "--out_dir", part, "--resume"])
     a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
-    assert a["iter"] == b["iter"] == 4
+    assert a["iter"] == b["iter"] == 3
     for name in ("model_label", "ema_caption", "model_caption"):
         for k in a["state"][name]:
             assert torch.equal(a["state"][name][k], b["state"][name][k]), (name, k)
     logs = [json.loads(line) for line in open(os.path.join(part, "log.jsonl"))]
-    assert [r["iter"] for r in logs] == [1, 2, 3, 4]
+    assert [r["iter"] for r in logs] == [1, 2, 3]
     # the config holds what was trained, not how this command ran
     assert b["config"]["experts"] == "label,caption" and b["config"]["size"] == 16
     assert not set(common.RUN_MODE_FLAGS) & set(b["config"])
 
-    assert os.path.exists(os.path.join(full, "samples_000004.png"))
+    assert os.path.exists(os.path.join(full, "samples_000003.png"))
 
 
 def test_dry_run_prints_exact_counts(capsys):
@@ -490,27 +491,55 @@ def test_null_caption_rows_are_finite_and_independent_of_the_batch():
     assert not torch.allclose(texted, model(x[:1], t[:1], **model.null_cond(1, "cpu")), atol=1e-4)
 
 
-def test_official_checkpoint_joins_the_composition_with_reliability_zero(tmp_path, monkeypatch):
-    # a guided-diffusion state dict (official key names, class-conditional, linear schedule),
-    # loaded strictly as a third expert beside the two trained ones
+def test_official_checkpoint_joins_the_composition_with_its_own_weight_and_reliability(
+        tmp_path, monkeypatch):
+    # a guided-diffusion state dict (official key names, class-conditional), loaded strictly as a
+    # third expert beside the two trained ones, with its own w and a (one per composed expert)
     flags = dict(SMALL["new_order"][0], image_size=16, attention_resolutions="8")
     monkeypatch.setitem(cd.ADM_CONFIGS, "tiny", flags)
     monkeypatch.setitem(cd.ADM_SCHEDULES, "tiny", "linear")
     path = str(tmp_path / "adm.pt")
-    torch.save(cd.UNet(**flags).state_dict(), path)
+    torch.manual_seed(0)
+    adm = cd.UNet(**flags)
+    with torch.no_grad():  # no zero-initialised output layer: eps depends on the class
+        for p in adm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save(adm.state_dict(), path)
     args = tiny_args(["--ckpt", path, "--ckpt_config", "tiny", "--ckpt_class", "3",
-                      "--sample_steps", "10"])
+                      "--sample_steps", "10", "--guidance", "2"])
     models = cd.build_experts(args, 5)
     setup = cd.Setup(args, models, cd.Schedule.make("cosine", 1000), torch.device("cpu"))
     cd.load_official(args, setup, torch.device("cpu"))
     assert not setup.official.has_null
+    assert setup.weights() == ([2.0] * 3, [0.5, 0.5, 0.0], 1.0)  # "uniform": experts with a null
     ds = cd.load_dataset(args, "test")
     batch = cd.test_batch(ds, 2, "cpu")
-    comp = setup.composed(batch, [2.0, 2.0], [0.5, 0.5])
-    assert comp.a == [0.5, 0.5, 0.0] and len(comp.experts) == 3
+    comp = setup.composed(batch, [2.0, 2.0, 2.0], [0.5, 0.5, 0.0])
+    assert len(comp.experts) == 3
     assert not np.allclose(comp.model_t[2], comp.ref.timestep_map)   # linear vs cosine: matched
     eps, _ = comp.eps_and_var(torch.randn(2, 3, 16, 16), 3)
     assert eps.shape == (2, 3, 16, 16) and torch.isfinite(eps).all()
+    with pytest.raises(common.UserError, match="--ckpt_null_class"):
+        setup.composed(batch, [2.0, 2.0, 2.0], [0.5, 0.0, 0.5])
+    # Fig. 6's "class model as null": a stand-in null class (official: 0), a = 1 on the ADM
+    # model and its own w = 5, on the experts' schedule: Eq. (10) by hand
+    monkeypatch.setitem(cd.ADM_SCHEDULES, "tiny", "cosine")
+    null_args = tiny_args(["--ckpt", path, "--ckpt_config", "tiny", "--ckpt_class", "3",
+                           "--sample_steps", "10", "--ckpt_null_class", "0",
+                           "--guidance", "2,2,5", "--reliability", "0,0,1"])
+    cd.load_official(null_args, setup, torch.device("cpu"))
+    setup.args = null_args
+    w, a, low = setup.weights()
+    assert (w, a) == ([2.0, 2.0, 5.0], [0.0, 0.0, 1.0])
+    x, i = torch.randn(2, 3, 16, 16), 3
+    eps, _ = setup.composed(batch, w, a, low).eps_and_var(x, i)
+    t = torch.full((2,), int(setup.ref.timestep_map[i]))
+    with torch.no_grad():
+        by_hand = (2 * models["label"](x, t, **setup.cond("label", batch))[:, :3]
+                   + 2 * models["caption"](x, t, **setup.cond("caption", batch))[:, :3]
+                   + 5 * setup.official.model(x, t, y=torch.full((2,), 3))[:, :3]
+                   - 8 * setup.official.model(x, t, y=torch.zeros(2, dtype=torch.long))[:, :3])
+    assert torch.allclose(eps, by_hand, rtol=1e-4, atol=1e-4) and by_hand.abs().mean() > 0.01
     monkeypatch.setitem(cd.ADM_CONFIGS, "tiny", dict(flags, image_size=32))
     with pytest.raises(common.UserError, match="share z_t's shape"):
         cd.load_official(args, setup, torch.device("cpu"))
@@ -520,7 +549,20 @@ def test_official_checkpoint_joins_the_composition_with_reliability_zero(tmp_pat
         cd.load_official(args, setup, torch.device("cpu"))
 
 
-def test_eval_on_real_data_reports_fid_and_lpips_per_method(tmp_path, monkeypatch):
+class PooledPixels(nn.Module):
+    """A stand-in feature network for FID's protocol: 4x4 average-pooled pixels (48 features,
+    scaled up so that FID's 3 rounded decimals show them). A random Inception would spend most
+    of a test's time in its forwards and FID's 2048-d matrix square roots."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(100.0))  # inception_features reads the device
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1) * self.scale
+
+
+def test_eval_on_real_data_reports_fid_lpips_and_ssim_per_method(tmp_path, monkeypatch):
     # a folder of two classes -> a class expert; random metric networks (built once, as --eval
     # does), so the numbers are meaningless but the protocol runs end to end over two batches
     from PIL import Image
@@ -530,19 +572,7 @@ def test_eval_on_real_data_reports_fid_and_lpips_per_method(tmp_path, monkeypatc
         for k in range(2):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
                 tmp_path / "data" / sub / f"{k}.png")
-    class First64(nn.Module):
-        """A random Inception's first 64 features (FID's 2048-d matrix square roots would take
-        most of this test's time), scaled up: at random init they differ by ~2% between images,
-        which FID's 3 rounded decimals would not show."""
-
-        def __init__(self):
-            super().__init__()
-            self.inception = common.FIDInception(False)
-
-        def forward(self, x):
-            return self.inception(x)[:, :64] * 100
-
-    inception, lpips = First64(), common.LPIPS("alex", False)
+    inception, lpips = PooledPixels(), common.LPIPS("alex", False)
     built = []
     monkeypatch.setattr(common, "FIDInception", lambda pretrained: built.append(1) or inception)
     monkeypatch.setattr(common, "LPIPS", lambda net, pretrained: lpips)
@@ -555,18 +585,18 @@ def test_eval_on_real_data_reports_fid_and_lpips_per_method(tmp_path, monkeypatc
     os.makedirs(args.out_dir)
     result = cd.evaluate(args, setup)["results"]
     assert list(result) == ["class expert alone"] and built == [1]
-    assert set(result["class expert alone"]) == {"lpips_to_gt", "fid"}
+    assert set(result["class expert alone"]) == {"lpips_to_gt", "ssim_to_gt", "fid"}
     assert all(math.isfinite(v) and v > 0 for v in result["class expert alone"].values())
-    # the protocol itself: a sampler that returns each item's own ground truth scores FID 0 and
-    # LPIPS 0 (same items, same pairing); the same images paired with the wrong items keep FID 0
-    # (up to rounding) but not LPIPS
+    # the protocol itself: a sampler that returns each item's own ground truth scores FID 0,
+    # LPIPS 0 and SSIM 1 (same items, same pairing); the same images paired with the wrong items
+    # keep FID 0 (up to rounding) but not LPIPS or SSIM
     test = cd.load_dataset(args, "test")
-    for shift, lpips_zero in ((0, True), (1, False)):
+    for shift, paired in ((0, True), (1, False)):
         monkeypatch.setattr(cd, "generate", lambda args, comp, n, device, seed: cd.test_batch(
             test, n, device, (seed - 1000 + shift) % 2)["image"])  # batches of 1 of 2 items
         got = cd.evaluate(args, setup)["results"]["class expert alone"]
         assert abs(got["fid"]) <= 0.01 < result["class expert alone"]["fid"]
-        assert (got["lpips_to_gt"] == 0) == lpips_zero
+        assert (got["lpips_to_gt"] == 0) == paired and (got["ssim_to_gt"] == 1) == paired
 
 
 def test_eval_streams_so_memory_is_set_by_the_batch_not_the_items(tmp_path, monkeypatch):
@@ -808,6 +838,158 @@ def test_caption_metric_scores_noise_and_other_captions_near_zero():
     assert data.shapes_composition_scores(batch["image"], shifted)["both"] < 0.05
 
 
+def test_skin_and_hair_experts_read_their_region_of_the_face_parsing_map():
+    import data
+    args = tiny_args(["--experts", "hair"])
+    ids = torch.zeros(2, 16, 16, dtype=torch.long)
+    ids[:, :4] = 13                      # hair (CelebAMask-HQ ids)
+    ids[:, 6:12, 4:12] = 1               # skin
+    ids[:, 8, 6] = 2                     # nose: neither skin nor hair
+    batch = {"label": ids, "sketch": torch.ones(2, 1, 16, 16)}
+    hair = cd.Trained(("hair",), args, 19)
+    skin = cd.Trained(("skin",), args, 19)
+    assert hair.unet.input_blocks[0][0].in_channels == 3 + 1
+    assert torch.equal(cd.condition_inputs(hair, batch)["cond_map"], (ids == 13).float()[:, None])
+    assert torch.equal(cd.condition_inputs(skin, batch)["cond_map"], (ids == 1).float()[:, None])
+    # several spatial conditions stack in SPATIAL's order; an inactive one is zeros
+    both = cd.Trained(("skin", "hair", "sketch"), args, 19)
+    maps = cd.condition_inputs(both, batch, active={"hair", "sketch"})["cond_map"]
+    assert maps.shape == (2, 3, 16, 16) and maps[:, 0].sum() == 0
+    assert torch.equal(maps[:, 1], (ids == 13).float()) and maps[:, 2].min() == 1
+    # only face parsing maps have those regions
+    with pytest.raises(common.UserError, match="face parsing maps"):
+        cd.build_experts(args, 5, 0, {"image", "label"}, data.SHAPES_CLASSES)
+    assert set(cd.build_experts(args, 19, 0, {"image", "label"}, data.CELEBAMASK_CLASSES)) == \
+        {"hair"}
+    # the paper's face experts in the presets (hair on CelebA-HQ; all four on MM-CelebA-HQ) and
+    # the in-one-run halves: hair (CelebA-HQ's role) and sketch even, skin and text odd
+    assert cd.PRESETS["celebamask-hq"]["experts"] == "hair"
+    assert cd.PRESETS["mm-celeba-hq"]["experts"] == "hair,skin,caption,sketch"
+    four = cd.build_experts(tiny_args(["--experts", "hair,skin,caption,sketch"]), 19)
+    halves = cd.expert_datasets(list(range(6)), four)
+    assert [list(halves[c]) for c in ("hair", "sketch", "skin", "text")] == \
+        [[0, 2, 4], [0, 2, 4], [1, 3, 5], [1, 3, 5]]
+    assert "label, skin, hair, caption, sketch, class, joint" in " ".join(
+        cd.build_parser().format_help().split())
+
+
+def test_official_literals_and_the_named_compositions():
+    ow = cd.official_weights
+    assert ow(["sketch"]) == ([1.0], [1.0])
+    assert ow(["skin", "hair"]) == ([1.0, 1.0], [0.5, 0.5])
+    assert ow(["skin", "hair", "text"])[0] == [1.0, 1.0, 1.25]            # - 2.25 eps_null
+    assert ow(["hair", "sketch"]) == ([1.2, 0.6], [1.0, 0.0])               # - 0.8 eps_null
+    assert ow(["skin", "text", "sketch"])[0] == [1.2, 1.2, 0.6]             # - 2.0 eps_null
+    w, a = ow(["skin", "hair", "text", "sketch"])
+    assert w == [1.0, 1.0, 1.25, 0.6] and sum(w) - 1 == pytest.approx(2.85)
+    assert a == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])                    # face model's null
+    assert ow(["class", "text"]) == ([5.0, 5.0], [5 / 9, 4 / 9])
+    assert ow(["text", "class"]) == ([5.0, 5.0], [4 / 9, 5 / 9])
+    with pytest.raises(common.UserError, match="official weights exist"):
+        ow(["map", "text"])
+    # w = 0.6 is below Eq. (10)'s w_i >= 1: allowed for the official literals only
+    assert cd.composition_weights("official", "official", ["hair", "sketch"], [True, True]) == \
+        ([1.2, 0.6], [1.0, 0.0], 0.0)
+    with pytest.raises(common.UserError, match="at least 1"):
+        cd.composition_weights("1.2,0.6", "1,0", ["hair", "sketch"], [True, True])
+    # "uniform": 1/N over the experts that have a null prediction
+    assert cd.composition_weights("2", "uniform", ["map", "text", "class"],
+                                  [True, True, False])[1] == [0.5, 0.5, 0.0]
+    # a named composition fills the flags the command line leaves open
+    args = common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion", "shapes",
+                             cd.with_composition(TINY + ["--composition", "official-scenes",
+                                                         "--sample_steps", "5",
+                                                         "--experts", "class,caption"]),
+                             check=cd.check_args)
+    assert (args.guidance, args.reliability, args.sampler, args.eta) == \
+        ("official", "official", "ddim", 0.0)
+    assert (args.sample_steps, args.noise_schedule, args.ckpt_null_class) == ("5", "cosine", 0)
+    faces = cd.with_composition(["--composition", "official-faces"])
+    assert faces[faces.index("--sample_steps") + 1] == "100"
+    assert faces[faces.index("--noise_schedule") + 1] == "linear"
+    assert cd.PRESETS["folder"]["guidance"] == "5"                          # scenes: w_i = 5
+    # the literals reach the composition that --sample and --eval build (w = 0.6 included)
+    args = tiny_args(["--experts", "hair,sketch", "--guidance", "official",
+                      "--reliability", "official"])
+    setup = cd.Setup(args, cd.build_experts(args, 5), cd.Schedule.make("cosine", 1000),
+                     torch.device("cpu"))
+    batch = cd.test_batch(cd.load_dataset(args, "test"), 2, "cpu")
+    methods, _, _ = cd.eval_methods(setup)
+    comp = methods["composition (Eq. 10)"](batch)
+    assert (comp.w, comp.a) == ([1.2, 0.6], [1.0, 0.0]) and setup.alone_weights() == [1.0, 1.0]
+
+
+def test_ssim_is_wang_et_al_2004_on_known_values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 24, generator=g)
+    assert torch.allclose(cd.ssim(x, x), torch.ones(2), atol=1e-6)
+    # constant images: contrast and structure terms are C2 / C2, the luminance term remains
+    c1 = 0.01 ** 2
+    a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.7)
+    assert cd.ssim(a, b).item() == pytest.approx((2 * .2 * .7 + c1) / (.2 ** 2 + .7 ** 2 + c1),
+                                                 rel=1e-5)
+    # one 11 x 11 window (an 11 x 11 image): Eq. (13) with Gaussian-weighted statistics by hand
+    u, v = (torch.rand(1, 1, 11, 11, generator=g, dtype=torch.float64) for _ in range(2))
+    k = np.arange(11) - 5
+    wgt = np.exp(-k ** 2 / (2 * 1.5 ** 2))
+    wgt = np.outer(wgt, wgt) / np.outer(wgt, wgt).sum()
+    un, vn = u[0, 0].numpy(), v[0, 0].numpy()
+    mu, mv = (wgt * un).sum(), (wgt * vn).sum()
+    su, sv = (wgt * (un - mu) ** 2).sum(), (wgt * (vn - mv) ** 2).sum()
+    cov = (wgt * (un - mu) * (vn - mv)).sum()
+    c2 = 0.03 ** 2
+    want = (2 * mu * mv + c1) * (2 * cov + c2) / ((mu ** 2 + mv ** 2 + c1) * (su + sv + c2))
+    assert cd.ssim(u.float(), v.float()).item() == pytest.approx(want, abs=1e-5)
+    assert abs(want) < 0.5 and cd.ssim(u, 1 - u).item() < 0   # unrelated / inverted images
+
+
+def test_clip_score_is_the_cosine_of_the_clip_embeddings():
+    torch.manual_seed(0)
+    tokenizer = common.CLIPTokenizer(bpe_path="", context_length=16)
+    model = common.CLIP("ViT-B/32", pretrained=False, vision=True, embed_dim=16,
+                        context_length=16, vocab_size=tokenizer.vocab_size, text_width=32,
+                        text_heads=2, text_layers=1, image_resolution=32, vision_patch_size=16,
+                        vision_width=32, vision_heads=2, vision_layers=1).eval()
+    clip = cd.ClipText.__new__(cd.ClipText)  # a tiny random CLIP in place of ViT-B/32
+    clip.model, clip.tokenizer, clip.device, clip.last = model, tokenizer, "cpu", (None, None)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    captions = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        want = torch.nn.functional.cosine_similarity(
+            model.encode_image((images + 1) / 2), model.encode_text(tokenizer(captions)), dim=1)
+    score = cd.clip_score(clip, images, captions)
+    assert torch.allclose(score, want, atol=1e-5) and score.abs().max() < 1
+    clip.text = lambda c, truncate=False: clip.image(images)                 # identical: 1
+    assert torch.allclose(cd.clip_score(clip, images, captions), torch.ones(2), atol=1e-5)
+    clip.text = lambda c, truncate=False: -clip.image(images)                # opposite: -1
+    assert torch.allclose(cd.clip_score(clip, images, captions), -torch.ones(2), atol=1e-5)
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
+    # a host read (item, int(), bool(), tolist, numpy) waits for the GPU: none in a step's loss,
+    # backward and EMA update (losses are read at log steps only)
+    args = tiny_args(["--experts", "label,caption,hair"])
+    experts = cd.build_experts(args, 5)
+    ds = cd.load_dataset(args, "train")
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    batches = {"map": batch, "text": batch, "hair": batch}
+    rt = common.Runtime(torch.device("cpu"), torch.float32)
+    sched = cd.Schedule.make("cosine", 1000)
+    emas = {n: common.EMA(e, 0.9) for n, e in experts.items()}
+    cd.train_step(args, rt, 0, experts["label"], experts["label"], batches, sched, None, 0)
+
+    def host_read(*a, **k):
+        raise AssertionError("a host read in a training step")
+    for name in ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for index, (n, e) in enumerate(experts.items()):
+        loss = cd.train_step(args, rt, index, e, e, batches, sched, None, 1)
+        loss.backward()
+        emas[n].update(e, 0.9)
+    monkeypatch.undo()
+    assert loss.item() > 0
+
+
 def test_bench_times_training_steps_and_sampling_in_one_json(tmp_path, capsys):
     out = str(tmp_path / "bench")
     cd.main(TINY + ["--bench", "1", "--out_dir", out, "--experts", "label"])
@@ -926,24 +1108,24 @@ def test_one_expert_trains_on_the_whole_dataset_several_on_the_in_one_run_halves
 
 @pytest.fixture(scope="module")
 def separate_runs(hub, tmp_path_factory):
-    """The paper's set-up (§4.1): a label-map expert trained on CelebAMask-HQ and a CLIP text
+    """The paper's set-up (§4.1): a hair-map expert trained on CelebAMask-HQ and a CLIP text
     expert trained on MM-CelebA-HQ, each in its own run (face presets, widths shrunk)."""
     root = tmp_path_factory.mktemp("faces")
     mm, cmhq = fake_faces(root, 2)
     # lr 1e-2: one step moves the zero-initialised output layers far enough for eps to differ
     small = ["--size", "32", "--iters", "1", "--lr", "1e-2"] + SHRINK
-    label, caption = str(root / "label"), str(root / "caption")
+    label, caption = str(root / "hair"), str(root / "caption")
     cd.main(["--data", "celebamask-hq", "--data_dir", cmhq, "--out_dir", label] + small)
     cd.main(["--data", "mm-celeba-hq", "--experts", "caption", "--data_dir", mm,
              "--out_dir", caption] + small)
-    return {"mm": mm, "root": root, "label": os.path.join(label, "ckpt.pt"),
+    return {"mm": mm, "root": root, "hair": os.path.join(label, "ckpt.pt"),
             "caption": os.path.join(caption, "ckpt.pt")}
 
 
 def sampling_args(runs, out, extra=()):
     return common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion", "shapes",
                              ["--data", "mm-celeba-hq", "--data_dir", runs["mm"], "--out_dir", out,
-                              "--sample", "--expert_ckpt", runs["label"], runs["caption"]]
+                              "--sample", "--expert_ckpt", runs["hair"], runs["caption"]]
                              + SHRINK + list(extra), check=cd.check_args)
 
 
@@ -955,7 +1137,7 @@ def test_experts_of_separate_runs_compose_exactly_as_in_one_run(separate_runs, t
     args = sampling_args(separate_runs, str(tmp_path / "c"), flags)
     assert args.size == 32
     models, scheds = cd.load_experts(args)
-    assert list(models) == ["label", "caption"] and models["caption"].clip_text
+    assert list(models) == ["hair", "caption"] and models["caption"].clip_text
     clip = cd.ClipText(torch.device("cpu"), vision=False)
     setup = cd.Setup(args, models, scheds, torch.device("cpu"), clip)
     batch = cd.test_batch(cd.load_dataset(args, "test"), 2, "cpu")
@@ -964,13 +1146,14 @@ def test_experts_of_separate_runs_compose_exactly_as_in_one_run(separate_runs, t
     # the same networks as one in-one-run checkpoint (both experts, one run folder)
     one = str(tmp_path / "one")
     os.makedirs(one)
-    la, ca = (torch.load(separate_runs[k], weights_only=True) for k in ("label", "caption"))
+    la, ca = (torch.load(separate_runs[k], weights_only=True) for k in ("hair", "caption"))
     joint_args = common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion",
                                    "shapes", ["--data", "mm-celeba-hq", "--data_dir",
                                               separate_runs["mm"], "--out_dir", one, "--sample",
-                                              "--size", "32"] + SHRINK + flags)
+                                              "--size", "32", "--experts", "hair,caption"]
+                                   + SHRINK + flags)
     torch.save({"method": "compose_diffusion", "config": vars(joint_args), "iter": 1,
-                "state": {"ema_label": la["state"]["ema_label"],
+                "state": {"ema_hair": la["state"]["ema_hair"],
                           "ema_caption": ca["state"]["ema_caption"]},
                 "extra": la["extra"]}, os.path.join(one, "ckpt.pt"))
     models1, scheds1 = cd.load_experts(joint_args)
@@ -978,15 +1161,36 @@ def test_experts_of_separate_runs_compose_exactly_as_in_one_run(separate_runs, t
     eps1, _ = setup1.composed(batch, w, a).eps_and_var(x, i)
     # and Eq. (10) by hand from the two networks
     t = torch.full((2,), int(setup.ref.timestep_map[i]))
-    m1, m2 = models["label"], models["caption"]
+    m1, m2 = models["hair"], models["caption"]
     with torch.no_grad():
-        by_hand = (2 * m1(x, t, **setup.cond("label", batch))[:, :3]
+        by_hand = (2 * m1(x, t, **setup.cond("hair", batch))[:, :3]
                    + 3 * m2(x, t, **setup.cond("caption", batch))[:, :3]
                    - 4 * (0.3 * m1(x, t, **m1.null_cond(2, "cpu"))[:, :3]
                           + 0.7 * m2(x, t, **m2.null_cond(2, "cpu"))[:, :3]))
     assert torch.allclose(eps, eps1, atol=1e-6) and torch.allclose(eps, by_hand, atol=1e-5)
     assert eps.abs().mean() > 0.01
-    assert not torch.allclose(eps, m1(x, t, **setup.cond("label", batch))[:, :3], atol=1e-3)
+    assert not torch.allclose(eps, m1(x, t, **setup.cond("hair", batch))[:, :3], atol=1e-3)
+    # two runs may train the same kind of expert: both compose, the second renamed
+    again = sampling_args(separate_runs, str(tmp_path / "d"))
+    again.expert_ckpt = [separate_runs["hair"], separate_runs["hair"], separate_runs["caption"]]
+    assert list(cd.load_experts(again)[0]) == ["hair", "hair@2", "caption"]
+
+
+def test_face_eval_of_separate_runs_reports_the_face_and_caption_metrics(
+        separate_runs, tmp_path, in_hub, monkeypatch):
+    # Tables 1-2 (FID, LPIPS, SSIM to the ground truth) and Table 3's CLIP score on captioned
+    # faces, for each expert alone and their composition (stand-in CLIP and LPIPS weights)
+    inception = PooledPixels()
+    monkeypatch.setattr(common, "FIDInception", lambda pretrained: inception)
+    out = str(tmp_path / "eval")
+    cd.main(["--data", "mm-celeba-hq", "--data_dir", separate_runs["mm"], "--out_dir", out,
+             "--eval", "--expert_ckpt", separate_runs["hair"], separate_runs["caption"]] + SHRINK)
+    result = json.load(open(os.path.join(out, "eval.json")))["results"]
+    assert list(result) == ["hair expert alone", "caption expert alone", "composition (Eq. 10)"]
+    for r in result.values():
+        assert set(r) == {"fid", "lpips_to_gt", "ssim_to_gt", "clip_score"}
+        assert all(math.isfinite(v) for v in r.values()) and -1 <= r["clip_score"] <= 1
+        assert -1 <= r["ssim_to_gt"] < 1 and r["lpips_to_gt"] > 0
 
 
 def test_separate_runs_sample_with_test_set_or_typed_conditions_and_clip_only_for_text(
@@ -994,14 +1198,14 @@ def test_separate_runs_sample_with_test_set_or_typed_conditions_and_clip_only_fo
     # label maps (and ground truth) from the test set, the caption typed on the command line
     out = str(tmp_path / "c")
     cd.main(["--data", "mm-celeba-hq", "--data_dir", separate_runs["mm"], "--out_dir", out,
-             "--sample", "--expert_ckpt", separate_runs["label"], separate_runs["caption"],
+             "--sample", "--expert_ckpt", separate_runs["hair"], separate_runs["caption"],
              "--guidance", "1,2", "--text", "a smiling woman with blond hair"] + SHRINK)
     lines = open(os.path.join(out, "experts.txt")).read().splitlines()
-    assert lines[0] == ("rows: label map | ground truth | label expert alone | caption expert "
+    assert lines[0] == ("rows: label map | ground truth | hair expert alone | caption expert "
                         "alone | composition (Eq. 10)")
     assert lines[1:] == [f"{k}: a smiling woman with blond hair" for k in range(2)]
     assert os.path.exists(os.path.join(out, "reliability.png"))
-    # every condition typed: no test set is read; a label-map expert alone never builds CLIP
+    # every condition typed: no test set is read; a hair-map expert alone never builds CLIP
     from PIL import Image
     ids = np.zeros((32, 32), np.uint8)
     ids[8:24, 8:24] = 13
@@ -1009,10 +1213,10 @@ def test_separate_runs_sample_with_test_set_or_typed_conditions_and_clip_only_fo
     monkeypatch.setattr(cd, "load_dataset", lambda *a: pytest.fail("read the test set"))
     monkeypatch.setattr(cd, "ClipText", lambda device: pytest.fail("built CLIP"))
     typed = str(tmp_path / "typed")
-    cd.main(["--out_dir", typed, "--sample", "--expert_ckpt", separate_runs["label"],
+    cd.main(["--out_dir", typed, "--sample", "--expert_ckpt", separate_runs["hair"],
              "--label_map", str(tmp_path / "map.png")] + SHRINK)
     assert open(os.path.join(typed, "experts.txt")).read() == \
-        "rows: label map | label expert alone\n"
+        "rows: label map | hair expert alone\n"
 
 
 def test_typed_conditions_become_the_tensors_the_experts_read(tmp_path):
@@ -1041,7 +1245,8 @@ def test_typed_conditions_become_the_tensors_the_experts_read(tmp_path):
 
 def test_compiled_training_step_gives_the_eager_loss_and_gradients(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    args = tiny_args()
+    one_level = ["--channel_mult", "1", "--attention_resolutions", "16"]  # the least to compile
+    args = tiny_args(one_level)
     model = cd.Trained(("map",), args, 5)
     with torch.no_grad():
         for p in model.parameters():
@@ -1065,7 +1270,8 @@ def test_compiled_training_step_gives_the_eager_loss_and_gradients(tmp_path, mon
     seen = []
     monkeypatch.setattr(torch, "compile", lambda m, backend: seen.append(backend) or m)
     cd.main(TINY + ["--iters", "1", "--out_dir", str(tmp_path / "run"), "--sample_every", "100",
-                    "--compile", "aot_eager"])
+                    "--compile", "aot_eager", "--batch_size", "2", "--sample_steps", "1"]
+            + one_level)
     assert seen == ["aot_eager", "aot_eager"]
 
 
@@ -1094,6 +1300,9 @@ BAD_FLAGS = [  # flags, the sentence's words
     (["--channel_mult", "1,x"], "must be numbers separated by commas"),
     (["--experts", "label,nope"], "--experts label,nope must list"),
     (["--class_id", "-1"], "--class_id must be at least 0"),
+    (["--ckpt", "adm.pt", "--reliability", "0.2,0.3,0.5"], "never learnt"),
+    (["--ckpt", "adm.pt", "--guidance", "2,2"], "--guidance 2,2 needs 1 or 3"),
+    (["--guidance", "official"], "official weights exist for the face experts"),
     (["--eval", "--text", "hi"], "--eval measures on the test set's conditions"),
     (["--sample", "--label_map", "missing.png"], "--label_map missing.png does not exist"),
     (["--expert_ckpt", "{a}"], "--expert_ckpt composes finished runs with --sample"),
@@ -1135,50 +1344,29 @@ def torchrun(argv):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_face_presets_under_torchrun_equal_one_process_then_resume_sample_eval_and_compose(
-        tmp_path, in_hub):
-    """The face preset (label-map + CLIP text experts, in-one-run halves) at 32x32, widths shrunk:
-    2 steps under torchrun (each rank half the global batch of 2) give one process's losses on
-    the whole batch, --resume its third; then --eval (FID, LPIPS: stand-in weights). Then the
-    cross-dataset composition: a label-map expert trained under torchrun on CelebAMask-HQ,
-    composed by --sample with that run's experts (MM-CelebA-HQ)."""
-    mm, cmhq = fake_faces(tmp_path, 4)
-    shrink = SHRINK + ["--size", "32", "--sample_steps", "1"]
+def test_face_preset_under_torchrun_equals_one_process_then_resumes(tmp_path):
+    """The face preset (hair-map + text experts, in-one-run halves) at 32x32, widths shrunk, the
+    small text tower (CLIP's path is tested in the separate runs above): one step under torchrun
+    (each rank half the global batch of 2) gives one process's losses on the whole batch, and
+    --resume its second."""
+    mm, _ = fake_faces(tmp_path, 4)
     # attention at 16x16 (the preset's 32/16/8 at 256 px); the preset's lr 1e-5: Adam's first
     # steps normalise near-zero gradients, so a larger lr would magnify the all-reduce's rounding
-    face = ["--data", "mm-celeba-hq", "--data_dir", mm] + shrink
+    face = ["--data", "mm-celeba-hq", "--data_dir", mm, "--experts", "hair,caption",
+            "--text_encoder", "tiny"] + SHRINK + ["--size", "32", "--sample_steps", "1"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    cd.main(face + ["--iters", "3", "--out_dir", one])            # one process, whole batch
-    torchrun(face + ["--iters", "2", "--out_dir", two])            # each rank half of it
-    cd.main(face + ["--iters", "3", "--out_dir", two, "--resume"])
+    cd.main(face + ["--iters", "2", "--out_dir", one])            # one process, whole batch
+    torchrun(face + ["--iters", "1", "--out_dir", two])            # each rank half of it
+    cd.main(face + ["--iters", "2", "--out_dir", two, "--resume"])
 
     def losses(out):
-        return [[r["loss_label"], r["loss_caption"]] for r in map(json.loads, open(
+        return [[r["loss_hair"], r["loss_caption"]] for r in map(json.loads, open(
             os.path.join(out, "log.jsonl")))]
 
-    assert len({tuple(v) for v in losses(one)}) == 3
+    assert len({tuple(v) for v in losses(one)}) == 2
     assert np.allclose(losses(two), losses(one), rtol=1e-4, atol=1e-6), (losses(two), losses(one))
-    # the grids at the end of training and after --resume, CLIP text embeddings of captions
-    rows = open(os.path.join(two, "samples_000002.txt")).read()
-    assert rows.startswith("rows: label map | ground truth | label expert alone | caption expert "
+    # the grids at the end of training (rank 0) and after --resume
+    rows = open(os.path.join(two, "samples_000001.txt")).read()
+    assert rows.startswith("rows: label map | ground truth | hair expert alone | caption expert "
                            "alone | composition (Eq. 10)\n0: face ")
-    assert os.path.getsize(os.path.join(two, "samples_000003.png")) > 0
-    cd.main(face + ["--out_dir", two, "--eval"])
-    result = json.load(open(os.path.join(two, "eval.json")))["results"]
-    assert list(result) == ["label expert alone", "caption expert alone", "composition (Eq. 10)"]
-    assert all(math.isfinite(v) for r in result.values() for v in (r["fid"], r["lpips_to_gt"]))
-    assert all(0 <= r["clip_score"] <= 100 for r in result.values())  # captions: Table 3's score
-    # cross-dataset: CelebAMask-HQ's label expert (its own run, the whole dataset) with the
-    # MM-CelebA-HQ run's experts, composed by --sample: three experts, as the paper's hair map +
-    # skin map + text
-    label = str(tmp_path / "label")
-    cd.main(["--data", "celebamask-hq", "--data_dir", cmhq, "--iters", "1", "--out_dir", label]
-            + shrink)
-    composed = str(tmp_path / "composed")
-    cd.main(["--data", "mm-celeba-hq", "--data_dir", mm, "--out_dir", composed, "--sample",
-             "--expert_ckpt", os.path.join(label, "ckpt.pt"), os.path.join(two, "ckpt.pt")]
-            + shrink)
-    assert open(os.path.join(composed, "experts.txt")).readline().strip() == (
-        "rows: label map | ground truth | label expert alone | label@2 expert alone | caption "
-        "expert alone | composition (Eq. 10)")
-    assert os.path.getsize(os.path.join(composed, "reliability.png")) > 0
+    assert os.path.getsize(os.path.join(two, "samples_000002.png")) > 0
