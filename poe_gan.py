@@ -23,7 +23,8 @@ Map of this file (the method first, in the paper's order; then the programme aro
                               seg/sketch projected as maps at every scale, text/style as vectors
     losses (§3.5)             KL (Eq. 9, all its reductions in kl_loss), contrastive (Eq. 10-13)
     training step             modality dropout, G step, D step with lazy R1 (Eq. 14)
-    training loop             data, G EMA, grids, atomic checkpoints, exact resume, torchrun
+    training loop             data, G EMA, grids, atomic checkpoints, exact resume, torchrun;
+                              losses logged as means over each log interval (no per-step sync)
     sampling controls         the Fig. 1 grid: every modality subset, several samples each
     evaluation                streamed batch by batch: FID (running sums) and LPIPS diversity per
                               subset; exact toy metrics on shapes (data.shapes_modality_counts)
@@ -188,6 +189,9 @@ def check_args(args):
     require(not (args.eval and args.pretrained and args.eval_n < 2),
             f"--eval_n must be at least 2 with --pretrained 1: FID needs two images per set "
             f"(got {args.eval_n}).")
+    require(not (args.eval and args.pretrained and args.size < 32),
+            f"--eval with --pretrained 1 needs --size 32 or more: LPIPS-AlexNet's pooling leaves "
+            f"nothing of a {args.size}x{args.size} image (got --size {args.size}).")
     # Eq. (11) on a random VGG-19 is at chance: it would only cost its forward pass
     require(not (common.training_run(args) and args.cx_features == "vgg" and not args.pretrained
                  and args.lambda_cx > 0),
@@ -777,11 +781,18 @@ def contrastive_loss(u, v, tau):
 
 
 def masked_contrastive(u, v, keep, tau):
-    """Eq. (10) over the pairs with keep = True (needs at least two pairs, else 0)."""
+    """Eq. (10) over the pairs with keep = True; 0 with fewer than two. contrastive_loss of the
+    kept pairs, without a host sync (no `if keep.sum() < 2`, no u[keep]): the other pairs leave
+    both softmaxes (logit = the smallest float, whose exp is exactly 0) and the means. A single
+    kept pair is its own only candidate: loss exactly 0."""
     keep = keep.bool()
-    if keep.sum() < 2:
-        return torch.zeros((), device=u.device)
-    return contrastive_loss(u[keep], v[keep], tau)
+    pair = keep[:, None] & keep[None, :]
+    logits = F.normalize(u, dim=1) @ F.normalize(v, dim=1).t() / tau              # (N, N)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # as cross_entropy's
+    logits = logits.masked_fill(~pair, torch.finfo(logits.dtype).min)
+    log_p = logits.log_softmax(1).diagonal() + logits.log_softmax(0).diagonal()   # u->v, v->u
+    weight = keep.float()
+    return -0.5 * (log_p * weight).sum() / weight.sum().clamp(min=1)
 
 
 def r1_score(logits):
@@ -809,7 +820,8 @@ def as_float32(encoded):
 
 def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
     """One iteration (Eq. 14): the fakes are drawn once (as pix2pixHD), G steps against the current
-    D, then D steps on the same fakes, detached. Returns the logged scalars."""
+    D (whose weights get no gradient), then D steps on the same fakes, detached. Returns the
+    logged losses as 0-dim tensors on the device: no host sync in the step (nothing is read)."""
     g, d = common.unwrap(G), common.unwrap(D)
     mods = g.modalities
     B = real.shape[0]
@@ -874,8 +886,8 @@ def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
     nn.utils.clip_grad_norm_(D.parameters(), GRAD_CLIP)
     rt.scaler.step(opt_d)
     rt.scaler.update()
-    return dict(loss_d=loss_d.item(), loss_g=loss_g.item(), kl=kl.item(), cx=cx.item(),
-                cy_d=cy_d.item(), cy_g=cy_g.item(), r1=r1.item())
+    stats = dict(loss_d=loss_d, loss_g=loss_g, kl=kl, cx=cx, cy_d=cy_d, cy_g=cy_g, r1=r1)
+    return {k: v.detach() for k, v in stats.items()}    # tensors: read at log steps only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -927,13 +939,14 @@ class Conditioner:
             if m == "text":
                 cond[m] = self.text(value)
             elif m == "seg":
-                label = value.to(self.device).long()
+                label = value.long()    # checked where it is: on the host in training (no sync)
                 if label.min() < 0 or label.max() >= self.num_classes:
                     raise common.UserError(f"label values must lie in [0, {self.num_classes - 1}]"
                                            f" (found {int(label.min())}..{int(label.max())}).")
+                label = label.to(self.device, non_blocking=True)
                 cond[m] = F.one_hot(label, self.num_classes).permute(0, 3, 1, 2).float()
             else:
-                cond[m] = value.to(self.device).float()
+                cond[m] = value.to(self.device, non_blocking=True).float()
         return cond
 
 
@@ -989,16 +1002,20 @@ def train(args):
     with common.preserved_rng():    # grids must not move the training RNG (resume)
         fixed = next(iter(common.batch_stream(ds, min(4, len(ds)), one_process, args.seed + 1)))
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
+    sums, steps = {}, 0     # the losses since the last log step, summed on the device
     with common.StopSignals() as signals:
         for it in range(start, args.iters):
-            batch = common.to_device(next(stream), rt.device)
-            stats = train_step(Gt, Dt, opt_g, opt_d, batch["image"], cond_of(batch), it, args, rt,
-                               image_net)
+            batch = next(stream)                 # on the host: Conditioner checks labels there
+            real = batch["image"].to(rt.device, non_blocking=True)
+            stats = train_step(Gt, Dt, opt_g, opt_d, real, cond_of(batch), it, args, rt, image_net)
+            sums, steps = {k: sums.get(k, 0) + v for k, v in stats.items()}, steps + 1
             ema.update(G)
             done = it + 1
             log.step(args.batch_size)
             if done % args.log_every == 0 or done == args.iters:
-                log.log(done, **{k: common.reduce_mean(v, rt) for k, v in stats.items()})
+                means = (torch.stack(list(sums.values())) / steps).tolist()   # one host sync
+                log.log(done, **{k: common.reduce_mean(v, rt) for k, v in zip(sums, means)})
+                sums, steps = {}, 0
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
                 with common.preserved_rng():
                     subset_grid(ema.model, fixed, cond_of, ds,
@@ -1254,7 +1271,8 @@ def bench(args):
 
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, "poe_gan", "shapes", argv,
-                             check=check_args)
+                             check=check_args, no_released_weights="the authors of PoE-GAN "
+                             "released no trained networks.")
     if args.dry_run:
         G, D = build(args)
         nets = {"G": G, "D": D}
