@@ -15,25 +15,32 @@ Map of this file:
     config and presets     Algorithm 1's |S|, m, L, |S~|, eta per dataset, with their sources;
                            check_args: every flag's range, before any data or model is built
     networks               RRDB super-resolution generator (§5.1.1, Fig. 4); cascaded refinement
-                           network + noise encoder for layouts (§5.2.1)
-    distance (§3.7)        weighted pixel + VGG-19 feature distances, masked for layouts (§5.2.4)
+                           network + noise encoder for layouts (§5.2.1); Table 2's "CRN" baseline
+                           (K images per layout)
+    distance (§3.7)        weighted pixel + VGG-19 feature distances, masked for layouts (§5.2.4);
+                           the CRN baseline's class-wise hindsight loss
     select_latents         the nearest-sample search: chunked, no_grad, running argmin (exact)
     rarity (§5.2.4)        per-class KDE of mean colours, rarity scores, dataset and loss
                            rebalancing; cached beside the dataset
     Algorithm 1            the schedule of outer iterations (z = 0 pretraining rounds, IMLE
-                           rounds), subset -> search -> L inner steps; the training loop
+                           rounds), subset -> search -> L inner steps on S held on the device with
+                           its targets' features; the training loop
     several GPUs           torchrun: each rank searches its share of S (codes drawn per example,
                            so the same as one process's) and the selected codes are all-gathered;
                            the inner steps' |S~| = --batch_size is global, |S~| / world per rank
+    released weights       --init_from: SRIM's released generators (niopeng/SRIM-pytorch),
+                           recognised by their keys, converted in memory, loaded strictly
     sampling controls      many samples per input, latent interpolation, one latent on many inputs
     evaluation (streamed)  faithfulness-weighted variance (§5.1.5), LPIPS diversity (§5.2.6),
                            the shapes scores of data.py, summed input by input
-    benchmark, dry run     training steps (common.bench_training) and select_latents vs the naive
-                           search in one bench.json; parameter counts
+    benchmark, dry run     training steps (common.bench_training), one outer iteration (search vs
+                           inner steps) and select_latents vs the naive search in one bench.json;
+                           parameter counts
     main
 
     python cimle.py                                   # layouts on built-in shapes, CPU ~5 min
     python cimle.py --pretrain_iters 1000             # the same network as z = 0 regression
+    python cimle.py --baseline crn --rebalance_data 0 # Table 2's CRN (9 images per layout)
     python cimle.py --task sr                         # x8 SR on shapes (stripes are ambiguous)
     python cimle.py --sample                          # grids from out/cimle-shapes/ckpt.pt
     python cimle.py --eval                            # metrics -> out/cimle-shapes/eval.json
@@ -41,12 +48,16 @@ Map of this file:
     python cimle.py --data folder --data_dir data/imagenet_cicada   # SRIM, paper scale
     python cimle.py --data gta5                       # layouts, paper scale (256x512)
     python cimle.py --data gta5 --dry_run             # parameter counts vs the official nets
+    python cimle.py --data folder --data_dir data/imagenet_cicada --sample \
+        --init_from code_81_480000_G.pth          # the authors' released generator
     torchrun --nproc_per_node=2 cimle.py --data folder --data_dir data/imagenet_cicada  # |S~| 4
 """
 
 import json
 import math
 import os
+import pickle
+import re
 import time
 import weakref
 
@@ -84,7 +95,7 @@ SR_PAPER = dict(
     distance="vgg",           # §5.1.1, Eq. (1): l2 norms of pixels and VGG-19 relu5_4
     calibrate_examples=64,    # §3.7 weights from 64 examples of the first S (our choice)
     perturb=0.0, reject=0.0,  # off: official-code perturbation (0.1) / RS-IMLE rejection
-    search_examples=1, search_chunk=25,  # our choice: 25 RRDB forwards per search chunk
+    search_examples=1, search_chunk=0,  # our choice: candidates per chunk from free memory
     pretrained=1, n_eval=80, eval_samples=50,  # §5.1.6: 80 test images, 50 samples each
     sample_every=10_000, ckpt_every=10_000, log_every=100,
     # layout-only settings (unused here)
@@ -106,7 +117,7 @@ LAYOUT_PAPER = dict(
     distance="vgg",           # §5.2.1: l1 on conv1_2 .. conv5_2 (+ pixels, DISL)
     calibrate_examples=64,    # §3.7 weights from 64 examples of the first S (our choice)
     perturb=0.0, reject=0.0,
-    search_examples=1, search_chunk=10,  # our choice: one example's m = 10 candidates at once
+    search_examples=1, search_chunk=0,  # our choice: candidates per chunk from free memory
     rebalance_data=1, rebalance_loss=1,  # §5.2.4: both rebalancing schemes
     rebalance_classes=5,      # §5.2.4: the five classes of largest area
     rarity_min_images=67,     # DISL: classes in <= 67 images get no KDE of their own
@@ -136,8 +147,13 @@ PRESETS = {
 TASKS = {"shapes": ("layout", "sr"), "folder": ("sr",), "gta5": ("layout",),
          "cityscapes": ("layout",)}
 ARCH_KEYS = ("task", "size", "z_channels", "nf", "gc", "n_blocks", "crn_channels",
-             "noise_channels", "encoder_channels", "noise_encoder", "num_classes", "distance")
-LAYOUT_VGG = ["conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2"]  # §5.2.1
+             "noise_channels", "encoder_channels", "noise_encoder", "num_classes", "distance",
+             "baseline", "crn_images", "layout_vgg")
+# §5.2.1: "the activations" of conv1_2 .. conv5_2. DISL takes them from MatConvNet's VGG-19,
+# after the ReLU and with average pooling (--layout_vgg matconvnet, the default); torchvision's
+# names for those taps are relu*_2. --layout_vgg torchvision: the pre-ReLU, max-pooled ones.
+LAYOUT_VGG = {"matconvnet": ["relu1_2", "relu2_2", "relu3_2", "relu4_2", "relu5_2"],
+              "torchvision": ["conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2"]}
 REFERENCE_PARAMS = {"sr": {"G": 109.06e6}, "layout": {"G": 98.4e6, "E": 0.12e6}}  # official code
 
 
@@ -168,7 +184,11 @@ def build_parser():
     a("--perturb", type=float, default=None, help="SRIM code: add perturb * N(0, I) to codes")
     a("--reject", type=float, default=None, help="RS-IMLE: skip candidates nearer than this")
     a("--search_examples", type=int, default=None, help="examples per search chunk")
-    a("--search_chunk", type=int, default=None, help="candidates per example per search chunk")
+    a("--search_chunk", type=int, default=None,
+      help="candidates per example per search chunk (0: from free GPU memory, all m where they "
+           "fit; 10 on a CPU)")
+    a("--search_dtype", default=None, choices=["float32", "bfloat16", "float16"],
+      help="autocast dtype of the nearest-sample search (default: --dtype)")
     a("--z_channels", type=int, default=None, help="SR: latent channels at LR resolution")
     a("--nf", type=int, default=None, help="SR: RRDB feature channels")
     a("--gc", type=int, default=None, help="SR: RRDB growth channels")
@@ -178,6 +198,18 @@ def build_parser():
     a("--encoder_channels", type=int, default=None, help="layout: noise encoder width")
     a("--noise_encoder", type=int, default=None, choices=[0, 1],
       help="layout: 1 = z' = E(x, z~) (§5.2.1); 0 = z~ fed to the CRN (Table 2 ablation)")
+    a("--baseline", default="none", choices=["none", "crn", "crn_noise"],
+      help="layout, Table 2's baselines on our CRN: crn = Chen & Koltun's CRN with --crn_images "
+           "images per layout and their class-wise hindsight loss (§5.2.3), no noise input; "
+           "crn_noise = the CRN with a noise input trained with the plain loss on a fresh code "
+           "every step, no search (with --noise_encoder 0: the noise goes to the CRN itself)")
+    a("--crn_images", type=int, default=9, help="--baseline crn: images per layout (§5.2.3: 9)")
+    a("--layout_vgg", default="matconvnet", choices=["matconvnet", "torchvision"],
+      help="layout distance features: matconvnet = post-ReLU taps with average pooling (DISL's "
+           "MatConvNet VGG-19); torchvision = pre-ReLU taps with max pooling")
+    a("--reinit_encoder_at", type=int, default=0,
+      help="layout: at this step re-initialise the noise encoder and restart Adam (DISL does so "
+           "after outer iteration 5, i.e. 50000; not in the paper; 0: never)")
     a("--rebalance_data", type=int, default=None, choices=[0, 1], help="§5.2.4 dataset rebalancing")
     a("--rebalance_loss", type=int, default=None, choices=[0, 1], help="§5.2.4 loss rebalancing")
     a("--rebalance_classes", type=int, default=None, help="classes of largest area that share S")
@@ -190,6 +222,9 @@ def build_parser():
     a("--eval_samples", type=int, default=None, help="samples per test input for --eval")
     a("--lpips_net", default="alex", choices=["alex", "vgg"],
       help="LPIPS backbone of --eval with --pretrained 1 (the paper does not name it)")
+    a("--init_last_act", default=None, choices=["sigmoid", "tanh"],
+      help="--init_from: the output activation the released file was trained with (default: "
+           "sigmoid with z, as SRIM's stage-2 config; tanh without, as its stage-1 config)")
     a("--bench", type=int, default=None,
       help="time N inner steps (float32 eager, then --dtype/--compile) and select_latents "
            "against the naive search; writes bench.json (offline with --pretrained 0)")
@@ -204,6 +239,8 @@ def parse(argv=None):
     presets = dict(PRESETS)
     if known.task == "sr":
         presets["shapes"] = CPU_SR
+    if known.init_from:  # the released file's widths replace the presets'
+        presets = released_presets(known, presets)
     return common.parse_args(parser, presets, "cimle", "shapes", argv, check=check_args)
 
 
@@ -230,13 +267,20 @@ def check_args(args):
     require = common.require
     require(args.task in TASKS[args.data], f"--task {args.task} is not available on --data "
             f"{args.data}; it supports: {', '.join(TASKS[args.data])}.")
-    common.at_least(args, 1, "S", "L", "search_examples", "search_chunk", "z_channels", "nf",
+    common.at_least(args, 1, "S", "L", "search_examples", "z_channels", "nf",
                     "gc", "n_blocks", "noise_channels", "encoder_channels", "rebalance_classes",
-                    "n_eval", "calibrate_examples", "bench")
+                    "n_eval", "calibrate_examples", "bench", "crn_images")
     require(args.m >= 1, f"--m (--candidates), the latent codes drawn per example, must be at "
                          f"least 1 (got {args.m}).")
     common.at_least(args, 0, "pretrain_iters", "bilinear_from", "n_train", "perturb", "reject",
-                    "rarity_min_images")
+                    "rarity_min_images", "search_chunk", "reinit_encoder_at")
+    require(args.baseline == "none" or args.task == "layout",
+            f"--baseline {args.baseline} is one of Table 2's layout baselines; it exists for "
+            f"--task layout only.")
+    require(not args.reinit_encoder_at or (args.task == "layout" and args.noise_encoder
+                                           and args.baseline == "none"),
+            "--reinit_encoder_at re-initialises the noise encoder of --task layout; it needs "
+            "--noise_encoder 1 and no --baseline.")
     require(args.eval_samples >= 2, f"--eval_samples must be at least 2: the diversity of "
                                     f"§5.2.6 is measured within pairs of samples "
                                     f"(got {args.eval_samples}).")
@@ -382,9 +426,11 @@ class NoiseEncoder(nn.Module):
 class CRN(nn.Module):
     """Refinement modules from 4 pixels high (module 0) to full resolution, each at twice the
     previous size. Module input: [previous features up x2 (bilinear, align_corners, DISL), layout
-    area-resized, z' resized (bilinear)]; two conv3x3 -> LN -> LReLU; a linear 1x1 head -> RGB."""
+    area-resized, z' resized (bilinear)]; two conv3x3 -> LN -> LReLU; a linear 1x1 head -> RGB
+    (3 * images channels: `images` RGB images per layout, Chen & Koltun's variant of §5.2.3;
+    noise_channels = 0: no noise input)."""
 
-    def __init__(self, num_classes, noise_channels, widths):
+    def __init__(self, num_classes, noise_channels, widths, images=1):
         super().__init__()
         cond = num_classes + noise_channels
         self.blocks = nn.ModuleList()
@@ -393,18 +439,19 @@ class CRN(nn.Module):
             self.blocks.append(nn.Sequential(conv_norm_act(prev + cond, width, 3),
                                              conv_norm_act(width, width, 3)))
             prev = width
-        self.head = nn.Conv2d(prev, 3, 1)  # linear output in [-1, 1] (DISL: no tanh)
+        self.head = nn.Conv2d(prev, 3 * images, 1)  # linear output in [-1, 1] (DISL: no tanh)
 
-    def forward(self, layout, noise):
+    def forward(self, layout, noise=None):
         h_full, w_full = layout.shape[-2:]
         n = len(self.blocks)
         feat = None
         for k, block in enumerate(self.blocks):
             size = (h_full >> (n - 1 - k), w_full >> (n - 1 - k))
             lay = layout if k == n - 1 else F.interpolate(layout, size=size, mode="area")
-            nz = noise if k == n - 1 else F.interpolate(noise, size=size, mode="bilinear",
-                                                        align_corners=False)
-            parts = [lay, nz]
+            parts = [lay]
+            if noise is not None:
+                parts.append(noise if k == n - 1 else F.interpolate(
+                    noise, size=size, mode="bilinear", align_corners=False))
             if feat is not None:
                 parts.insert(0, F.interpolate(feat, size=size, mode="bilinear", align_corners=True))
             feat = block(torch.cat(parts, dim=1))
@@ -430,9 +477,39 @@ class LayoutGenerator(nn.Module):
         return self.crn(layout, z if self.encoder is None else self.encoder(layout, z))
 
 
+class MultiImageCRN(nn.Module):
+    """Table 2's "CRN" (§5.2.3): Chen & Koltun's CRN (Photographic Image Synthesis with Cascaded
+    Refinement Networks, ICCV 2017, arXiv:1707.09405, §3.5) that outputs K images per layout
+    (K = 9 in the paper) from the layout alone, trained with their class-wise hindsight loss
+    (Distance.hindsight). forward(cond, None): all K images (B, K, 3, H, W). forward(cond, z):
+    one sample, image floor(K Phi(z)) for a code z (B, 1, 1, 1) ~ N(0, 1), i.e. one of the K
+    uniformly, so that sampling and evaluation draw codes as they do for cIMLE."""
+
+    def __init__(self, num_classes, widths, images):
+        super().__init__()
+        self.num_classes, self.images = num_classes, images
+        self.crn = CRN(num_classes, 0, widths, images)
+
+    def latent_shape(self, cond):
+        return (1, 1, 1)
+
+    def forward(self, cond, z=None):
+        layout = F.one_hot(cond, self.num_classes).permute(0, 3, 1, 2).float()  # (B, P, H, W)
+        out = self.crn(layout)
+        out = out.view(out.shape[0], self.images, 3, *out.shape[-2:])         # (B, K, 3, H, W)
+        if z is None:
+            return out
+        uniform = 0.5 * (1 + torch.erf(z.flatten(1)[:, 0].float() / math.sqrt(2)))  # Phi(z)
+        pick = (uniform * self.images).long().clamp(0, self.images - 1)
+        return out[torch.arange(len(out), device=out.device), pick]
+
+
 def build_generator(args):
     if args.task == "sr":
         return SRGenerator(args.z_channels, args.nf, args.gc, args.n_blocks)
+    if args.baseline == "crn":
+        return MultiImageCRN(args.num_classes, parse_ints(args.crn_channels, "crn_channels"),
+                             args.crn_images)
     return LayoutGenerator(args.num_classes, args.noise_channels, args.encoder_channels,
                            parse_ints(args.crn_channels, "crn_channels"), bool(args.noise_encoder))
 
@@ -448,8 +525,9 @@ class Distance:
     (l2) or by (l1) its number of elements (our normalisation, so that sizes do not matter).
     SR (§5.1.1, Eq. 1): l2 norms, i.e. root mean squares, of pixels and relu5_4 (a sum of norms,
     not of squared norms). SRIM code ("official"): 0.01 L1 pixels + L1 conv5_4.
-    Layouts (§5.2.1, §5.2.4): L1 on pixels (DISL) and conv1_2..conv5_2, every term weighted by
-    the normalised rarity mask resized to the term's resolution (area average).
+    Layouts (§5.2.1, §5.2.4): L1 on pixels (DISL) and conv1_2..conv5_2 (LAYOUT_VGG[layout_vgg];
+    the VGG's pooling must match: make_distance), every term weighted by the normalised rarity
+    mask resized to the term's resolution (area average).
     pixel (the CPU presets, both tasks): L1 of the pixels alone, weight 1.
     Weights (§3.7 "each term roughly of the same magnitude"): `calibrate` sets lambda_i =
     1 / mean of term i (see calibrate_distance for the examples it is measured on); the
@@ -457,14 +535,14 @@ class Distance:
     each example's candidates.
     """
 
-    def __init__(self, task, kind, device, vgg=None):
+    def __init__(self, task, kind, device, vgg=None, layout_vgg="matconvnet"):
         self.task, self.kind = task, kind
         if kind == "pixel":
             self.layers = []
         elif task == "sr":
             self.layers = ["conv5_4"] if kind == "official" else ["relu5_4"]
         else:
-            self.layers = list(LAYOUT_VGG)
+            self.layers = list(LAYOUT_VGG[layout_vgg])
         if self.layers and vgg is None:
             raise ValueError(f"--distance {kind} needs a VGG-19 (common.VGG19)")
         self.vgg = vgg if self.layers else None
@@ -485,21 +563,21 @@ class Distance:
         """Target features (E, ...) and the mask (E, 1, H, W) or None, computed once."""
         return {"feats": self.features(target), "mask": mask}
 
+    def differences(self, fake, prepared):
+        """Per term: |Phi_i(y~) - Phi_i(y)| (squared for l2), (E, c, C, h, w), for (E * c, ...)
+        candidates of E targets."""
+        feats = self.features(fake)
+        for name, tgt in prepared["feats"].items():
+            fk = feats[name].float()
+            diff = fk.view(tgt.shape[0], -1, *fk.shape[1:]) - tgt.float().unsqueeze(1)
+            yield diff.pow(2) if self.l2 else diff.abs()
+
     def terms(self, fake, prepared):
         """(E * c, ...) candidates of E targets -> unweighted terms (E * c, n_terms)."""
-        feats = self.features(fake)
         result = []
-        for name, tgt in prepared["feats"].items():
-            e = tgt.shape[0]
-            fk = feats[name].float()
-            fk = fk.view(e, -1, *fk.shape[1:])                  # (E, c, C, H, W)
-            diff = fk - tgt.float().unsqueeze(1)
-            diff = diff.pow(2) if self.l2 else diff.abs()
-            mask = prepared["mask"]
-            if mask is not None:                                # §5.2.4 loss rebalancing
-                m = F.interpolate(mask, size=diff.shape[-2:], mode="area") \
-                    if mask.shape[-2:] != diff.shape[-2:] else mask
-                diff = diff * m.unsqueeze(1)                     # broadcast over c and channels
+        for diff in self.differences(fake, prepared):
+            if prepared["mask"] is not None:                    # §5.2.4 loss rebalancing
+                diff = diff * resized(prepared["mask"], diff.shape[-2:]).unsqueeze(1)
             term = diff.flatten(2).mean(2)                      # (E, c)
             if self.l2:  # Eq. (1): the norm itself (clamped: sqrt has no gradient at 0)
                 term = term.clamp(min=1e-12).sqrt()
@@ -509,11 +587,32 @@ class Distance:
     def __call__(self, fake, prepared):
         return self.terms(fake, prepared) @ self.weights       # (E * c,)
 
+    def hindsight(self, images, prepared, classes):
+        """Chen & Koltun's class-wise hindsight loss (ICCV 2017, §3.5) for the "CRN" baseline:
+        sum_p min_u sum_i lambda_i || L_p ∘ (Phi_i(y) - Phi_i(g_u(x))) ||_1 over the K images
+        g_u, with L_p class p's pixels (area-resized to each term) times the rarity mask if any.
+        images (E, K, 3, H, W), classes (E, P, H, W) one-hot -> (E,). With K = 1 it is the plain
+        distance, as the classes split every term's mean."""
+        per_class = 0
+        for weight, diff in zip(self.weights, self.differences(images.flatten(0, 1), prepared)):
+            c, h, w = diff.shape[-3:]
+            where = resized(classes, (h, w))                    # (E, P, h, w)
+            if prepared["mask"] is not None:
+                where = where * resized(prepared["mask"], (h, w))
+            per_class = per_class + weight * torch.einsum("ekhw,ephw->ekp", diff.sum(2),
+                                                          where) / (c * h * w)
+        return per_class.min(1).values.sum(1)                   # (E,)
+
     def calibrate(self, terms):
         """§3.7: lambda_i = 1 / mean(term_i) over terms (N, n_terms), so that every term starts
         at magnitude 1."""
         self.weights = 1.0 / terms.float().mean(0).clamp(min=1e-12).to(self.weights.device)
         self.calibrated = True
+
+
+def resized(mask, size):
+    """A mask (E, P, H, W) area-averaged to size (h, w), as DISL resizes masks to each layer."""
+    return mask if mask.shape[-2:] == tuple(size) else F.interpolate(mask, size=size, mode="area")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -698,7 +797,9 @@ def pick_subset(outer, n, args, rarity):
 def load_data(args, split="train"):
     root = args.data_dir if args.data != "shapes" else None
     options = dict(stretch=True) if args.data == "folder" else {}  # §5.1.2: anisotropic scaling
-    ds = data.get_dataset(args.data, root=root, split=split, size=args.size, **options)
+    unread = ("sketch",) if args.task == "sr" else ("sketch", "lowres")
+    ds = data.get_dataset(args.data, root=root, split=split, size=args.size, skip=unread,
+                          **options)
     need = {"lowres", "image"} if args.task == "sr" else {"label", "image"}
     if not need <= ds.has:
         raise common.UserError(f"--task {args.task} needs {sorted(need)} items, and {args.data} "
@@ -770,35 +871,73 @@ def code_stream(args, outer, example, device):
     return torch.Generator(device).manual_seed(seed)
 
 
-def outer_search(G, distance, items, outer, args, rt):
+def search_runtime(args, rt):
+    """The runtime of the search: --search_dtype (default --dtype) for its no-grad forwards."""
+    return common.Runtime(rt.device, getattr(torch, args.search_dtype or args.dtype))
+
+
+def outer_search(G, distance, items, outer, args, rt, chunk=None):
     """Algorithm 1 lines 4-8. Under torchrun each rank searches its share of S (examples r,
     r + W, ...) and the selected codes are all-gathered: every rank then holds sigma(i) for all
-    of S, exactly the codes one process would have selected."""
+    of S, exactly the codes one process would have selected. Each example's m codes are drawn at
+    once from its own stream, so they do not depend on the chunking either (`chunk`, or
+    --search_chunk, or search_chunk_size). Returns the codes (|S|, *latent) on the device and
+    the mean selected distance (a 0-d tensor: no host sync)."""
     cond, target, mask = items
     latent = G.latent_shape(cond)
     share = torch.arange(rt.rank, len(cond), rt.world_size)
-    streams = {}
+    block = {}
 
     def draw(e0, e1, j0, j1):  # codes (e1 - e0, j1 - j0, *latent) of share[e0:e1]
-        if j0 == 0:  # a new block of examples: fresh streams, the previous ones are done
-            streams.clear()
-            streams.update({e: code_stream(args, outer, int(share[e]), rt.device)
-                            for e in range(e0, e1)})
-        return torch.stack([torch.randn((j1 - j0, *latent), generator=streams[e],
-                                        device=rt.device) for e in range(e0, e1)])
+        if j0 == 0:  # a new block of examples: its codes, (E, m, *latent)
+            block["z"] = torch.stack([torch.randn(
+                (args.m, *latent), generator=code_stream(args, outer, int(share[e]), rt.device),
+                device=rt.device) for e in range(e0, e1)])
+        return block["z"][:, j0:j1]
 
-    with torch.no_grad(), rt.autocast():
+    chunk = chunk or search_chunk_size(G, distance, items, args, rt)
+    with torch.no_grad(), search_runtime(args, rt).autocast():
         _, codes, dist = select_latents(G, distance, cond[share], target[share],
                                         None if mask is None else mask[share], args.m, draw,
-                                        args.search_chunk, args.search_examples, rt.device,
-                                        args.reject)
+                                        chunk, args.search_examples, rt.device, args.reject)
     codes, dist = codes.float(), dist.float()
     if rt.ddp:
         codes, dist = gather_shares(codes, len(cond), rt), gather_shares(dist, len(cond), rt)
     if args.perturb > 0:  # SRIM code: a small perturbation of every selected code
         gen = code_stream(args, outer, len(cond), rt.device)  # the stream after S's examples
         codes = codes + args.perturb * torch.randn(codes.shape, generator=gen, device=rt.device)
-    return codes.cpu(), dist.mean().item()
+    return codes, dist.mean()
+
+
+def forward_batch(args):
+    """Samples per no-grad forward outside the search (calibration, --eval): --search_examples
+    x --search_chunk, with a chunk of min(m, 10) where it is chosen from free memory."""
+    return args.search_examples * (args.search_chunk or min(args.m, 10))
+
+
+def search_chunk_size(G, distance, items, args, rt, headroom=0.5):
+    """--search_chunk, or when it is 0: on a GPU all m candidates per example where they fit in
+    `headroom` of the free memory (our choice), measured by one probe forward of the first
+    --search_examples examples, one candidate each; elsewhere 10 (our choice: memory is rarely
+    the limit on a CPU, and larger batches are no faster there)."""
+    if args.search_chunk:
+        return args.search_chunk
+    if rt.device.type != "cuda":
+        return min(args.m, 10)
+    cond, target, mask = items
+    e = min(args.search_examples, len(cond))
+    probe = lambda e0, e1, j0, j1: torch.randn(  # noqa: E731
+        (e1 - e0, j1 - j0, *G.latent_shape(cond)), device=rt.device)
+    torch.cuda.synchronize(rt.device)
+    torch.cuda.reset_peak_memory_stats(rt.device)
+    base = torch.cuda.memory_allocated(rt.device)
+    with torch.no_grad(), search_runtime(args, rt).autocast():
+        select_latents(G, distance, cond[:e], target[:e], None if mask is None else mask[:e], 1,
+                       probe, 1, e, rt.device)
+    per_candidate = max(torch.cuda.max_memory_allocated(rt.device) - base, 1) / e
+    free, _ = torch.cuda.mem_get_info(rt.device)
+    free += torch.cuda.memory_reserved(rt.device) - torch.cuda.memory_allocated(rt.device)
+    return int(max(1, min(args.m, headroom * free // (per_candidate * args.search_examples))))
 
 
 @torch.no_grad()
@@ -807,9 +946,9 @@ def calibrate_distance(G, distance, items, outer, zero, args, rt):
     over the first --calibrate_examples examples of S, one code each (the first of the example's
     own stream; z = 0 when the run starts with pretraining, so that pretraining and IMLE train
     one loss). The same examples on every rank, so every rank has the same weights; measured
-    search_examples * search_chunk at a time, which sets the memory and not the weights."""
+    forward_batch(args) at a time, which sets the memory and not the weights."""
     cond, target, mask = items
-    k, block = min(len(cond), args.calibrate_examples), args.search_examples * args.search_chunk
+    k, block = min(len(cond), args.calibrate_examples), forward_batch(args)
     terms = []
     with rt.autocast():
         for e0 in range(0, k, block):
@@ -835,35 +974,96 @@ def gather_shares(x, n, rt):
     return full[:n]
 
 
-def inner_step(G, distance, opt, sched, items, codes, it, args, rt):
+def inner_step(G, distance, opt, sched, items, codes, it, args, rt, cache=None):
     """Algorithm 1 lines 9-12: theta <- theta - eta grad sum_{i in S~} L(y~_i,sigma(i), y_i)/|S~|.
-    The mini-batch is a pure function of (seed, it); under DDP each rank takes its slice."""
+    The mini-batch is a pure function of (seed, it); under DDP each rank takes its slice.
+    items and codes live on the device for the whole outer iteration (codes None: z = 0), and
+    `cache` (prepare_subset) holds the targets' features, so a step copies nothing to the device
+    but |S~| indices and reads no value back (the loss is returned as a 0-d tensor).
+    --baseline crn: the hindsight loss over all K images; crn_noise: a fresh code every step."""
     cond, target, mask = items
     gen = torch.Generator().manual_seed(args.seed * 15_485_863 + it)
     pick = torch.randperm(len(cond), generator=gen)[:args.batch_size]
     share = args.batch_size // rt.world_size  # divisible: check_batch_split
-    pick = pick[rt.rank * share:(rt.rank + 1) * share]
-    z = codes[pick].to(rt.device)
-    if it < args.pretrain_iters:
-        z = torch.zeros_like(z)  # §5.1.1: deterministic pretraining with z = 0
+    rows = slice(rt.rank * share, (rt.rank + 1) * share)
+    pick = pick[rows].to(cond.device, non_blocking=True)
+    if args.baseline == "crn":
+        z = None  # all K images of each layout
+    elif args.baseline == "crn_noise":  # CRN + noise: the plain loss on a fresh draw, no search
+        latent = common.unwrap(G).latent_shape(cond)
+        z = torch.randn((args.batch_size, *latent), device=rt.device, generator=torch.Generator(
+            rt.device).manual_seed(args.seed * 15_485_863 + it))[rows]  # one process's codes
+    elif codes is None or it < args.pretrain_iters:  # §5.1.1: pretraining with z = 0
+        latent = codes.shape[1:] if codes is not None else common.unwrap(G).latent_shape(cond)
+        z = torch.zeros((share, *latent), device=rt.device)
+    else:
+        z = codes[pick].to(rt.device)
     with rt.autocast():
-        prepared = distance.prepare(target[pick].to(rt.device),
-                                    None if mask is None else mask[pick].to(rt.device))
-        loss = distance(G(cond[pick].to(rt.device), z), prepared).mean()
+        if cache is None:
+            prepared = distance.prepare(target[pick].to(rt.device),
+                                        None if mask is None else mask[pick].to(rt.device))
+        else:
+            prepared = {"feats": {k: v[pick] for k, v in cache["feats"].items()},
+                        "mask": None if cache["mask"] is None else cache["mask"][pick]}
+        x = cond[pick].to(rt.device)
+        if args.baseline == "crn":  # Chen & Koltun's loss over the K images of each layout
+            classes = F.one_hot(x, args.num_classes).permute(0, 3, 1, 2).float()
+            loss = distance.hindsight(G(x, None), prepared, classes).mean()
+        else:
+            loss = distance(G(x, z), prepared).mean()
     opt.zero_grad(set_to_none=True)
     rt.scaler.scale(loss).backward()
     rt.scaler.step(opt)
     rt.scaler.update()
     sched.step()
-    return loss.item()
+    return loss.detach()
+
+
+@torch.no_grad()
+def prepare_subset(distance, items, args, rt, budget=None):
+    """The targets' features of all of S (Distance.prepare, under the training autocast), once
+    per outer iteration, forward_batch(args) targets at a time, for the inner steps to index
+    (the same loss as preparing each mini-batch). None where they would not fit: over `budget`
+    bytes, by default a quarter of the free GPU memory or 4 GiB on a CPU (our choice); the steps
+    then prepare their own."""
+    cond, target, mask = items
+    if budget is None:
+        budget = torch.cuda.mem_get_info(rt.device)[0] / 4 if rt.device.type == "cuda" \
+            else 4 * 2 ** 30
+    block, parts = forward_batch(args), []
+    with rt.autocast():
+        for i in range(0, len(target), block):
+            parts.append(distance.prepare(target[i:i + block])["feats"])
+            if i == 0:  # the first block gives the bytes per target
+                size = sum(v[0].numel() * v.element_size() for v in parts[0].values())
+                if size * len(target) > budget:
+                    return None
+    return {"feats": {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, "mask": mask}
+
+
+def reinit_encoder(G, opt, it, args):
+    """DISL's restart after outer iteration 5 (--reinit_encoder_at; not in the paper): the noise
+    encoder takes a fresh initialisation (seeded by (seed, it), so every rank and a resumed run
+    agree) and Adam's moments restart for every weight; the CRN keeps its weights."""
+    with common.preserved_rng():
+        torch.manual_seed(args.seed * 1_000_003 + it + 7_919)
+        fresh = NoiseEncoder(args.num_classes, args.noise_channels, args.encoder_channels)
+    common.unwrap(G).encoder.load_state_dict(fresh.state_dict())
+    opt.state.clear()
+
+
+def to_device(items, device):
+    return tuple(None if x is None else x.to(device) for x in items)
 
 
 def make_distance(args, device):
     vgg = None
     if args.distance != "pixel":  # --pretrained 0 only under --bench: the same cost, offline
-        vgg = common.VGG19(pretrained=bool(args.pretrained)).to(device).eval()
+        # layouts: DISL's MatConvNet VGG-19 average-pools (torchvision's weights either way)
+        pool = "avg" if args.task == "layout" and args.layout_vgg == "matconvnet" else "max"
+        vgg = common.VGG19(pretrained=bool(args.pretrained), pool=pool).to(device).eval()
         vgg.requires_grad_(False)
-    return Distance(args.task, args.distance, device, vgg)
+    return Distance(args.task, args.distance, device, vgg, args.layout_vgg)
 
 
 def make_optimiser(G, args):
@@ -877,13 +1077,15 @@ def train(args):
     ds = load_data(args)
     n = len(ds) if not args.n_train else min(args.n_train, len(ds))
     G = build_generator(args).to(rt.device)
+    if args.init_from:  # fine-tuning: Adam and its schedule start afresh
+        load_released(G, args)
     opt, sched = make_optimiser(G, args)
     distance = make_distance(args, rt.device)
     rarity = load_rarity(args, ds, n, rt) if args.task == "layout" and (
         args.rebalance_data or args.rebalance_loss) else None
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     objects = dict(G=G, opt=opt, sched=sched, scaler=rt.scaler)
-    start, subset, codes, items = 0, None, None, None
+    start, subset, codes, items, cache = 0, None, None, None, None
     if args.resume:
         ck = common.load_checkpoint(ckpt_path, "cimle", vars(args), ARCH_KEYS, objects, rt=rt)
         start, extra = ck["iter"], ck["extra"]
@@ -891,34 +1093,40 @@ def train(args):
         distance.calibrated = bool(extra["calibrated"])
         if extra["subset"] is not None and not new_outer(start, args):
             subset, codes = extra["subset"], extra["codes"]
-            items = gather_items(ds, subset, args, rarity, outer_index(start, args))
+            codes = None if codes is None else codes.to(rt.device)
+            items = to_device(gather_items(ds, subset, args, rarity, outer_index(start, args)),
+                              rt.device)
+            cache = prepare_subset(distance, items, args, rt)
     Gw = common.prepare_model(G, rt, args.compile)
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     fixed = fixed_examples(ds, args)
-    losses, search = [], {}
+    losses, search, chunk = [], {}, None
     with common.StopSignals() as signals:
         for it in range(start, args.iters):
             G.upsample_mode = "bilinear" if it >= args.bilinear_from > 0 else "nearest"
+            if it == args.reinit_encoder_at > 0:
+                reinit_encoder(G, opt, it, args)
             if new_outer(it, args):  # Algorithm 1: pick S, then search sigma(i) for every i in S
                 outer = outer_index(it, args)
                 subset = pick_subset(outer, n, args, rarity)
-                items = gather_items(ds, subset, args, rarity, outer)
+                items = to_device(gather_items(ds, subset, args, rarity, outer), rt.device)
                 if not distance.calibrated:
                     calibrate_distance(G, distance, items, outer, it < args.pretrain_iters, args,
                                        rt)
-                if it < args.pretrain_iters:
-                    codes = torch.zeros(len(subset), *G.latent_shape(items[0]))
-                else:
+                cache = prepare_subset(distance, items, args, rt)
+                codes = None  # z = 0 (pretraining) or, for the baselines, not searched
+                if it >= args.pretrain_iters and args.baseline == "none":
                     t0 = time.perf_counter()
                     G.eval()
-                    codes, sel = outer_search(G, distance, items, outer, args, rt)
+                    chunk = chunk or search_chunk_size(G, distance, items, args, rt)
+                    codes, sel = outer_search(G, distance, items, outer, args, rt, chunk)
                     G.train()
-                    search = dict(selected_distance=sel, search_s=time.perf_counter() - t0)
-            losses.append(inner_step(Gw, distance, opt, sched, items, codes, it, args, rt))
+                    search = dict(selected_distance=sel.item(), search_s=time.perf_counter() - t0)
+            losses.append(inner_step(Gw, distance, opt, sched, items, codes, it, args, rt, cache))
             log.step(args.batch_size)
             done = it + 1
             if done % args.log_every == 0 or done == args.iters:
-                log.log(done, loss=common.reduce_mean(np.mean(losses), rt),
+                log.log(done, loss=common.reduce_mean(torch.stack(losses).mean().item(), rt),
                         lr=sched.get_last_lr()[0], **search)
                 losses, search = [], {}
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
@@ -930,9 +1138,152 @@ def train(args):
                     G.train()
             signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
                 ckpt_path, "cimle", args, done, objects, rt=rt,  # with the outer iteration's state
-                extra=dict(subset=subset, codes=codes, distance_weights=distance.weights.cpu(),
+                extra=dict(subset=subset, codes=None if codes is None else codes.cpu(),
+                           distance_weights=distance.weights.cpu(),
                            calibrated=distance.calibrated)))
     log.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Official released weights (--init_from): SRIM's x8 RRDB generators (niopeng/SRIM-pytorch)
+# ----------------------------------------------------------------------------------------------
+# The released files are plain state_dicts of one flat nn.Sequential `model`: 0 the first conv,
+# 1 the trunk as a shortcut block (sub.0 .. sub.{nb-1} the RRDBs, sub.{nb} the trunk conv), then
+# [Upsample, conv, LReLU] x 3 (convs at 3, 6, 9), 11 the HR conv, 13 the output conv. Two kinds:
+# with z (IMRRDBNet, first conv (nf, 3 + z, 3, 3): code_81_480000_G.pth, SRIM stage 2) and z-free
+# (RRDBNet, (nf, 3, 3, 3): blank_72_150000_G.pth, the z = 0 pretraining of stage 1).
+# The layout half's released model is a TensorFlow 1 checkpoint: not read here.
+
+SRIM_OUTER_CONVS = {"model.0": "fea_conv", "model.3": "up_convs.0", "model.6": "up_convs.1",
+                    "model.9": "up_convs.2", "model.11": "hr_conv", "model.13": "out_conv"}
+SRIM_TOP_LEVEL = {"0", "1", "3", "6", "9", "11", "13"}  # x8: three up-sampling convs
+SRIM_NEW_CODE_STD = 0.03  # load_partial_network_concat: new z weights ~ N(0, 0.03^2)
+# The output activation of the config that wrote each kind: train_srim_cicada_x8.json (stage 2,
+# with z) says sigmoid; train_vanilla_cicada_x8.json (stage 1, z-free) says tanh.
+SRIM_LAST_ACT = {True: "sigmoid", False: "tanh"}
+LAYOUT_RELEASE = ("the layout half's released model (zth667/Diverse-Image-Synthesis-from-"
+                  "Semantic-Layout) is a TensorFlow 1 checkpoint, which cimle.py does not read")
+
+
+def srim_key_map(n_blocks):
+    """Official key prefix -> ours (a weight and a bias under each)."""
+    names = dict(SRIM_OUTER_CONVS)
+    names[f"model.1.sub.{n_blocks}"] = "trunk_conv"
+    for b in range(n_blocks):
+        for r in range(3):
+            for c in range(5):
+                theirs = f"model.1.sub.{b}.RDB{r + 1}.conv{c + 1}.0"
+                names[theirs] = f"trunk.{b}.blocks.{r}.convs.{c}"
+    return names
+
+
+def srim_architecture(official, source):
+    """The flags a released state_dict implies, from its shapes: nf, gc, n_blocks, and z_channels
+    (None for the z-free net). One sentence for anything that is not SRIM's x8 generator."""
+    if not isinstance(official, dict) or not all(torch.is_tensor(v) for v in official.values()):
+        if isinstance(official, dict) and "method" in official and "config" in official:
+            raise common.UserError(f"{source} is a checkpoint of this project ({official['method']}"
+                                   f".py), not released weights: pass its folder as --out_dir "
+                                   f"(and --resume to train on) instead of --init_from.")
+        raise common.UserError(f"{source} is not a state_dict of tensors; --init_from expects a "
+                               f"released SRIM generator (niopeng/SRIM-pytorch, *_G.pth).")
+    keys = list(official)
+    if any(k.startswith("c_conv_0.") for k in keys):
+        raise common.UserError(f"{source} is the legacy Caffe-style SRIM of niopeng/SRIM-pytorch "
+                               f"(c_conv_* keys); cimle.py implements its RRDB generator only.")
+    if "model.0.weight" not in official or "model.1.sub.0.RDB1.conv1.0.weight" not in official:
+        raise common.UserError(f"{source} is not a released SRIM generator (niopeng/SRIM-pytorch): "
+                               f"it has no model.0.weight / model.1.sub.0.RDB1.conv1.0.weight "
+                               f"(its first keys: {', '.join(keys[:3])}).")
+    top = {k.split(".")[1] for k in keys}
+    if top != SRIM_TOP_LEVEL:
+        after = ", ".join(sorted(top - {"0", "1"}, key=lambda v: (len(v), v)))
+        raise common.UserError(f"{source} is an RRDB generator with layers model.{{{after}}} "
+                               f"after the trunk, not SRIM's x8 model.{{3, 6, 9, 11, 13}} (an x4 "
+                               f"ESRGAN, say).")
+    first, out = official["model.0.weight"], official["model.13.weight"]
+    n_blocks = len({k.split(".")[3] for k in keys if k.startswith("model.1.sub.") and ".RDB" in k})
+    common.require(out.shape[0] == 3 and first.shape[1] >= 3,
+                   f"{source} maps {first.shape[1]} input to {out.shape[0]} output channels; "
+                   f"SRIM's generator maps RGB (+ z) to RGB.")
+    return dict(nf=first.shape[0], gc=official["model.1.sub.0.RDB1.conv1.0.weight"].shape[0],
+                n_blocks=n_blocks, z_channels=first.shape[1] - 3 or None)
+
+
+def convert_srim(official, last_act="tanh", new_code_weights=None):
+    """A released SRIM state_dict -> SRGenerator's (pure: the inputs are not modified).
+
+    last_act: the output activation the file was trained with. Ours is tanh to [-1, 1]; since
+    sigmoid(a) = (1 + tanh(a / 2)) / 2, a sigmoid net is ours with its output conv halved.
+    new_code_weights (nf, z, 3, 3): for the z-free net, the first conv's z columns, appended after
+    the RGB ones as load_partial_network_concat does.
+    """
+    n_blocks = srim_architecture(official, "the state_dict")["n_blocks"]
+    ours = {}
+    for theirs, mine in srim_key_map(n_blocks).items():
+        for kind in ("weight", "bias"):
+            ours[f"{mine}.{kind}"] = official[f"{theirs}.{kind}"].float()
+    if new_code_weights is not None:
+        ours["fea_conv.weight"] = torch.cat([ours["fea_conv.weight"], new_code_weights.float()], 1)
+    if last_act == "sigmoid":
+        ours["out_conv.weight"] = ours["out_conv.weight"] / 2
+        ours["out_conv.bias"] = ours["out_conv.bias"] / 2
+    return ours
+
+
+def read_released(path):
+    """torch.load with weights_only=True (no pickle code runs), each failure one sentence."""
+    common.require(os.path.isfile(path), f"--init_from {path}: no such file.")
+    try:
+        return common.load_weights(path)
+    except common.UserError as err:
+        cause = err.__cause__
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(cause))
+        if isinstance(cause, pickle.UnpicklingError) and needs:
+            raise common.UserError(
+                f"{path} needs Python pickle code to load (it refers to {needs.group(1)}), which "
+                f"--init_from does not run (weights_only=True); the released SRIM files are plain "
+                f"state_dicts of tensors.") from None
+        raise common.UserError(f"{path} cannot be read by torch.load ({type(cause).__name__}); "
+                               f"--init_from expects a released SRIM generator *_G.pth, and "
+                               f"{LAYOUT_RELEASE}.") from None
+
+
+def released_presets(known, presets):
+    """parse(): --init_from sets --nf, --gc, --n_blocks (and --z_channels for a file with z) from
+    the file, in place of the preset's; a flag given that contradicts the file is refused."""
+    data = known.data or "shapes"
+    common.require(known.task in (None, "sr") and "sr" in TASKS.get(data, ("sr",)),
+                   f"--init_from takes SRIM's x8 super-resolution generators (--data folder, or "
+                   f"--data shapes --task sr); {LAYOUT_RELEASE}.")
+    arch = srim_architecture(read_released(known.init_from), known.init_from)
+    if arch["z_channels"] is None:  # z-free: the z width is ours to choose (SRIM: 5)
+        del arch["z_channels"]
+    clash = [f"--{k} {getattr(known, k)}" for k, v in arch.items()
+             if getattr(known, k) is not None and getattr(known, k) != v]
+    common.require(not clash, f"{known.init_from} holds a generator with "
+                              f"{' '.join(f'--{k} {v}' for k, v in arch.items())}, which "
+                              f"contradicts {', '.join(clash)}: leave those flags out.")
+    sr = dict(presets, shapes=CPU_SR)
+    return {name: dict(preset, **arch) if preset["task"] == "sr" else preset
+            for name, preset in sr.items()}
+
+
+def load_released(G, args):
+    """Load --init_from into G (strictly, converted in memory); True for the z-free net, whose
+    new z columns are drawn as SRIM does, from --seed. Up-sampling stays nearest, as trained."""
+    official = read_released(args.init_from)
+    arch = srim_architecture(official, args.init_from)
+    z_free = arch["z_channels"] is None
+    new_code = None
+    if z_free:
+        gen = torch.Generator().manual_seed(args.seed)
+        new_code = SRIM_NEW_CODE_STD * torch.randn((arch["nf"], args.z_channels, 3, 3),
+                                                   generator=gen)
+    last_act = args.init_last_act or SRIM_LAST_ACT[not z_free]
+    common.load_official(G, convert_srim(official, last_act, new_code), args.init_from)
+    G.upsample_mode = "nearest"
+    return z_free
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1017,6 +1368,8 @@ def load_model(args, device):
     whether the run never left z = 0 pretraining (the regression baseline, sampled with z = 0)."""
     ds = load_data(args)
     G = build_generator(args).to(device)
+    if args.init_from:  # the authors' weights instead of ckpt.pt; out_dir only gets the outputs
+        return G.eval(), ds, load_released(G, args)  # the z-free net: the z = 0 baseline
     ck = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "cimle", vars(args),
                                 ARCH_KEYS, {"G": G}, restore_rng=False)
     trained = ck["config"]
@@ -1057,10 +1410,10 @@ def make_metric_distance(args, device):
 
 def eval_stream(G, test, n, k, args, device, zero_z=False):
     """Per test input, in order: (item, cond (1, ...), samples (k, 3, H, W), zero (3, H, W)) on
-    the CPU, the k samples generated search_examples * search_chunk at a time (the no-grad
-    forward size the search already uses). One input's samples are held at a time."""
+    the CPU, the k samples generated forward_batch(args) at a time. One input's samples are held
+    at a time."""
     gen = torch.Generator().manual_seed(3)
-    chunk = args.search_examples * args.search_chunk
+    chunk = forward_batch(args)
     for i in range(n):
         item = test[i]
         cond = (item["lowres"] if args.task == "sr" else item["label"]).unsqueeze(0)
@@ -1199,34 +1552,78 @@ def bench_inputs(args, n, device):
 def bench(args, reps=3):
     """--bench N: (1) N inner steps (Algorithm 1 lines 9-12: forward, distance, backward, Adam)
     on one fixed mini-batch through common.bench_training: float32 eager, then --dtype /
-    --compile; (2) select_latents against select_latents_naive at |S| = --S, m = --m under
-    --dtype. Writes both into --out_dir/bench.json. --pretrained 0 times a random-weight VGG-19
-    (the same cost as the pretrained one), so it runs offline."""
+    --compile; (2) one outer iteration as training runs it (bench_outer); (3) select_latents
+    against select_latents_naive at |S| = --S, m = --m under --search_dtype. Writes all three
+    into --out_dir/bench.json. --pretrained 0 times a random-weight VGG-19 (the same cost as the
+    pretrained one), so it runs offline."""
     rt = common.setup_runtime(args)
-    cond, target, mask = bench_inputs(args, args.S, torch.device("cpu"))
-    codes = torch.randn((args.S, *build_generator(args).latent_shape(cond)),
-                        generator=torch.Generator().manual_seed(1))
+    items = to_device(bench_inputs(args, args.S, torch.device("cpu")), rt.device)
+    codes = torch.randn((args.S, *build_generator(args).latent_shape(items[0])),
+                        generator=torch.Generator().manual_seed(1)).to(rt.device)
 
     def make_step(run, compile_model):
         G = build_generator(args).to(rt.device)
         Gw = common.prepare_model(G, run, compile_model, ddp=False)
         opt, sched = make_optimiser(G, args)
         distance = make_distance(args, rt.device)
+        cache = prepare_subset(distance, items, args, run)
         it = args.pretrain_iters  # an IMLE step (z used); a fixed it draws one fixed mini-batch
-        return lambda: inner_step(Gw, distance, opt, sched, (cond, target, mask), codes, it,
-                                  args, run)
+        return lambda: inner_step(Gw, distance, opt, sched, items, codes, it, args, run, cache)
 
     result = {"training": common.bench_training(args, rt, make_step),
-              "search": bench_search(args, rt, (cond, target, mask), reps)}
+              "outer_iteration": bench_outer(args, rt, items),
+              "search": bench_search(args, rt, items, reps)}
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
+    print(json.dumps(result["outer_iteration"]))
     print(json.dumps(result["search"]))
     return result
 
 
+def bench_outer(args, rt, items):
+    """One outer iteration of Algorithm 1 as train() runs it, under --dtype / --search_dtype:
+    the search over |S| = --S (outer_search, chunk from --search_chunk or free memory), the
+    targets' features for the steps (prepare_subset), then min(N, L) inner steps; with N < L the
+    steps' time is scaled to L. Reports the seconds and the share of each part."""
+    device = rt.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(args.seed)
+    G = build_generator(args).to(device)
+    opt, sched = make_optimiser(G, args)
+    distance = make_distance(args, device)
+    steps = min(args.bench, args.L)
+    seconds = {}
+    for warm in (True, False):  # one untimed round first (allocator, autotuning)
+        sync()
+        t0 = time.perf_counter()
+        G.eval()
+        chunk = search_chunk_size(G, distance, items, args, rt)
+        codes, _ = outer_search(G, distance, items, 1, args, rt, chunk)
+        G.train()
+        sync()
+        t1 = time.perf_counter()
+        cache = prepare_subset(distance, items, args, rt)
+        sync()
+        t2 = time.perf_counter()
+        for it in range(args.pretrain_iters, args.pretrain_iters + (1 if warm else steps)):
+            inner_step(G, distance, opt, sched, items, codes, it, args, rt, cache)
+        sync()
+        t3 = time.perf_counter()
+        seconds = {"search": t1 - t0, "prepare_targets": t2 - t1, "inner_steps": (t3 - t2)
+                   * args.L / (1 if warm else steps)}
+    total = sum(seconds.values())
+    return {"device": str(device), "dtype": args.dtype, "search_dtype": args.search_dtype
+            or args.dtype, "S": args.S, "m": args.m, "L": args.L, "chunk": chunk,
+            "inner_steps_timed": steps, "targets_cached": cache is not None,
+            "ms_per_inner_step": round(1000 * seconds["inner_steps"] / args.L, 2),
+            "seconds": {k: round(v, 3) for k, v in seconds.items()}, "outer_s": round(total, 3),
+            "share": {k: round(v / total, 4) for k, v in seconds.items()}}
+
+
 def bench_search(args, rt, items, reps):
-    """select_latents vs select_latents_naive on the same codes, with this preset's generator.
+    """select_latents vs select_latents_naive on the same codes, with this preset's generator,
+    under --search_dtype.
     Time: the best of `reps` alternating runs (other load on the machine hits both alike); peak
     memory: a separate run (CUDA allocator stats, or PeakMemory on the CPU); overhead: the share
     of the search's time not spent in the bare generator forwards of the same chunks."""
@@ -1241,19 +1638,20 @@ def bench_search(args, rt, items, reps):
     def draw(e0, e1, j0, j1):
         return table[e0:e1, j0:j1].to(device)
 
-    E, chunk = args.search_examples, args.search_chunk
+    E, search_rt = args.search_examples, search_runtime(args, rt)
+    chunk = search_chunk_size(G, distance, items, args, rt)
 
     def fast():
-        with rt.autocast():
+        with search_rt.autocast():
             return select_latents(G, distance, cond, target, mask, args.m, draw, chunk, E, device)
 
     def naive():
-        with rt.autocast():
+        with search_rt.autocast():
             return select_latents_naive(G, distance, cond, target, mask, args.m, draw, E, device)
 
     @torch.no_grad()
     def forwards_only():
-        with rt.autocast():
+        with search_rt.autocast():
             for e0 in range(0, args.S, E):
                 e1 = min(args.S, e0 + E)
                 c_blk = cond[e0:e1].to(device)
@@ -1290,8 +1688,9 @@ def bench_search(args, rt, items, reps):
         times["forwards_only"].append(timed(forwards_only)[1])
     best = {k: min(v) for k, v in times.items()}
     peaks = {"select_latents": peak(fast), "naive": peak(naive)}
-    return {"device": str(device), "dtype": args.dtype, "task": args.task, "data": args.data,
-            "S": args.S, "m": args.m, "chunk": chunk, "examples": E, "distance": args.distance,
+    return {"device": str(device), "dtype": str(search_rt.dtype).split(".")[-1], "task": args.task,
+            "data": args.data, "S": args.S, "m": args.m, "chunk": chunk, "examples": E,
+            "distance": args.distance,
             "same_indices": bool(torch.equal(chunked[0].cpu(), naive_out[0].cpu())),
             "time_s": {k: round(v, 3) for k, v in best.items()}, "peak_bytes": peaks,
             "time_ratio_naive_over_select": round(best["naive"] / best["select_latents"], 3),
@@ -1315,7 +1714,9 @@ def dry_run(args):
         if args.task == "layout":
             args.num_classes = preset_num_classes(args)
             G = build_generator(args)
-            nets = {"G": G.crn} if G.encoder is None else {"G": G.crn, "E": G.encoder}
+            nets = {"G": G.crn}
+            if getattr(G, "encoder", None) is not None:  # not in the "CRN" baselines
+                nets["E"] = G.encoder
         else:
             nets = {"G": build_generator(args)}
     for name, net in nets.items():

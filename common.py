@@ -731,7 +731,8 @@ class StopSignals:
     A cluster sends SIGTERM before it pre-empts a job (SLURM can send SIGUSR1 before a time
     limit): the loop then writes its checkpoint and leaves, instead of losing everything since
     the last periodic one. A second Ctrl-C aborts at once. Use as a context manager around the
-    training loop; `requested(rt)` agrees over all ranks under DDP (one tiny all-reduce a step).
+    training loop; `requested(rt)` agrees over all ranks under DDP (one tiny all-reduce a step,
+    read a step later).
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
@@ -739,6 +740,7 @@ class StopSignals:
     def __init__(self):
         self.received = None
         self.previous = {}
+        self.pending = None  # DDP: the stop flag reduced over ranks at the previous step
 
     def __enter__(self):
         for name in self.SIGNALS:
@@ -756,13 +758,29 @@ class StopSignals:
         self.received = signal.Signals(signum)
 
     def requested(self, rt):
+        """Whether to stop after this step. Under DDP every rank must answer the same: the MAX of
+        all ranks' flags, reduced at the previous call and read now, so that no step waits for
+        the GPU to finish (the stop comes one step after the signal, on every rank alike)."""
         if not rt.ddp:
             return self.received is not None
-        flag = torch.tensor(0 if self.received is None else int(self.received), device=rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.received is None:
-                self.received = signal.Signals(int(flag.item()))
-        return bool(flag.item())
+        agreed = 0
+        if self.pending is not None:
+            flag, ready = self.pending
+            if ready is not None:
+                ready.synchronize()  # the previous step's reduction, long done
+            agreed = int(flag)
+        local = torch.tensor(0 if self.received is None else int(self.received), device=rt.device)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        cuda = rt.device.type == "cuda"
+        flag = torch.empty((), dtype=local.dtype, pin_memory=cuda)
+        flag.copy_(local, non_blocking=cuda)
+        ready = torch.cuda.Event() if cuda else None
+        if ready is not None:
+            ready.record()
+        self.pending = (flag, ready)
+        if agreed and self.received is None:  # another rank was signalled
+            self.received = signal.Signals(agreed)
+        return bool(agreed)
 
     def end_of_step(self, rt, args, done, ckpt_path, save):
         """The last thing of every training step: `save()` (the checkpoint) every --ckpt_every

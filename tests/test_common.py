@@ -561,6 +561,30 @@ def test_stop_signals_set_a_flag_and_a_second_ctrl_c_aborts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
+def test_under_ddp_every_rank_stops_one_step_after_any_rank_was_signalled(monkeypatch):
+    """The ranks agree on the MAX of their flags, reduced at one step and read at the next (no
+    step waits for the device): a signal on another rank stops this one too, one step later."""
+    rt = common.Runtime(torch.device("cpu"), torch.float32, rank=0, world_size=2)
+    other = {"flag": 0}  # what the other rank contributes to each reduction
+
+    def all_reduce(tensor, op=None):
+        assert op == common.dist.ReduceOp.MAX
+        tensor.fill_(max(int(tensor), other["flag"]))
+
+    monkeypatch.setattr(common.dist, "all_reduce", all_reduce)
+    with common.StopSignals() as signals:
+        assert [signals.requested(rt) for _ in range(3)] == [False] * 3
+        other["flag"] = int(signal.SIGTERM)              # the other rank is pre-empted
+        assert not signals.requested(rt)                 # reduced now, read at the next step
+        other["flag"] = 0
+        assert signals.requested(rt) and signals.received == signal.SIGTERM
+    with common.StopSignals() as signals:
+        signals.requested(rt)
+        signal.raise_signal(signal.SIGUSR1)              # this rank: the same one-step delay
+        assert [signals.requested(rt), signals.requested(rt)] == [False, True]
+        assert signals.received == signal.SIGUSR1
+
+
 def test_end_of_step_saves_on_schedule_at_the_end_and_on_a_signal():
     import argparse
     rt = common.Runtime(torch.device("cpu"), torch.float32)
