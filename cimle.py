@@ -239,8 +239,8 @@ def parse(argv=None):
     presets = dict(PRESETS)
     if known.task == "sr":
         presets["shapes"] = CPU_SR
-    if known.init_from:  # the released file's widths replace the presets'
-        presets = released_presets(known, presets)
+    if known.init_from and not known.resume:  # the file's widths replace the presets' (with
+        presets = released_presets(known, presets)  # --resume, common refuses the pair)
     return common.parse_args(parser, presets, "cimle", "shapes", argv, check=check_args)
 
 

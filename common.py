@@ -543,8 +543,8 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed % 2 ** 63)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator; CUDA's are not touched
+            torch.default_generator.manual_seed(seed % 2 ** 63)
             return self.dataset[index]
 
 

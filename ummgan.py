@@ -20,13 +20,15 @@ Map of this file:
     losses and one train step   non-saturating + R1 (our choice), sMM classifier loss, mixing
     training loop               data, build, EMA of G, grids, checkpoints, exact resume
     sampling controls           mode x style grid (Fig. 7), modes with w_avg (Fig. 10), mixing
-    evaluation                  Jaccard of width densities (Fig. 6; data.hshape_*), FID (§4)
+    evaluation                  Jaccard of width densities (Fig. 6; data.hshape_*), FID (§4),
+                                letters: pixel nearest neighbours (data.LettersNearest)
     dry run, bench, main        --sample / --eval take the architecture from the checkpoint
 
     python ummgan.py                                  # built-in hshape, uMM-GAN K=3, CPU ~5 min
     python ummgan.py --K 1                            # the same with plain StyleGAN (K = 1)
     python ummgan.py --data letters --K 2             # letters 'A'/'B': modes become letters
     python ummgan.py --data letters --K 2 --mode smm  # supervised sMM-GAN
+    python ummgan.py --data letters --chars ABC --K 3 # Table 1: N = 3 letters, K = 3
     python ummgan.py --sample                         # control grids from out/ummgan-hshape/ckpt.pt
     python ummgan.py --eval                           # Jaccard index (hshape) / FID -> eval.json
     python ummgan.py --data folder --data_dir data/cats_dogs --K 2   # paper scale, 128x128
@@ -76,6 +78,10 @@ PAPER = dict(             # 128x128 natural images (§4), StyleGAN widths (rosi)
     # 7th, then the softmax (8th FC not used for w_R). Our reading; 7 = share 7, replace the 8th.
     branch_after=6,
     head_lr_mul=None,     # the w_R head is part of the mapping network: its lr_mul (our reading)
+    # §4's two ablations, off in the paper's model: w_R from a mapping network of its own (no
+    # shared FCs), and w_R from a z of its own (through the shared trunk unless both are on).
+    separate_mapping=0, separate_z=0,
+    train_fraction=1.0,   # Fig. 8 "half dataset": train on a fixed random share of the images
 )
 CPU = dict(               # our choice throughout: what learns in minutes on 2 CPU cores
     K=3, mode="umm", size=32, style_dim=64, max_channels=32, channel_base=512,
@@ -83,6 +89,7 @@ CPU = dict(               # our choice throughout: what learns in minutes on 2 C
     ema_decay=0.99, cls_weight=1.0, progressive=1, init_size=8, phase_iters=200,
     iters=1000, psi=1.0, eval_n=5000, pretrained=0,
     sample_every=250, ckpt_every=250, log_every=25, chars=None, branch_after=6, head_lr_mul=None,
+    separate_mapping=0, separate_z=0, train_fraction=1.0,
 )
 PRESETS = {
     # Fig. 6 (paper: K = 3, 10,000 samples). No style mixing here (our choice): the image mean is
@@ -93,12 +100,13 @@ PRESETS = {
     "folder": dict(PAPER),                       # Cats & Dogs (K=2), Cars (K=4), LSUN (K=16)
 }
 ARCH_KEYS = ("K", "mode", "size", "style_dim", "max_channels", "channel_base", "channels",
-             "mapping_lr_mul", "branch_after", "head_lr_mul")  # lr_mul scales stored weights
+             "mapping_lr_mul", "branch_after", "head_lr_mul", "separate_mapping", "separate_z")
+# (lr_mul is an architecture key: it scales the stored weights)
 # What --sample / --eval read from the checkpoint unless the command line gives them: the data,
 # the architecture and the growing schedule (which fixes the resolution at the saved iteration).
 RUN_KEYS = ("data", "data_dir", "chars", "K", "mode", "size", "style_dim", "max_channels",
-            "channel_base", "mapping_lr_mul", "branch_after", "head_lr_mul", "progressive",
-            "init_size", "phase_iters")
+            "channel_base", "mapping_lr_mul", "branch_after", "head_lr_mul", "separate_mapping",
+            "separate_z", "progressive", "init_size", "phase_iters")
 
 
 def build_parser():
@@ -115,6 +123,12 @@ def build_parser():
                    help="w_R leaves the mapping network after this many shared FCs (1-7)")
     p.add_argument("--head_lr_mul", type=float, default=None,
                    help="lr multiplier of the w_R head (default: --mapping_lr_mul)")
+    p.add_argument("--separate_mapping", type=int, default=None, choices=[0, 1],
+                   help="§4 ablation: w_R from a mapping network of its own (no shared FCs)")
+    p.add_argument("--separate_z", type=int, default=None, choices=[0, 1],
+                   help="§4 ablation: w_R from a second, independent z")
+    p.add_argument("--train_fraction", type=float, default=None,
+                   help="train on this share of the training images (Fig. 8: 0.5)")
     p.add_argument("--r1_gamma", type=float, default=None)
     p.add_argument("--mixing_prob", type=float, default=None, help="style mixing probability")
     p.add_argument("--ema_decay", type=float, default=None)
@@ -139,6 +153,11 @@ def channels_at(res, args):
     return min(args.max_channels, args.channel_base // res)
 
 
+def z_dim(args):
+    """Width of the latent z: twice style_dim with --separate_z (z for w, z_R for w_R)."""
+    return args.style_dim * (2 if args.separate_z else 1)
+
+
 def check_args(args):
     """Every uMM-GAN flag in its range, before any data or model is built (one sentence each)."""
     require, at_least = common.require, common.at_least
@@ -159,6 +178,11 @@ def check_args(args):
             f"--head_lr_mul must be positive (got {args.head_lr_mul}).")
     require(1 <= args.branch_after < MAPPING_LAYERS, f"--branch_after must be between 1 and "
             f"{MAPPING_LAYERS - 1} (got {args.branch_after}).")
+    require(not (args.separate_mapping or args.separate_z) or (args.mode == "umm" and args.K > 1),
+            "--separate_mapping and --separate_z change uMM-GAN's w_R branch, which needs "
+            "--mode umm and --K 2 or more.")
+    require(0 < args.train_fraction <= 1, f"--train_fraction must be in (0, 1] "
+                                          f"(got {args.train_fraction}).")
     at_least(args, 0, "r1_gamma", "cls_weight")
     require(0 <= args.mixing_prob <= 1, f"--mixing_prob is a probability in [0, 1] "
                                         f"(got {args.mixing_prob}).")
@@ -267,9 +291,12 @@ class MappingNetwork(nn.Module):
     it is the only mapping parameter uMM-GAN adds (style_dim * K weights + K biases, which we keep
     as rosi's EqualLinear has them; the paper's count 512 K omits them). The head learns at
     `head_lr_mul` (None: the mapping's lr_mul, as a layer of the mapping network).
+    §4's ablations: `separate` gives w_R its own `branch_after` FCs in place of the shared ones
+    ("separating the two mapping networks"), and a `z_R` passed to forward feeds the w_R path
+    instead of z ("two separate z vectors").
     """
 
-    def __init__(self, dim, mix_k, lr_mul, branch_after=6, head_lr_mul=None):
+    def __init__(self, dim, mix_k, lr_mul, branch_after=6, head_lr_mul=None, separate=False):
         super().__init__()
         self.norm = common.PixelNorm()
         self.layers = nn.ModuleList(common.EqualLinear(dim, dim, lr_mul=lr_mul)
@@ -278,15 +305,29 @@ class MappingNetwork(nn.Module):
         head_lr_mul = lr_mul if head_lr_mul is None else head_lr_mul
         self.mix_head = (common.EqualLinear(dim, mix_k, lr_mul=head_lr_mul) if mix_k > 1
                          else None)
+        self.mix_layers = (nn.ModuleList(common.EqualLinear(dim, dim, lr_mul=lr_mul)
+                                         for _ in range(branch_after))
+                           if separate and mix_k > 1 else None)
 
-    def forward(self, z):
+    def forward(self, z, z_R=None):
         h = self.norm(z)
         mix = None
+        if self.mix_head is not None and (self.mix_layers is not None or z_R is not None):
+            mix = self.mix_path(z if z_R is None else z_R)
         for i, layer in enumerate(self.layers):
-            if i == self.branch_after and self.mix_head is not None:
+            if i == self.branch_after and self.mix_head is not None and mix is None:
                 mix = torch.softmax(self.mix_head(h), dim=1)  # w_R (B, K), rows sum to 1
             h = lrelu(layer(h))
         return h, mix  # w (B, D), w_R (B, K) or None
+
+    def mix_path(self, z):
+        """w_R computed apart from w (the ablations): pixel norm, the first `branch_after` FCs
+        (the shared ones, or w_R's own), the head and the softmax."""
+        h = self.norm(z)
+        for layer in (self.mix_layers if self.mix_layers is not None
+                      else self.layers[:self.branch_after]):
+            h = lrelu(layer(h))
+        return torch.softmax(self.mix_head(h), dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,10 +338,12 @@ class Generator(nn.Module):
     def __init__(self, args, img_channels):
         super().__init__()
         self.K, self.mode, self.style_dim = args.K, args.mode, args.style_dim
+        self.separate_z, self.z_dim = bool(args.separate_z), z_dim(args)
         self.max_step = int(math.log2(args.size)) - 2  # step s renders 4 * 2^s pixels
         umm_branch = args.K if args.mode == "umm" else 1  # K = 1: no branch, exactly StyleGAN
         self.mapping = MappingNetwork(args.style_dim, umm_branch, args.mapping_lr_mul,
-                                      args.branch_after, args.head_lr_mul)
+                                      args.branch_after, args.head_lr_mul,
+                                      bool(args.separate_mapping))
         c4 = channels_at(4, args)
         self.constants = nn.Parameter(torch.randn(args.K, c4, 4, 4))  # C_1..C_K (§3)
         layers, rgb = [], []
@@ -348,17 +391,25 @@ class Generator(nn.Module):
             img = torch.lerp(skip, img, alpha)
         return img
 
+    def map(self, z):
+        """z (B, z_dim) -> (w, w_R). With --separate_z, z holds (z for w, z_R for w_R) side by
+        side, so every caller draws one z of z_dim, as the paper's ablation feeds two."""
+        if self.separate_z:
+            z, z_R = z.chunk(2, dim=1)
+            return self.mapping(z, z_R)
+        return self.mapping(z)
+
     def forward(self, z, step=None, alpha=1.0, z2=None, crossover=None, modes=None, psi=1.0,
                 w_avg=None, noise_off=False):
-        """z (B, D) -> image. z2 + crossover: style mixing (layers >= crossover take w(z2));
+        """z (B, z_dim) -> image. z2 + crossover: style mixing (layers >= crossover take w(z2));
         modes (B,) long: one-hot w_R (sMM's w_M, or a chosen uMM mode); psi < 1 truncates w
         toward w_avg (w_R is left as it is: our choice)."""
         step = self.max_step if step is None else step
-        w, w_R = self.mapping(z)
+        w, w_R = self.map(z)
         mix = self.mix_weights(w_R, modes, z.shape[0], z.device)
         ws = [w] * self.n_styles
         if z2 is not None:
-            w2 = self.mapping(z2)[0]
+            w2 = self.map(z2)[0]
             ws = [w if i < crossover else w2 for i in range(self.n_styles)]
         styles = torch.stack(ws, dim=1)  # (B, n_styles, D)
         if psi != 1.0:
@@ -369,8 +420,8 @@ class Generator(nn.Module):
     def mean_style(self, n=10_000, seed=0):
         """w_avg: mean of w over n random z (paper §4 'Learnt modes': 10,000)."""
         gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.style_dim, generator=gen).to(self.constants.device)
-        return torch.cat([self.mapping(c)[0] for c in z.split(1000)]).mean(0)
+        z = torch.randn(n, self.z_dim, generator=gen).to(self.constants.device)
+        return torch.cat([self.map(c)[0] for c in z.split(1000)]).mean(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,20 +506,23 @@ def sample_styles_args(step, batch, args, device, gen=None):
     """Random z, and with probability mixing_prob a second z and a crossover layer (StyleGAN
     §3.1), drawn among the layers active at this step (2 per resolution), as StyleGAN and rosi
     do: a crossover above them would make the mixing a no-op."""
-    z = torch.randn(batch, args.style_dim, device=device, generator=gen)
+    z = torch.randn(batch, z_dim(args), device=device, generator=gen)
+    # The mixing draw is on the CPU generator (no device sync), as rosi's random.random().
     if torch.rand((), generator=gen).item() < args.mixing_prob:
-        z2 = torch.randn(batch, args.style_dim, device=device, generator=gen)
+        z2 = torch.randn(batch, z_dim(args), device=device, generator=gen)
         active = 2 * (step + 1)
         return dict(z=z, z2=z2, crossover=int(torch.randint(1, active, (), generator=gen)))
     return dict(z=z)
 
 
 def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
-    """One D step then one G step (n_critic 1, rosi). Returns the logged scalars."""
+    """One D step then one G step (n_critic 1, rosi). Returns the logged scalars, the losses as
+    tensors on the device: nothing in the step waits for the device (the caller reads them on
+    log steps only)."""
     step, alpha = schedule(it, args)
     d = common.unwrap(D)
     B = real.shape[0]
-    real = resize_real(real, step)
+    real = resize_real(real, step).detach()  # a leaf of our own: the caller's batch is untouched
     smm = args.mode == "smm"
     modes = torch.randint(0, args.K, (B,), device=rt.device) if smm else None
 
@@ -488,11 +542,13 @@ def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
     r1 = common.r1_penalty(real_logit.float(), real) if args.r1_gamma > 0 else torch.zeros(())
     total_d = loss_d + args.r1_gamma / 2 * r1 + args.cls_weight * cls_d
     opt_d.zero_grad(set_to_none=True)
-    rt.scaler.scale(total_d).backward()
+    # Gradients for D's weights only: R1 already took its gradient w.r.t. the real images (inside
+    # r1_penalty), so none is computed or accumulated into the batch here.
+    rt.scaler.scale(total_d).backward(inputs=[p for p in D.parameters() if p.requires_grad])
     rt.scaler.step(opt_d)
 
     # --- G: softplus(-D(G(z))) (+ classifier: the image must be of the requested mode w_M)
-    d.requires_grad_(False)
+    d.requires_grad_(False)  # D's weights get no gradient here (only its input does)
     with rt.autocast():
         fake = G(step=step, alpha=alpha, modes=modes,
                  **sample_styles_args(step, B, args, rt.device))
@@ -504,8 +560,8 @@ def train_step(G, D, opt_g, opt_d, real, labels, it, args, rt):
     rt.scaler.step(opt_g)
     rt.scaler.update()
     d.requires_grad_(True)
-    return dict(loss_d=loss_d.item(), loss_g=loss_g.item(), r1=r1.item(), cls_d=cls_d.item(),
-                cls_g=cls_g.item(), res=4 * 2 ** step, alpha=alpha)
+    losses = dict(loss_d=loss_d, loss_g=loss_g, r1=r1, cls_d=cls_d, cls_g=cls_g)
+    return {**{k: v.detach() for k, v in losses.items()}, "res": 4 * 2 ** step, "alpha": alpha}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,10 +574,17 @@ def compile_d(args):
     return args.compile if args.r1_gamma == 0 else None
 
 
-def load_data(args, split="train"):
+def load_data(args, split="train", training=False):
+    """The dataset; for training, --train_fraction of it (Fig. 8's half dataset: a fixed random
+    subset, the same for every seed; our choice). --eval measures against the whole set."""
     options = {"letters": args.chars} if args.data == "letters" and args.chars else {}
     root = args.data_dir if args.data == "folder" else None
-    ds = data.get_dataset(args.data, root=root, split=split, size=args.size, **options)
+    ds = data.get_dataset(args.data, root=root, split=split, size=args.size,
+                          skip=data.OPTIONAL_KEYS, **options)  # images (and classes) only
+    if training and args.train_fraction < 1:
+        keep = max(1, round(args.train_fraction * len(ds)))
+        index = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:keep]
+        ds = Subset(ds, index.sort().values.tolist())
     if args.mode == "smm":
         if "class" not in ds.has:
             raise common.UserError(f"--mode smm needs a class label per image, and the "
@@ -531,6 +594,15 @@ def load_data(args, split="train"):
             raise common.UserError(f"--mode smm needs one constant per class: --K {n} for the "
                                    f"{n} classes of --data {args.data} (got --K {args.K}).")
     return ds
+
+
+class Subset(torch.utils.data.Subset):
+    """A share of a dataset that keeps its attributes (class names, what items hold)."""
+
+    def __getattr__(self, name):
+        if name in ("dataset", "indices"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def image_channels(args):
@@ -561,7 +633,7 @@ def mode_style_grid(G, step, args, device, n_styles=8, alpha=1.0, psi=1.0, w_avg
     """Fig. 7: row k = one-hot w_R on mode k, column j = one fixed style w(z_j). For K = 1 the
     one row is plain samples. Noise is fixed per column so only the mode changes down a column."""
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n_styles, args.style_dim, generator=gen).to(device)
+    z = torch.randn(n_styles, G.z_dim, generator=gen).to(device)
     rows = []
     for k in range(G.K):
         with common.preserved_rng():  # every generator, CUDA too, is given back afterwards
@@ -579,14 +651,14 @@ def resize_to(img, size):
 @torch.no_grad()
 def random_row(G, step, alpha, args, device, n=8, seed=99):
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, args.style_dim, generator=gen).to(device)
+    z = torch.randn(n, G.z_dim, generator=gen).to(device)
     modes = torch.randint(0, G.K, (n,), generator=gen).to(device) if args.mode == "smm" else None
     return list(resize_to(G(z, step, alpha, modes=modes), args.size))
 
 
 def train(args):
     rt = common.setup_runtime(args)
-    ds = load_data(args)
+    ds = load_data(args, training=True)
     G, D = build(args, rt.device)
     ema = common.EMA(G, args.ema_decay)
     opt_g, opt_d = optimizers(G, D, args)
@@ -662,7 +734,7 @@ def mode_renders(G, step, alpha, w_avg):
     """Fig. 10 / Fig. 3: each constant rendered with w = w_avg and the noise inputs off.
     Returns (K, C, H, W)."""
     modes = torch.arange(G.K, device=w_avg.device) if G.K > 1 else None
-    z0 = torch.zeros(G.K, G.style_dim, device=w_avg.device)  # psi = 0: w is w_avg for every z
+    z0 = torch.zeros(G.K, G.z_dim, device=w_avg.device)  # psi = 0: w is w_avg for every z
     return G(z0, step, alpha, modes=modes, psi=0.0, w_avg=w_avg, noise_off=True)
 
 
@@ -672,8 +744,8 @@ def style_mixing_grid(G, step, alpha, args, w_avg, n_top=5, n_left=4, seed=7):
     top row, the remaining styles from the left column. Returns top (n_top, C, H, W), left
     (n_left, C, H, W) and mixed (n_left, n_top, C, H, W), all truncated by --psi."""
     gen = torch.Generator().manual_seed(seed)
-    za = torch.randn(n_top, args.style_dim, generator=gen).to(w_avg.device)
-    zb = torch.randn(n_left, args.style_dim, generator=gen).to(w_avg.device)
+    za = torch.randn(n_top, G.z_dim, generator=gen).to(w_avg.device)
+    zb = torch.randn(n_left, G.z_dim, generator=gen).to(w_avg.device)
     kw = dict(psi=args.psi, w_avg=w_avg)
     top = G(za, step, alpha, modes=_smm(G, n_top, args), **kw)
     left = G(zb, step, alpha, modes=_smm(G, n_left, args), **kw)
@@ -689,8 +761,8 @@ def mode_usage(G, device, n=10_000, seed=0):
     largest entry (1 = every z picks one constant outright). {} without a w_R branch."""
     if G.mapping.mix_head is None:
         return {}
-    z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    w_R = G.mapping(z)[1]
+    z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    w_R = G.map(z)[1]
     return {"mode_usage_argmax": torch.bincount(w_R.argmax(1), minlength=G.K).div(n).tolist(),
             "mean_w_R": w_R.mean(0).tolist(), "mean_max_w_R": w_R.max(1).values.mean().item()}
 
@@ -712,7 +784,7 @@ def fake_batches(G, n, step, alpha, args, device, modes=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, n, args.batch_size):
         b = min(args.batch_size, n - i)
-        z = torch.randn(b, args.style_dim, generator=gen).to(device)
+        z = torch.randn(b, G.z_dim, generator=gen).to(device)
         m = None
         if modes is not None:
             m = torch.full((b,), modes, dtype=torch.long, device=device)
@@ -739,9 +811,10 @@ def measure_batch(images, args, inception):
     return widths, feats
 
 
-def measure(batches, args, inception):
+def measure(batches, args, inception, nearest=None):
     """Streams a set through measure_batch: (widths (N, 2) or None, running FID statistics or
-    None). Only two numbers per image and the running feature sums are kept."""
+    None), and into `nearest` (letters: data.LettersNearest). Only two numbers per image and
+    running sums are kept."""
     widths, stats = [], common.RunningFIDStats() if inception is not None else None
     for images in batches:
         w, feats = measure_batch(images, args, inception)
@@ -749,7 +822,21 @@ def measure(batches, args, inception):
             widths.append(w)
         if feats is not None:
             stats.add(feats)
+        if nearest is not None:
+            nearest.add(images)
     return (torch.cat(widths) if widths else None), stats
+
+
+LETTERS_REFERENCE = 1000  # real glyphs the letters scores compare with (our choice)
+
+
+def letters_scorers(ds):
+    """Two data.LettersNearest against the first LETTERS_REFERENCE training glyphs (classes in
+    turn, so balanced): one for the generated images, one for real test images (the ceiling)."""
+    items = [ds[i] for i in range(min(LETTERS_REFERENCE, len(ds)))]
+    ref = torch.stack([item["image"] for item in items])
+    classes = torch.stack([item["class"] for item in items])
+    return [data.LettersNearest(ref, classes, len(ds.class_names)) for _ in range(2)]
 
 
 @torch.no_grad()
@@ -766,10 +853,16 @@ def evaluate(args):
               f"{args.eval_n} generated ones.")
     n = args.eval_n
     inception = common.FIDInception(pretrained=True).to(device) if args.pretrained else None
+    nearest = letters_scorers(ds) if args.data == "letters" else [None, None]
     real_w, real_stats = measure(real_batches(ds, n_real, args.batch_size), args, inception)
-    fake_w, fake_stats = measure(fake_batches(G, n, step, alpha, args, device), args, inception)
+    fake_w, fake_stats = measure(fake_batches(G, n, step, alpha, args, device), args, inception,
+                                 nearest[0])
     result = {"iter_step": step, "n_real": n_real, "n_generated": n, "K": args.K,
               "mode": args.mode}
+    if args.data == "letters":  # Table 1 / Fig. 8 without Inception: pixel nearest neighbours
+        measure(real_batches(load_data(args, "test"), n, args.batch_size), args, None,
+                nearest[1])
+        result["letters"] = {"generated": nearest[0].report(), "real_test": nearest[1].report()}
     if args.data == "hshape":  # widths read back from the pixels, in the paper's units 0..40
         test_w = measure(real_batches(load_data(args, "test"), n_real, args.batch_size), args,
                          None)[0]
@@ -857,12 +950,16 @@ def flags_from_checkpoint(args, argv):
         if given[key] is None and saved.get(key) is not None:
             extra += [f"--{key}", str(saved[key])]
     return common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv + extra,
-                             check=check_args)
+                             check=check_args, no_released_weights=NO_RELEASED_WEIGHTS)
+
+
+NO_RELEASED_WEIGHTS = "the authors of uMM-GAN released no trained networks."
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv, check=check_args)
+    args = common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv, check=check_args,
+                             no_released_weights=NO_RELEASED_WEIGHTS)
     if args.sample or args.eval:
         args = flags_from_checkpoint(args, argv)
     return common.dispatch(args, dry_run, bench, sample, evaluate, train)

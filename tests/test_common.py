@@ -163,7 +163,8 @@ class RandomCrops(ToyData):
         return dict(super().__getitem__(i), crop=torch.randint(0, 10 ** 9, ()))
 
 
-def test_random_draws_of_items_survive_resume_workers_and_ranks_and_spare_the_global_rng():
+def test_random_draws_of_items_survive_resume_workers_and_ranks_and_spare_the_global_rng(
+        monkeypatch):
     rt = common.Runtime(torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
     before = torch.get_rng_state()
@@ -172,6 +173,10 @@ def test_random_draws_of_items_survive_resume_workers_and_ranks_and_spare_the_gl
     assert torch.equal(torch.get_rng_state(), before)  # the training's RNG is not consumed
     crops = [b["crop"].tolist() for b in batches]
     assert len({c for b in crops for c in b}) == 30     # also an item met again in epoch 2
+    seeded = []  # CUDA's generators are left alone (torch.manual_seed would reseed them all)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: seeded.append(s))
+    next(common.batch_stream(RandomCrops(), 6, rt, seed=3))
+    assert seeded == []
     resumed = common.batch_stream(RandomCrops(), 6, rt, seed=3, start_iter=2, num_workers=2)
     assert [next(resumed)["crop"].tolist() for _ in range(3)] == crops[2:]
     world = [common.Runtime(torch.device("cpu"), torch.float32, rank, 2) for rank in (0, 1)]
@@ -478,6 +483,36 @@ def test_a_batch_that_does_not_divide_over_the_torchrun_processes_is_refused_at_
     # process needs 2 images)
     assert status == 2 and err.startswith("error: --batch_size 3 ") and err.count("\n") == 1
     assert "2 processes" in err or "per process" in err
+
+
+@pytest.mark.parametrize("script, reason", [
+    ("ummgan", "the authors of uMM-GAN released no trained networks."),
+    ("poe_gan", "the authors of PoE-GAN released no trained networks."),
+    ("compose_diffusion", "the released Unite and Conquer face and sketch models are not readable "
+                          "here yet; guided-diffusion's ADM checkpoints join a composition with "
+                          "--ckpt."),
+])
+def test_init_from_is_refused_with_the_reason_where_no_released_weights_load(script, reason,
+                                                                              tmp_path, capsys):
+    weights = tmp_path / "G.pth"
+    torch.save({"w": torch.zeros(1)}, weights)
+    status, err = exit_of(script, ["--sample", "--init_from", str(weights), "--out_dir",
+                                   str(tmp_path / "run")], capsys)
+    assert (status, err) == (2, f"error: {script}.py cannot start from --init_from {weights}: "
+                                f"{reason}\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", ["cimle", "inade"])
+def test_init_from_a_missing_file_or_with_resume_is_one_sentence(script, tmp_path, capsys):
+    missing = tmp_path / "best_net_G.pth"
+    status, err = exit_of(script, ["--sample", "--init_from", str(missing)], capsys)
+    assert status == 2 and err.count("\n") == 1 and f"--init_from {missing}: no such file" in err
+    torch.save({"w": torch.zeros(1)}, missing)
+    status, err = exit_of(script, ["--resume", "--init_from", str(missing), "--out_dir",
+                                   str(tmp_path / "run")], capsys)
+    assert (status, err) == (2, "error: --init_from starts a new run from released weights and "
+                                "--resume continues ckpt.pt: give one of them.\n")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -141,7 +141,9 @@ def test_added_parameters_match_paper_count(capsys):
         base = make_args("--K", "1", "--size", "8", "--style_dim", "512", "--max_channels",
                          "512", "--channel_base", "16384")
         g = json.loads(out[-1])["params"]["G"]
-        assert g - stylegan_param_count(base) == 512 * K + 4 * 4 * 512 * (K - 1) + K
+        added = 512 * K + 4 * 4 * 512 * (K - 1) + K
+        assert g - stylegan_param_count(base) == added
+        assert f"G adds {added} parameters over StyleGAN (K=1)" in out[-2]  # the printed line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +182,8 @@ def test_smm_training_steps_lower_the_classifier_loss():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 30 steps of tiny ops: threads only wait on a loaded machine
     try:
-        losses = [ummgan.train_step(G, D, opt_g, opt_d, real.clone(), labels, i, args,
-                                    rt)["cls_d"] for i in range(30)]
+        losses = [float(ummgan.train_step(G, D, opt_g, opt_d, real.clone(), labels, i, args,
+                                          rt)["cls_d"]) for i in range(30)]
     finally:
         torch.set_num_threads(threads)
     assert losses[0] > 0.5 and sum(losses[-5:]) / 5 < 0.5 * losses[0]
@@ -351,7 +353,7 @@ def test_bench_times_training_at_full_size(capsys, monkeypatch):
         steps.clear()
         ummgan.main(["--bench", "1", "--batch_size", "4", *RUN_TINY, *extra])
         capsys.readouterr()
-        assert len(steps) == 3 + 1                               # warm-up + timed, one dtype
+        assert len(steps) == 3 + 1 + 1               # warm-up, the FLOP count, timed; one dtype
         assert all(s["res"] == 32 and s["alpha"] == 1.0 for s in steps)   # no growing
         if "smm" in extra:
             assert all(s["cls_d"] > 0 for s in steps)            # D's classifier is trained too
@@ -400,7 +402,7 @@ def test_sample_and_eval_write_the_controls(tmp_path, capsys):
 
 def test_eval_memory_does_not_grow_with_eval_n(tmp_path, monkeypatch):
     """--eval streams: the tensors alive after each measured batch are the same for 4 and for
-    16 images per set (real, generated, the second real set; K = 1, so no per-mode sets)."""
+    8 images per set (real, generated, the second real set; K = 1, so no per-mode sets)."""
     from test_inade import live_tensor_bytes
     out = str(tmp_path / "run")
     ummgan.main(RUN + ["--out_dir", out, "--iters", "1", "--K", "1"])
@@ -417,8 +419,8 @@ def test_eval_memory_does_not_grow_with_eval_n(tmp_path, monkeypatch):
         ummgan.main(RUN + ["--out_dir", out, "--K", "1", "--eval", "--eval_n", str(eval_n)])
         return max(peaks), len(peaks)
 
-    (small, batches_small), (large, batches_large) = peak(4), peak(16)
-    assert (batches_small, batches_large) == (3, 12)  # real, generated, real test
+    (small, batches_small), (large, batches_large) = peak(4), peak(8)
+    assert (batches_small, batches_large) == (3, 6)  # real, generated, real test
     one_batch = 4 * 1 * 32 * 32 * 4                             # 4 grey 32x32 float images
     assert large - small < one_batch / 2, (small, large)
 
@@ -443,7 +445,7 @@ def fake_cuda_generator(monkeypatch):
 
 def test_grids_give_every_random_generator_back(tmp_path, monkeypatch, fake_cuda_generator):
     """A sample grid after every iteration leaves the training draws as a run without grids has
-    them (CPU), and leaves the (stand-in) CUDA generator where training left it."""
+    them (CPU and the stand-in CUDA generator), and a grid alone gives the CUDA generator back."""
     device_states = []
     train_step = ummgan.train_step
 
@@ -453,14 +455,16 @@ def test_grids_give_every_random_generator_back(tmp_path, monkeypatch, fake_cuda
     monkeypatch.setattr(ummgan, "train_step", recorded)
     argv = RUN + ["--device", "cpu", "--iters", "3", "--ckpt_every", "100"]
     ummgan.main(argv + ["--out_dir", str(tmp_path / "grids"), "--sample_every", "1"])
-    assert len(set(device_states)) == 1, device_states        # no grid moved it
+    with_grids, device_states[:] = list(device_states), []
     ummgan.main(argv + ["--out_dir", str(tmp_path / "none"), "--sample_every", "100"])
+    assert with_grids == device_states and len(with_grids) == 3
     logs = [[{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
              for line in open(tmp_path / name / "log.jsonl")] for name in ("grids", "none")]
     assert logs[0] == logs[1] and len(logs[0]) == 3
-    before = int(fake_cuda_generator["seed"])
     args = make_args("--K", "2")
     _, G, _ = build("--K", "2")
+    fake_cuda_generator["seed"] = torch.tensor([12345])
+    before = int(fake_cuda_generator["seed"])
     ummgan.mode_style_grid(G, G.max_step, args, "cpu")         # reseeds inside (fixed noise)
     assert int(fake_cuda_generator["seed"]) == before
 
@@ -502,8 +506,8 @@ def test_compiled_training_step_gives_the_eager_losses(r1_gamma):
         opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
         torch.manual_seed(1)
-        losses.append([ummgan.train_step(G, D, opt_g, opt_d, real.clone(), None, i, args, rt)
-                       for i in range(2)])
+        losses.append([{k: float(v) for k, v in ummgan.train_step(
+            G, D, opt_g, opt_d, real.clone(), None, i, args, rt).items()} for i in range(2)])
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs >= (1 if r1_gamma == "1" else 2)                      # G (and D) ran compiled
     for eager, compiled in zip(*losses):
@@ -530,6 +534,9 @@ def test_compiled_training_step_gives_the_eager_losses(r1_gamma):
     (["--mixing_prob", "1.5"], "--mixing_prob is a probability in [0, 1] (got 1.5)."),
     (["--ema_decay", "1"], "--ema_decay must be in [0, 1) (got 1.0)."),
     (["--bench", "0"], "--bench must be at least 1 (got 0)."),
+    (["--K", "1", "--separate_z", "1"], "--separate_mapping and --separate_z change uMM-GAN's "
+     "w_R branch, which needs --mode umm and --K 2 or more."),
+    (["--train_fraction", "0"], "--train_fraction must be in (0, 1] (got 0.0)."),
     (["--chars", "AB"], "--chars chooses the characters of --data letters, not of --data hshape."),
     (["--data", "letters", "--mode", "smm", "--K", "3"],
      "--mode smm needs one constant per class: --K 2 for the 2 classes of --data letters (got --K 3)."),
@@ -544,25 +551,43 @@ def test_every_flag_out_of_range_is_one_sentence_exit_2(flags, sentence, tmp_pat
 # The paper preset end to end: torchrun (2 CPU processes, gloo), --resume, --sample, --eval
 # ---------------------------------------------------------------------------------------------
 
-from test_inade import rank_datasets, stand_in_home, torchrun  # noqa: E402,F401
+from test_inade import rank_datasets, torchrun  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def inception_home(tmp_path_factory):
+    """TORCH_HOME with a random-weight stand-in for the FID Inception at its torch hub cache path
+    (the only pretrained network uMM-GAN uses)."""
+    home = tmp_path_factory.mktemp("torch_home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(common.FIDInception(pretrained=False).state_dict(),
+               home / "hub" / "checkpoints" / os.path.basename(common.FID_INCEPTION_URL))
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(home / "hub"))
+    yield home
+    torch.hub.set_dir(hub)
 
 
 def fake_cats_dogs(root, n=4, size=80):
-    """Cats & Dogs in the folder layout the README uses: ROOT/<class>/*.jpg, random blobs."""
+    """Cats & Dogs in the folder layout the README uses, ROOT/<class>/<image>: random blobs,
+    mirror-symmetric and lossless (PNG), so a horizontal flip leaves an item as it is (the
+    per-rank references below cannot replay the flips, which are seeded per global batch)."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):
         os.makedirs(os.path.join(root, cls))
         for i in range(n):
-            img = np.kron(rng.integers(0, 256, (size // 8, size // 8, 3)), np.ones((8, 8, 1)))
-            Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, cls, f"{i}.jpg"))
+            img = np.kron(rng.integers(0, 256, (size // 8, size // 16, 3)), np.ones((8, 8, 1)))
+            img = np.concatenate([img, img[:, ::-1]], axis=1)
+            Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, cls, f"{i}.png"))
 
 
-def test_folder_preset_under_torchrun_then_resume_sample_eval(stand_in_home, tmp_path,
+def test_folder_preset_under_torchrun_then_resume_sample_eval(inception_home, tmp_path,
                                                               monkeypatch):
     """The README's `torchrun ... ummgan.py --data folder --data_dir data/cats_dogs --K 2`, widths
-    shrunk by flags, 64x64: 2 ranks with 2 images each. D's minibatch stddev couples the images
+    shrunk by flags, 32x32: 2 ranks with 2 images each. D's minibatch stddev couples the images
     of a rank's group, and each rank draws z, noise and flips from its own stream (seed + rank):
     so the reference for rank r is one process on r's 2 images with --seed r and rank 0's
     initial weights (what DDP gives r). D's losses at the first step (before any update) are
@@ -570,13 +595,13 @@ def test_folder_preset_under_torchrun_then_resume_sample_eval(stand_in_home, tmp
     --sample (flags from the checkpoint) and --eval (FID with a stand-in Inception)."""
     root = str(tmp_path / "cats_dogs")
     fake_cats_dogs(root)
-    flags = ["--data", "folder", "--K", "2", "--size", "64", "--style_dim", "8",
+    flags = ["--data", "folder", "--K", "2", "--size", "32", "--style_dim", "8",
              "--max_channels", "8", "--channel_base", "64", "--init_size", "8", "--phase_iters",
              "2", "--device", "cpu", "--log_every", "1", "--sample_every", "100", "--ckpt_every",
              "100"]
     two = str(tmp_path / "two")
     torchrun("ummgan.py", flags + ["--data_dir", root, "--batch_size", "4", "--iters", "2",
-                                   "--out_dir", two], stand_in_home)
+                                   "--out_dir", two], inception_home)
     logs = lambda out: [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     first = logs(two)[0]
 
@@ -589,7 +614,7 @@ def test_folder_preset_under_torchrun_then_resume_sample_eval(stand_in_home, tmp
         return G, D
     build = ummgan.build
     monkeypatch.setattr(ummgan, "build", build_with_rank0_weights)
-    ds = data.get_dataset("folder", root=root, split="train", size=64)
+    ds = data.get_dataset("folder", root=root, split="train", size=32)
     halves = []
     for rank, rank_root in enumerate(rank_datasets(ds, root, tmp_path, 4)):
         out = str(tmp_path / f"one{rank}")
@@ -607,7 +632,7 @@ def test_folder_preset_under_torchrun_then_resume_sample_eval(stand_in_home, tmp
     ummgan.main(["--sample", "--out_dir", two])
     for name in ("mode_style", "modes", "style_mixing"):
         assert os.path.getsize(os.path.join(two, f"{name}.png")) > 0
-    ummgan.main(["--eval", "--eval_n", "4", "--batch_size", "2", "--out_dir", two])
+    ummgan.main(["--eval", "--eval_n", "4", "--batch_size", "4", "--out_dir", two])
     result = json.load(open(os.path.join(two, "eval.json")))
     assert (result["n_real"], result["n_generated"]) == (4, 4)
     assert result["fid"] >= 0 and len(result["mean_w_R"]) == 2
@@ -733,6 +758,7 @@ def test_train_step_losses_by_hand(mode, monkeypatch):
     real = torch.rand(4, 1, 8, 8) * 2 - 1
     D_before = __import__("copy").deepcopy(D.net)
     out = ummgan.train_step(G, D, opt_g, opt_d, real.clone(), labels, 0, args, rt)
+    out = {k: float(v) for k, v in out.items()}   # the step hands back tensors (no host sync)
     sp = F.softplus
     (real_in, *_), _, (real_logit, real_cls) = D.calls[0]
     (fake_in, *_), _, (fake_logit, _) = D.calls[1]
@@ -853,3 +879,125 @@ def test_dry_run_counts_what_smm_adds_to_d(capsys):
     ummgan.main(["--data", "letters", *TINY, "--K", "1", "--dry_run"])
     assert d_smm - json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]["D"] \
         == 34
+
+
+# ---------------------------------------------------------------------------------------------
+# §4 ablations, Fig. 8's half dataset, the letters scores
+# ---------------------------------------------------------------------------------------------
+
+def test_separate_mapping_gives_w_r_its_own_layers():
+    """--separate_mapping: w_R from its own branch_after FCs and the head; no layer is shared."""
+    args, G, _ = build("--K", "3", "--separate_mapping", "1")
+    _, G0, _ = build("--K", "3")
+    d = args.style_dim
+    assert common.count_params(G) - common.count_params(G0) == 6 * (d * d + d)
+    z = torch.randn(5, 16)
+    with torch.no_grad():
+        w, w_R = G.mapping(z)
+        h = common.PixelNorm()(z)
+        for layer in G.mapping.mix_layers:
+            h = ummgan.lrelu(layer(h))
+        torch.testing.assert_close(w_R, torch.softmax(G.mapping.mix_head(h), 1))
+        G.mapping.layers[0].weight.mul_(-1.0)            # w's trunk moves w only
+        w2, w_R2 = G.mapping(z)
+        assert not torch.allclose(w, w2) and torch.equal(w_R, w_R2)
+        G.mapping.mix_layers[0].weight.mul_(-1.0)        # w_R's own layers move w_R only
+        w3, w_R3 = G.mapping(z)
+        assert torch.equal(w2, w3) and not torch.allclose(w_R2, w_R3)
+
+
+def test_separate_z_feeds_w_and_w_r_from_two_latents():
+    """--separate_z: z has two halves, the first makes w, the second w_R (through the shared
+    trunk); every sampler draws the doubled z."""
+    args, G, _ = build("--K", "3", "--separate_z", "1")
+    assert G.z_dim == 32 and ummgan.sample_styles_args(0, 2, args, "cpu")["z"].shape == (2, 32)
+    z = torch.randn(5, 32)
+    other = z.clone()
+    other[:, 16:] = torch.randn(5, 16)
+    with torch.no_grad():
+        (w, w_R), (w2, w_R2) = G.map(z), G.map(other)
+        assert torch.equal(w, w2) and not torch.allclose(w_R, w_R2)
+        assert torch.equal(w_R, G.mapping(z[:, 16:])[1])  # z_R alone gives the shared w_R
+        other = z.clone()
+        other[:, :16] = torch.randn(5, 16)
+        w3, w_R3 = G.map(other)
+        assert not torch.allclose(w, w3) and torch.equal(w_R, w_R3)
+        torch.manual_seed(0)
+        a = G(z, noise_off=True)
+        assert a.shape == (5, 1, 16, 16)
+        assert ummgan.mode_renders(G, G.max_step, 1.0, G.mean_style(n=100)).shape[0] == 3
+
+
+def test_train_fraction_trains_on_a_fixed_share_and_eval_sees_all():
+    args = make_args("--K", "2", "--size", "32", "--train_fraction", "0.5", data="letters")
+    half, again = ummgan.load_data(args, training=True), ummgan.load_data(args, training=True)
+    full = ummgan.load_data(args)
+    assert (len(half), len(full)) == (5000, 10000) and half.indices == again.indices
+    assert half.class_names == ["A", "B"] and "class" in half.has
+    i = half.indices[7]
+    assert torch.equal(half[7]["image"], full[i]["image"])
+    labels = torch.tensor([i % 2 for i in half.indices])  # letters: class = index % 2
+    assert 0.45 < labels.float().mean() < 0.55          # a random share keeps both letters
+    assert len(ummgan.load_data(make_args("--K", "2", "--size", "32", data="letters"),
+                                training=True)) == 10000
+
+
+def test_letters_nearest_scores_by_hand():
+    ref = torch.stack([torch.full((1, 2, 2), -1.0), torch.full((1, 2, 2), 1.0),
+                       torch.full((1, 2, 2), 0.9)])
+    classes = torch.tensor([0, 1, 1])
+    one = data.LettersNearest(ref, classes, 2)
+    fake = torch.stack([torch.full((1, 2, 2), -1.0), torch.full((1, 2, 2), -0.5)])
+    one.add(fake[:1])
+    one.add(fake[1:])                                   # streamed: two batches
+    r = one.report()
+    assert r["fidelity"] == pytest.approx((0 + 0.5) / 2)          # RMS to the nearest real
+    assert r["coverage"] == pytest.approx((0 + 1.5 + 1.4) / 3)     # each real to its nearest
+    assert r["nearest_class_share"] == [1.0, 0.0]
+    both = data.LettersNearest(ref, classes, 2)
+    both.add(torch.cat([fake, ref[2:]]))
+    assert both.report()["nearest_class_share"] == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_letters_eval_scores_generated_and_real_test(tmp_path, monkeypatch):
+    monkeypatch.setattr(ummgan, "LETTERS_REFERENCE", 8)
+    out = str(tmp_path / "run")
+    flags = ["--data", "letters", *RUN_TINY, "--K", "2", "--batch_size", "4", "--iters", "1",
+             "--phase_iters", "2", "--init_size", "8", "--out_dir", out]  # G at 8x8
+    ummgan.main(flags)
+    ummgan.main(["--eval", "--eval_n", "8", "--out_dir", out])
+    r = json.load(open(os.path.join(out, "eval.json")))["letters"]
+    assert sum(r["generated"]["nearest_class_share"]) == pytest.approx(1.0)
+    # an untrained G is far from every glyph; real test glyphs are near the reference
+    assert r["real_test"]["fidelity"] < r["generated"]["fidelity"]
+    assert r["real_test"]["coverage"] < r["generated"]["coverage"]
+
+
+def test_step_keeps_the_batch_and_d_grads_and_hands_back_tensors(monkeypatch):
+    """One train step: the losses come back as tensors (no host sync in the step); the caller's
+    real batch and R1's input leaf get no gradient from D's backward (only R1 differentiates
+    w.r.t. the images); the G step leaves D's weight gradients as D's own step made them."""
+    args = make_args("--K", "2", "--progressive", "0", "--size", "8", "--r1_gamma", "1")
+    rt = common.setup_runtime(args)
+    torch.manual_seed(0)
+    G, D = ummgan.build(args)
+    opt_g, opt_d = ummgan.optimizers(G, D, args)
+    r1_inputs, d_grads = [], []
+    r1_penalty = common.r1_penalty
+    monkeypatch.setattr(common, "r1_penalty", lambda logits, x: r1_inputs.append(x) or
+                        r1_penalty(logits, x))
+    d_step = opt_d.step
+
+    def recording_step(*a, **k):
+        d_grads.append([p.grad.clone() for p in D.parameters() if p.grad is not None])
+        return d_step(*a, **k)
+    monkeypatch.setattr(opt_d, "step", recording_step)
+    real = torch.rand(4, 1, 8, 8) * 2 - 1
+    out = ummgan.train_step(G, D, opt_g, opt_d, real, None, 0, args, rt)
+    assert all(isinstance(out[k], torch.Tensor) for k in ("loss_d", "loss_g", "r1"))
+    assert real.grad is None and not real.requires_grad
+    assert len(r1_inputs) == 1 and r1_inputs[0].grad is None
+    used = [p for p in D.parameters() if p.grad is not None]  # (4x4 from_rgb is idle at 8x8)
+    assert len(used) == len(d_grads[0]) > 10
+    assert all(torch.equal(p.grad, g) for p, g in zip(used, d_grads[0]))
+    assert all(p.requires_grad for p in D.parameters())
