@@ -20,21 +20,28 @@ Map of this file:
     discriminator + losses   multiscale PatchGAN, hinge (Eq. 6), FM (Eq. 7), VGG (Eq. 8), KL (Eq. 9)
     training step, sampler   Eq. (10); random styles (§3.3) and exemplar styles (§3.4)
     training loop            Adam (0, 0.9), TTUR, constant then linear decay; exact resume
-    sampling controls        (a) random (b) one class (c) one instance (d) reference (e) reconstruction
+    released weights         --init_from: the authors' best_net_G/E.pth, renamed into ours
+    sampling controls        (a) random (b) one class (c) one instance (d) reference
+                             (e) reconstruction (f) multi-part reference editing (Fig. 6a)
     evaluation               FID, LPIPS diversity, mCSD/mOCD, mISD/mOID, locality; streamed batch by
                              batch; on shapes the exact colour/mode scores (data.py's section)
     bench, dry run, main     --bench: training img/s and Table 3/4's P, FLOPs, T of G
 
     python inade.py                                    # built-in shapes, CPU, ~5 min
-    python inade.py --sample                           # the five control grids from that run
+    python inade.py --sample                           # the six control grids from that run
+    python inade.py --sample --edit_instances 2 1 --edit_mean_only    # Fig. 6a, mean style only
     python inade.py --eval                             # toy metrics (shapes) -> eval.json
     python inade.py --no_unified_sampling              # Table 1 ablation "w/o US"
     python inade.py --no_noise_remapping               # Table 1 ablation "w/o PNR"
     python inade.py --data deepfashion --dry_run       # 84.63M parameters, 42.xx G FLOPs (Table 3)
     python inade.py --data cityscapes --noise_nc 8 --dry_run     # 76.78M (Table 4)
+    python inade.py --data deepfashion --sample \
+        --init_from checkpoints/inade_deepfashion/best_net_G.pth   # the authors' weights
     python inade.py --data deepfashion --bench 20 --batch_size 1 --pretrained 0 --perceptual l1
                                                        # and G's time per image (Table 3's T)
     torchrun --nproc_per_node=8 inade.py --data deepfashion --dtype bfloat16   # paper scale
+    python inade.py --data folder-pairs --data_dir data/deepfashion2 --num_classes 8 \
+        --out_dir out/inade-deepfashion --eval --fid_real test     # DeepFashion2 (test only)
 """
 
 import json
@@ -87,6 +94,11 @@ PRESETS = {
     "cityscapes": paper_preset(35, 2_975, num_up="more", aspect_ratio=2.0),  # 256x512 (supp. §7)
     "ade20k": paper_preset(151, 20_210),           # 150 classes + dontcare (official)
     "celebamask-hq": paper_preset(19, 28_000),
+    # DeepFashion2 (paper §4.1: two adjacent DeepFashion images side by side, real two-person
+    # instance maps, test only) and custom paired data: DeepFashion's settings (256x256, 5
+    # up-samplings, C0 = 64); L from the label files, or --num_classes (8 to sample or evaluate a
+    # DeepFashion checkpoint); iters = 200 epochs of the folder's training images (set at start).
+    "folder-pairs": dict(PAPER, num_classes=None, size=256, iters=None),
     # Built-in toy data, our choice throughout: small widths so it learns on 2 CPU cores in ~5 min.
     # No pretrained nets offline: the perceptual term of Eq. (8) becomes a pixel L1 distance.
     "shapes": dict(num_classes=None, size=32, ngf=8, ndf=16, nef=16, num_d=2, z_dim=32, noise_nc=16,
@@ -134,6 +146,12 @@ def build_parser():
                    help="1: pretrained VGG/Inception/LPIPS; 0: pixel distances, no downloads")
     p.add_argument("--eval_n", type=int, default=None,
                    help="the first N test layouts used by --eval (paper presets: all)")
+    p.add_argument("--fid_real", default="train", choices=["train", "test"],
+                   help="FID's real statistics: every training image (official code; the paper "
+                        "says only 'real images') or the evaluated test images")
+    p.add_argument("--fid_runs", type=int, default=10,
+                   help="FID averaged over this many noise draws of every layout (paper §4.1: "
+                        "10 runs), 1-10 (the 10 LPIPS groups)")
     p.add_argument("--sample_class", type=int, default=None, help="class for control (b)")
     p.add_argument("--sample_instance", type=int, default=None, help="instance id for (c)")
     p.add_argument("--target_index", type=int, default=0, help="test item for controls (b)-(e)")
@@ -141,6 +159,13 @@ def build_parser():
     p.add_argument("--ref_instance", type=int, default=None,
                    help="instance of the reference for (d); default its largest of the class")
     p.add_argument("--n_styles", type=int, default=6, help="columns per control grid")
+    p.add_argument("--edit_instances", type=int, nargs="+", default=None,
+                   help="(f) Fig. 6a: target instances given the reference's style, one more per "
+                        "column; default every non-background instance whose class the "
+                        "reference has, largest first (at most --n_styles)")
+    p.add_argument("--edit_mean_only", action="store_true",
+                   help="(f) carry the reference's mean style alone (N~ = b~ of Eq. 5, no "
+                        "a~ N redraw)")
     p.add_argument("--no_unified_sampling", action="store_true",
                    help="Table 1 'w/o US': every INADE layer draws its own instance noise")
     p.add_argument("--no_noise_remapping", action="store_true",
@@ -158,6 +183,10 @@ def check_args(args):
     at_least(args, 2, "num_classes")
     at_least(args, 0, "lambda_fm", "lambda_rec", "lambda_kl", "sample_class", "sample_instance",
              "target_index", "ref_index", "ref_instance")
+    for k in args.edit_instances or ():
+        require(k >= 0, f"--edit_instances must be instance ids of at least 0 (got {k}).")
+    require(len(set(args.edit_instances or ())) == len(args.edit_instances or ()),
+            f"--edit_instances names an instance twice (got {args.edit_instances}).")
     require(args.aspect_ratio > 0, f"--aspect_ratio must be positive (got {args.aspect_ratio}).")
     require(args.lr_g > 0 and args.lr_d > 0,
             f"--lr_g and --lr_d must be positive (got {args.lr_g}, {args.lr_d}).")
@@ -173,6 +202,8 @@ def check_args(args):
             f"without it use --perceptual l1 or off.")
     require(not (args.eval and args.pretrained and args.eval_n < 2),
             f"--eval_n must be at least 2 for FID (got {args.eval_n}).")
+    require(1 <= args.fid_runs <= DIVERSITY_GROUPS,
+            f"--fid_runs must be between 1 and {DIVERSITY_GROUPS} (got {args.fid_runs}).")
 
 
 def gen_hw(args):
@@ -547,11 +578,12 @@ class ReconstructionLoss(nn.Module):
             return F.l1_loss(fake, real)
         if self.kind == "off":
             return fake.new_zeros(())
-        both = self.vgg(torch.cat([fake, real]), list(VGG_LAYERS))
+        fake_feats = self.vgg(fake, list(VGG_LAYERS))
+        with torch.no_grad():  # the target's features need no graph
+            real_feats = self.vgg(real, list(VGG_LAYERS))
         loss = 0.0
         for w, name in zip(self.weights, VGG_LAYERS):
-            f, r = both[name].float().chunk(2)
-            loss = loss + w * F.l1_loss(f, r.detach())
+            loss = loss + w * F.l1_loss(fake_feats[name].float(), real_feats[name].float())
         return loss
 
 
@@ -575,25 +607,28 @@ def random_noise(G, inst, n=None):
                        device=inst.device)
 
 
-def encoded_noise(G, mu, logvar):
+def encoded_noise(G, mu, logvar, mean_only=False):
     """Exemplar styles: Eq. (5) from the encoder's (mu, logvar) (B, K, 2, C0), one sample shared
-    by every layer, or one per layer without unified sampling."""
+    by every layer, or one per layer without unified sampling. mean_only: the shift b~ = mu
+    alone, no a~ N term (Fig. 6a's editing can carry the mean style; our flag)."""
     shape = G.noise_shape(*mu.shape[:2])
     if len(shape) == 5:
         mu, logvar = mu[:, :, None].expand(shape), logvar[:, :, None].expand(shape)
-    return remap_noise(mu, logvar)
+    return mu.clone() if mean_only else remap_noise(mu, logvar)
 
 
 def generate(G, E, batch, z=None, noise=None, use_encoder=True):
-    """One forward pass: noise from the encoder (Eq. 5) or N(0, 1); returns fake, mu, logvar."""
+    """One forward pass: noise from the encoder (Eq. 5) or N(0, 1); returns fake, mu, logvar.
+    batch["num_instances"], when the training loop has put it there, is K counted on the host."""
     inst, label = batch["instance"], batch["label"]
+    K = batch.get("num_instances") or num_instances(inst)
     mu = logvar = None
     if noise is None:
         if use_encoder:
-            mu, logvar = E(batch["image"], inst, num_instances(inst))
+            mu, logvar = E(batch["image"], inst, K)
             noise = encoded_noise(common.unwrap(G), mu, logvar)
         else:  # random styles: plain N(0, 1) noise per instance (§3.3)
-            noise = random_noise(common.unwrap(G), inst)
+            noise = torch.randn(common.unwrap(G).noise_shape(len(inst), K), device=inst.device)
     if z is None:
         z = torch.randn(len(inst), common.unwrap(G).z_dim, device=inst.device)
     return G(z, label, inst, noise), mu, logvar
@@ -601,9 +636,12 @@ def generate(G, E, batch, z=None, noise=None, use_encoder=True):
 
 def train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch):
     """One G(+E) step then one D step (official order); the D step reuses the generated batch
-    (detached) instead of generating a second one (our choice: one G forward per iteration)."""
+    (detached) instead of generating a second one (our choice: one G forward per iteration).
+    Returns the losses as detached device tensors: no host sync here (the loop reads them on log
+    steps only)."""
     real, label, inst = batch["image"], batch["label"], batch["instance"]
     cond = d_condition(label, inst, args.num_classes)
+    D.requires_grad_(False)  # G step: no D weight gradients (nor their DDP all-reduce)
     with rt.autocast():  # w/o PNR (Table 1): N(0, 1) noise in training too, no encoder, no KL
         fake, mu, logvar = generate(G, E, batch, use_encoder=not args.no_noise_remapping)
         d_out = D(torch.cat([torch.cat([cond, fake], 1), torch.cat([cond, real], 1)]))
@@ -618,6 +656,7 @@ def train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch):
     rt.scaler.scale(g_loss).backward()                                     # Eq. (10), min over E, G
     rt.scaler.step(opt_g)
 
+    D.requires_grad_(True)
     with rt.autocast():
         d_out = D(torch.cat([torch.cat([cond, fake.detach()], 1), torch.cat([cond, real], 1)]))
         fake_logit = [scale[-1].chunk(2)[0] for scale in d_out]
@@ -627,8 +666,8 @@ def train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch):
     rt.scaler.scale(d_loss).backward()
     rt.scaler.step(opt_d)
     rt.scaler.update()
-    return dict(g_gan=g_gan.item(), g_fm=g_fm.item(), g_rec=g_rec.item(), g_kl=g_kl.item(),
-                d_loss=d_loss.item())
+    return {k: v.detach().float() for k, v in
+            dict(g_gan=g_gan, g_fm=g_fm, g_rec=g_rec, g_kl=g_kl, d_loss=d_loss).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,9 +681,19 @@ def lr_factor(iters):
     return lambda it: 1.0 if it < half else max(0.0, (iters - it) / max(iters - half, 1))
 
 
+def get_split(args, split):
+    """data.get_dataset for --data; a folder-pairs set takes --num_classes when given (so that a
+    DeepFashion checkpoint reads a folder whose labels miss some of its 8 classes)."""
+    options = {}
+    if args.data == "folder-pairs" and args.num_classes is not None:
+        options["num_classes"] = args.num_classes
+    return data.get_dataset(args.data, root=args.data_dir, split=split, size=args.size,
+                            skip=data.OPTIONAL_KEYS, **options)  # image, label, instance only
+
+
 def load_data(args, split):
     H, W = gen_hw(args)
-    ds = data.get_dataset(args.data, root=args.data_dir, split=split, size=args.size)
+    ds = get_split(args, split)
     if "instance" not in ds.has or "label" not in ds.has:
         raise common.UserError(f"INADE needs label and instance maps, but --data {args.data} "
                                f"provides only: {', '.join(sorted(ds.has))}.")
@@ -664,7 +713,7 @@ def fill_num_classes(args, ds):
 def test_set(args):
     """The test split: the layouts of --sample's grids and of --eval's protocol (§4.1)."""
     try:
-        return data.get_dataset(args.data, root=args.data_dir, split="test", size=args.size)
+        return get_split(args, "test")
     except common.UserError as err:
         raise common.UserError(f"--sample and --eval take their layouts from the test split of "
                                f"--data {args.data}, which could not be read: {err}") from None
@@ -704,10 +753,16 @@ def train(args):
     rt = common.setup_runtime(args)
     ds = load_data(args, "train")
     fill_num_classes(args, ds)
+    if args.iters is None:  # folder-pairs: 200 epochs of its training images (paper §4.1)
+        args.iters = max(1, 200 * len(ds) // args.batch_size)
     G, E, D = build_models(args)
     if rt.ddp and rt.device.type == "cuda":
         G = nn.SyncBatchNorm.convert_sync_batchnorm(G)  # paper supp. §6: synchronised BN
     G, E, D = G.to(rt.device), E.to(rt.device), D.to(rt.device)  # before optimiser state loads
+    if args.init_from:
+        # fine-tuning: G and E start from the released weights; D (never released), Adam's
+        # moments and the learning-rate schedule start afresh (INADE keeps no EMA)
+        load_official_weights(args, G, E)
     rec_loss = ReconstructionLoss(args.perceptual, args.pretrained).to(rt.device)
     GE = nn.ModuleDict(dict(G=G, E=E))  # the encoder joins G's optimiser (official)
     opt_g = torch.optim.Adam(GE.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
@@ -729,21 +784,193 @@ def train(args):
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     G.train(), E.train(), D.train()
     with common.StopSignals() as signals:
+        sums, steps = {}, 0   # losses summed on the device since the last log step
         for it in range(start, args.iters):
-            batch = common.to_device(next(stream), rt.device)
+            batch = next(stream)
+            batch["num_instances"] = num_instances(batch["instance"])  # on the host: no sync
+            batch = common.to_device(batch, rt.device)
             losses = train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch)
+            sums = {k: sums.get(k, 0) + v for k, v in losses.items()}
+            steps += 1
             sched_g.step(), sched_d.step()
             log.step(args.batch_size)
             done = it + 1
-            if done % args.log_every == 0 or done == args.iters:
-                log.log(done, **{k: common.reduce_mean(v, rt) for k, v in losses.items()},
-                        lr_g=sched_g.get_last_lr()[0])
+            if done % args.log_every == 0 or done == args.iters:  # the mean since the last log
+                means = {k: common.reduce_mean(v.item() / steps, rt) for k, v in sums.items()}
+                log.log(done, **means, lr_g=sched_g.get_last_lr()[0])
+                sums, steps = {}, 0
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
                 training_grid(args, common.unwrap(G), common.unwrap(E), fixed,
                               os.path.join(args.out_dir, f"samples_{done:06d}.png"))
             signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
                 ckpt_path, "inade", args, done, objects, rt=rt))  # on schedule or on a signal
     log.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Official released weights (--init_from): the authors' best_net_G.pth and best_net_E.pth
+# ----------------------------------------------------------------------------------------------
+# tzt101/INADE releases, per dataset, the state dicts of its SPADEGenerator (with INADE layers,
+# class ILADE) and of its instanceAdaptiveEncoder. The networks above compute the same functions;
+# only some names differ, and our encoder computes the four heads as one conv.
+
+# Generator key renames, official -> ours (regular expressions, tried in order; a key that none
+# matches keeps its name: fc.*, conv_img.*, conv_k.bias, norm_k.fc_noise.*).
+OFFICIAL_G_RENAMES = (
+    # spectral norm: torch.nn.utils.spectral_norm (official) -> the parametrization (ours); the
+    # same sigma = u.Wv from the stored u, v in eval mode. Training's power step updates v then u
+    # there, u then v here: equal once u, v have converged, as in a trained file.
+    (r"\.(conv_[01s])\.weight_orig$", r".\1.parametrizations.weight.original"),
+    (r"\.(conv_[01s])\.weight_u$", r".\1.parametrizations.weight.0._u"),
+    (r"\.(conv_[01s])\.weight_v$", r".\1.parametrizations.weight.0._v"),
+    # INADE layer: the per-class tensors (L, c, 2) are the paper's a and b, [..., 0] gamma and
+    # [..., 1] beta in both codes; the parameter-free batch norm (SyncBN there) keeps its stats
+    (r"\.(norm_[01s])\.weight$", r".\1.a"),
+    (r"\.(norm_[01s])\.bias$", r".\1.b"),
+    (r"\.(norm_[01s])\.param_free_norm\.", r".\1.norm."),
+)
+# Encoder: four head convs there, one conv with 4 C0 outputs here, in our chunk order.
+OFFICIAL_E_HEADS = ("scale_conv_mu", "scale_conv_var", "bias_conv_mu", "bias_conv_var")
+OFFICIAL_G_KEY, OFFICIAL_E_KEY = "head_0.norm_0.fc_noise.weight", "scale_conv_mu.weight"
+OFFICIAL_FILES = {"G": ("G",), "E": ("E", "IE")}  # best_net_<label>.pth; IE: older releases
+
+
+def official_generator_state(official):
+    """Our Generator's state dict from the official generator's (a pure renaming)."""
+    import re
+    ours = {}
+    for key, tensor in official.items():
+        for pattern, repl in OFFICIAL_G_RENAMES:
+            key, hits = re.subn(pattern, repl, key)
+            if hits:
+                break
+        ours[key] = tensor
+    return ours
+
+
+def official_encoder_state(official):
+    """Our NoiseEncoder's state dict from the official encoder's: the four heads joined along
+    the output channels (mu_gamma, logvar_gamma, mu_beta, logvar_beta), the rest as named."""
+    ours = {k: v for k, v in official.items() if k.split(".")[0] not in OFFICIAL_E_HEADS}
+    for part in ("weight", "bias"):
+        ours[f"heads.{part}"] = torch.cat([official[f"{h}.{part}"] for h in OFFICIAL_E_HEADS])
+    return ours
+
+
+def read_official(path):
+    """A released file's state dict (tensors only: weights_only=True) and which network it is,
+    "G" or "E", recognised by its keys; one sentence for anything else."""
+    import pickle
+    try:
+        state = common.load_weights(path)
+    except common.UserError as err:
+        if isinstance(err.__cause__, pickle.UnpicklingError):
+            raise common.UserError(f"--init_from {path} needs Python code from its pickle to "
+                                   f"load, which is never run (weights_only=True); the released "
+                                   f"files hold plain tensors.") from None
+        raise common.UserError(f"--init_from {path} is not a readable PyTorch weights file "
+                               f"(best_net_G.pth or best_net_E.pth).") from None
+    if isinstance(state, dict) and "method" in state and "state" in state:
+        raise common.UserError(f"--init_from {path} is a checkpoint of this project's "
+                               f"{state['method']}.py, not an official INADE file; load it with "
+                               f"--out_dir (and --resume).")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise common.UserError(f"--init_from {path} is not a state dict of tensors.")
+    if all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(".sketch_conv." in k for k in state):
+        raise common.UserError(f"--init_from {path} was trained with the official --add_sketch "
+                               f"option (an edge-map input), which inade.py does not implement.")
+    if "head_0.norm_0.mlp_shared.0.weight" in state:
+        raise common.UserError(f"--init_from {path} is a SPADE generator (SPADE layers), not "
+                               f"INADE's.")
+    kind = "G" if OFFICIAL_G_KEY in state else "E" if OFFICIAL_E_KEY in state else None
+    if kind is None:
+        raise common.UserError(f"--init_from {path} is not INADE's released generator or encoder "
+                               f"(it has no {OFFICIAL_G_KEY} nor {OFFICIAL_E_KEY}).")
+    return state, kind
+
+
+def official_pair(path):
+    """(G state, E state, G path, E path) of --init_from: either released file, the other being
+    found beside it under the same prefix (best_net_G.pth with best_net_E.pth or _IE.pth)."""
+    import re
+    names = {"G": "generator", "E": "encoder"}
+    state, kind = read_official(path)
+    states, files = {kind: state}, {kind: path}
+    match = re.fullmatch(r"(.*)_net_(G|E|IE)\.pth", os.path.basename(path))
+    common.require(match is not None, f"--init_from {path} holds INADE's {names[kind]}; keep the "
+                                      f"released names (best_net_G.pth, best_net_E.pth) so that "
+                                      f"its partner is found beside it.")
+    for other, labels in OFFICIAL_FILES.items():
+        if other in states:
+            continue
+        candidates = [os.path.join(os.path.dirname(path), f"{match.group(1)}_net_{label}.pth")
+                      for label in labels]
+        file = next((p for p in candidates if os.path.isfile(p)), None)
+        common.require(file is not None, f"--init_from needs the released generator and encoder "
+                                         f"together; found no {' nor '.join(candidates)}.")
+        states[other], is_kind = read_official(file)
+        common.require(is_kind == other, f"--init_from: {file} holds INADE's {names[is_kind]}, "
+                                         f"not its {names[other]}.")
+        files[other] = file
+    return states["G"], states["E"], files["G"], files["E"]
+
+
+def official_flags(g, e, args):
+    """The architecture flags the released tensors imply (shapes only). The first feature map
+    (sh x sw cells) fixes --size, given --num_up and --aspect_ratio (the dataset's preset)."""
+    n_up = {"normal": 5, "more": 6}[args.num_up]
+    for state, key in ((g, "conv_img.weight"), (g, "fc.weight"), (g, "head_0.norm_0.weight"),
+                       (e, "layer1.weight")):
+        common.require(key in state, f"--init_from: the released files lack {key}; they are "
+                                     f"incomplete or not INADE's.")
+    ngf = g["conv_img.weight"].shape[1]
+    cells = g["fc.weight"].shape[0] // (16 * ngf)
+    sh = round((cells / args.aspect_ratio) ** 0.5)
+    common.require(sh * round(sh * args.aspect_ratio) == cells,
+                   f"--init_from: the released generator starts from {cells} cells, which no "
+                   f"image of aspect {args.aspect_ratio} gives (--aspect_ratio, --num_up).")
+    flags = dict(num_classes=g["head_0.norm_0.weight"].shape[0], ngf=ngf,
+                 z_dim=g["fc.weight"].shape[1], noise_nc=g[OFFICIAL_G_KEY].shape[1],
+                 nef=e["layer1.weight"].shape[0], size=sh * 2 ** n_up)
+    common.require(e[OFFICIAL_E_KEY].shape[0] == flags["noise_nc"],
+                   f"--init_from: the encoder's C0 ({e[OFFICIAL_E_KEY].shape[0]}) is not the "
+                   f"generator's ({flags['noise_nc']}): the two files are not one release.")
+    return flags
+
+
+def apply_official_flags(args, given):
+    """--init_from: set the flags the released files imply; refuse (one sentence) when --data or
+    a flag given on the command line (`given`: the parsed command line, before the presets)
+    contradicts them. Called before any data or model is built."""
+    g, e, g_path, _ = official_pair(args.init_from)
+    flags = official_flags(g, e, args)
+    classes = {cfg["num_classes"]: name for name, cfg in PRESETS.items() if cfg["num_classes"]}
+    want = PRESETS[args.data]["num_classes"] or data.get_dataset(
+        args.data, split="train", size=args.size).num_classes   # built-in data: its own count
+    L = flags["num_classes"]
+    common.require(L == want, f"--init_from {g_path} is INADE's generator for {L} classes"
+                   + (f" ({classes[L]})" if L in classes else "")
+                   + f", but --data {args.data} has {want}"
+                   + (f"; pass --data {classes[L]}." if L in classes else "."))
+    common.require(not args.no_unified_sampling,
+                   "--init_from: the released generator was trained with unified sampling (one "
+                   "noise for all 18 layers); drop --no_unified_sampling.")
+    clash = [f"--{k} {v} (asked: {getattr(given, k)})" for k, v in flags.items()
+             if getattr(given, k) not in (None, v)]
+    common.require(not clash, f"--init_from {g_path} was trained with {', '.join(clash)}; "
+                              f"drop those flags or pass these values.")
+    for k, v in flags.items():
+        setattr(args, k, v)
+    check_args(args)
+
+
+def load_official_weights(args, G, E):
+    """Strict load of the released generator and encoder into ours (after apply_official_flags)."""
+    g, e, g_path, e_path = official_pair(args.init_from)
+    common.load_official(G, official_generator_state(g), g_path)
+    common.load_official(E, official_encoder_state(e), e_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -783,24 +1010,45 @@ def show(tile, scale):
     return big[0, 0].long() if tile.dim() == 2 else big[0]
 
 
-def reference_instance(args, label, inst, k, ref):
-    """The instance of the reference item whose style control (d) gives target instance k:
-    --ref_instance, or the reference's largest instance of k's class."""
+def reference_instance(args, label, inst, k, ref, wanted=None):
+    """The instance of the reference item whose style target instance k takes: `wanted`
+    (--ref_instance for control (d)), or the reference's largest instance of k's class."""
     k_cls = int(label[0][inst[0] == k][0])
     ids, counts = ref["instance"][0][ref["label"][0] == k_cls].unique(return_counts=True)
-    if args.ref_instance is None and len(ids):
+    if wanted is None and len(ids):
         return int(ids[counts.argmax()])
-    if args.ref_instance is not None and args.ref_instance in ids.tolist():
-        return args.ref_instance
-    which = "an instance" if args.ref_instance is None else f"instance {args.ref_instance}"
+    if wanted is not None and wanted in ids.tolist():
+        return wanted
+    which = "an instance" if wanted is None else f"instance {wanted}"
     raise common.UserError(f"reference item {args.ref_index} has no {which} of class {k_cls} "
                            f"(the class of target instance {k}); its instances of that class "
-                           f"are {ids.tolist()} (see --ref_index, --ref_instance).")
+                           f"are {ids.tolist()} (see --ref_index, --ref_instance, "
+                           f"--edit_instances).")
+
+
+def edit_parts(args, label, inst, ref):
+    """Control (f)'s parts, in editing order: [(target instance, reference instance)].
+    --edit_instances, or every non-background instance of the target whose class the reference
+    has, largest first, at most --n_styles; each takes the reference's largest instance of its
+    class."""
+    if args.edit_instances is not None:
+        targets = [pick_instance(inst, label, k, "--edit_instances") for k in args.edit_instances]
+    else:
+        ids, counts = inst[0].unique(return_counts=True)
+        cls = instance_classes(label, inst, num_instances(inst))[0]
+        ref_classes = set(ref["label"][0].unique().tolist())
+        targets = [int(ids[i]) for i in counts.argsort(descending=True)
+                   if cls[ids[i]] != 0 and int(cls[ids[i]]) in ref_classes][:args.n_styles]
+        if not targets:
+            raise common.UserError(f"test items {args.target_index} and {args.ref_index} share no "
+                                   f"non-background class, so control (f) has nothing to edit; "
+                                   f"choose another --ref_index or name --edit_instances.")
+    return [(k, reference_instance(args, label, inst, k, ref)) for k in targets]
 
 
 @torch.no_grad()
 def control_grids(args, G, E, ds, device, out_dir):
-    """The five controls, one PNG each (label map first); returns the paths. Every choice is
+    """The six controls, one PNG each (label map first); returns the paths. Every choice is
     checked before the first grid is written."""
     n, scale = args.n_styles, max(1, 96 // args.size)
     tgt = item_batch(ds, args.target_index, device)
@@ -812,7 +1060,8 @@ def control_grids(args, G, E, ds, device, out_dir):
     if not class_ids:
         raise common.UserError(f"--sample_class {cls} does not occur in test item "
                                f"{args.target_index}; its classes are {label.unique().tolist()}.")
-    r = reference_instance(args, label, inst, k, ref)
+    r = reference_instance(args, label, inst, k, ref, args.ref_instance)
+    parts = edit_parts(args, label, inst, ref)                 # the parts of (f)
 
     rep = lambda t: t.expand(n, *t.shape[1:])            # one layout, n outputs
     z = torch.randn(1, G.z_dim, device=device)           # global vector kept in (b)-(d)
@@ -849,9 +1098,9 @@ def control_grids(args, G, E, ds, device, out_dir):
 
     # (d) reference-guided (Fig. 6a): instance k takes the encoded (mu, sigma) of instance r of
     # the reference (Eq. 5), separately for gamma and beta
-    mu, logvar = E(ref["image"], ref["instance"], num_instances(ref["instance"]))
+    ref_mu, ref_logvar = E(ref["image"], ref["instance"], num_instances(ref["instance"]))
     noise = rep(base).clone()
-    noise[:, k] = encoded_noise(G, rep(mu[:, r:r + 1]), rep(logvar[:, r:r + 1]))[:, 0]
+    noise[:, k] = encoded_noise(G, rep(ref_mu[:, r:r + 1]), rep(ref_logvar[:, r:r + 1]))[:, 0]
     after = G(rep(z), rep(label), rep(inst), noise)
     save("reference", [[label[0], inst[0] == k, G(z, label, inst, base)[0], ref["image"][0],
                         ref["instance"][0] == r] + list(after)])
@@ -861,6 +1110,22 @@ def control_grids(args, G, E, ds, device, out_dir):
         mu, logvar = E(b["image"], b["instance"], num_instances(b["instance"]))
         return encoded_noise(G, rep(mu), rep(logvar))
     save("reconstruction", own_style_rows(own_noise))
+
+    # (f) reference appearance editing (Fig. 6a): left to right, one more part of the target takes
+    # its reference instance's style; every part keeps its one draw (or its mean) in later columns
+    noise, columns = base.clone(), [base]
+    for part, r in parts:
+        noise[:, part] = encoded_noise(G, ref_mu[:, r:r + 1], ref_logvar[:, r:r + 1],
+                                       args.edit_mean_only)[:, 0]
+        columns.append(noise.clone())
+    out = G(z.expand(len(columns), -1), label.expand(len(columns), -1, -1),
+            inst.expand(len(columns), -1, -1), torch.cat(columns))
+    used = torch.zeros_like(ref["instance"][0], dtype=torch.bool)
+    for _, r in parts:
+        used |= ref["instance"][0] == r
+    masks = [inst[0] == part for part, _ in parts]
+    save("edit", [[label[0], ref["image"][0]] + list(out),       # target, reference, before, edits
+                  [ref["label"][0], used, torch.zeros_like(used)] + masks])
     return paths
 
 
@@ -869,8 +1134,12 @@ def load_for_inference(args):
     ds = test_set(args)
     fill_num_classes(args, ds)
     G, E, _ = build_models(args)
-    ckpt = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "inade", vars(args),
-                                  ARCH_KEYS, dict(G=G, E=E), restore_rng=False)
+    if args.init_from:  # the released weights instead of a run of ours; out_dir takes the outputs
+        load_official_weights(args, G, E)
+        ckpt = {"iter": None}
+    else:
+        ckpt = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "inade", vars(args),
+                                      ARCH_KEYS, dict(G=G, E=E), restore_rng=False)
     common.seed_everything(args.seed)
     return rt, ds, G.to(rt.device).eval(), E.to(rt.device).eval(), ckpt
 
@@ -942,6 +1211,27 @@ def metric_networks(args, device):
             common.FIDInception(pretrained=True).to(device))
 
 
+DIVERSITY_GROUPS = 10   # supp. §8: 10 groups of random results per layout (FID's runs reuse them)
+
+
+@torch.no_grad()
+def training_fid_stats(args, inception, device):
+    """FID's real statistics from every training image (the official code compares with
+    training-set statistics), unflipped (our choice), streamed; the random state is kept, so
+    the evaluation draws the same noise whichever real set FID uses."""
+    try:
+        ds = load_data(args, "train")
+    except common.UserError as err:
+        raise common.UserError(f"FID compares with the training images (--fid_real train), which "
+                               f"could not be read: {err} Use --fid_real test to compare with the "
+                               f"test images.") from None
+    ds.flip = False
+    loader = torch.utils.data.DataLoader(ds, batch_size=min(args.batch_size, 32))
+    with common.preserved_rng():
+        stats = common.inception_stats(inception, ((b["image"] + 1) / 2 for b in loader), device)
+    return stats, len(ds)
+
+
 @torch.no_grad()
 def eval_batch(args, G, E, batch, dist_net, inception, pick_gen):
     """Every measure of one batch of test layouts, as per-layout numbers (B,) (and Inception
@@ -951,16 +1241,18 @@ def eval_batch(args, G, E, batch, dist_net, inception, pick_gen):
     out = {}
     # 10 groups of results with random noise (supp. §8): LPIPS between 2 random groups, the pair
     # of groups shared by all layouts, 10 times (common.lpips_diversity's "random" pairs)
-    fakes = torch.stack([generate(G, E, batch, use_encoder=False)[0] for _ in range(10)], 1)
+    fakes = torch.stack([generate(G, E, batch, use_encoder=False)[0]
+                         for _ in range(DIVERSITY_GROUPS)], 1)
     dist_fn = dist_net if dist_net is not None else pixel_distance
     out["diversity"] = torch.tensor([common.lpips_diversity(dist_fn, group[None], pairs="random",
                                                             repeats=10, seed=args.seed)
                                      for group in fakes])
-    # FID of the first group against the real test images, one sample per layout; the paper
-    # compares with training-set statistics and averages 10 runs (not done here)
+    # FID: run r is group r, one sample per layout; the paper averages 10 runs (§4.1)
     if inception is not None:
-        out["feats_real"] = common.inception_features(inception, [(batch["image"] + 1) / 2])
-        out["feats_fake"] = common.inception_features(inception, [(fakes[:, 0] + 1) / 2])
+        if args.fid_real == "test":
+            out["feats_real"] = common.inception_features(inception, [(batch["image"] + 1) / 2])
+        out["feats_fake"] = [common.inception_features(inception, [(fakes[:, r] + 1) / 2])
+                             for r in range(args.fid_runs)]
     # instance level (mISD/mOID): resample one instance; class level (mCSD/mOCD): every instance
     # of its class (§4.2)
     k = pick_objects(inst, label, pick_gen)
@@ -991,13 +1283,19 @@ def evaluate(args):
     dist_net, inception = metric_networks(args, rt.device)
     pick_gen = torch.Generator().manual_seed(args.seed)
     sums, counts = {}, {}                      # nan-skipping running sums of per-layout numbers
-    stats_real, stats_fake = common.RunningFIDStats(), common.RunningFIDStats()
+    stats_real, stats_fake = common.RunningFIDStats(), [common.RunningFIDStats()
+                                                        for _ in range(args.fid_runs)]
+    if inception is not None and args.fid_real == "train":
+        real_stats, n_real = training_fid_stats(args, inception, rt.device)
     shapes_rows = []
     for batch in loader:
         measured = eval_batch(args, G, E, common.to_device(batch, rt.device), dist_net,
                               inception, pick_gen)
         if inception is not None:
-            stats_real.add(measured.pop("feats_real")), stats_fake.add(measured.pop("feats_fake"))
+            if args.fid_real == "test":
+                stats_real.add(measured.pop("feats_real"))
+            for run, feats in zip(stats_fake, measured.pop("feats_fake")):
+                run.add(feats)
         if "shapes" in measured:
             shapes_rows.append(measured.pop("shapes"))
         for key, values in measured.items():
@@ -1014,8 +1312,12 @@ def evaluate(args):
         # the "Must show" locality: mean |change| inside the resampled instance / outside it
         "locality_ratio": mean["change_in"] / max(mean["change_out"], 1e-12),
     }
-    if inception is not None:
-        result["fid"] = common.fid(stats_real.stats(), stats_fake.stats())
+    if inception is not None:  # the mean over --fid_runs noise draws (paper §4.1)
+        if args.fid_real == "test":
+            real_stats, n_real = stats_real.stats(), n
+        runs = [common.fid(real_stats, run.stats()) for run in stats_fake]
+        result.update(fid=sum(runs) / len(runs), fid_runs=runs,
+                      fid_real=f"{args.fid_real} ({n_real} images)")
     if shapes_rows:
         result["shapes"] = data.shapes_style_summary(shapes_rows)
     path = os.path.join(args.out_dir, "eval.json")
@@ -1068,6 +1370,7 @@ def bench(args):
             [ds[i] for i in range(args.batch_size)]), rt.device)
     else:
         batch = synthetic_batch(args, args.batch_size, rt.device)
+    batch["num_instances"] = num_instances(batch["instance"])   # as the training loop does
 
     def make_step(run, compile_model):
         G, E, D = [common.prepare_model(m, run, compile_model, ddp=False) for m in build_models(args)]
@@ -1114,7 +1417,7 @@ def inference_cost(args, rt, batch):
     styles, eval mode, batch 1, float32): T is the mean time of args.bench forward passes."""
     import time
     G = build_models(args)[0].to(rt.device).eval()
-    one = {k: v[:1] for k, v in batch.items()}
+    one = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
     for _ in range(2):   # warm-up (allocator, cudnn)
         generate(G, None, one, use_encoder=False)
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
@@ -1137,6 +1440,8 @@ def inference_cost(args, rt, batch):
 
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, "inade", "shapes", argv, check=check_args)
+    if args.init_from:  # the flags the released files imply, checked against those given
+        apply_official_flags(args, build_parser().parse_args(argv))
     if args.dry_run:
         return dry_run(args)
     if args.bench:

@@ -20,6 +20,7 @@ import data
 import inade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(1)  # two runs compared bit for bit (resume) must sum in one order
 TINY = ["--size", "32", "--batch_size", "4", "--ngf", "4", "--nef", "4", "--ndf", "8",
         "--noise_nc", "4", "--z_dim", "8", "--num_workers", "0"]
 
@@ -318,9 +319,16 @@ def test_reconstruction_loss_kinds(monkeypatch):
 
         def forward(self, x, names):
             assert list(names) == ["relu4_1", "relu5_1"]
+            grad_on.append(torch.is_grad_enabled())
             return {"relu4_1": x, "relu5_1": 3 * x}
     monkeypatch.setattr(common, "VGG19", TapVGG)
-    assert inade.ReconstructionLoss("vgg", 1)(fake, real).item() == pytest.approx(0.5 + 1.5)
+    grad_on = []
+    fake.requires_grad_(True)
+    loss = inade.ReconstructionLoss("vgg", 1)(fake, real)
+    assert loss.item() == pytest.approx(0.5 + 1.5)
+    assert grad_on == [True, False]   # the real image's VGG pass builds no graph
+    loss.backward()                   # d/dfake of |f - 0.5| + |3 f - 1.5| at f = 0: -(1 + 3) / n
+    assert torch.allclose(fake.grad, torch.full_like(fake, -4 / fake.numel()))
     assert inade.ReconstructionLoss("vgg_official", 1)(fake, real).item() == pytest.approx(
         0.25 * 0.5 + 1.5)
 
@@ -370,7 +378,7 @@ def test_train_step_is_eq10_on_the_right_tensors(no_pnr, monkeypatch):
     d_loss = sum(F.relu(1 - r.mean(1)).mean() + F.relu(1 + f.mean(1)).mean()
                  for f, r in zip(halves(fake), halves(real))) / 2
     for key, want in dict(g_gan=g_gan, g_fm=g_fm, g_rec=g_rec, g_kl=g_kl, d_loss=d_loss).items():
-        assert out[key] == pytest.approx(want.item(), rel=1e-5, abs=1e-7), key
+        assert out[key].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7), key
     assert scaled[0].item() == pytest.approx((g_gan + 2 * g_fm + 3 * g_rec + 5 * g_kl).item(), rel=1e-5)
     assert scaled[1].item() == pytest.approx(d_loss.item(), rel=1e-5)
     # D sees [fake; real], each behind the label one-hot and the instance edges
@@ -380,6 +388,61 @@ def test_train_step_is_eq10_on_the_right_tensors(no_pnr, monkeypatch):
         assert torch.equal(x[4:, 6:], real) and torch.allclose(x[:4, 6:], fake)
     assert (mu is None) == no_pnr
     assert all((p.grad is None) == no_pnr for p in E.parameters())
+
+
+def test_train_step_has_no_host_sync_and_no_d_gradient_in_the_g_step(monkeypatch):
+    """The step returns device tensors and reads nothing back to the host: no .item() of a
+    float tensor (the losses; checked with SGD, whose step reads no scalar either) and no
+    instance count (the loop counts K on the host). D's weights get no gradient in the G step
+    (so DDP all-reduces none) and all of them in the D step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    args = tiny_args()
+    rt = common.setup_runtime(args)
+    torch.manual_seed(0)
+    G, E, D = inade.build_models(args)
+    opt_g = torch.optim.SGD(list(G.parameters()) + list(E.parameters()), 1e-4)
+    opt_d = torch.optim.SGD(D.parameters(), 1e-4)
+    batch = shapes_batch()
+    batch["num_instances"] = inade.num_instances(batch["instance"])
+    monkeypatch.setattr(inade, "num_instances", lambda inst: pytest.fail("K counted in the step"))
+    d_grads = {}
+    step = rt.scaler.step
+
+    def recording_step(opt):   # which of D's weights hold a gradient when each optimiser steps
+        d_grads["g" if opt is opt_g else "d"] = [p.grad is not None for p in D.parameters()]
+        step(opt)
+    monkeypatch.setattr(rt.scaler, "step", recording_step)
+    reads = []
+
+    class ScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            if func is torch.ops.aten._local_scalar_dense.default and a[0].is_floating_point():
+                reads.append(func)
+            return func(*a, **(kw or {}))
+    with ScalarReads():
+        out = inade.train_step(args, rt, G, E, D, inade.ReconstructionLoss("l1", 0), opt_g,
+                               opt_d, batch)
+    assert reads == [] and all(torch.is_tensor(v) and v.dim() == 0 for v in out.values())
+    assert not any(d_grads["g"]) and all(d_grads["d"]) and len(d_grads["d"]) > 0
+    assert all(p.requires_grad for p in D.parameters())
+
+
+def test_training_logs_the_mean_loss_since_the_last_log_step(tmp_path, monkeypatch):
+    """Losses are summed on the device and read on log steps only: the log holds their mean."""
+    seen = []
+    step = inade.train_step
+
+    def recording(*a):
+        seen.append({k: v.item() for k, v in step(*a).items()})
+        return {k: torch.tensor(v) for k, v in seen[-1].items()}
+    monkeypatch.setattr(inade, "train_step", recording)
+    out = str(tmp_path / "run")
+    inade.main(TINY + ["--iters", "3", "--log_every", "2", "--sample_every", "9", "--out_dir", out])
+    logs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["iter"] for r in logs] == [2, 3]
+    for key in seen[0]:
+        assert logs[0][key] == pytest.approx((seen[0][key] + seen[1][key]) / 2, abs=2e-6), key
+        assert logs[1][key] == pytest.approx(seen[2][key], abs=2e-6), key
 
 
 def test_learning_rate_is_constant_then_linear_to_zero():
@@ -483,20 +546,21 @@ def run_copy(trained, tmp_path):
     return str(out)
 
 
-def recorded_controls(out, monkeypatch, *flags):
-    """Run the controls of --sample with G and E spied on: E returns known codes (mu = slot
-    index + 0.5, sigma ~ 0), G records (z, label, inst, noise) of every call."""
+def recorded_controls(out, monkeypatch, *flags, logvar=-60.0):
+    """Run the controls of --sample with G and E replaced: E returns known codes (mu = slot
+    index + 0.5, log sigma^2 = logvar, so sigma ~ 0 by default), G records (z, label, inst,
+    noise) of every call and returns black images (the real networks run in the torchrun test)."""
     args = common.parse_args(inade.build_parser(), inade.PRESETS, "inade", "shapes",
                              TINY + ["--out_dir", out, "--sample", "--n_styles", "3"] + list(flags))
     rt, ds, G, E, _ = inade.load_for_inference(args)
     calls = []
-    forward = G.forward
-    G.forward = lambda *a: calls.append([t.clone() for t in a]) or forward(*a)
+    G.forward = lambda *a: calls.append([t.clone() for t in a]) or \
+        torch.zeros(len(a[0]), 3, *a[1].shape[-2:])
 
     def coded(image, inst, num_inst):
         mu = torch.arange(num_inst, dtype=torch.float).add(0.5).view(1, -1, 1, 1)
         mu = mu.expand(len(image), num_inst, 2, E.noise_nc)
-        return mu, torch.full_like(mu, -60.0)
+        return mu, torch.full_like(mu, logvar)
     E.forward = coded
     grids = {}
     monkeypatch.setattr(common, "save_grid", lambda path, rows, palette=None:
@@ -507,9 +571,9 @@ def recorded_controls(out, monkeypatch, *flags):
 
 def test_sample_controls_change_what_they_promise(run_copy, monkeypatch):
     args, ds, calls, grids = recorded_controls(run_copy, monkeypatch)
-    assert sorted(grids) == sorted(f"sample_{n}.png" for n in
-                                   ("random", "class", "instance", "reference", "reconstruction"))
-    assert len(calls) == 4 + 2 + 2 + 2 + 4
+    assert sorted(grids) == sorted(f"sample_{n}.png" for n in ("random", "class", "instance",
+                                                              "reference", "reconstruction", "edit"))
+    assert len(calls) == 4 + 2 + 2 + 2 + 4 + 1
     target = ds[0]
     label, inst = target["label"], target["instance"]
     k = inade.pick_instance(inst[None], label[None])           # largest object of the target
@@ -539,7 +603,7 @@ def test_sample_controls_change_what_they_promise(run_copy, monkeypatch):
     z, lab, ins, noise = calls[8]
     assert changed_slots(noise) == [k] and torch.allclose(noise[:, k], torch.full_like(noise[:, k], r + 0.5))
     # (e) reconstruction: every instance of each item takes its own code
-    for z, lab, ins, noise in calls[10:]:
+    for z, lab, ins, noise in calls[10:14]:
         slots = torch.arange(noise.shape[1]).float().add(0.5).view(1, -1, 1, 1)
         assert torch.allclose(noise, slots.expand_as(noise))
     # the grids show these outputs: label map first, then one tile per column
@@ -561,12 +625,73 @@ def test_sample_flags_pick_class_instance_and_reference(run_copy, monkeypatch):
     assert torch.allclose(calls[8][3][:, 1], torch.tensor(float(ids[counts.argmax()]) + 0.5))
 
 
+def edit_expectation(ds, target_index=0, ref_index=1):
+    """Control (f)'s default parts by hand: the target's non-background instances whose class the
+    reference has, largest first, each with the reference's largest instance of its class."""
+    target, ref = ds[target_index], ds[ref_index]
+    ids, counts = target["instance"].unique(return_counts=True)
+    parts = []
+    for i in counts.argsort(descending=True, stable=True).tolist():
+        k = int(ids[i])
+        k_cls = int(target["label"][target["instance"] == k][0])
+        r_ids, r_counts = ref["instance"][ref["label"] == k_cls].unique(return_counts=True)
+        if k_cls != 0 and len(r_ids):
+            parts.append((k, int(r_ids[r_counts.argmax()])))
+    return parts
+
+
+def test_reference_editing_builds_fig6a_left_to_right(run_copy, monkeypatch):
+    """(f): column 0 is the unedited target; column c gives parts 1..c their reference
+    instance's code, each part keeping its one draw in later columns, all else (z, the other
+    instances' noise) unchanged. The mean-only mode carries mu alone: two noise draws (seeds)
+    give the edited parts exactly the same noise; the default mode draws sigma N + mu."""
+    runs = {}
+    for mode, seed in (("draw", "0"), ("mean", "0"), ("mean", "1")):
+        flags = ("--edit_mean_only",) if mode == "mean" else ()
+        args, ds, calls, grids = recorded_controls(run_copy, monkeypatch, "--seed", seed, *flags,
+                                                   logvar=0.0)
+        runs[mode, seed] = calls[-1]
+    parts = edit_expectation(ds)
+    assert len(parts) >= 2 and len(grids["sample_edit.png"][0]) == 2 + 1 + len(parts)
+    for (mode, seed), (z, lab, ins, noise) in runs.items():
+        assert len(noise) == 1 + len(parts) and torch.equal(z, z[:1].expand_as(z))
+        base = noise[0]
+        for c in range(1, len(noise)):
+            edited = [k for k, _ in parts[:c]]
+            for k in range(noise.shape[1]):
+                same_as_base = torch.equal(noise[c, k], base[k])
+                assert same_as_base == (k not in edited), (mode, c, k)
+            for k in edited:   # carried over from the column that edited it
+                assert torch.equal(noise[c, k], noise[-1, k])
+        for k, r in parts:
+            is_mean = torch.equal(noise[-1, k], torch.full_like(noise[-1, k], r + 0.5))
+            assert is_mean == (mode == "mean"), (mode, k)
+    a, b = runs["mean", "0"][3], runs["mean", "1"][3]
+    assert not torch.equal(a[0], b[0])                          # the base noise is redrawn
+    for k, _ in parts:
+        assert torch.equal(a[-1, k], b[-1, k])
+
+
+def test_reference_editing_takes_the_named_parts_in_order(run_copy, monkeypatch):
+    parts = edit_expectation(data.get_dataset("shapes", split="test", size=32))
+    order = [k for k, _ in parts][::-1]
+    _, _, calls, _ = recorded_controls(run_copy, monkeypatch, "--edit_instances",
+                                       *map(str, order))
+    noise = calls[-1][3]
+    for c, k in enumerate(order, start=1):
+        assert not torch.equal(noise[c, k], noise[c - 1, k])   # column c edits the c-th named part
+        assert torch.allclose(noise[c, k], torch.tensor(dict(parts)[k] + 0.5))
+
+
 def test_a_bad_reference_instance_is_one_sentence_before_any_grid(run_copy):
     with pytest.raises(common.UserError, match=r"reference item 1 has no instance 0 of class \d"):
         inade.main(TINY + ["--out_dir", run_copy, "--sample", "--ref_instance", "0"])
     assert not [f for f in os.listdir(run_copy) if f.startswith("sample_")]
     with pytest.raises(common.UserError, match="--sample_instance 9 is not in that layout"):
         inade.main(TINY + ["--out_dir", run_copy, "--sample", "--sample_instance", "9"])
+    with pytest.raises(common.UserError, match="--edit_instances 9 is not in that layout"):
+        inade.main(TINY + ["--out_dir", run_copy, "--sample", "--edit_instances", "1", "9"])
+    assert not [f for f in os.listdir(run_copy) if f.startswith("sample_")]
 
 
 def test_training_grid_leaves_the_random_state_alone(tmp_path):
@@ -617,6 +742,53 @@ def test_pick_objects_prefers_a_non_background_instance():
     for seed in range(5):
         picked = inade.pick_objects(inst, label, torch.Generator().manual_seed(seed))
         assert picked.tolist() == [1, 0]   # instance 2 is background class; item 1 has only 0
+
+
+class ColourFeatures(nn.Module):
+    """A stand-in for the FID Inception: per-channel means and mean squares (6 features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))   # gives inception_features its device
+
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x.pow(2).mean((2, 3))], 1)
+
+
+def test_fid_is_the_mean_of_10_runs_against_the_training_images(trained, monkeypatch):
+    """FID (paper §4.1: 10 runs averaged; official: training-set statistics): run r compares
+    noise draw r of every layout with every training image (unflipped); --fid_real test compares
+    with the evaluated test images, --fid_runs sets the number of runs."""
+    assert (inade.build_parser().get_default("fid_real"),
+            inade.build_parser().get_default("fid_runs")) == ("train", 10)
+    features = ColourFeatures()
+    monkeypatch.setattr(inade, "metric_networks", lambda args, device: (None, features))
+    train = torch.utils.data.Subset(data.get_dataset("shapes", split="train", size=32), range(6))
+    load = inade.load_data
+    monkeypatch.setattr(inade, "load_data",
+                        lambda a, split: train if split == "train" else load(a, split))
+    groups = []
+    generate = inade.generate
+
+    def recording(G, E, batch, **kw):
+        out = generate(G, E, batch, **kw)
+        if kw.get("use_encoder") is False:
+            groups.append(out[0])
+        return out
+    monkeypatch.setattr(inade, "generate", recording)
+    feats = lambda images: features((torch.cat(list(images)) + 1) / 2)
+    test = [data.get_dataset("shapes", split="test", size=32)[i]["image"][None] for i in range(4)]
+    for flags, real, runs in (([], [train[i]["image"][None] for i in range(6)], 10),
+                              (["--fid_real", "test", "--fid_runs", "3"], test, 3)):
+        groups.clear()
+        result = inade.main(TINY + ["--out_dir", trained, "--eval", "--eval_n", "4"] + flags)
+        assert len(groups) == 10                          # one batch of 4 layouts, 10 groups
+        fake = [feats([groups[r]]) for r in range(runs)]
+        want = [common.fid(feats(real), f) for f in fake]
+        assert result["fid_runs"] == pytest.approx(want, rel=1e-6)
+        assert result["fid"] == pytest.approx(sum(want) / runs, rel=1e-6)
+        assert result["fid_real"] == f"{flags[1] if flags else 'train'} ({len(real)} images)"
+    assert train.flip is False
 
 
 def test_eval_metrics_measure_the_right_regions(trained):
@@ -730,10 +902,75 @@ def eval_peak(monkeypatch, argv, hook_module=inade, hook="eval_batch", main=inad
 def test_eval_memory_does_not_grow_with_eval_n(trained, monkeypatch):
     argv = TINY + ["--out_dir", trained, "--eval", "--eval_n"]
     small, batches_small = eval_peak(monkeypatch, argv + ["4"])
-    large, batches_large = eval_peak(monkeypatch, argv + ["16"])
-    assert (batches_small, batches_large) == (1, 4)   # one batch of 4 layouts vs four batches
+    large, batches_large = eval_peak(monkeypatch, argv + ["8"])
+    assert (batches_small, batches_large) == (1, 2)   # one batch of 4 layouts vs two batches
     one_group = 4 * 3 * 32 * 32 * 4                   # one batch's images of one sample group
     assert large - small < one_group / 2, (small, large)
+
+
+def two_person_folder(root, n=2, size=32):
+    """A DeepFashion2-like folder-pairs set (test only: no split folders): two people side by
+    side, each a top (class 3) over trousers (class 5) on background 0, each part its own
+    instance: 1, 2 the left person's, 3, 4 the right one's."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for sub in ("images", "labels", "instances"):
+        os.makedirs(os.path.join(root, sub))
+    for i in range(n):
+        label = np.zeros((size, size), np.uint8)
+        inst = np.zeros((size, size), np.uint8)
+        for person, x0 in enumerate((2, size // 2 + 2)):
+            w = size // 2 - 4
+            for part, (cls, y0, y1) in enumerate(((3, 4, 16), (5, 16, 28))):
+                label[y0:y1, x0:x0 + w] = cls
+                inst[y0:y1, x0:x0 + w] = 1 + 2 * person + part
+        image = rng.integers(0, 255, (size, size, 3)).astype(np.uint8)
+        Image.fromarray(image).save(os.path.join(root, "images", f"p{i}.png"))
+        Image.fromarray(label).save(os.path.join(root, "labels", f"p{i}.png"))
+        Image.fromarray(inst).save(os.path.join(root, "instances", f"p{i}.png"))
+    return str(root)
+
+
+def test_a_deepfashion_model_on_a_two_person_folder_and_custom_folder_training(tmp_path,
+                                                                               monkeypatch):
+    """DeepFashion2 and custom data (--data folder-pairs): a DeepFashion checkpoint samples and
+    evaluates a two-person folder (--num_classes 8); on it the instance control moves one
+    person's top, the class control both tops. The folder also trains from its own labels (6
+    classes), for 200 epochs by default."""
+    import numpy as np
+
+    from test_data import fake_deepfashion
+    fake_deepfashion(str(tmp_path / "df"), np.random.default_rng(0))
+    folder = two_person_folder(tmp_path / "df2")
+    offline = ["--pretrained", "0", "--perceptual", "l1", "--batch_size", "2"]
+    run = str(tmp_path / "run")
+    inade.main(TINY + offline + ["--data", "deepfashion", "--data_dir", str(tmp_path / "df"),
+                                 "--iters", "1", "--out_dir", run])
+    on_folder = offline + ["--data", "folder-pairs", "--data_dir", folder, "--num_classes", "8"]
+    _, ds, calls, grids = recorded_controls(run, monkeypatch, *on_folder, "--sample_instance", "1")
+    assert len(ds) == 2 and ds.num_classes == 8 and len(grids) == 6
+    base = calls[7][3]       # (a) and (e) take one call per test item: 2 here
+    moved = lambda noise: sorted(set(torch.nonzero((noise != base).flatten(2).any(2))[:, 1]
+                                     .tolist()))
+    assert [moved(c[3]) for c in calls[2:6]] == [[1, 3], [1, 3], [1], [1]]
+    assert bool((ds[0]["instance"] == 1)[:, 16:].any()) is False    # instance 1: the left person
+    result = inade.main(TINY + on_folder + ["--out_dir", run, "--eval"])
+    assert result["layouts"] == 2 and result["mISD"] > 0
+    custom = offline + ["--data", "folder-pairs", "--data_dir", folder]
+    inade.main(TINY + custom + ["--iters", "1", "--out_dir", str(tmp_path / "custom")])
+    config = torch.load(tmp_path / "custom" / "ckpt.pt", weights_only=True)["config"]
+    assert config["num_classes"] == 6
+
+    class Planned(Exception):
+        pass
+
+    def logger(out_dir, total_iters, *a, **k):
+        raise Planned(total_iters)
+    monkeypatch.setattr(common, "Logger", logger)
+    with pytest.raises(Planned) as planned:   # without --iters: 200 epochs of the 2 images
+        inade.main(TINY + custom + ["--out_dir", str(tmp_path / "custom200")])
+    assert planned.value.args == (200 * 2 // 2,)
 
 
 def test_without_a_test_split_training_runs_and_sample_says_why(tmp_path, capsys):
@@ -763,11 +1000,12 @@ def test_without_a_test_split_training_runs_and_sample_says_why(tmp_path, capsys
 
 
 def test_compiled_training_step_gives_the_eager_losses():
-    """--compile (aot_eager: the graph capture and autograd of torch.compile without code
-    generation) trains G, E and D with the losses of the eager step."""
+    """--compile (the "eager" backend: torch.compile's graph capture without AOT autograd or code
+    generation, a third of aot_eager's compile time) trains G, E and D with the losses of the
+    eager step."""
     import data
     args = common.parse_args(inade.build_parser(), inade.PRESETS, "inade", "shapes",
-                             TINY + ["--compile", "aot_eager", "--num_d", "1"])
+                             TINY + ["--compile", "eager", "--num_d", "1"])
     ds = data.get_dataset("shapes", split="train", size=32)
     args.num_classes = ds.num_classes
     rt = common.setup_runtime(args)
@@ -786,7 +1024,7 @@ def test_compiled_training_step_gives_the_eager_losses():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3   # G, E and D ran compiled
     for eager, compiled in zip(*losses):
         for key in eager:
-            assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+            assert compiled[key].item() == pytest.approx(eager[key].item(), rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("flags,sentence", [
@@ -802,6 +1040,12 @@ def test_compiled_training_step_gives_the_eager_losses():
      "--eval_n must be at least 2 for FID (got 1)."),
     (["--n_styles", "0", "--sample"], "--n_styles must be at least 1 (got 0)."),
     (["--bench", "0"], "--bench must be at least 1 (got 0)."),
+    (["--fid_runs", "11", "--eval"], "--fid_runs must be between 1 and 10 (got 11)."),
+    (["--fid_runs", "0", "--eval"], "--fid_runs must be between 1 and 10 (got 0)."),
+    (["--edit_instances", "2", "-1", "--sample"],
+     "--edit_instances must be instance ids of at least 0 (got -1)."),
+    (["--edit_instances", "2", "2", "--sample"],
+     "--edit_instances names an instance twice (got [2, 2])."),
     (["--lambda_kl", "-1"], "--lambda_kl must be at least 0 (got -1.0)."),
     (["--sample_class", "-1", "--sample"], "--sample_class must be at least 0 (got -1)."),
     (["--ref_index", "-2", "--sample"], "--ref_index must be at least 0 (got -2)."),
@@ -825,6 +1069,263 @@ def test_every_flag_out_of_range_is_one_sentence_exit_2(flags, sentence, tmp_pat
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {sentence}"
     assert not os.path.exists(tmp_path / "run" / "log.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# Official released weights (--init_from): tzt101/INADE's best_net_G.pth and best_net_E.pth
+# ----------------------------------------------------------------------------------------------
+
+# Facts read off the official code (SPADEGenerator with ILADE layers, instanceAdaptiveEncoder,
+# saved as util.save_network does: torch.save(net.state_dict())) at a small configuration:
+# label_nc 3, ngf 1, z_dim 4, noise_nc 2, crop_size 32 (a 1x1 first map). The generator has 198
+# keys; SHA-256 of its sorted "name (shape)" lines, and some of them spelled out:
+OFFICIAL_G_DIGEST = "3abc48afc8e03e1a57787a3d14ebab36d714bd97df8db57e3a06cbd6eb9420e8"
+OFFICIAL_G_SOME = {
+    "fc.weight": (16, 4), "conv_img.weight": (3, 1, 3, 3),
+    "head_0.norm_0.weight": (3, 16, 2), "head_0.norm_0.bias": (3, 16, 2),
+    "head_0.norm_0.fc_noise.weight": (16, 2), "head_0.norm_0.param_free_norm.running_var": (16,),
+    "head_0.norm_0.param_free_norm.num_batches_tracked": (),
+    "G_middle_1.conv_1.weight_orig": (16, 16, 3, 3), "G_middle_1.conv_1.bias": (16,),
+    "up_0.conv_s.weight_orig": (8, 16, 1, 1), "up_0.conv_s.weight_u": (8,),
+    "up_0.conv_s.weight_v": (16,), "up_0.norm_s.bias": (3, 16, 2),
+    "up_3.conv_0.weight_v": (18,), "up_3.norm_1.fc_noise.bias": (1,),
+}
+# The encoder at the same configuration (ndf = ngf = 1), all 24 keys in the official order:
+OFFICIAL_E_SMALL = {
+    "layer1.weight": (1, 3, 3, 3), "layer1.bias": (1,), "layer2.weight": (2, 1, 3, 3),
+    "layer2.bias": (2,), "layer3.weight": (4, 2, 3, 3), "layer3.bias": (4,),
+    "layer4.weight": (8, 4, 3, 3), "layer4.bias": (8,), "middle.weight": (4, 8, 3, 3),
+    "middle.bias": (4,), "up1.weight": (2, 8, 3, 3), "up1.bias": (2,), "up2.weight": (1, 4, 3, 3),
+    "up2.bias": (1,), "up3.weight": (1, 2, 3, 3), "up3.bias": (1,),
+    "scale_conv_mu.weight": (2, 1, 3, 3), "scale_conv_mu.bias": (2,),
+    "scale_conv_var.weight": (2, 1, 3, 3), "scale_conv_var.bias": (2,),
+    "bias_conv_mu.weight": (2, 1, 3, 3), "bias_conv_mu.bias": (2,),
+    "bias_conv_var.weight": (2, 1, 3, 3), "bias_conv_var.bias": (2,),
+}
+OFFICIAL_BLOCKS = (("head_0", 16, 16), ("G_middle_0", 16, 16), ("G_middle_1", 16, 16),
+                   ("up_0", 16, 8), ("up_1", 8, 4), ("up_2", 4, 2), ("up_3", 2, 1))
+
+
+def official_generator_keys(L, ngf, z_dim, C0, cells):
+    """The official generator's (name: shape) at any size, by the SPADE layout (pinned above)."""
+    keys = {"fc.weight": (16 * ngf * cells, z_dim), "fc.bias": (16 * ngf * cells,),
+            "conv_img.weight": (3, ngf, 3, 3), "conv_img.bias": (3,)}
+    for block, fin, fout in OFFICIAL_BLOCKS:
+        fin, fout = fin * ngf, fout * ngf
+        mid = min(fin, fout)
+        convs = [("conv_0", fin, mid, 3), ("conv_1", mid, fout, 3)]
+        norms = [("norm_0", fin), ("norm_1", mid)]
+        if fin != fout:
+            convs.append(("conv_s", fin, fout, 1))
+            norms.append(("norm_s", fin))
+        for name, i, o, k in convs:   # old-style spectral norm: weight_orig, weight_u, weight_v
+            p = f"{block}.{name}."
+            keys.update({p + "weight_orig": (o, i, k, k), p + "weight_u": (o,),
+                         p + "weight_v": (i * k * k,)})
+            if name != "conv_s":
+                keys[p + "bias"] = (o,)
+        for name, c in norms:
+            p = f"{block}.{name}."
+            keys.update({p + "weight": (L, c, 2), p + "bias": (L, c, 2),
+                         p + "fc_noise.weight": (c, C0), p + "fc_noise.bias": (c,),
+                         p + "param_free_norm.running_mean": (c,),
+                         p + "param_free_norm.running_var": (c,),
+                         p + "param_free_norm.num_batches_tracked": ()})
+    return keys
+
+
+def official_encoder_keys(nef, C0):
+    """The official encoder's (name: shape): OFFICIAL_E_SMALL with its widths scaled."""
+    widths = {1: nef, 2: 2 * nef, 4: 4 * nef, 8: 8 * nef}
+    keys = {}
+    for name, shape in OFFICIAL_E_SMALL.items():
+        head = name.split(".")[0].endswith(("_mu", "_var"))
+        out = C0 if head else widths[shape[0]]
+        keys[name] = (out,) + ((shape[1] if shape[1] == 3 else widths[shape[1]], 3, 3)
+                               if len(shape) > 1 else ())
+    return keys
+
+
+def fake_release(folder, L=5, ngf=2, z_dim=8, C0=3, cells=1, nef=2, e_label="E", seed=0):
+    """A released folder (best_net_G.pth, best_net_<e_label>.pth) with random values."""
+    g = torch.Generator().manual_seed(seed)
+    def tensor(name, shape):
+        if name.endswith("num_batches_tracked"):
+            return torch.tensor(1000)
+        if name.endswith(("weight_u", "weight_v")):
+            return F.normalize(torch.randn(shape, generator=g), dim=0)
+        if name.endswith("running_var"):
+            return torch.rand(shape, generator=g) + 0.5
+        return torch.randn(shape, generator=g) * 0.5
+    states = [{k: tensor(k, s) for k, s in keys.items()} for keys in
+              (official_generator_keys(L, ngf, z_dim, C0, cells), official_encoder_keys(nef, C0))]
+    os.makedirs(folder, exist_ok=True)
+    for state, label in zip(states, ("G", e_label)):
+        torch.save(state, os.path.join(folder, f"best_net_{label}.pth"))
+    return states
+
+
+def released_args(folder, *flags):
+    argv = ["--init_from", os.path.join(folder, "best_net_G.pth"), "--sample", "--out_dir",
+            os.path.join(folder, "out"), *flags]
+    args = common.parse_args(inade.build_parser(), inade.PRESETS, "inade", "shapes", argv,
+                             check=inade.check_args)
+    inade.apply_official_flags(args, inade.build_parser().parse_args(argv))
+    return args
+
+
+def test_official_key_facts():
+    import hashlib
+    small = official_generator_keys(3, 1, 4, 2, 1)
+    lines = "\n".join(f"{k} {s}" for k, s in sorted(small.items()))
+    assert len(small) == 198 and hashlib.sha256(lines.encode()).hexdigest() == OFFICIAL_G_DIGEST
+    assert all(small[k] == s for k, s in OFFICIAL_G_SOME.items())
+    assert official_encoder_keys(1, 2) == OFFICIAL_E_SMALL
+    # the conversion covers every key: 198 generator keys onto ours, 24 encoder keys onto 18
+    G = inade.Generator(3, 32, 32, ngf=1, z_dim=4, noise_nc=2)
+    E = inade.NoiseEncoder(2, nef=1)
+    ours = {k: tuple(v.shape) for k, v in G.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in inade.official_generator_state(
+        {k: torch.zeros(s) for k, s in small.items()}).items()} == ours
+    converted = inade.official_encoder_state({k: torch.zeros(s) for k, s in OFFICIAL_E_SMALL.items()})
+    assert {k: tuple(v.shape) for k, v in converted.items()} == \
+        {k: tuple(v.shape) for k, v in E.state_dict().items()}
+
+
+def test_released_weights_load_strictly_and_compute_the_official_function(tmp_path):
+    g, e = fake_release(tmp_path, L=5, ngf=2, z_dim=8, C0=3, nef=2, e_label="IE")
+    args = released_args(tmp_path)
+    # the flags come from the tensors (the shapes preset says ngf 8, noise_nc 16, z_dim 32)
+    assert (args.num_classes, args.ngf, args.nef, args.z_dim, args.noise_nc, args.size) == \
+        (5, 2, 2, 8, 3, 32)
+    G, E, _ = inade.build_models(args)
+    inade.load_official_weights(args, G, E)
+    G.eval(), E.eval()
+    torch.manual_seed(0)
+    # an INADE layer (up_0.norm_s: 32 channels) by hand from the official tensors: running-stat
+    # batch norm, gamma = weight[cls, :, 0] * fc_noise(N[inst, 0]) + bias[cls, :, 0], beta [.., 1]
+    p = "up_0.norm_s."
+    x = torch.randn(1, 32, 2, 2)
+    label, inst = torch.tensor([[[0, 4], [2, 2]]]), torch.tensor([[[0, 1], [1, 1]]])
+    noise = torch.randn(1, 2, 2, 3)
+    x_hat = (x - g[p + "param_free_norm.running_mean"][:, None, None]) / torch.sqrt(
+        g[p + "param_free_norm.running_var"][:, None, None] + 1e-5)
+    mapped = noise @ g[p + "fc_noise.weight"].T + g[p + "fc_noise.bias"]       # (1, K, 2, C)
+    want = torch.empty_like(x)
+    for i in range(2):
+        for j in range(2):
+            m, k = label[0, i, j], inst[0, i, j]
+            gamma = g[p + "weight"][m, :, 0] * mapped[0, k, 0] + g[p + "bias"][m, :, 0]
+            beta = g[p + "weight"][m, :, 1] * mapped[0, k, 1] + g[p + "bias"][m, :, 1]
+            want[0, :, i, j] = gamma * x_hat[0, :, i, j] + beta
+    with torch.no_grad():
+        assert torch.allclose(G.up_0.norm_s(x, label, inst, noise), want, atol=1e-5)
+        # a spectral-normed conv (old style): W / (u . W v) with the stored u, v
+        w = g["up_0.conv_s.weight_orig"]
+        sigma = g["up_0.conv_s.weight_u"] @ w.flatten(1) @ g["up_0.conv_s.weight_v"]
+        assert torch.allclose(G.up_0.conv_s(x), F.conv2d(x, w / sigma), atol=1e-5)
+    # the encoder's heads: the four official convs, pooled over the one instance, in the order
+    # scale_conv_mu -> mu[..., 0, :], scale_conv_var -> logvar[..., 0, :], bias_* -> [..., 1, :]
+    seen = {}
+    E.heads.register_forward_pre_hook(lambda m, inputs: seen.update(y=inputs[0]))
+    with torch.no_grad():
+        mu, logvar = E(torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long), 1)
+        head = lambda h: F.conv2d(seen["y"], e[h + ".weight"], e[h + ".bias"], padding=1).mean((2, 3))
+        for h, got in zip(("scale_conv_mu", "scale_conv_var", "bias_conv_mu", "bias_conv_var"),
+                          (mu[:, 0, 0], logvar[:, 0, 0], mu[:, 0, 1], logvar[:, 0, 1])):
+            assert torch.allclose(got, head(h), atol=1e-5), h
+
+
+class NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("case,sentence", [
+    ("spade", "is a SPADE generator (SPADE layers), not INADE's."),
+    ("ours", "is a checkpoint of this project's inade.py, not an official INADE file"),
+    ("other", "is not INADE's released generator or encoder (it has no "
+              "head_0.norm_0.fc_noise.weight nor scale_conv_mu.weight)."),
+    ("pickle", "needs Python code from its pickle to load, which is never run (weights_only=True)"),
+    ("dataset", "is INADE's generator for 8 classes (deepfashion), but --data shapes has 5; pass "
+                "--data deepfashion."),
+    ("flags", "was trained with --z_dim 8 (asked: 16), --noise_nc 3 (asked: 4); drop those flags "
+              "or pass these values."),
+    ("no_encoder", "--init_from needs the released generator and encoder together; found no "),
+    ("pair", "the encoder's C0 (4) is not the generator's (3): the two files are not one release."),
+    ("us", "--init_from: the released generator was trained with unified sampling (one noise for "
+           "all 18 layers); drop --no_unified_sampling."),
+])
+def test_released_weights_refusals_are_one_sentence_exit_2(case, sentence, tmp_path, capsys,
+                                                          trained):
+    folder, flags = tmp_path / "release", []
+    g, e = fake_release(folder, L=8 if case == "dataset" else 5)
+    path = folder / "best_net_G.pth"
+    if case == "spade":
+        g = {k.replace("fc_noise", "mlp_shared.0"): v for k, v in g.items()}
+        torch.save(g, path)
+    elif case == "ours":
+        path = os.path.join(trained, "ckpt.pt")
+    elif case == "other":
+        torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
+    elif case == "pickle":
+        torch.save({"fc.weight": torch.zeros(1), "opt": NotATensor()}, path)
+    elif case == "flags":
+        flags = ["--noise_nc", "4", "--z_dim", "16", "--ngf", "2"]   # ngf agrees with the file
+    elif case == "no_encoder":
+        os.remove(folder / "best_net_E.pth")
+    elif case == "pair":
+        fake_release(tmp_path / "other", C0=4)
+        shutil.copy(tmp_path / "other" / "best_net_E.pth", folder / "best_net_E.pth")
+    elif case == "us":
+        flags = ["--no_unified_sampling"]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        common.run_main(lambda: inade.main(["--init_from", str(path), "--sample", "--out_dir",
+                                            str(out)] + flags))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and sentence in err
+    assert not out.exists() or not os.listdir(out)   # nothing written
+
+
+def test_sample_and_eval_from_released_weights_without_a_checkpoint(tmp_path, monkeypatch):
+    g, _ = fake_release(tmp_path / "inade_shapes", C0=3, e_label="IE")
+    out = tmp_path / "out"
+    loaded = {}
+    grids = inade.control_grids
+    def spy(args, G, E, *rest):
+        loaded["G"] = G.state_dict()
+        return grids(args, G, E, *rest)
+    monkeypatch.setattr(inade, "control_grids", spy)
+    paths = inade.main(["--init_from", str(tmp_path / "inade_shapes" / "best_net_G.pth"),
+                        "--sample", "--out_dir", str(out), "--n_styles", "2"])
+    names = {"random", "class", "instance", "reference", "reconstruction", "edit"}
+    assert set(paths) == names and all(os.path.isfile(p) for p in paths.values())
+    assert sorted(os.listdir(out)) == sorted(f"sample_{n}.png" for n in names)  # no ckpt.pt
+    assert torch.equal(loaded["G"]["up_1.norm_0.a"], g["up_1.norm_0.weight"])
+    result = inade.main(["--init_from", str(tmp_path / "inade_shapes" / "best_net_IE.pth"),
+                         "--eval", "--out_dir", str(out), "--eval_n", "4", "--batch_size", "4"])
+    assert result["iter"] is None and (out / "eval.json").is_file()
+
+
+def test_training_starts_from_released_weights(tmp_path, monkeypatch):
+    g, e = fake_release(tmp_path / "release", C0=3)
+    first = {}
+    step = inade.train_step
+    def spy(args, rt, G, E, *rest):
+        if not first:   # before the first update
+            first["G"] = {k: v.clone() for k, v in common.unwrap(G).state_dict().items()}
+            first["E"] = {k: v.clone() for k, v in common.unwrap(E).state_dict().items()}
+        return step(args, rt, G, E, *rest)
+    monkeypatch.setattr(inade, "train_step", spy)
+    out = tmp_path / "run"
+    inade.main(["--init_from", str(tmp_path / "release" / "best_net_G.pth"), "--out_dir",
+                str(out), "--iters", "1", "--batch_size", "4"])
+    want_g, want_e = inade.official_generator_state(g), inade.official_encoder_state(e)
+    assert all(torch.equal(first["G"][k], want_g[k]) for k in want_g)
+    assert all(torch.equal(first["E"][k], want_e[k]) for k in want_e)
+    config = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert config["noise_nc"] == 3 and "init_from" not in config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -903,7 +1404,9 @@ def with_rank0_weights(build):
     return wrapped
 
 
-INADE_PRESETS = {  # the paper preset's structure, widths shrunk by flags, 64 pixels high
+# the paper preset's structure, widths shrunk by flags, 64 pixels high (with one image per rank,
+# the generator's batch norm needs the head's 2x2 map)
+INADE_PRESETS = {
     "deepfashion": "fake_deepfashion",
 }
 
@@ -918,7 +1421,7 @@ def test_paper_preset_under_torchrun_then_resume_sample_eval(preset, stand_in_ho
     rank draws its noise and flips from its own stream (seed + rank). So the reference for rank r
     is one process on r's layouts with --seed r and rank 0's initial weights (what DDP gives r).
     Every G loss is a mean over samples, so the mean over ranks is the whole batch's loss.
-    Then --resume to a third step, --sample, and --eval (FID, LPIPS) on the result."""
+    Then --resume to a second step, --sample, and --eval (FID, LPIPS) on the result."""
     import numpy as np
 
     import data
@@ -930,7 +1433,7 @@ def test_paper_preset_under_torchrun_then_resume_sample_eval(preset, stand_in_ho
              "--sample_every", "100", "--ckpt_every", "100", "--eval_n", "2"]
     run = flags + ["--data_dir", str(root), "--batch_size", "2"]
     two = str(tmp_path / "two")
-    torchrun("inade.py", run + ["--iters", "2", "--out_dir", two], stand_in_home)
+    torchrun("inade.py", run + ["--iters", "1", "--out_dir", two], stand_in_home)
     logs = lambda out: [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     first = logs(two)[0]
     ds = data.get_dataset(preset, root=str(root), split="train", size=64)
@@ -946,12 +1449,13 @@ def test_paper_preset_under_torchrun_then_resume_sample_eval(preset, stand_in_ho
     for key in ("g_gan", "g_fm", "g_rec", "g_kl"):   # computed before any update
         assert close(first[key], (halves[0][key] + halves[1][key]) / 2), key
 
-    inade.main(run + ["--iters", "3", "--out_dir", two, "--resume"])
-    assert [r["iter"] for r in logs(two)] == [1, 2, 3]
+    inade.main(run + ["--iters", "2", "--out_dir", two, "--resume"])
+    assert [r["iter"] for r in logs(two)] == [1, 2]
     inade.main(run + ["--out_dir", two, "--sample", "--n_styles", "2"])
     for name in ("random", "class", "instance", "reference", "reconstruction"):
         assert os.path.getsize(os.path.join(two, f"sample_{name}.png")) > 0
-    result = inade.main(run + ["--out_dir", two, "--eval"]) or \
+    result = inade.main(run + ["--out_dir", two, "--eval", "--fid_runs", "1"]) or \
         json.load(open(os.path.join(two, "eval.json")))
     assert result["distance"] == "lpips-alex" and result["layouts"] == 2
+    assert result["fid_real"] == "train (2 images)" and len(result["fid_runs"]) == 1
     assert result["fid"] >= 0 and result["lpips_diversity"] >= 0
