@@ -1581,7 +1581,7 @@ def load_problems(ds, index):
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark and preview: python data.py --bench | --preview NAME [--data_dir DIR]
+# Benchmark and preview: python data.py --bench [NAME --data_dir DIR] | --preview NAME
 # ----------------------------------------------------------------------------------------------
 
 def items_per_second(ds, rounds=10, seconds=0.3):
