@@ -514,6 +514,19 @@ def test_init_from_a_missing_file_or_with_resume_is_one_sentence(script, tmp_pat
                                    str(tmp_path / "run")], capsys)
     assert (status, err) == (2, "error: --init_from starts a new run from released weights and "
                                 "--resume continues ckpt.pt: give one of them.\n")
+    if script == "cimle":
+        return  # cimle.py reads the file before the run folder (widths from its shapes)
+    run = tmp_path / "trained"  # a run of the user's own: released weights must not write into it
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"a day of training")
+    (run / "eval.json").write_text("{}")
+    status, err = exit_of(script, ["--eval", "--init_from", str(missing), "--out_dir", str(run)],
+                          capsys)
+    assert (status, err) == (2, f"error: --out_dir {run} holds a training run ({run / 'ckpt.pt'})"
+                                f"; give --sample / --eval --init_from another --out_dir, so "
+                                f"that the run's grids are kept.\n")
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "eval.json"]
+    assert (run / "eval.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
