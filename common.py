@@ -185,9 +185,9 @@ def parse_args(parser, presets, method, default_data, argv=None, check=None,
 
 
 def default_workers(device):
-    """Data workers when --num_workers is not given: on a GPU up to 8 per process, one CPU core
-    kept for the process itself (items are made while the GPU computes); on the CPU none, as the
-    cores are busy training. Batches do not depend on it (ResumableBatches)."""
+    """Data workers when --num_workers is not given (our choice): on a GPU up to 8 per process,
+    one CPU core kept for the process itself (items are made while the GPU computes); on the CPU
+    none, as the cores are busy training. Batches do not depend on it (ResumableBatches)."""
     if device not in ("auto", "cuda") or not torch.cuda.is_available():
         return 0
     cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
