@@ -231,7 +231,13 @@ def check_args(args):
     req(all(int(m * args.num_channels) % 32 == 0 for m in mult),
         f"--num_channels {args.num_channels} times each --channel_mult must be a multiple of 32 "
         f"(GroupNorm with 32 groups).")
-    if args.expert_ckpt:
+    typed = [f for f in CLI_CONDITIONS if getattr(args, f) not in (None, "")]
+    if args.init_from:
+        check_release_args(args)
+        steps = args.diffusion_steps
+        kinds = release_conditions(args)
+        has_null = [c != "sketch" for c in kinds]  # the sketch model never learnt a null
+    elif args.expert_ckpt:
         req(args.sample or args.eval, "--expert_ckpt composes finished runs with --sample or "
                                       "--eval; a training run trains --experts.")
         runs = runs_flags(args)
@@ -241,24 +247,28 @@ def check_args(args):
     else:
         steps = args.diffusion_steps
         names = composed_names(args.experts)
-    typed = [f for f in CLI_CONDITIONS if getattr(args, f) not in (None, "")]
     req(not (typed and args.eval), f"--eval measures on the test set's conditions; give "
                                    f"--{typed[0] if typed else ''} with --sample.")
-    for flag in ("label_map", "sketch"):
+    for flag in ("label_map", "sketch", "skin_map", "hair_map"):
         path = getattr(args, flag)
-        req(path is None or os.path.isfile(path), f"--{flag} {path} does not exist; give a PNG.")
+        req(path is None or os.path.isfile(path), f"--{flag} {path} does not exist; give an "
+                                                  f"image file.")
     try:
         space_timesteps(steps, str(args.sample_steps))
     except ValueError:
         raise common.UserError(f"--sample_steps {args.sample_steps} must be a step count (25), "
                                f"ddimN (ddim25) or per-section counts (10,15,20), each 1.."
                                f"{steps}.") from None
-    # one w and one a per composed expert: the trained ones, then --ckpt's ADM model
-    kinds = [EXPERT_CONDITIONS[n][0] for n in names] + (["class"] if args.ckpt else [])
-    has_null = [True] * len(names) + ([args.ckpt_null_class is not None] if args.ckpt else [])
+    if not args.init_from:
+        # one w and one a per composed expert: the trained ones, then --ckpt's ADM model
+        kinds = [EXPERT_CONDITIONS[n][0] for n in names] + (["class"] if args.ckpt else [])
+        has_null = [True] * len(names) + ([args.ckpt_null_class is not None] if args.ckpt
+                                          else [])
     if kinds:
         w, a, _ = composition_weights(args.guidance, args.reliability, kinds, has_null)
         req(all(h or aj == 0 or sum(w) == 1 for h, aj in zip(has_null, a)),
+            f"--reliability {args.reliability} gives the released sketch model a null, which it "
+            f"never learnt; give it 0." if args.init_from else
             f"--reliability {args.reliability} gives the --ckpt model a null, which ADM never "
             f"learnt; give it 0 or a stand-in null class with --ckpt_null_class (official: 0).")
     else:  # a run of the joint model alone guides it with one weight
@@ -748,11 +758,16 @@ class Upsample(nn.Module):
 
 class ResBlock(nn.Module):
     """GN -> SiLU -> [up/down] -> conv; AdaGN: GN(h) * (1 + scale) + shift from the embedding
-    (use_scale_shift_norm) or h + emb; SiLU -> dropout -> zero-init conv; plus the skip."""
+    (use_scale_shift_norm) or h + emb; SiLU -> dropout -> zero-init conv; plus the skip.
+
+    cond_dim > 0 only for the released Unite and Conquer face model: its `cond_emb_layers`
+    (SiLU -> Linear(cond_dim -> 2 C_out)) modulate a second time, see UNet."""
 
     def __init__(self, channels, emb_channels, dropout, out_channels, use_scale_shift_norm,
-                 up=False, down=False, use_checkpoint=False):
+                 up=False, down=False, use_checkpoint=False, cond_dim=0):
         super().__init__()
+        if cond_dim and not use_scale_shift_norm:
+            raise ValueError("the face model's second modulation needs use_scale_shift_norm")
         self.use_scale_shift_norm, self.use_checkpoint = use_scale_shift_norm, use_checkpoint
         self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
@@ -764,18 +779,20 @@ class ResBlock(nn.Module):
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm
                                  else out_channels))
+        if cond_dim:
+            self.cond_emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * out_channels))
         self.out_layers = nn.Sequential(
             GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if out_channels == channels else \
             nn.Conv2d(channels, out_channels, 1)
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, cond=None):
         if self.use_checkpoint and self.training:
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
+            return checkpoint(self._forward, x, emb, cond, use_reentrant=False)
+        return self._forward(x, emb, cond)
 
-    def _forward(self, x, emb):
+    def _forward(self, x, emb, cond=None):
         if self.updown:  # resample between the norm/SiLU and the conv, on h and on the skip
             h = self.in_layers[:-1](x)
             h, x = self.h_upd(h), self.x_upd(x)
@@ -786,6 +803,11 @@ class ResBlock(nn.Module):
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)  # scale first, then shift
             h = self.out_layers[0](h) * (1 + scale) + shift
+            if cond is not None:  # the released face model: the same GroupNorm again, then
+                vec, gate = cond  # the embedding's scale and shift, where the batch has one
+                scale2, shift2 = self.cond_emb_layers(vec).type(h.dtype)[:, :, None, None] \
+                    .chunk(2, dim=1)
+                h = torch.where(gate, self.out_layers[0](h) * (1 + scale2) + shift2, h)
             h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
@@ -809,7 +831,7 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
-    def forward(self, x, emb=None):
+    def forward(self, x):
         if self.use_checkpoint and self.training:
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
@@ -831,11 +853,11 @@ class AttentionBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """nn.Sequential whose ResBlocks / attention also receive the embedding."""
+    """nn.Sequential whose ResBlocks also receive the embedding (and the face model's `cond`)."""
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, cond=None):
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
+            x = layer(x, emb, cond) if isinstance(layer, ResBlock) else layer(x)
         return x
 
 
@@ -863,6 +885,17 @@ class UNet(nn.Module):
     null label), an all-zero map, an all-zero vector (its projection is skipped, row by row).
     `use_fp16` runs the torso under float16 autocast on CUDA (ADM converts the torso weights;
     GroupNorm and softmax stay float32 in both). `use_checkpoint`: gradient checkpointing.
+
+    Two more, only to load the released Unite and Conquer face model (its `SuperResModel`):
+    `convert_map` squeezes the 6-channel map slot (skin map | hair map) to 3 channels with
+    `input_blocks_convert` (3x3 conv, float32) before the concatenation, and `block_cond_dim`
+    gives every ResBlock `cond_emb_layers` for the FaRL embedding (cond_vec), which then skips
+    the time embedding. The official forward normalises a second time in every ResBlock:
+    h = GN(GN(h)(1 + s_t) + b_t)(1 + s_e) + b_e with the same GroupNorm, but only when the sum of
+    the WHOLE batch's embeddings is nonzero (`th.sum(cond_emb) != 0`): one text row turns the
+    second modulation on for every row, rows with a zero embedding then get its bias alone. We
+    compute that batch-global gate as a tensor (no wait for the GPU) and reproduce it exactly;
+    it is not a design to copy.
     """
 
     def __init__(self, image_size=64, num_channels=128, num_res_blocks=2, channel_mult="",
@@ -870,7 +903,8 @@ class UNet(nn.Module):
                  num_heads_upsample=-1, learn_sigma=False, class_cond=False,
                  use_scale_shift_norm=True, resblock_updown=False, use_new_attention_order=False,
                  dropout=0.0, use_checkpoint=False, use_fp16=False, in_channels=3,
-                 num_classes=1000, map_channels=0, cond_dim=0):
+                 num_classes=1000, map_channels=0, cond_dim=0, convert_map=False,
+                 block_cond_dim=0):
         super().__init__()
         mult = parse_mult(channel_mult, image_size)
         if isinstance(attention_resolutions, str):
@@ -882,10 +916,11 @@ class UNet(nn.Module):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.learn_sigma, self.use_fp16, self.cond_dim = learn_sigma, use_fp16, cond_dim
         self.num_classes = num_classes if class_cond else None
+        self.block_cond_dim = block_cond_dim
 
         def res(ch_in, ch_out, **kw):
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm,
-                            use_checkpoint=use_checkpoint, **kw)
+                            use_checkpoint=use_checkpoint, cond_dim=block_cond_dim, **kw)
 
         def attn(ch, heads):
             return AttentionBlock(ch, heads, num_head_channels, use_new_attention_order,
@@ -897,8 +932,11 @@ class UNet(nn.Module):
         if cond_dim:
             self.cond_proj = nn.Linear(cond_dim, emb_dim)
         ch = int(mult[0] * C)
+        if convert_map:  # the face model: map slot -> 3 channels (defined first, as there)
+            self.input_blocks_convert = nn.Conv2d(map_channels, 3, 3, padding=1)
+        input_maps = 3 if convert_map else map_channels
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(
-            nn.Conv2d(in_channels + map_channels, ch, 3, padding=1))])
+            nn.Conv2d(in_channels + input_maps, ch, 3, padding=1))])
         skip_chans, ds = [ch], 1
         for level, m in enumerate(mult):
             for _ in range(num_res_blocks):
@@ -936,8 +974,9 @@ class UNet(nn.Module):
             cond["y"] = torch.full((batch,), -1, dtype=torch.long, device=device)
         if self.map_channels:
             cond["cond_map"] = None  # zeros, built in forward at the input's size
-        if self.cond_dim:
-            cond["cond_vec"] = torch.zeros(batch, self.cond_dim, device=device)
+        if self.cond_dim or self.block_cond_dim:
+            cond["cond_vec"] = torch.zeros(batch, self.cond_dim or self.block_cond_dim,
+                                           device=device)
         return cond
 
     def forward(self, x, timesteps, y=None, cond_map=None, cond_vec=None):
@@ -948,19 +987,27 @@ class UNet(nn.Module):
         if self.cond_dim and cond_vec is not None:
             keep = (cond_vec.abs().sum(1) > 0).to(emb.dtype)[:, None]
             emb = emb + self.cond_proj(cond_vec) * keep
+        cond = None
+        if self.block_cond_dim:  # the face model's embedding and its batch-global gate
+            vec = cond_vec.float() if cond_vec is not None else \
+                x.new_zeros(x.shape[0], self.block_cond_dim)
+            cond = (vec, vec.sum() != 0)
         if self.map_channels:
             if cond_map is None:
                 cond_map = x.new_zeros(x.shape[0], self.map_channels, *x.shape[2:])
-            x = torch.cat([x, cond_map.to(x.dtype)], dim=1)
+            cond_map = cond_map.to(x.dtype)
+            if hasattr(self, "input_blocks_convert"):
+                cond_map = self.input_blocks_convert(cond_map)
+            x = torch.cat([x, cond_map], dim=1)
         fp16 = self.use_fp16 and x.is_cuda
         with torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
             skips, h = [], x
             for block in self.input_blocks:
-                h = block(h, emb)
+                h = block(h, emb, cond)
                 skips.append(h)
-            h = self.middle_block(h, emb)
+            h = self.middle_block(h, emb, cond)
             for block in self.output_blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+                h = block(torch.cat([h, skips.pop()], dim=1), emb, cond)
         return self.out(h.float() if fp16 else h)
 
 
@@ -1177,10 +1224,12 @@ def condition_inputs(expert, batch, clip=None, active=None, text_from="caption",
                                f"a label map holds class id {int(label.max())}, but the "
                                f"label-map expert knows {expert.num_labels} classes (0..{top}).")
             maps.append(F.one_hot(label, expert.num_labels).permute(0, 3, 1, 2).float())
+        elif c in FACE_PARTS and c in batch:  # a typed skin or hair map (--skin_map, ...)
+            maps.append(batch[c].float())
         elif c in FACE_PARTS:  # the skin or hair region of the parsing map, (B, 1, H, W)
             maps.append((batch["label"] == FACE_PARTS[c]).float()[:, None])
-        else:
-            maps.append(batch["sketch"].float())
+        else:  # lines in {0, 1} (a typed sketch keeps its grey values: thresholded here)
+            maps.append((batch["sketch"] >= 0.5).float())
     if maps and active & set(SPATIAL):
         cond["cond_map"] = torch.cat(maps, dim=1)
     if "class" in expert.conditions and "class" in active:
@@ -1436,61 +1485,90 @@ def generate(args, comp, n, device, seed):
 
 class Setup:
     """The experts as sampling Experts (each with its own noise schedule), the sampler's chain
-    (the first expert's schedule respaced by --sample_steps), CLIP, and condition builders."""
+    (the first expert's schedule respaced by --sample_steps), CLIP, and condition builders.
 
-    def __init__(self, args, models, scheds, device, clip=None):
+    `parts`: the conditions Eq. (10) composes, (expert name, condition), one per trained expert;
+    a released model serves each of its conditions in `given` (--init_from), its rows sharing
+    its one null prediction."""
+
+    def __init__(self, args, models, scheds, device, clip=None, given=None):
         self.args, self.device, self.clip = args, device, clip
         self.models = {n: m.to(device).eval() for n, m in models.items()}
         scheds = scheds if isinstance(scheds, dict) else {n: scheds for n in models}
-        self.experts = {n: Expert(n, m, scheds[n]) for n, m in self.models.items()}
+        self.experts = {n: Expert(n, m, scheds[n], has_null=getattr(m, "has_null", True))
+                        for n, m in self.models.items()}
         self.ref = sampler_schedule(scheds[next(iter(models))], str(args.sample_steps))
         self.names = [n for n in self.models if n != "joint"]  # the experts composed
+        self.parts = [(n, c) for n in self.names for c in self.models[n].conditions
+                      if (c in given if isinstance(self.models[n], Released)
+                          else c == self.models[n].conditions[0])]
         self.official = None
+
+    def label(self, part):
+        """A part's name in grids and eval.json: the trained expert's, or released model:cond."""
+        name, c = part
+        return f"{name}:{c}" if isinstance(self.models[name], Released) else name
 
     def cond(self, name, batch, active=None):
         # supp. §7.3: CLIP text experts sample with the text embedding of a caption; where there
         # is none (a dataset without captions, no --text), with the image embedding of the item
         model = self.models[name]
+        if isinstance(model, Released):
+            return model.inputs(batch, set(model.conditions if active is None else active))
         text_from = "caption"
         if model.clip_text and "caption" not in batch:
             common.require("image" in batch, f"expert {name} reads text: pass --text \"...\".")
             text_from = "image"
         return condition_inputs(model, batch, self.clip, active, text_from)
 
-    def alone(self, name, batch, w):
-        """One expert with classifier-free guidance (Eq. 11 = Eq. 10 with N = 1)."""
-        return Composition([self.experts[name]], [(0, self.cond(name, batch))], [w], [1.0],
+    def alone(self, part, batch, w):
+        """One condition with classifier-free guidance (Eq. 11 = Eq. 10 with N = 1)."""
+        name, c = part
+        return Composition([self.experts[name]], [(0, self.cond(name, batch, {c}))], [w], [1.0],
                            self.ref)
 
+    def expert_names(self):
+        """The networks of `parts`, in order, each once."""
+        return list(dict.fromkeys(n for n, _ in self.parts))
+
     def composed_experts(self):
-        """The experts Eq. (10) composes: every trained one but the joint model, then --ckpt's."""
-        return [self.experts[n] for n in self.names] + \
+        """The networks Eq. (10) composes: every trained one but the joint model (or the
+        released ones), then --ckpt's."""
+        return [self.experts[n] for n in self.expert_names()] + \
             ([self.official] if self.official is not None else [])
 
     def weights(self):
-        """(w, a, lowest w) of --guidance / --reliability for composed_experts()."""
-        experts = self.composed_experts()
-        if not experts:  # the joint model alone: one weight
+        """(w per part, a per network of composed_experts(), lowest w) of --guidance /
+        --reliability, both given one value per part (--ckpt's model last). Parts of one
+        released model share its null prediction, so their reliabilities add up (the sum over
+        j of Eq. 10 with equal eps_j)."""
+        if not self.composed_experts():  # the joint model alone: one weight
             return parse_floats(self.args.guidance.replace("official", "1"), 1, "guidance"), \
                 [1.0], 1.0
-        kinds = [getattr(e.model, "conditions", ("class",))[0] for e in experts]
-        return composition_weights(self.args.guidance, self.args.reliability, kinds,
-                                   [e.has_null for e in experts])
+        kinds = [c for _, c in self.parts] + (["class"] if self.official is not None else [])
+        has_null = [self.experts[n].has_null for n, _ in self.parts] + \
+            ([self.official.has_null] if self.official is not None else [])
+        w, a_parts, low = composition_weights(self.args.guidance, self.args.reliability, kinds,
+                                              has_null)
+        owners = [n for n, _ in self.parts] + (["--ckpt"] if self.official is not None else [])
+        a = [sum(aj for o, aj in zip(owners, a_parts) if o == n)
+             for n in dict.fromkeys(owners)]
+        return w, a, low
 
     def alone_weights(self):
-        """w of each trained expert sampled alone: its --guidance value (1 under "official":
-        one face modality alone is its plain conditional model there)."""
+        """w of each part sampled alone: its --guidance value (1 under "official": one face
+        modality alone is its plain conditional model there)."""
         if self.args.guidance == "official":
-            return [1.0] * len(self.names)
-        return parse_floats(self.args.guidance, len(self.composed_experts()),
-                            "guidance")[:len(self.names)]
+            return [1.0] * len(self.parts)
+        return parse_floats(self.args.guidance, len(self.parts) + (self.official is not None),
+                            "guidance")[:len(self.parts)]
 
     def composed(self, batch, w, a, low=1.0):
-        """Every expert but the joint model, each on its own condition (Eq. 10), with one w and
-        one a per expert of composed_experts(): with --ckpt, the official ADM model is the last,
-        conditioned on --ckpt_class."""
-        experts = self.composed_experts()
-        conds = [(j, self.cond(n, batch)) for j, n in enumerate(self.names)]
+        """Every part on its own condition (Eq. 10), one w per part and one a per network of
+        composed_experts(): with --ckpt, the official ADM model is the last, conditioned on
+        --ckpt_class. A network's rows go through it as one batch (and, where used, its null)."""
+        experts, names = self.composed_experts(), self.expert_names()
+        conds = [(names.index(n), self.cond(n, batch, {c})) for n, c in self.parts]
         if self.official is not None:
             y = torch.full((rows_of(batch),), self.args.ckpt_class, device=self.device)
             conds.append((len(experts) - 1, {"y": y}))
@@ -1534,6 +1612,212 @@ def load_official(args, setup, device):
                             null_class=args.ckpt_null_class)
 
 
+# ----------------------------------------------------------------------------------------------
+# Released Unite and Conquer models (--init_from): the authors' face model (skin map, hair map,
+# FaRL text) and sketch model, composed as their test_multimodal_face.py composes them. Facts
+# from Nithin-GK/UniteandConquer (face_utils/unet.py, unet_sketch.py, script_util.py,
+# diff_test.py); the files are downloaded by hand (README) and found beside each other under
+# their released names.
+# ----------------------------------------------------------------------------------------------
+
+RELEASE_FILES = {"face": "model_latest.pt", "sketch": "model_sketch.pt",
+                 "farl": "FaRL-Base-Patch16-LAIONFace20M-ep64.pth"}
+# The trunk both UNets share (script_util.py): 256 px, 192 ch, mult (1,1,2,2,4,4), 2 res
+# blocks, attention at 32/16/8 px with 64-channel heads (legacy order), scale-shift, resblock
+# up/down, learned variance, no class embedding, dropout 0, float16 torso.
+RELEASE_TRUNK = dict(image_size=256, num_channels=192, num_res_blocks=2,
+                     channel_mult="1,1,2,2,4,4", attention_resolutions="32,16,8",
+                     num_head_channels=64, learn_sigma=True, class_cond=False,
+                     use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, use_fp16=True)
+RELEASE_FLAGS = {
+    # z_t | input_blocks_convert(skin map | hair map), the FaRL embedding in every ResBlock
+    "face": dict(RELEASE_TRUNK, map_channels=6, convert_map=True, block_cond_dim=CLIP_DIM),
+    "sketch": dict(RELEASE_TRUNK, map_channels=3),             # z_t | the sketch, 3 channels
+}
+RELEASE_PARAMS = {"face": 330_924_267, "sketch": 311_027_910}  # counted with the official code
+RELEASE_CONDITIONS = {"face": ("skin", "hair", "text"), "sketch": ("sketch",)}
+# --init_from's flags (the face models' schedule: linear, 1000 steps; 256 px); the sampler's
+# are the paper's unless --composition official-faces is given.
+RELEASE_ARGS = dict(size=256, noise_schedule="linear", diffusion_steps=1000)
+
+
+def release_conditions(args):
+    """The conditions a run with the released models composes, in the official row order: the
+    ones typed (--skin_map, --hair_map, --text, --sketch), or all four from the test set."""
+    typed = {"skin": args.skin_map, "hair": args.hair_map, "text": args.text,
+             "sketch": args.sketch}
+    given = [c for c, v in typed.items() if v not in (None, "")]
+    return given or list(typed)
+
+
+def read_release(path):
+    """A released file's contents (tensors only: weights_only=True, memory-mapped) and its kind,
+    "face", "sketch" or "farl", recognised by its keys; one sentence for anything else."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise common.UserError(f"--init_from {path} needs Python code from its pickle to load, "
+                               f"which is never run (weights_only=True); the released files "
+                               f"hold plain tensors.") from None
+    except Exception as err:
+        raise common.UserError(f"--init_from {path} is not a readable PyTorch weights file "
+                               f"({type(err).__name__}).") from None
+    if isinstance(state, dict) and "method" in state and "state" in state:
+        raise common.UserError(f"--init_from {path} is a checkpoint of this project's "
+                               f"{state['method']}.py; compose such runs with --expert_ckpt.")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        if "token_embedding.weight" in state["state_dict"]:
+            return state, "farl"
+        raise common.UserError(f"--init_from {path} holds a 'state_dict' without a CLIP text "
+                               f"tower; expected FaRL's {RELEASE_FILES['farl']}.")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise common.UserError(f"--init_from {path} is not a state dict of tensors.")
+    first = state.get("input_blocks.0.0.weight")
+    if "input_blocks_convert.weight" in state:
+        return state, "face"
+    if first is not None and first.shape[1] == 6 and "label_emb.weight" not in state:
+        return state, "sketch"
+    if first is not None and first.shape[1] == 3:
+        raise common.UserError(f"--init_from {path} is a guided-diffusion (ADM) model; compose "
+                               f"it with --ckpt and --ckpt_config.")
+    raise common.UserError(f"--init_from {path} is not a released Unite and Conquer file "
+                           f"({', '.join(RELEASE_FILES.values())}).")
+
+
+def release_paths(args):
+    """kind -> path of the released files a run needs: --init_from names one of them, the others
+    are found beside it under their released names. The face model is needed for skin, hair or
+    text, FaRL for text, the sketch model for a sketch."""
+    _, kind = read_release(args.init_from)
+    folder = os.path.dirname(args.init_from)
+    paths = {k: os.path.join(folder, name) for k, name in RELEASE_FILES.items()}
+    paths[kind] = args.init_from
+    conditions = release_conditions(args)
+    needed = {"face"} if set(conditions) & {"skin", "hair", "text"} else set()
+    needed |= {"farl"} if "text" in conditions else set()
+    needed |= {"sketch"} if "sketch" in conditions else set()
+    for k in sorted(needed):
+        common.require(os.path.isfile(paths[k]), f"--init_from: the {', '.join(conditions)} "
+                                                 f"condition(s) need {RELEASE_FILES[k]}, not "
+                                                 f"found beside {args.init_from} ({paths[k]}).")
+        if k != kind:
+            common.require(read_release(paths[k])[1] == k, f"--init_from: {paths[k]} is not "
+                                                           f"the released {k} file.")
+    return {k: paths[k] for k in sorted(needed)}
+
+
+def check_release_args(args):
+    """--init_from: sampling and evaluation of the released face models, at their own settings;
+    one sentence for a command it cannot serve. Files are recognised here, before anything is
+    built."""
+    req = common.require
+    req(args.sample or args.eval or args.dry_run,
+        "--init_from samples (--sample) and evaluates (--eval) the released Unite and Conquer "
+        "models; training from them is not implemented (the release's training code cannot run: "
+        "see the README).")
+    req(not (args.expert_ckpt or args.ckpt), "--init_from composes the released face models; "
+                                             "give --expert_ckpt / --ckpt without it.")
+    req(args.data in ("mm-celeba-hq", "celebamask-hq"),
+        f"--init_from: the released models make faces; --data {args.data} is not a face set "
+        f"(mm-celeba-hq or celebamask-hq).")
+    for key, value in RELEASE_ARGS.items():
+        req(getattr(args, key) == value, f"--init_from: the released models take "
+                                         f"--{key} {value} (got {getattr(args, key)}).")
+    if not args.dry_run:
+        release_paths(args)
+
+
+class FarlText:
+    """The release's text encoder: OpenAI CLIP ViT-B/16's text tower with FaRL's weights on top
+    (FaRL: Zheng et al., "General Facial Representation Learning in a Visual-Linguistic Manner",
+    CVPR 2022, arXiv 2112.03109). As the official non-strict load, every text-tower tensor the
+    file's `state_dict` holds replaces CLIP's (its image tower is never used). L2-normalised
+    embedding of the caption; the release computes it in float16 on CUDA, we in float32."""
+
+    def __init__(self, path, device):
+        self.model = common.CLIP("ViT-B/16", pretrained=True, vision=False)
+        ours = self.model.state_dict()
+        farl = {k: v for k, v in read_release(path)[0]["state_dict"].items() if k in ours}
+        common.require(farl, f"--init_from: {path} holds no CLIP text-tower tensor.")
+        try:
+            self.model.load_state_dict({k: v.float() for k, v in farl.items()}, strict=False)
+        except RuntimeError as err:
+            raise common.UserError(f"--init_from: {path} does not fit CLIP ViT-B/16's text tower "
+                                   f"({str(err).splitlines()[-1].strip()[:200]}).") from None
+        print(f"FaRL text tower: {len(farl)} of {len(ours)} tensors from {path}")
+        self.model.to(device).eval()
+        self.tokenizer, self.device = common.CLIPTokenizer(), device
+
+    @torch.no_grad()
+    def __call__(self, captions):
+        tokens = self.tokenizer(captions).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+class Released(nn.Module):
+    """A released UNet as a composable expert: its conditions and the inputs the official test
+    code builds for them (diff_test.py).
+
+    face: map slot = skin map | hair map, each a grey image as 3 equal channels in [-1, 1] (the
+    release's face_map / hair_map JPEGs: white region on black), zeros where the row does not
+    carry it; FaRL embedding of the caption, zeros where not carried. The official test code
+    passes the maps in that order; its training code wrote hair first (compose_diffusion.md:
+    "unconfirmed"): we follow the test code, which made the paper's figures. sketch: the sketch
+    as 3 channels in [-1, 1], white lines on black."""
+
+    num_labels = num_classes = 0
+    tiny_text = clip_text = False
+
+    def __init__(self, kind, text=None):
+        super().__init__()
+        self.kind, self.conditions, self.size = kind, RELEASE_CONDITIONS[kind], 256
+        self.unet = UNet(**RELEASE_FLAGS[kind])
+        self.learn_sigma, self.text = True, text  # text: FarlText (frozen, not a submodule)
+        self.has_null = kind == "face"  # the sketch model never learnt a null (official a = 0)
+
+    def forward(self, x, t, **cond):
+        return self.unet(x, t, **cond)
+
+    def null_cond(self, batch, device):
+        return self.unet.null_cond(batch, device)
+
+    def inputs(self, batch, active):
+        n, device = rows_of(batch), next(self.parameters()).device
+        cond = self.null_cond(n, device)
+        hw = (self.size, self.size)
+
+        def signed(c):  # (B, 1, H, W) in [0, 1] -> (B, 3, H, W) in [-1, 1]
+            m = batch[c] if c in batch else (batch["label"] == FACE_PARTS[c]).float()[:, None]
+            return (2 * m.float() - 1).expand(n, 3, *hw)
+        if self.kind == "sketch":
+            cond["cond_map"] = signed("sketch")
+            return cond
+        zeros = torch.zeros(n, 3, *hw, device=device)
+        if active & {"skin", "hair"}:
+            cond["cond_map"] = torch.cat([signed(c) if c in active else zeros
+                                          for c in ("skin", "hair")], dim=1)
+        if "text" in active:
+            cond["cond_vec"] = self.text(batch["caption"])
+        return cond
+
+
+def load_release(args, device):
+    """The released models a run needs (strict loads), each with the face models' schedule."""
+    paths = release_paths(args)
+    text = FarlText(paths["farl"], device) if "farl" in paths else None
+    models = {}
+    for kind in ("face", "sketch"):
+        if kind in paths:
+            with torch.device("meta"):  # shapes only: the file's tensors become the parameters
+                model = Released(kind, text)
+            state = {k: v.float() for k, v in read_release(paths[kind])[0].items()}
+            common.load_official(model.unet, state, paths[kind], assign=True)
+            models[kind] = model
+    sched = Schedule.make(RELEASE_ARGS["noise_schedule"], RELEASE_ARGS["diffusion_steps"])
+    return models, {k: sched for k in models}
+
+
 def test_batch(dataset, n, device, offset=0):
     """Items offset .. offset + n - 1 as one batch (wrapping around a dataset smaller than that)."""
     items = [dataset[(offset + k) % len(dataset)] for k in range(n)]
@@ -1542,7 +1826,8 @@ def test_batch(dataset, n, device, offset=0):
 
 
 # Conditions typed at sampling time: flag -> the batch key it fills
-CLI_CONDITIONS = {"text": "caption", "label_map": "label", "sketch": "sketch", "class_id": "class"}
+CLI_CONDITIONS = {"text": "caption", "label_map": "label", "sketch": "sketch", "class_id": "class",
+                  "skin_map": "skin", "hair_map": "hair"}
 
 
 def read_png(path, what, mode):
@@ -1555,9 +1840,19 @@ def read_png(path, what, mode):
                                f"({type(err).__name__}).") from None
 
 
+def grey(path, flag, hw):
+    """An image file as (1, H, W) grey values in [0, 1], resized to hw (bicubic, as PIL's
+    default in the release's preprocess_image)."""
+    img = read_png(path, flag, "L").resize(hw[::-1], Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, np.float32) / 255)[None].clamp(0, 1)
+
+
 def command_line_conditions(args, n, device):
-    """--text, --label_map (a PNG of class ids, mode L or P), --sketch (a PNG of lines, dark on
-    white or white on black, as data.py reads sketches), --class_id: n identical rows each."""
+    """--text, --label_map (a PNG of class ids, mode L or P), --sketch (an image of lines, dark
+    on white or white on black: the minority side is the line, as data.py reads sketches; its
+    grey values kept for the released sketch model, thresholded for trained experts),
+    --skin_map / --hair_map (a grey image, white = the region, as the release's face_map and
+    hair_map), --class_id: n identical rows each."""
     cond, hw = {}, (args.size, args.size)
     if args.text is not None:
         cond["caption"] = [args.text] * n
@@ -1568,19 +1863,26 @@ def command_line_conditions(args, n, device):
         ids = torch.from_numpy(np.array(img.resize(hw[::-1], Image.NEAREST), dtype=np.int64))
         cond["label"] = ids.expand(n, *hw).to(device)
     if args.sketch:
-        lines = np.asarray(read_png(args.sketch, "sketch", "L").resize(hw[::-1], Image.BILINEAR),
-                           np.float32) / 255
-        edges = (lines < 0.5) if lines.mean() > 0.5 else (lines >= 0.5)
-        cond["sketch"] = torch.from_numpy(edges.astype(np.float32)).expand(n, 1, *hw).to(device)
+        lines = grey(args.sketch, "sketch", hw)
+        lines = 1 - lines if lines.mean() > 0.5 else lines
+        cond["sketch"] = lines.expand(n, 1, *hw).to(device)
+    for flag in ("skin_map", "hair_map"):
+        if getattr(args, flag):
+            cond[CLI_CONDITIONS[flag]] = grey(getattr(args, flag), flag, hw).expand(
+                n, 1, *hw).to(device)
     if args.class_id is not None:
         cond["class"] = torch.full((n,), args.class_id, dtype=torch.long, device=device)
     return cond
 
 
 def needs_test_set(args, models):
-    """The test set is read unless every condition the experts need was typed (--sample)."""
+    """The test set is read unless every condition the experts need was typed (--sample); the
+    released models take the typed conditions alone, the test set's when none is typed."""
     typed = {CLI_CONDITIONS[f] for f in CLI_CONDITIONS if getattr(args, f) not in (None, "")}
-    wanted = {NEEDS_KEY[c] for m in models.values() for c in m.conditions}
+    if args.init_from:
+        return args.eval or not typed
+    wanted = {c if c in typed and c in FACE_PARTS else NEEDS_KEY[c]
+              for m in models.values() for c in m.conditions}
     return args.eval or not wanted <= typed
 
 
@@ -1596,9 +1898,13 @@ def condition_rows(setup, test, batch):
     """The grid's first rows (the conditions and the ground truth) and a palette for maps."""
     rows, titles = [], []
     read = {NEEDS_KEY[c] for m in setup.models.values() for c in m.conditions} | {"image"}
-    for key, title in (("label", "label map"), ("sketch", "sketch"), ("image", "ground truth")):
+    read |= {c for m in setup.models.values() for c in m.conditions if c in batch}
+    for key, title in (("label", "label map"), ("skin", "skin map"), ("hair", "hair map"),
+                       ("sketch", "sketch"), ("image", "ground truth")):
         if key in batch and key in read:
             tiles = batch[key].cpu()
+            if key in ("skin", "hair"):
+                tiles = 2 * tiles - 1                      # the region white on black
             rows.append(list(1 - 2 * tiles if key == "sketch" else tiles))  # edges dark on white
             titles.append(title)
     classes = max([m.num_labels for m in setup.models.values()] + [2])
@@ -1610,14 +1916,14 @@ def sample_grids(args, setup, test, path, quick=False):
     """Rows: the conditions (label map, sketch) | ground truth | each expert alone (classifier-
     free guidance) | their composition (| joint model, usual sampling). Captions go to a .txt
     file beside the PNG."""
-    n, names, device = min(8, args.batch_size), setup.names, setup.device  # one batch at most
+    n, device = min(8, args.batch_size), setup.device  # one batch at most
     batch = sampling_batch(args, setup, test, n, 0)
     w, a, low = setup.weights()
     rows, titles, palette = condition_rows(setup, test, batch)
-    for name, w_alone in zip(names, setup.alone_weights()):
-        rows.append(list(generate(args, setup.alone(name, batch, w_alone), n, device, 1).cpu()))
-        titles.append(f"{name} expert alone")
-    if len(setup.composed_experts()) > 1:
+    for part, w_alone in zip(setup.parts, setup.alone_weights()):
+        rows.append(list(generate(args, setup.alone(part, batch, w_alone), n, device, 1).cpu()))
+        titles.append(f"{setup.label(part)} expert alone")
+    if len(setup.parts) + (setup.official is not None) > 1:
         rows.append(list(generate(args, setup.composed(batch, w, a, low), n, device, 1).cpu()))
         titles.append("composition (Eq. 10)")
     if "joint" in setup.experts and not quick:
@@ -1651,7 +1957,7 @@ def sweep_grids(args, setup, test):
     common.save_grid(os.path.join(args.out_dir, "reliability.png"), rows, palette=palette)
     rows = list(head)
     for g in (1.0, 2.0, 3.0, 5.0):
-        rows.append(list(generate(args, setup.composed(batch, [g] * k, a_given), n, device,
+        rows.append(list(generate(args, setup.composed(batch, [g] * len(w), a_given), n, device,
                                   2).cpu()))
     common.save_grid(os.path.join(args.out_dir, "guidance.png"), rows, palette=palette)
     with open(os.path.join(args.out_dir, "sweeps.txt"), "w") as f:
@@ -1706,11 +2012,10 @@ def eval_methods(setup):
     """What --eval compares: each expert alone (classifier-free guidance), their composition
     (Eq. 10) and, when a joint model was trained, the Table 4 ablation (both conditions in one
     forward pass) and the same model's conditions composed."""
-    names = setup.names
     w, a, low = setup.weights()
-    methods = {f"{n} expert alone": (lambda b, n=n, wn=wn: setup.alone(n, b, wn))
-               for n, wn in zip(names, setup.alone_weights())}
-    if len(setup.composed_experts()) > 1:
+    methods = {f"{setup.label(p)} expert alone": (lambda b, p=p, wp=wp: setup.alone(p, b, wp))
+               for p, wp in zip(setup.parts, setup.alone_weights())}
+    if len(setup.parts) + (setup.official is not None) > 1:
         methods["composition (Eq. 10)"] = lambda b: setup.composed(b, w, a, low)
     if "joint" in setup.experts:
         methods["joint model, usual sampling (Table 4 ablation)"] = \
@@ -1781,11 +2086,15 @@ def sample_and_evaluate(args):
     """--sample and/or --eval: the experts of this run or of --expert_ckpt, CLIP only when an
     expert reads text through it, the official ADM expert with --ckpt."""
     rt = common.setup_runtime(args)
-    models, scheds = load_experts(args)
+    if args.init_from:  # the released face models, each serving the conditions asked
+        models, scheds = load_release(args, rt.device)
+    else:
+        models, scheds = load_experts(args)
     test = load_dataset(args, "test") if needs_test_set(args, models) else None
     captions = args.text is not None or (test is not None and "caption" in test.has)
     clip = ClipText(rt.device, vision=not captions) if needs_clip(models) else None
-    setup = Setup(args, models, scheds, rt.device, clip)
+    setup = Setup(args, models, scheds, rt.device, clip,
+                  given=release_conditions(args) if args.init_from else None)
     if args.ckpt:
         load_official(args, setup, rt.device)
     os.makedirs(args.out_dir, exist_ok=True)  # a composition of other runs: a new folder
@@ -1806,6 +2115,8 @@ def dry_run(args):
     shapes only (meta device), so a 300M-parameter count takes no memory or time."""
     with torch.device("meta"):
         nets = build_experts(args, 5 if args.data == "shapes" else 19, 1000)  # 1000: ImageNet
+        if args.init_from:  # the released models instead (their files are not read)
+            nets = {f"released {k}": UNet(**flags) for k, flags in RELEASE_FLAGS.items()}
         if args.ckpt:
             nets[args.ckpt_config] = UNet(**ADM_CONFIGS.get(args.ckpt_config, {}))
     common.print_dry_run(nets)
@@ -1954,7 +2265,11 @@ def build_parser():
                         'over the experts with a null; "official": the release\'s literals')
     g.add_argument("--text", default=None, help="caption for the text experts (--sample)")
     g.add_argument("--label_map", default=None, help="PNG of class ids for label-map experts")
-    g.add_argument("--sketch", default=None, help="PNG of lines for sketch experts")
+    g.add_argument("--sketch", default=None, help="image of lines for sketch experts")
+    g.add_argument("--skin_map", default=None,
+                   help="grey image, white = skin region, for skin experts (the released "
+                        "face model's face_map)")
+    g.add_argument("--hair_map", default=None, help="grey image, white = hair, for hair experts")
     g.add_argument("--class_id", type=int, default=None, help="class for class experts")
     g.add_argument("--eval_n", type=int, default=None, help="test items per method for --eval")
     g.add_argument("--ckpt", default=None, help="an official guided-diffusion checkpoint to compose")
@@ -1969,11 +2284,14 @@ def build_parser():
 
 
 def with_composition(argv):
-    """--composition NAME: its flags (COMPOSITIONS) appended where the command line has none."""
+    """--composition NAME: its flags (COMPOSITIONS) appended where the command line has none;
+    --init_from (the released face models) without --data: --data mm-celeba-hq."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = build_parser().parse_args(argv).composition
+    given = build_parser().parse_args(argv)
+    if given.init_from and given.data is None:
+        argv += ["--data", "mm-celeba-hq"]
+    name = given.composition
     if name is not None:
-        given = build_parser().parse_args(argv)
         for key, value in COMPOSITIONS[name].items():
             if getattr(given, key) is None:
                 argv += [f"--{key}", str(value)]
@@ -1982,10 +2300,7 @@ def with_composition(argv):
 
 def main(argv=None):
     args = common.parse_args(build_parser(), PRESETS, "compose_diffusion", "shapes",
-                             with_composition(argv), check=check_args,
-                             no_released_weights="the released Unite and Conquer face and sketch "
-                             "models are not readable here yet; guided-diffusion's ADM "
-                             "checkpoints join a composition with --ckpt.")
+                             with_composition(argv), check=check_args)
     if args.dry_run:
         dry_run(args)
     elif args.bench:

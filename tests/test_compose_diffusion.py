@@ -919,6 +919,439 @@ def test_official_literals_and_the_named_compositions():
     assert (comp.w, comp.a) == ([1.2, 0.6], [1.0, 0.0]) and setup.alone_weights() == [1.0, 1.0]
 
 
+# ---------------------------------------------------------------------------------------------
+# The released Unite and Conquer face and sketch models (--init_from)
+# ---------------------------------------------------------------------------------------------
+# Facts generated once with the release's own face_utils/unet.py and unet_sketch.py
+# (Nithin-GK/UniteandConquer): the state_dict keys and shapes of the face model (SuperResModel)
+# at a small config (32 px, 32 channels, mult (1, 2), 1 res block, attention at rate 2, 32-channel
+# heads, scale-shift, resblock up/down, 6 outputs); the sketch model has the same keys without
+# input_blocks_convert.* and *.cond_emb_layers.*. Then the outputs of both under deterministic
+# weights (one generator seeded 0, uniform(-0.1, 0.1) per tensor in key order) on inputs from a
+# generator seeded 1: x (3, 3, 32, 32), then the face maps (3, 6, 32, 32) and one unit text
+# embedding for row 1 (rows 0 and 2 zero), or the sketch (3, 3, 32, 32); t = 999, 500, 3. Values:
+# out[:, :, 5, 7] (rows, channels), and the mean |out|.
+RELEASE_SMALL = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                     attention_resolutions="16", num_head_channels=32, learn_sigma=True,
+                     class_cond=False, use_scale_shift_norm=True, resblock_updown=True,
+                     dropout=0.0)
+RELEASE_OUT = {
+    "face, text in row 1": ([-0.05895, 0.01276, -0.07335, -0.06654, 0.10644, 0.01867, -0.01077,
+                             0.04901, -0.02467, -0.072, 0.06195, 0.01924, -0.05565, 0.04079,
+                             -0.01022, -0.07953, 0.08829, -0.02732], 0.054245),
+    "face, no text": ([-0.05775, 0.02533, -0.06479, -0.07064, 0.09789, 0.01137, 0.00077, 0.04324,
+                       -0.02038, -0.07399, 0.06178, 0.02005, -0.05285, 0.03945, -0.01544,
+                       -0.08582, 0.07714, -0.03516], 0.05415),
+    "sketch": ([0.09689, -0.0365, -0.00558, -0.00045, 0.06068, 0.02972, 0.06958, 0.06135,
+                0.05783, 0.02281, 0.04819, 0.05551, 0.10781, 0.01549, 0.03457, -0.01395,
+                0.04527, 0.02946], 0.044523),
+}
+RELEASE_FACE_KEYS = """
+time_embed.0.weight 128x32
+time_embed.0.bias 128
+time_embed.2.weight 128x128
+time_embed.2.bias 128
+input_blocks_convert.weight 3x6x3x3
+input_blocks_convert.bias 3
+input_blocks.0.0.weight 32x6x3x3
+input_blocks.0.0.bias 32
+input_blocks.1.0.in_layers.0.weight 32
+input_blocks.1.0.in_layers.0.bias 32
+input_blocks.1.0.in_layers.2.weight 32x32x3x3
+input_blocks.1.0.in_layers.2.bias 32
+input_blocks.1.0.emb_layers.1.weight 64x128
+input_blocks.1.0.emb_layers.1.bias 64
+input_blocks.1.0.cond_emb_layers.1.weight 64x512
+input_blocks.1.0.cond_emb_layers.1.bias 64
+input_blocks.1.0.out_layers.0.weight 32
+input_blocks.1.0.out_layers.0.bias 32
+input_blocks.1.0.out_layers.3.weight 32x32x3x3
+input_blocks.1.0.out_layers.3.bias 32
+input_blocks.2.0.in_layers.0.weight 32
+input_blocks.2.0.in_layers.0.bias 32
+input_blocks.2.0.in_layers.2.weight 32x32x3x3
+input_blocks.2.0.in_layers.2.bias 32
+input_blocks.2.0.emb_layers.1.weight 64x128
+input_blocks.2.0.emb_layers.1.bias 64
+input_blocks.2.0.cond_emb_layers.1.weight 64x512
+input_blocks.2.0.cond_emb_layers.1.bias 64
+input_blocks.2.0.out_layers.0.weight 32
+input_blocks.2.0.out_layers.0.bias 32
+input_blocks.2.0.out_layers.3.weight 32x32x3x3
+input_blocks.2.0.out_layers.3.bias 32
+input_blocks.3.0.in_layers.0.weight 32
+input_blocks.3.0.in_layers.0.bias 32
+input_blocks.3.0.in_layers.2.weight 64x32x3x3
+input_blocks.3.0.in_layers.2.bias 64
+input_blocks.3.0.emb_layers.1.weight 128x128
+input_blocks.3.0.emb_layers.1.bias 128
+input_blocks.3.0.cond_emb_layers.1.weight 128x512
+input_blocks.3.0.cond_emb_layers.1.bias 128
+input_blocks.3.0.out_layers.0.weight 64
+input_blocks.3.0.out_layers.0.bias 64
+input_blocks.3.0.out_layers.3.weight 64x64x3x3
+input_blocks.3.0.out_layers.3.bias 64
+input_blocks.3.0.skip_connection.weight 64x32x1x1
+input_blocks.3.0.skip_connection.bias 64
+input_blocks.3.1.norm.weight 64
+input_blocks.3.1.norm.bias 64
+input_blocks.3.1.qkv.weight 192x64x1
+input_blocks.3.1.qkv.bias 192
+input_blocks.3.1.proj_out.weight 64x64x1
+input_blocks.3.1.proj_out.bias 64
+middle_block.0.in_layers.0.weight 64
+middle_block.0.in_layers.0.bias 64
+middle_block.0.in_layers.2.weight 64x64x3x3
+middle_block.0.in_layers.2.bias 64
+middle_block.0.emb_layers.1.weight 128x128
+middle_block.0.emb_layers.1.bias 128
+middle_block.0.cond_emb_layers.1.weight 128x512
+middle_block.0.cond_emb_layers.1.bias 128
+middle_block.0.out_layers.0.weight 64
+middle_block.0.out_layers.0.bias 64
+middle_block.0.out_layers.3.weight 64x64x3x3
+middle_block.0.out_layers.3.bias 64
+middle_block.1.norm.weight 64
+middle_block.1.norm.bias 64
+middle_block.1.qkv.weight 192x64x1
+middle_block.1.qkv.bias 192
+middle_block.1.proj_out.weight 64x64x1
+middle_block.1.proj_out.bias 64
+middle_block.2.in_layers.0.weight 64
+middle_block.2.in_layers.0.bias 64
+middle_block.2.in_layers.2.weight 64x64x3x3
+middle_block.2.in_layers.2.bias 64
+middle_block.2.emb_layers.1.weight 128x128
+middle_block.2.emb_layers.1.bias 128
+middle_block.2.cond_emb_layers.1.weight 128x512
+middle_block.2.cond_emb_layers.1.bias 128
+middle_block.2.out_layers.0.weight 64
+middle_block.2.out_layers.0.bias 64
+middle_block.2.out_layers.3.weight 64x64x3x3
+middle_block.2.out_layers.3.bias 64
+output_blocks.0.0.in_layers.0.weight 128
+output_blocks.0.0.in_layers.0.bias 128
+output_blocks.0.0.in_layers.2.weight 64x128x3x3
+output_blocks.0.0.in_layers.2.bias 64
+output_blocks.0.0.emb_layers.1.weight 128x128
+output_blocks.0.0.emb_layers.1.bias 128
+output_blocks.0.0.cond_emb_layers.1.weight 128x512
+output_blocks.0.0.cond_emb_layers.1.bias 128
+output_blocks.0.0.out_layers.0.weight 64
+output_blocks.0.0.out_layers.0.bias 64
+output_blocks.0.0.out_layers.3.weight 64x64x3x3
+output_blocks.0.0.out_layers.3.bias 64
+output_blocks.0.0.skip_connection.weight 64x128x1x1
+output_blocks.0.0.skip_connection.bias 64
+output_blocks.0.1.norm.weight 64
+output_blocks.0.1.norm.bias 64
+output_blocks.0.1.qkv.weight 192x64x1
+output_blocks.0.1.qkv.bias 192
+output_blocks.0.1.proj_out.weight 64x64x1
+output_blocks.0.1.proj_out.bias 64
+output_blocks.1.0.in_layers.0.weight 96
+output_blocks.1.0.in_layers.0.bias 96
+output_blocks.1.0.in_layers.2.weight 64x96x3x3
+output_blocks.1.0.in_layers.2.bias 64
+output_blocks.1.0.emb_layers.1.weight 128x128
+output_blocks.1.0.emb_layers.1.bias 128
+output_blocks.1.0.cond_emb_layers.1.weight 128x512
+output_blocks.1.0.cond_emb_layers.1.bias 128
+output_blocks.1.0.out_layers.0.weight 64
+output_blocks.1.0.out_layers.0.bias 64
+output_blocks.1.0.out_layers.3.weight 64x64x3x3
+output_blocks.1.0.out_layers.3.bias 64
+output_blocks.1.0.skip_connection.weight 64x96x1x1
+output_blocks.1.0.skip_connection.bias 64
+output_blocks.1.1.norm.weight 64
+output_blocks.1.1.norm.bias 64
+output_blocks.1.1.qkv.weight 192x64x1
+output_blocks.1.1.qkv.bias 192
+output_blocks.1.1.proj_out.weight 64x64x1
+output_blocks.1.1.proj_out.bias 64
+output_blocks.1.2.in_layers.0.weight 64
+output_blocks.1.2.in_layers.0.bias 64
+output_blocks.1.2.in_layers.2.weight 64x64x3x3
+output_blocks.1.2.in_layers.2.bias 64
+output_blocks.1.2.emb_layers.1.weight 128x128
+output_blocks.1.2.emb_layers.1.bias 128
+output_blocks.1.2.cond_emb_layers.1.weight 128x512
+output_blocks.1.2.cond_emb_layers.1.bias 128
+output_blocks.1.2.out_layers.0.weight 64
+output_blocks.1.2.out_layers.0.bias 64
+output_blocks.1.2.out_layers.3.weight 64x64x3x3
+output_blocks.1.2.out_layers.3.bias 64
+output_blocks.2.0.in_layers.0.weight 96
+output_blocks.2.0.in_layers.0.bias 96
+output_blocks.2.0.in_layers.2.weight 32x96x3x3
+output_blocks.2.0.in_layers.2.bias 32
+output_blocks.2.0.emb_layers.1.weight 64x128
+output_blocks.2.0.emb_layers.1.bias 64
+output_blocks.2.0.cond_emb_layers.1.weight 64x512
+output_blocks.2.0.cond_emb_layers.1.bias 64
+output_blocks.2.0.out_layers.0.weight 32
+output_blocks.2.0.out_layers.0.bias 32
+output_blocks.2.0.out_layers.3.weight 32x32x3x3
+output_blocks.2.0.out_layers.3.bias 32
+output_blocks.2.0.skip_connection.weight 32x96x1x1
+output_blocks.2.0.skip_connection.bias 32
+output_blocks.3.0.in_layers.0.weight 64
+output_blocks.3.0.in_layers.0.bias 64
+output_blocks.3.0.in_layers.2.weight 32x64x3x3
+output_blocks.3.0.in_layers.2.bias 32
+output_blocks.3.0.emb_layers.1.weight 64x128
+output_blocks.3.0.emb_layers.1.bias 64
+output_blocks.3.0.cond_emb_layers.1.weight 64x512
+output_blocks.3.0.cond_emb_layers.1.bias 64
+output_blocks.3.0.out_layers.0.weight 32
+output_blocks.3.0.out_layers.0.bias 32
+output_blocks.3.0.out_layers.3.weight 32x32x3x3
+output_blocks.3.0.out_layers.3.bias 32
+output_blocks.3.0.skip_connection.weight 32x64x1x1
+output_blocks.3.0.skip_connection.bias 32
+out.0.weight 32
+out.0.bias 32
+out.2.weight 6x32x3x3
+out.2.bias 6
+"""
+
+
+def release_unet(kind, **overrides):
+    flags = cd.RELEASE_FLAGS[kind]
+    extra = {k: flags[k] for k in ("map_channels", "convert_map", "block_cond_dim") if k in flags}
+    return cd.UNet(**{**RELEASE_SMALL, **extra, **overrides}).eval()
+
+
+def test_released_unets_have_the_official_keys_and_compute_its_outputs():
+    face_keys = [line.split() for line in RELEASE_FACE_KEYS.strip().splitlines()]
+    sketch_keys = [k for k in face_keys if not k[0].startswith("input_blocks_convert.")
+                   and ".cond_emb_layers." not in k[0]]
+    for kind, keys in (("face", face_keys), ("sketch", sketch_keys)):
+        net = release_unet(kind)
+        ours = [[k, "x".join(map(str, v.shape))] for k, v in net.state_dict().items()]
+        assert ours == keys, kind  # names, order and shapes
+        g = torch.Generator().manual_seed(0)
+        net.load_state_dict({k: torch.rand(v.shape, generator=g) * 0.2 - 0.1
+                             for k, v in net.state_dict().items()}, strict=True)
+        g = torch.Generator().manual_seed(1)
+        x, t = torch.randn(3, 3, 32, 32, generator=g), torch.tensor([999, 500, 3])
+        with torch.no_grad():
+            if kind == "face":
+                maps = torch.randn(3, 6, 32, 32, generator=g)
+                emb = torch.zeros(3, 512)
+                emb[1] = torch.nn.functional.normalize(torch.randn(512, generator=g), dim=0)
+                outs = {"face, text in row 1": net(x, t, cond_map=maps, cond_vec=emb),
+                        "face, no text": net(x, t, cond_map=maps, cond_vec=torch.zeros(3, 512))}
+            else:
+                outs = {"sketch": net(x, t, cond_map=torch.randn(3, 3, 32, 32, generator=g))}
+        for name, out in outs.items():
+            values, mean_abs = RELEASE_OUT[name]
+            assert torch.allclose(out[:, :, 5, 7].flatten(), torch.tensor(values), atol=2e-5), name
+            assert abs(out.abs().mean().item() - mean_abs) < 2e-6, name
+
+
+def test_released_face_model_modulates_twice_where_the_batch_has_a_text_row():
+    """The official ResBlock by hand: GN(GN(h)(1 + s_t) + b_t)(1 + s_e) + b_e with one GroupNorm,
+    for every row as soon as one row carries an embedding; the time modulation alone otherwise."""
+    torch.manual_seed(0)
+    block = cd.ResBlock(32, 16, 0.0, 32, True, cond_dim=8).eval()
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.3)
+    x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    vec = torch.zeros(2, 8)
+    vec[0] = 1.0
+    norm, rest = block.out_layers[0], block.out_layers[1:]
+    h = block.in_layers(x)
+    s_t, b_t = block.emb_layers(emb)[:, :, None, None].chunk(2, 1)
+    once = norm(h) * (1 + s_t) + b_t
+    s_e, b_e = block.cond_emb_layers(vec)[:, :, None, None].chunk(2, 1)
+    twice = norm(once) * (1 + s_e) + b_e       # row 1 (zero embedding): the bias alone
+    with torch.no_grad():
+        gated = block(x, emb, (vec, vec.sum() != 0))
+        off = block(x, emb, (torch.zeros(2, 8), torch.tensor(False)))
+        assert torch.allclose(gated, x + rest(twice), atol=1e-5)
+        assert torch.allclose(off, x + rest(once), atol=1e-5)
+        # the gate is the batch's: row 1 alone (no embedding in the batch) is unmodulated
+        alone = block(x[1:], emb[1:], (vec[1:], vec[1:].sum() != 0))
+        assert torch.allclose(alone, off[1:], atol=1e-5) and not torch.allclose(alone, gated[1:])
+
+
+def test_released_full_size_models_have_the_official_counts(capsys):
+    for kind, tensors in (("face", 652), ("sketch", 566)):
+        with torch.device("meta"):
+            net = cd.UNet(**cd.RELEASE_FLAGS[kind])
+        state = net.state_dict()
+        assert len(state) == tensors and \
+            sum(v.numel() for v in state.values()) == cd.RELEASE_PARAMS[kind]
+    assert cd.RELEASE_PARAMS == {"face": 330_924_267, "sketch": 311_027_910}  # the release's
+    # --dry_run --init_from prints them without reading the file
+    path = os.path.join(ROOT, "README.md")  # any existing file: a dry run reads nothing
+    cd.main(["--dry_run", "--init_from", path])
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]
+    assert counts["released face"] == 330_924_267 and counts["released sketch"] == 311_027_910
+
+
+TINY_RELEASE = dict(cd.RELEASE_TRUNK, num_channels=32, num_res_blocks=1,
+                    channel_mult="1,1,1,1,1,1", attention_resolutions="8", num_head_channels=32,
+                    use_fp16=False)
+
+
+def tiny_release(monkeypatch, folder, kinds=("face", "sketch")):
+    """Released files of a small trunk (256 px, as the release) with random weights, at their
+    released names in `folder`; RELEASE_FLAGS point at that trunk. Returns the face file path."""
+    monkeypatch.setattr(cd, "RELEASE_FLAGS", {
+        "face": dict(TINY_RELEASE, map_channels=6, convert_map=True, block_cond_dim=512),
+        "sketch": dict(TINY_RELEASE, map_channels=3)})
+    torch.manual_seed(0)
+    for kind in kinds:
+        net = cd.UNet(**cd.RELEASE_FLAGS[kind])
+        for p in net.parameters():  # no zero-initialised output: every path matters
+            nn.init.normal_(p, std=0.05)
+        torch.save(net.state_dict(), os.path.join(folder, cd.RELEASE_FILES[kind]))
+    return os.path.join(folder, cd.RELEASE_FILES["face"])
+
+
+class StubFarl:
+    """FaRL's text tower stand-in: one fixed unit vector per caption."""
+
+    def __init__(self, path, device):
+        self.vec = torch.nn.functional.normalize(torch.randn(
+            512, generator=torch.Generator().manual_seed(5)), dim=0)
+
+    def __call__(self, captions):
+        return self.vec.expand(len(captions), 512)
+
+
+def grey_png(path, rows):
+    from PIL import Image
+    img = np.zeros((256, 256), np.uint8)
+    img[rows] = 255
+    Image.fromarray(img).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("given", ["skin,hair,sketch", "skin,hair,text"])
+def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch, given):
+    """One face-model forward on the rows [skin | hair | text | null] (a text row turns the
+    second modulation on for all), one sketch-model forward, and the release's literals:
+    two + sketch 1.2, 1.2, 0.6, -2.0; face + hair + text 1, 1, 1.25, -2.25."""
+    face_path = tiny_release(monkeypatch, tmp_path)
+    monkeypatch.setattr(cd, "FarlText", StubFarl)   # its file is recognised, its tower stubbed
+    torch.save({"state_dict": {"token_embedding.weight": torch.zeros(1)}},
+               tmp_path / cd.RELEASE_FILES["farl"])
+    files = {"skin_map": grey_png(tmp_path / "skin.png", slice(60, 200)),
+             "hair_map": grey_png(tmp_path / "hair.png", slice(0, 60)),
+             "sketch": grey_png(tmp_path / "sketch.png", slice(100, 102))}
+    flags = {"skin": ["--skin_map", files["skin_map"]], "hair": ["--hair_map", files["hair_map"]],
+             "sketch": ["--sketch", files["sketch"]], "text": ["--text", "she has blonde hair"]}
+    argv = ["--sample", "--init_from", face_path, "--composition", "official-faces",
+            "--sample_steps", "2", "--batch_size", "1", "--out_dir", str(tmp_path / "out")]
+    argv += [a for c in given.split(",") for a in flags[c]]
+    args = common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion", "shapes",
+                             cd.with_composition(argv), check=cd.check_args)
+    assert (args.data, args.size, args.sampler, args.eta) == ("mm-celeba-hq", 256, "ddim", 0)
+    assert (args.noise_schedule, args.diffusion_steps) == ("linear", 1000)
+    models, scheds = cd.load_release(args, torch.device("cpu"))
+    assert set(models) == ({"face", "sketch"} if "sketch" in given else {"face"})
+    setup = cd.Setup(args, models, scheds, torch.device("cpu"), given=cd.release_conditions(args))
+    batch = cd.command_line_conditions(args, 1, "cpu")
+    w, a, low = setup.weights()
+    comp = setup.composed(batch, w, a, low)
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    step = comp.ref.num_steps - 1
+    t = torch.full((1,), int(comp.ref.timestep_map[step]))
+    with torch.no_grad():
+        eps, _ = comp.eps_and_var(x, step)
+        # by hand, as diff_test.py: maps in [-1, 1] x 3 channels, zeros where not carried
+        skin = 2 * batch["skin"].expand(1, 3, 256, 256) - 1
+        hair = 2 * batch["hair"].expand(1, 3, 256, 256) - 1
+        zero = torch.zeros_like(skin)
+        text = StubFarl(None, None)(["x"]) if "text" in given else torch.zeros(1, 512)
+        rows = [(skin, zero, 0 * text), (zero, hair, 0 * text)]
+        rows += [(zero, zero, text)] if "text" in given else []
+        rows += [(zero, zero, 0 * text)]                      # the null row
+        maps = torch.cat([torch.cat(r[:2], 1) for r in rows])
+        vecs = torch.cat([r[2] for r in rows])
+        out = models["face"].unet(x.repeat(len(rows), 1, 1, 1), t.repeat(len(rows)),
+                                  cond_map=maps, cond_vec=vecs)[:, :3]
+        if "sketch" in given:
+            sk = models["sketch"].unet(x, t, cond_map=2 * batch["sketch"].expand(1, 3, 256,
+                                                                                 256) - 1)[:, :3]
+            by_hand = 1.2 * out[0] + 1.2 * out[1] + 0.6 * sk[0] - 2.0 * out[2]
+        else:
+            by_hand = out[0] + out[1] + 1.25 * out[2] - 2.25 * out[3]
+    assert torch.allclose(eps[0], by_hand, atol=1e-5)
+    assert (w, a) == (([1.2, 1.2, 0.6], [1.0, 0.0]) if "sketch" in given else
+                      ([1.0, 1.0, 1.25], [1.0]))
+    # the command itself: grids of each condition alone and of the composition
+    cd.main(argv)
+    rows_txt = (tmp_path / "out" / "experts.txt").read_text()
+    assert "face:skin expert alone" in rows_txt and "composition (Eq. 10)" in rows_txt
+    assert (tmp_path / "out" / "experts.png").exists()
+
+
+def test_farl_weights_replace_the_clip_text_tower_tensors_they_hold(tmp_path, monkeypatch,
+                                                                   in_hub):
+    small = common.CLIP.small(49408, 77, width=64, layers=2, heads=4, embed_dim=512)
+    monkeypatch.setattr(common, "CLIP", lambda *a, **k: small)
+    ours = small.state_dict()
+    farl = {k: torch.full_like(v, 0.5) for k, v in ours.items() if k.startswith("transformer.")}
+    farl["visual.conv1.weight"] = torch.zeros(768, 3, 16, 16)  # the image tower: never used
+    farl["token_embedding.weight"] = ours["token_embedding.weight"] + 1
+    path = tmp_path / cd.RELEASE_FILES["farl"]
+    torch.save({"state_dict": farl}, path)
+    before = {k: v.clone() for k, v in ours.items()}
+    text = cd.FarlText(str(path), "cpu")
+    after = text.model.state_dict()
+    for k in ours:
+        expected = farl[k] if k in farl else before[k]
+        assert torch.equal(after[k], expected), k
+    emb = text(["a face", "she has blonde hair"])
+    assert emb.shape == (2, 512) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
+
+
+def test_released_files_are_recognised_by_their_keys_and_anything_else_refused(tmp_path):
+    face = release_unet("face").state_dict()
+    sketch = release_unet("sketch").state_dict()
+    adm = cd.UNet(**RELEASE_SMALL).state_dict()
+    cases = {"face.pt": (face, "face"), "sketch.pt": (sketch, "sketch"),
+             "farl.pth": ({"state_dict": {"token_embedding.weight": torch.zeros(2, 2)}}, "farl")}
+    for name, (state, kind) in cases.items():
+        torch.save(state, tmp_path / name)
+        assert cd.read_release(str(tmp_path / name))[1] == kind
+    refused = {"adm.pt": (adm, "guided-diffusion"),
+               "vit.pth": ({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, "CLIP text"),
+               "other.pt": ({"fc.weight": torch.zeros(1)}, "not a released Unite and Conquer"),
+               "list.pt": ([torch.zeros(1)], "not a state dict")}
+    for name, (state, words) in refused.items():
+        torch.save(state, tmp_path / name)
+        with pytest.raises(common.UserError, match=words):
+            cd.read_release(str(tmp_path / name))
+    import argparse
+    torch.save({"args": argparse.Namespace(lr=1)}, tmp_path / "code.pt")  # pickled Python code
+    with pytest.raises(common.UserError, match="never run"):
+        cd.read_release(str(tmp_path / "code.pt"))
+
+
+@pytest.mark.parametrize("extra, words", [
+    ([], "training from them is not implemented"),
+    (["--sample", "--data", "shapes"], "not a face set"),
+    (["--sample", "--size", "128"], "--size 256"),
+    (["--sample", "--sketch", "SKETCH"], "need model_sketch.pt"),
+    (["--sample", "--text", "a face"], "need FaRL-Base-Patch16"),
+    (["--sample", "--expert_ckpt", "X"], "without it"),
+])
+def test_init_from_refuses_what_it_cannot_serve_in_one_sentence(tmp_path, monkeypatch, extra,
+                                                                words):
+    face_path = tiny_release(monkeypatch, tmp_path, kinds=("face",))
+    sketch = grey_png(tmp_path / "s.png", slice(0, 2))
+    argv = ["--init_from", face_path, "--out_dir", str(tmp_path / "o")] + \
+        [sketch if a == "SKETCH" else a for a in extra]
+    with pytest.raises(common.UserError, match=words):
+        common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion", "shapes",
+                          cd.with_composition(argv), check=cd.check_args)
+
+
 def test_ssim_is_wang_et_al_2004_on_known_values():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 24, 24, generator=g)
@@ -1233,11 +1666,16 @@ def test_typed_conditions_become_the_tensors_the_experts_read(tmp_path):
     cond = cd.command_line_conditions(args, 3, "cpu")
     assert cond["caption"] == ["a red circle"] * 3 and cond["class"].tolist() == [4, 4, 4]
     assert cond["label"].shape == (3, 16, 16) and cond["label"][0, 0].tolist() == [0] * 8 + [3] * 8
+    # the line (dark on white) becomes white on black, its grey values kept (bicubic x2) ...
     assert cond["sketch"].shape == (3, 1, 16, 16)
-    assert cond["sketch"][0, 0, :, 0].tolist() == [0] * 4 + [1] * 2 + [0] * 10  # row 2 of 8
+    column = cond["sketch"][0, 0, :, 0]
+    assert column.min() >= 0 and column.max() <= 1 and (column[4:6] > 0.8).all()
+    assert 0 < column[3] < 0.5 and column[:3].tolist() == [0, 0, 0]
     expert = cd.Trained(("map", "sketch"), args, 5)
     inputs = cd.condition_inputs(expert, cond)
     assert inputs["cond_map"].shape == (3, 6, 16, 16) and inputs["cond_map"][0, 3, 0, 15] == 1
+    # ... and a trained sketch expert reads the line thresholded, as its training sketches
+    assert inputs["cond_map"][0, 5, :, 0].tolist() == [0] * 4 + [1] * 2 + [0] * 10  # row 2 of 8
     small = cd.Trained(("map",), args, 3)   # a map expert of 3 classes cannot read class id 3
     with pytest.raises(common.UserError, match="knows 3 classes"):
         cd.condition_inputs(small, cond)
