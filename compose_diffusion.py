@@ -40,6 +40,9 @@ Map of this file (the paper's order: diffusion, composition, sampling, then the 
                           the test set or typed (--text, --label_map, --sketch, --class_id);
                           grids: each expert alone, composition, reliability sweep (Fig. 6),
                           guidance sweep
+    released models       --init_from: the authors' face model (skin map, hair map, FaRL text)
+                          and sketch model, recognised by their keys, loaded strictly, composed
+                          as their test code composes them
     evaluation            toy metrics on shapes (data.shapes_composition_scores, incl. the
                           Table 4 ablation); SSIM (Wang et al. 2004); FID, LPIPS and CLIP score
                           on real data, streamed
@@ -66,6 +69,8 @@ Map of this file (the paper's order: diffusion, composition, sampling, then the 
                                                                   # official-faces: the release's)
     python compose_diffusion.py --sample --ckpt 64x64_diffusion.pt --ckpt_config adm64 \
         --ckpt_class 291 --data folder ...      # an official ADM checkpoint as one more expert
+    python compose_diffusion.py --sample --init_from weights/model_latest.pt --skin_map face.jpg \
+        --hair_map hair.jpg --sketch sketch.jpg --text "She has blonde hair"  # the released models
 """
 
 import argparse
@@ -1505,9 +1510,11 @@ class Setup:
         self.official = None
 
     def label(self, part):
-        """A part's name in grids and eval.json: the trained expert's, or released model:cond."""
+        """A part's name in grids and eval.json: the expert's, or model:condition for a released
+        model that serves several conditions."""
         name, c = part
-        return f"{name}:{c}" if isinstance(self.models[name], Released) else name
+        return f"{name}:{c}" if len(self.models[name].conditions) > 1 and \
+            isinstance(self.models[name], Released) else name
 
     def cond(self, name, batch, active=None):
         # supp. §7.3: CLIP text experts sample with the text embedding of a caption; where there
@@ -1610,212 +1617,6 @@ def load_official(args, setup, device):
     # scene code, the prediction for a stand-in class (--ckpt_null_class; official: 0, tench)
     setup.official = Expert("adm", model.to(device).eval(), sched, has_null=False,
                             null_class=args.ckpt_null_class)
-
-
-# ----------------------------------------------------------------------------------------------
-# Released Unite and Conquer models (--init_from): the authors' face model (skin map, hair map,
-# FaRL text) and sketch model, composed as their test_multimodal_face.py composes them. Facts
-# from Nithin-GK/UniteandConquer (face_utils/unet.py, unet_sketch.py, script_util.py,
-# diff_test.py); the files are downloaded by hand (README) and found beside each other under
-# their released names.
-# ----------------------------------------------------------------------------------------------
-
-RELEASE_FILES = {"face": "model_latest.pt", "sketch": "model_sketch.pt",
-                 "farl": "FaRL-Base-Patch16-LAIONFace20M-ep64.pth"}
-# The trunk both UNets share (script_util.py): 256 px, 192 ch, mult (1,1,2,2,4,4), 2 res
-# blocks, attention at 32/16/8 px with 64-channel heads (legacy order), scale-shift, resblock
-# up/down, learned variance, no class embedding, dropout 0, float16 torso.
-RELEASE_TRUNK = dict(image_size=256, num_channels=192, num_res_blocks=2,
-                     channel_mult="1,1,2,2,4,4", attention_resolutions="32,16,8",
-                     num_head_channels=64, learn_sigma=True, class_cond=False,
-                     use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, use_fp16=True)
-RELEASE_FLAGS = {
-    # z_t | input_blocks_convert(skin map | hair map), the FaRL embedding in every ResBlock
-    "face": dict(RELEASE_TRUNK, map_channels=6, convert_map=True, block_cond_dim=CLIP_DIM),
-    "sketch": dict(RELEASE_TRUNK, map_channels=3),             # z_t | the sketch, 3 channels
-}
-RELEASE_PARAMS = {"face": 330_924_267, "sketch": 311_027_910}  # counted with the official code
-RELEASE_CONDITIONS = {"face": ("skin", "hair", "text"), "sketch": ("sketch",)}
-# --init_from's flags (the face models' schedule: linear, 1000 steps; 256 px); the sampler's
-# are the paper's unless --composition official-faces is given.
-RELEASE_ARGS = dict(size=256, noise_schedule="linear", diffusion_steps=1000)
-
-
-def release_conditions(args):
-    """The conditions a run with the released models composes, in the official row order: the
-    ones typed (--skin_map, --hair_map, --text, --sketch), or all four from the test set."""
-    typed = {"skin": args.skin_map, "hair": args.hair_map, "text": args.text,
-             "sketch": args.sketch}
-    given = [c for c, v in typed.items() if v not in (None, "")]
-    return given or list(typed)
-
-
-def read_release(path):
-    """A released file's contents (tensors only: weights_only=True, memory-mapped) and its kind,
-    "face", "sketch" or "farl", recognised by its keys; one sentence for anything else."""
-    import pickle
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise common.UserError(f"--init_from {path} needs Python code from its pickle to load, "
-                               f"which is never run (weights_only=True); the released files "
-                               f"hold plain tensors.") from None
-    except Exception as err:
-        raise common.UserError(f"--init_from {path} is not a readable PyTorch weights file "
-                               f"({type(err).__name__}).") from None
-    if isinstance(state, dict) and "method" in state and "state" in state:
-        raise common.UserError(f"--init_from {path} is a checkpoint of this project's "
-                               f"{state['method']}.py; compose such runs with --expert_ckpt.")
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        if "token_embedding.weight" in state["state_dict"]:
-            return state, "farl"
-        raise common.UserError(f"--init_from {path} holds a 'state_dict' without a CLIP text "
-                               f"tower; expected FaRL's {RELEASE_FILES['farl']}.")
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise common.UserError(f"--init_from {path} is not a state dict of tensors.")
-    first = state.get("input_blocks.0.0.weight")
-    if "input_blocks_convert.weight" in state:
-        return state, "face"
-    if first is not None and first.shape[1] == 6 and "label_emb.weight" not in state:
-        return state, "sketch"
-    if first is not None and first.shape[1] == 3:
-        raise common.UserError(f"--init_from {path} is a guided-diffusion (ADM) model; compose "
-                               f"it with --ckpt and --ckpt_config.")
-    raise common.UserError(f"--init_from {path} is not a released Unite and Conquer file "
-                           f"({', '.join(RELEASE_FILES.values())}).")
-
-
-def release_paths(args):
-    """kind -> path of the released files a run needs: --init_from names one of them, the others
-    are found beside it under their released names. The face model is needed for skin, hair or
-    text, FaRL for text, the sketch model for a sketch."""
-    _, kind = read_release(args.init_from)
-    folder = os.path.dirname(args.init_from)
-    paths = {k: os.path.join(folder, name) for k, name in RELEASE_FILES.items()}
-    paths[kind] = args.init_from
-    conditions = release_conditions(args)
-    needed = {"face"} if set(conditions) & {"skin", "hair", "text"} else set()
-    needed |= {"farl"} if "text" in conditions else set()
-    needed |= {"sketch"} if "sketch" in conditions else set()
-    for k in sorted(needed):
-        common.require(os.path.isfile(paths[k]), f"--init_from: the {', '.join(conditions)} "
-                                                 f"condition(s) need {RELEASE_FILES[k]}, not "
-                                                 f"found beside {args.init_from} ({paths[k]}).")
-        if k != kind:
-            common.require(read_release(paths[k])[1] == k, f"--init_from: {paths[k]} is not "
-                                                           f"the released {k} file.")
-    return {k: paths[k] for k in sorted(needed)}
-
-
-def check_release_args(args):
-    """--init_from: sampling and evaluation of the released face models, at their own settings;
-    one sentence for a command it cannot serve. Files are recognised here, before anything is
-    built."""
-    req = common.require
-    req(args.sample or args.eval or args.dry_run,
-        "--init_from samples (--sample) and evaluates (--eval) the released Unite and Conquer "
-        "models; training from them is not implemented (the release's training code cannot run: "
-        "see the README).")
-    req(not (args.expert_ckpt or args.ckpt), "--init_from composes the released face models; "
-                                             "give --expert_ckpt / --ckpt without it.")
-    req(args.data in ("mm-celeba-hq", "celebamask-hq"),
-        f"--init_from: the released models make faces; --data {args.data} is not a face set "
-        f"(mm-celeba-hq or celebamask-hq).")
-    for key, value in RELEASE_ARGS.items():
-        req(getattr(args, key) == value, f"--init_from: the released models take "
-                                         f"--{key} {value} (got {getattr(args, key)}).")
-    if not args.dry_run:
-        release_paths(args)
-
-
-class FarlText:
-    """The release's text encoder: OpenAI CLIP ViT-B/16's text tower with FaRL's weights on top
-    (FaRL: Zheng et al., "General Facial Representation Learning in a Visual-Linguistic Manner",
-    CVPR 2022, arXiv 2112.03109). As the official non-strict load, every text-tower tensor the
-    file's `state_dict` holds replaces CLIP's (its image tower is never used). L2-normalised
-    embedding of the caption; the release computes it in float16 on CUDA, we in float32."""
-
-    def __init__(self, path, device):
-        self.model = common.CLIP("ViT-B/16", pretrained=True, vision=False)
-        ours = self.model.state_dict()
-        farl = {k: v for k, v in read_release(path)[0]["state_dict"].items() if k in ours}
-        common.require(farl, f"--init_from: {path} holds no CLIP text-tower tensor.")
-        try:
-            self.model.load_state_dict({k: v.float() for k, v in farl.items()}, strict=False)
-        except RuntimeError as err:
-            raise common.UserError(f"--init_from: {path} does not fit CLIP ViT-B/16's text tower "
-                                   f"({str(err).splitlines()[-1].strip()[:200]}).") from None
-        print(f"FaRL text tower: {len(farl)} of {len(ours)} tensors from {path}")
-        self.model.to(device).eval()
-        self.tokenizer, self.device = common.CLIPTokenizer(), device
-
-    @torch.no_grad()
-    def __call__(self, captions):
-        tokens = self.tokenizer(captions).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-
-
-class Released(nn.Module):
-    """A released UNet as a composable expert: its conditions and the inputs the official test
-    code builds for them (diff_test.py).
-
-    face: map slot = skin map | hair map, each a grey image as 3 equal channels in [-1, 1] (the
-    release's face_map / hair_map JPEGs: white region on black), zeros where the row does not
-    carry it; FaRL embedding of the caption, zeros where not carried. The official test code
-    passes the maps in that order; its training code wrote hair first (compose_diffusion.md:
-    "unconfirmed"): we follow the test code, which made the paper's figures. sketch: the sketch
-    as 3 channels in [-1, 1], white lines on black."""
-
-    num_labels = num_classes = 0
-    tiny_text = clip_text = False
-
-    def __init__(self, kind, text=None):
-        super().__init__()
-        self.kind, self.conditions, self.size = kind, RELEASE_CONDITIONS[kind], 256
-        self.unet = UNet(**RELEASE_FLAGS[kind])
-        self.learn_sigma, self.text = True, text  # text: FarlText (frozen, not a submodule)
-        self.has_null = kind == "face"  # the sketch model never learnt a null (official a = 0)
-
-    def forward(self, x, t, **cond):
-        return self.unet(x, t, **cond)
-
-    def null_cond(self, batch, device):
-        return self.unet.null_cond(batch, device)
-
-    def inputs(self, batch, active):
-        n, device = rows_of(batch), next(self.parameters()).device
-        cond = self.null_cond(n, device)
-        hw = (self.size, self.size)
-
-        def signed(c):  # (B, 1, H, W) in [0, 1] -> (B, 3, H, W) in [-1, 1]
-            m = batch[c] if c in batch else (batch["label"] == FACE_PARTS[c]).float()[:, None]
-            return (2 * m.float() - 1).expand(n, 3, *hw)
-        if self.kind == "sketch":
-            cond["cond_map"] = signed("sketch")
-            return cond
-        zeros = torch.zeros(n, 3, *hw, device=device)
-        if active & {"skin", "hair"}:
-            cond["cond_map"] = torch.cat([signed(c) if c in active else zeros
-                                          for c in ("skin", "hair")], dim=1)
-        if "text" in active:
-            cond["cond_vec"] = self.text(batch["caption"])
-        return cond
-
-
-def load_release(args, device):
-    """The released models a run needs (strict loads), each with the face models' schedule."""
-    paths = release_paths(args)
-    text = FarlText(paths["farl"], device) if "farl" in paths else None
-    models = {}
-    for kind in ("face", "sketch"):
-        if kind in paths:
-            with torch.device("meta"):  # shapes only: the file's tensors become the parameters
-                model = Released(kind, text)
-            state = {k: v.float() for k, v in read_release(paths[kind])[0].items()}
-            common.load_official(model.unet, state, paths[kind], assign=True)
-            models[kind] = model
-    sched = Schedule.make(RELEASE_ARGS["noise_schedule"], RELEASE_ARGS["diffusion_steps"])
-    return models, {k: sched for k in models}
 
 
 def test_batch(dataset, n, device, offset=0):
@@ -1969,6 +1770,219 @@ def sweep_grids(args, setup, test):
 
 
 # ----------------------------------------------------------------------------------------------
+# Released Unite and Conquer models (--init_from): the authors' face model (skin map, hair map,
+# FaRL text) and sketch model, composed as their test_multimodal_face.py composes them. Facts
+# from Nithin-GK/UniteandConquer (face_utils/unet.py, unet_sketch.py, script_util.py,
+# diff_test.py); the files are downloaded by hand (README) and found beside each other under
+# their released names.
+# ----------------------------------------------------------------------------------------------
+
+RELEASE_FILES = {"face": "model_latest.pt", "sketch": "model_sketch.pt",
+                 "farl": "FaRL-Base-Patch16-LAIONFace20M-ep64.pth"}
+# The trunk both UNets share (script_util.py): 256 px, 192 ch, mult (1,1,2,2,4,4), 2 res
+# blocks, attention at 32/16/8 px with 64-channel heads (legacy order), scale-shift, resblock
+# up/down, learned variance, no class embedding, dropout 0, float16 torso.
+RELEASE_TRUNK = dict(image_size=256, num_channels=192, num_res_blocks=2,
+                     channel_mult="1,1,2,2,4,4", attention_resolutions="32,16,8",
+                     num_head_channels=64, learn_sigma=True, class_cond=False,
+                     use_scale_shift_norm=True, resblock_updown=True, dropout=0.0, use_fp16=True)
+RELEASE_FLAGS = {
+    # z_t | input_blocks_convert(skin map | hair map), the FaRL embedding in every ResBlock
+    "face": dict(RELEASE_TRUNK, map_channels=6, convert_map=True, block_cond_dim=CLIP_DIM),
+    "sketch": dict(RELEASE_TRUNK, map_channels=3),             # z_t | the sketch, 3 channels
+}
+RELEASE_PARAMS = {"face": 330_924_267, "sketch": 311_027_910}  # counted with the official code
+RELEASE_CONDITIONS = {"face": ("skin", "hair", "text"), "sketch": ("sketch",)}
+# --init_from's flags (the face models' schedule: linear, 1000 steps; 256 px); the sampler's
+# are the paper's unless --composition official-faces is given.
+RELEASE_ARGS = dict(size=256, noise_schedule="linear", diffusion_steps=1000)
+
+
+def release_conditions(args):
+    """The conditions a run with the released models composes, in the official row order: the
+    ones typed (--skin_map, --hair_map, --text, --sketch), or all four from the test set."""
+    typed = {"skin": args.skin_map, "hair": args.hair_map, "text": args.text,
+             "sketch": args.sketch}
+    given = [c for c, v in typed.items() if v not in (None, "")]
+    return given or list(typed)
+
+
+def read_release(path):
+    """A released file's contents (tensors only: weights_only=True, memory-mapped) and its kind,
+    "face", "sketch" or "farl", recognised by its keys; one sentence for anything else."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise common.UserError(f"--init_from {path} needs Python code from its pickle to load, "
+                               f"which is never run (weights_only=True); if you trust the file, "
+                               f"save its tensors once (torch.save(torch.load(path, "
+                               f"weights_only=False)['state_dict'], new_path)) and give that.") \
+            from None
+    except Exception as err:
+        raise common.UserError(f"--init_from {path} is not a readable PyTorch weights file "
+                               f"({type(err).__name__}).") from None
+    if isinstance(state, dict) and "method" in state and "state" in state:
+        raise common.UserError(f"--init_from {path} is a checkpoint of this project's "
+                               f"{state['method']}.py; compose such runs with --expert_ckpt.")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        if "token_embedding.weight" in state["state_dict"]:
+            return state, "farl"
+        raise common.UserError(f"--init_from {path} holds a 'state_dict' without a CLIP text "
+                               f"tower; expected FaRL's {RELEASE_FILES['farl']}.")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise common.UserError(f"--init_from {path} is not a state dict of tensors.")
+    first = state.get("input_blocks.0.0.weight")
+    if "token_embedding.weight" in state and first is None:  # FaRL's tensors saved bare
+        return {"state_dict": state}, "farl"
+    if "token_embedding.weight" in state:
+        raise common.UserError(f"--init_from {path} is a GLIDE model (base.pt / upsample.pt), a "
+                               f"network family compose_diffusion.py does not implement (README).")
+    if "input_blocks_convert.weight" in state:
+        return state, "face"
+    if first is not None and first.shape[1] == 6 and "label_emb.weight" not in state:
+        return state, "sketch"
+    if first is not None and first.shape[1] == 3:
+        raise common.UserError(f"--init_from {path} is a guided-diffusion (ADM) model; compose "
+                               f"it with --ckpt and --ckpt_config.")
+    raise common.UserError(f"--init_from {path} is not a released Unite and Conquer file "
+                           f"({', '.join(RELEASE_FILES.values())}).")
+
+
+def release_paths(args):
+    """kind -> path of the released files a run needs: --init_from names one of them, the others
+    are found beside it under their released names. The face model is needed for skin, hair or
+    text, FaRL for text, the sketch model for a sketch."""
+    _, kind = read_release(args.init_from)
+    folder = os.path.dirname(args.init_from)
+    paths = {k: os.path.join(folder, name) for k, name in RELEASE_FILES.items()}
+    paths[kind] = args.init_from
+    conditions = release_conditions(args)
+    needed = {"face"} if set(conditions) & {"skin", "hair", "text"} else set()
+    needed |= {"farl"} if "text" in conditions else set()
+    needed |= {"sketch"} if "sketch" in conditions else set()
+    for k in sorted(needed):
+        common.require(os.path.isfile(paths[k]), f"--init_from: the {', '.join(conditions)} "
+                                                 f"condition(s) need {RELEASE_FILES[k]}, not "
+                                                 f"found beside {args.init_from} ({paths[k]}).")
+        if k != kind:
+            common.require(read_release(paths[k])[1] == k, f"--init_from: {paths[k]} is not "
+                                                           f"the released {k} file.")
+    return {k: paths[k] for k in sorted(needed)}
+
+
+def check_release_args(args):
+    """--init_from: sampling and evaluation of the released face models, at their own settings;
+    one sentence for a command it cannot serve. Files are recognised here, before anything is
+    built."""
+    req = common.require
+    req(args.sample or args.eval or args.dry_run,
+        "--init_from samples (--sample) and evaluates (--eval) the released Unite and Conquer "
+        "models; training from them is not implemented (the release's training code cannot run: "
+        "see the README).")
+    req(not (args.expert_ckpt or args.ckpt), "--init_from composes the released face models; "
+                                             "give --expert_ckpt / --ckpt without it.")
+    req(args.data in ("mm-celeba-hq", "celebamask-hq"),
+        f"--init_from: the released models make faces; --data {args.data} is not a face set "
+        f"(mm-celeba-hq or celebamask-hq).")
+    for key, value in RELEASE_ARGS.items():
+        req(getattr(args, key) == value, f"--init_from: the released models take "
+                                         f"--{key} {value} (got {getattr(args, key)}).")
+    if not args.dry_run:
+        release_paths(args)
+
+
+class FarlText:
+    """The release's text encoder: OpenAI CLIP ViT-B/16's text tower with FaRL's weights on top
+    (FaRL: Zheng et al., "General Facial Representation Learning in a Visual-Linguistic Manner",
+    CVPR 2022, arXiv 2112.03109). As the official non-strict load, every text-tower tensor the
+    file's `state_dict` holds replaces CLIP's (its image tower is never used). L2-normalised
+    embedding of the caption; the release computes it in float16 on CUDA, we in float32."""
+
+    def __init__(self, path, device):
+        self.model = common.CLIP("ViT-B/16", pretrained=True, vision=False)
+        ours = self.model.state_dict()
+        farl = {k: v for k, v in read_release(path)[0]["state_dict"].items() if k in ours}
+        common.require(farl, f"--init_from: {path} holds no CLIP text-tower tensor.")
+        try:
+            self.model.load_state_dict({k: v.float() for k, v in farl.items()}, strict=False)
+        except RuntimeError as err:
+            raise common.UserError(f"--init_from: {path} does not fit CLIP ViT-B/16's text tower "
+                                   f"({str(err).splitlines()[-1].strip()[:200]}).") from None
+        print(f"FaRL text tower: {len(farl)} of {len(ours)} tensors from {path}")
+        self.model.to(device).eval()
+        self.tokenizer, self.device = common.CLIPTokenizer(), device
+
+    @torch.no_grad()
+    def __call__(self, captions):
+        tokens = self.tokenizer(captions).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+class Released(nn.Module):
+    """A released UNet as a composable expert: its conditions and the inputs the official test
+    code builds for them (diff_test.py).
+
+    face: map slot = skin map | hair map, each a grey image as 3 equal channels in [-1, 1] (the
+    release's face_map / hair_map JPEGs: white region on black), zeros where the row does not
+    carry it; FaRL embedding of the caption, zeros where not carried. The official test code
+    passes the maps in that order; its training code wrote hair first (compose_diffusion.md:
+    "unconfirmed"): we follow the test code, which made the paper's figures. sketch: the sketch
+    as 3 channels in [-1, 1], white lines on black."""
+
+    num_labels = num_classes = 0
+    tiny_text = clip_text = False
+
+    def __init__(self, kind, text=None):
+        super().__init__()
+        self.kind, self.conditions, self.size = kind, RELEASE_CONDITIONS[kind], 256
+        self.unet = UNet(**RELEASE_FLAGS[kind])
+        self.learn_sigma, self.text = True, text  # text: FarlText (frozen, not a submodule)
+        self.has_null = kind == "face"  # the sketch model never learnt a null (official a = 0)
+
+    def forward(self, x, t, **cond):
+        return self.unet(x, t, **cond)
+
+    def null_cond(self, batch, device):
+        return self.unet.null_cond(batch, device)
+
+    def inputs(self, batch, active):
+        n, device = rows_of(batch), next(self.parameters()).device
+        cond = self.null_cond(n, device)
+        hw = (self.size, self.size)
+
+        def signed(c):  # (B, 1, H, W) in [0, 1] -> (B, 3, H, W) in [-1, 1]
+            m = batch[c] if c in batch else (batch["label"] == FACE_PARTS[c]).float()[:, None]
+            return (2 * m.float() - 1).expand(n, 3, *hw)
+        if self.kind == "sketch":
+            cond["cond_map"] = signed("sketch")
+            return cond
+        zeros = torch.zeros(n, 3, *hw, device=device)
+        if active & {"skin", "hair"}:
+            cond["cond_map"] = torch.cat([signed(c) if c in active else zeros
+                                          for c in ("skin", "hair")], dim=1)
+        if "text" in active:
+            cond["cond_vec"] = self.text(batch["caption"])
+        return cond
+
+
+def load_release(args, device):
+    """The released models a run needs (strict loads), each with the face models' schedule."""
+    paths = release_paths(args)
+    text = FarlText(paths["farl"], device) if "farl" in paths else None
+    models = {}
+    for kind in ("face", "sketch"):
+        if kind in paths:
+            with torch.device("meta"):  # shapes only: the file's tensors become the parameters
+                model = Released(kind, text)
+            state = {k: v.float() for k, v in read_release(paths[kind])[0].items()}
+            common.load_official(model.unet, state, paths[kind], assign=True)
+            models[kind] = model
+    sched = Schedule.make(RELEASE_ARGS["noise_schedule"], RELEASE_ARGS["diffusion_steps"])
+    return models, {k: sched for k in models}
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation: toy metrics on shapes (data.py); FID, LPIPS and CLIP score on real data
 # ----------------------------------------------------------------------------------------------
 
@@ -2111,15 +2125,41 @@ def sample_and_evaluate(args):
 # ----------------------------------------------------------------------------------------------
 
 def dry_run(args):
-    """Parameter counts of the run's experts (and of --ckpt's ADM model), nothing read; built as
-    shapes only (meta device), so a 300M-parameter count takes no memory or time."""
+    """Parameter counts of the run's experts (and of --ckpt's ADM model) and the FLOPs of one
+    training image of each expert, nothing read; built as shapes only (meta device), so a
+    300M-parameter count takes no memory or time."""
     with torch.device("meta"):
         nets = build_experts(args, 5 if args.data == "shapes" else 19, 1000)  # 1000: ImageNet
-        if args.init_from:  # the released models instead (their files are not read)
+        if not args.init_from:
+            for name, expert in nets.items():
+                gflops = training_flops(args, expert) / 1e9
+                print(f"expert {name}: one training image costs {gflops:,.1f} GFLOP (forward "
+                      f"and backward, convolutions and matrix multiplies)")
+        else:  # the released models instead (their files are not read)
             nets = {f"released {k}": UNet(**flags) for k, flags in RELEASE_FLAGS.items()}
         if args.ckpt:
             nets[args.ckpt_config] = UNet(**ADM_CONFIGS.get(args.ckpt_config, {}))
     common.print_dry_run(nets)
+
+
+def training_flops(args, expert):
+    """common.count_flops of one training image of a (meta-device) expert: its diffusion loss
+    with every condition given, forward and backward. A CLIP text expert's embedding is given
+    (the frozen CLIP image tower that makes it in training is not counted); a tiny text tower
+    trains with its expert and is counted."""
+    size, device = args.size, next(expert.parameters()).device
+    x0 = torch.zeros(1, 3, size, size, device=device)
+    batch = {"image": x0, "label": torch.zeros(1, size, size, dtype=torch.long, device=device),
+             "sketch": torch.zeros(1, 1, size, size, device=device),
+             "class": torch.zeros(1, dtype=torch.long, device=device), "caption": ["a caption"]}
+    cond = condition_inputs(expert, batch, text_from="caption" if expert.tiny_text else None,
+                            validate=False)
+    if expert.clip_text:
+        cond["cond_vec"] = torch.zeros(1, CLIP_DIM, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    sched = Schedule.make(args.noise_schedule, args.diffusion_steps)
+    return common.count_flops(lambda: diffusion_loss(expert, x0, cond, sched, t,
+                                                     torch.zeros_like(x0)).backward())
 
 
 def bench(args):

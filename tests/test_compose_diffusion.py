@@ -456,6 +456,22 @@ def test_dry_run_prints_exact_counts(capsys):
     assert counts == {"class": cd.ADM_PARAMS["adm64"]}
 
 
+def test_dry_run_flops_on_shapes_only_equal_a_real_training_step(capsys):
+    args = tiny_args([])
+    with torch.device("meta"):
+        meta = cd.build_experts(args, 5)
+    real = cd.build_experts(args, 5)
+    assert cd.training_flops(args, meta["label"]) == cd.training_flops(args, real["label"]) > 0
+    # the tiny text tower's attention may take another kernel on shapes only: within 1 %
+    flops = [cd.training_flops(args, m["caption"]) for m in (meta, real)]
+    assert abs(flops[0] - flops[1]) < 0.01 * flops[1]
+    cd.main(["--dry_run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    expected = cd.training_flops(args, real["label"]) / 1e9
+    assert lines[0] == (f"expert label: one training image costs {expected:,.1f} GFLOP (forward "
+                        f"and backward, convolutions and matrix multiplies)")
+
+
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
     with pytest.raises(common.UserError, match="--experts"):
         cd.main(["--experts", "nope", "--dry_run"])
@@ -1283,6 +1299,10 @@ def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch
     assert torch.allclose(eps[0], by_hand, atol=1e-5)
     assert (w, a) == (([1.2, 1.2, 0.6], [1.0, 0.0]) if "sketch" in given else
                       ([1.0, 1.0, 1.25], [1.0]))
+    # the paper's a_i = 1/N over the experts with a null: the face model's rows share a = 1, the
+    # sketch model (never trained with a null) gets 0
+    args.guidance, args.reliability = "1", "uniform"
+    assert setup.weights()[1] == ([1.0, 0.0] if "sketch" in given else [1.0])
     # the command itself: grids of each condition alone and of the composition
     cd.main(argv)
     rows_txt = (tmp_path / "out" / "experts.txt").read_text()
@@ -1315,13 +1335,15 @@ def test_released_files_are_recognised_by_their_keys_and_anything_else_refused(t
     sketch = release_unet("sketch").state_dict()
     adm = cd.UNet(**RELEASE_SMALL).state_dict()
     cases = {"face.pt": (face, "face"), "sketch.pt": (sketch, "sketch"),
-             "farl.pth": ({"state_dict": {"token_embedding.weight": torch.zeros(2, 2)}}, "farl")}
+             "farl.pth": ({"state_dict": {"token_embedding.weight": torch.zeros(2, 2)}}, "farl"),
+             "farl_bare.pth": ({"token_embedding.weight": torch.zeros(2, 2)}, "farl")}
     for name, (state, kind) in cases.items():
         torch.save(state, tmp_path / name)
         assert cd.read_release(str(tmp_path / name))[1] == kind
     refused = {"adm.pt": (adm, "guided-diffusion"),
                "vit.pth": ({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, "CLIP text"),
                "other.pt": ({"fc.weight": torch.zeros(1)}, "not a released Unite and Conquer"),
+               "glide.pt": ({**adm, "token_embedding.weight": torch.zeros(1)}, "GLIDE"),
                "list.pt": ([torch.zeros(1)], "not a state dict")}
     for name, (state, words) in refused.items():
         torch.save(state, tmp_path / name)
