@@ -1504,10 +1504,16 @@ class Setup:
                         for n, m in self.models.items()}
         self.ref = sampler_schedule(scheds[next(iter(models))], str(args.sample_steps))
         self.names = [n for n in self.models if n != "joint"]  # the experts composed
-        self.parts = [(n, c) for n in self.names for c in self.models[n].conditions
-                      if (c in given if isinstance(self.models[n], Released)
-                          else c == self.models[n].conditions[0])]
+        self.parts = [(n, c) for n in self.names for c in self.serves(n, given)]
         self.official = None
+
+    def serves(self, name, given):
+        """The conditions a network composes: a trained expert its own (the first: the joint
+        model, never composed, has two), a released model those of `given` it knows."""
+        model = self.models[name]
+        if isinstance(model, Released):
+            return [c for c in model.conditions if c in given]
+        return model.conditions[:1]
 
     def label(self, part):
         """A part's name in grids and eval.json: the expert's, or model:condition for a released
