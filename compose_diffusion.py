@@ -482,8 +482,10 @@ def composition_weights(guidance, reliability, kinds, has_null):
         w = parse_floats(guidance, n, "guidance")
     if reliability == "official":
         a = official_weights(kinds)[1]
-    elif reliability == "uniform":
-        a = [1.0 / max(sum(has_null), 1) if h else 0.0 for h in has_null]
+    elif reliability == "uniform" and any(has_null):
+        a = [1.0 / sum(has_null) if h else 0.0 for h in has_null]
+    elif reliability == "uniform":  # no null at all: usable only where sum(w) = 1 (no null used)
+        a = [1.0 / n] * n
     else:
         a = parse_floats(reliability, n, "reliability")
     low = 0.0 if guidance == "official" else 1.0

@@ -1310,6 +1310,17 @@ def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch
     assert (tmp_path / "out" / "experts.png").exists()
 
 
+def test_the_released_sketch_model_samples_alone(tmp_path, monkeypatch):
+    """No face model, no null anywhere: the sketch model's plain conditional prediction (as the
+    release's sketch-only case), under the paper's uniform reliability."""
+    tiny_release(monkeypatch, tmp_path, kinds=("sketch",))
+    cd.main(["--sample", "--init_from", str(tmp_path / cd.RELEASE_FILES["sketch"]), "--sketch",
+             grey_png(tmp_path / "s.png", slice(100, 102)), "--sample_steps", "2",
+             "--batch_size", "1", "--out_dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "experts.txt").read_text().startswith(
+        "rows: sketch | sketch expert alone\n")
+
+
 def test_farl_weights_replace_the_clip_text_tower_tensors_they_hold(tmp_path, monkeypatch,
                                                                    in_hub):
     small = common.CLIP.small(49408, 77, width=64, layers=2, heads=4, embed_dim=512)
