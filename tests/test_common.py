@@ -489,9 +489,6 @@ def test_a_batch_that_does_not_divide_over_the_torchrun_processes_is_refused_at_
 @pytest.mark.parametrize("script, reason", [
     ("ummgan", "the authors of uMM-GAN released no trained networks."),
     ("poe_gan", "the authors of PoE-GAN released no trained networks."),
-    ("compose_diffusion", "the released Unite and Conquer face and sketch models are not readable "
-                          "here yet; guided-diffusion's ADM checkpoints join a composition with "
-                          "--ckpt."),
 ])
 def test_init_from_is_refused_with_the_reason_where_no_released_weights_load(script, reason,
                                                                               tmp_path, capsys):

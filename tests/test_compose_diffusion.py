@@ -1373,16 +1373,21 @@ def test_released_files_are_recognised_by_their_keys_and_anything_else_refused(t
     (["--sample", "--sketch", "SKETCH"], "need model_sketch.pt"),
     (["--sample", "--text", "a face"], "need FaRL-Base-Patch16"),
     (["--sample", "--expert_ckpt", "X"], "without it"),
+    (["--sample", "OTHER"], "G.pth is not a released Unite and Conquer file"),
 ])
 def test_init_from_refuses_what_it_cannot_serve_in_one_sentence(tmp_path, monkeypatch, extra,
                                                                 words):
     face_path = tiny_release(monkeypatch, tmp_path, kinds=("face",))
     sketch = grey_png(tmp_path / "s.png", slice(0, 2))
-    argv = ["--init_from", face_path, "--out_dir", str(tmp_path / "o")] + \
-        [sketch if a == "SKETCH" else a for a in extra]
+    other = tmp_path / "G.pth"
+    torch.save({"w": torch.zeros(1)}, other)
+    argv = ["--init_from", str(other) if "OTHER" in extra else face_path,
+            "--out_dir", str(tmp_path / "o")] + \
+        [sketch if a == "SKETCH" else a for a in extra if a != "OTHER"]
     with pytest.raises(common.UserError, match=words):
         common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion", "shapes",
                           cd.with_composition(argv), check=cd.check_args)
+    assert not (tmp_path / "o").exists()  # refused before the run folder is made
 
 
 def test_ssim_is_wang_et_al_2004_on_known_values():
