@@ -1943,7 +1943,8 @@ class Released(nn.Module):
 
     def __init__(self, kind, text=None):
         super().__init__()
-        self.kind, self.conditions, self.size = kind, RELEASE_CONDITIONS[kind], 256
+        self.kind, self.conditions = kind, RELEASE_CONDITIONS[kind]
+        self.size = RELEASE_FLAGS[kind]["image_size"]
         self.unet = UNet(**RELEASE_FLAGS[kind])
         self.learn_sigma, self.text = True, text  # text: FarlText (frozen, not a submodule)
         self.has_null = kind == "face"  # the sketch model never learnt a null (official a = 0)

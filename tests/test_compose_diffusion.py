@@ -1208,16 +1208,19 @@ def test_released_full_size_models_have_the_official_counts(capsys):
 
 
 TINY_RELEASE = dict(cd.RELEASE_TRUNK, num_channels=32, num_res_blocks=1,
-                    channel_mult="1,1,1,1,1,1", attention_resolutions="8", num_head_channels=32,
-                    use_fp16=False)
+                    channel_mult="1,1,1,1", attention_resolutions="2", num_head_channels=32,
+                    use_fp16=False)   # attention where the image is 1/8 wide (and in the middle)
 
 
-def tiny_release(monkeypatch, folder, kinds=("face", "sketch")):
-    """Released files of a small trunk (256 px, as the release) with random weights, at their
-    released names in `folder`; RELEASE_FLAGS point at that trunk. Returns the face file path."""
+def tiny_release(monkeypatch, folder, kinds=("face", "sketch"), size=256):
+    """Released files of a small trunk (256 px as the release, or `size`: 64 to save time) with
+    random weights, at their released names in `folder`; RELEASE_FLAGS (and RELEASE_ARGS' size)
+    point at that trunk. Returns the face file path."""
+    trunk = dict(TINY_RELEASE, image_size=size)
     monkeypatch.setattr(cd, "RELEASE_FLAGS", {
-        "face": dict(TINY_RELEASE, map_channels=6, convert_map=True, block_cond_dim=512),
-        "sketch": dict(TINY_RELEASE, map_channels=3)})
+        "face": dict(trunk, map_channels=6, convert_map=True, block_cond_dim=512),
+        "sketch": dict(trunk, map_channels=3)})
+    monkeypatch.setattr(cd, "RELEASE_ARGS", dict(cd.RELEASE_ARGS, size=size))
     torch.manual_seed(0)
     for kind in kinds:
         net = cd.UNet(**cd.RELEASE_FLAGS[kind])
@@ -1251,7 +1254,7 @@ def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch
     """One face-model forward on the rows [skin | hair | text | null] (a text row turns the
     second modulation on for all), one sketch-model forward, and the release's literals:
     two + sketch 1.2, 1.2, 0.6, -2.0; face + hair + text 1, 1, 1.25, -2.25."""
-    face_path = tiny_release(monkeypatch, tmp_path)
+    face_path = tiny_release(monkeypatch, tmp_path, size=64)
     monkeypatch.setattr(cd, "FarlText", StubFarl)   # its file is recognised, its tower stubbed
     torch.save({"state_dict": {"token_embedding.weight": torch.zeros(1)}},
                tmp_path / cd.RELEASE_FILES["farl"])
@@ -1261,11 +1264,12 @@ def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch
     flags = {"skin": ["--skin_map", files["skin_map"]], "hair": ["--hair_map", files["hair_map"]],
              "sketch": ["--sketch", files["sketch"]], "text": ["--text", "she has blonde hair"]}
     argv = ["--sample", "--init_from", face_path, "--composition", "official-faces",
-            "--sample_steps", "2", "--batch_size", "1", "--out_dir", str(tmp_path / "out")]
+            "--sample_steps", "2", "--batch_size", "1", "--size", "64",
+            "--out_dir", str(tmp_path / "out")]
     argv += [a for c in given.split(",") for a in flags[c]]
     args = common.parse_args(cd.build_parser(), cd.PRESETS, "compose_diffusion", "shapes",
                              cd.with_composition(argv), check=cd.check_args)
-    assert (args.data, args.size, args.sampler, args.eta) == ("mm-celeba-hq", 256, "ddim", 0)
+    assert (args.data, args.sampler, args.eta) == ("mm-celeba-hq", "ddim", 0)
     assert (args.noise_schedule, args.diffusion_steps) == ("linear", 1000)
     models, scheds = cd.load_release(args, torch.device("cpu"))
     assert set(models) == ({"face", "sketch"} if "sketch" in given else {"face"})
@@ -1273,14 +1277,15 @@ def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch
     batch = cd.command_line_conditions(args, 1, "cpu")
     w, a, low = setup.weights()
     comp = setup.composed(batch, w, a, low)
-    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    hw = (args.size, args.size)
+    x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(3))
     step = comp.ref.num_steps - 1
     t = torch.full((1,), int(comp.ref.timestep_map[step]))
     with torch.no_grad():
         eps, _ = comp.eps_and_var(x, step)
         # by hand, as diff_test.py: maps in [-1, 1] x 3 channels, zeros where not carried
-        skin = 2 * batch["skin"].expand(1, 3, 256, 256) - 1
-        hair = 2 * batch["hair"].expand(1, 3, 256, 256) - 1
+        skin = 2 * batch["skin"].expand(1, 3, *hw) - 1
+        hair = 2 * batch["hair"].expand(1, 3, *hw) - 1
         zero = torch.zeros_like(skin)
         text = StubFarl(None, None)(["x"]) if "text" in given else torch.zeros(1, 512)
         rows = [(skin, zero, 0 * text), (zero, hair, 0 * text)]
@@ -1291,8 +1296,8 @@ def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch
         out = models["face"].unet(x.repeat(len(rows), 1, 1, 1), t.repeat(len(rows)),
                                   cond_map=maps, cond_vec=vecs)[:, :3]
         if "sketch" in given:
-            sk = models["sketch"].unet(x, t, cond_map=2 * batch["sketch"].expand(1, 3, 256,
-                                                                                 256) - 1)[:, :3]
+            sk = models["sketch"].unet(x, t, cond_map=2 * batch["sketch"].expand(1, 3, *hw)
+                                       - 1)[:, :3]
             by_hand = 1.2 * out[0] + 1.2 * out[1] + 0.6 * sk[0] - 2.0 * out[2]
         else:
             by_hand = out[0] + out[1] + 1.25 * out[2] - 2.25 * out[3]
@@ -1315,10 +1320,10 @@ def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch
 def test_the_released_sketch_model_samples_alone(tmp_path, monkeypatch):
     """No face model, no null anywhere: the sketch model's plain conditional prediction (as the
     release's sketch-only case), under the paper's uniform reliability."""
-    tiny_release(monkeypatch, tmp_path, kinds=("sketch",))
+    tiny_release(monkeypatch, tmp_path, kinds=("sketch",), size=64)
     cd.main(["--sample", "--init_from", str(tmp_path / cd.RELEASE_FILES["sketch"]), "--sketch",
-             grey_png(tmp_path / "s.png", slice(100, 102)), "--sample_steps", "2",
-             "--batch_size", "1", "--out_dir", str(tmp_path / "out")])
+             grey_png(tmp_path / "s.png", slice(100, 108)), "--sample_steps", "2",
+             "--batch_size", "1", "--size", "64", "--out_dir", str(tmp_path / "out")])
     assert (tmp_path / "out" / "experts.txt").read_text().startswith(
         "rows: sketch | sketch expert alone\n")
 
