@@ -1820,7 +1820,12 @@ def read_release(path):
     "face", "sketch" or "farl", recognised by its keys; one sentence for anything else."""
     import pickle
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # files in the legacy (non-zip) format cannot be mapped
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise common.UserError(f"--init_from {path} needs Python code from its pickle to load, "
                                f"which is never run (weights_only=True); if you trust the file, "

@@ -1358,6 +1358,9 @@ def test_released_files_are_recognised_by_their_keys_and_anything_else_refused(t
     for name, (state, kind) in cases.items():
         torch.save(state, tmp_path / name)
         assert cd.read_release(str(tmp_path / name))[1] == kind
+        # the same in torch's legacy (non-zip) format, which cannot be memory-mapped
+        torch.save(state, tmp_path / f"legacy_{name}", _use_new_zipfile_serialization=False)
+        assert cd.read_release(str(tmp_path / f"legacy_{name}"))[1] == kind
     refused = {"adm.pt": (adm, "guided-diffusion"),
                "vit.pth": ({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, "CLIP text"),
                "other.pt": ({"fc.weight": torch.zeros(1)}, "not a released Unite and Conquer"),
