@@ -148,7 +148,8 @@ def build_parser():
     p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
                    help="1: frozen CLIP text tower, VGG, Inception, LPIPS (download once)")
     p.add_argument("--bench", type=int, default=None,
-                   help="time N training steps on one batch (fp32 eager vs --dtype/--compile)")
+                   help="time N training steps on one batch (fp32 eager vs --dtype/--compile), "
+                        "write bench.json")
     return p
 
 
@@ -1266,7 +1267,13 @@ def bench(args):
         return lambda: train_step(G, D, opt_g, opt_d, batch["image"], cond, next(counter), args,
                                   run, image_net)
 
-    common.bench_training(args, rt, make_step)
+    result = {"training": common.bench_training(args, rt, make_step)}
+    path = os.path.join(args.out_dir, "bench.json")   # as the other scripts' --bench
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
 
 
 def main(argv=None):

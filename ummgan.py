@@ -143,7 +143,8 @@ def build_parser():
     p.add_argument("--pretrained", type=int, default=None, choices=[0, 1],
                    help="FID with the pretrained Inception (downloads once)")
     p.add_argument("--bench", type=int, default=None,
-                   help="time N training steps at --size (fp32 eager vs --dtype/--compile)")
+                   help="time N training steps at --size (fp32 eager vs --dtype/--compile), "
+                        "write bench.json")
     p.add_argument("--chars", default=None,
                    help="letters: the characters, e.g. AB (Fig. 7), ABC, or all (the 62 of Fig. 9)")
     return p
@@ -933,7 +934,13 @@ def bench(args):
         opt_g, opt_d = optimizers(G, D, args)
         return lambda: train_step(G, D, opt_g, opt_d, images, labels, 0, args, run)
 
-    common.bench_training(args, rt, make_step)
+    result = {"training": common.bench_training(args, rt, make_step)}
+    path = os.path.join(args.out_dir, "bench.json")   # as the other scripts' --bench
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
 
 
 def flags_from_checkpoint(args, argv):

@@ -695,13 +695,17 @@ def run_main(argv, capsys):
     return code, out.out, out.err
 
 
-def test_bench_runs_the_training_step_on_shapes_and_on_a_synthetic_paper_batch(capsys):
+def test_bench_runs_the_training_step_on_shapes_and_on_a_synthetic_paper_batch(capsys,
+                                                                                 tmp_path):
     for extra, dtypes in ((["--dtype", "bfloat16"], ["float32", "bfloat16"]),
                           (["--data", "mm-celeba-hq", "--text_width", "0", "--pretrained", "1",
                             "--cx_features", "random", "--size", "8"], ["float32"])):
-        code, out, err = run_main(TINY + ["--bench", "1"] + extra, capsys)
+        folder = tmp_path / str(len(extra))
+        code, out, err = run_main(TINY + ["--bench", "1", "--out_dir", str(folder)] + extra,
+                                  capsys)
         assert code == 0, err
         rows = json.loads(out.strip().splitlines()[-1])["bench"]
+        assert json.loads((folder / "bench.json").read_text())["training"]["bench"] == rows
         assert [r["dtype"] for r in rows] == dtypes
         assert all(r["img_per_s"] > 0 for r in rows)
 

@@ -341,7 +341,7 @@ def test_image_mean_depends_on_the_last_style_only():
     torch.testing.assert_close(a.mean((1, 2, 3)), b.mean((1, 2, 3)), atol=1e-5, rtol=0)  # ... not its mean
 
 
-def test_bench_times_training_at_full_size(capsys, monkeypatch):
+def test_bench_times_training_at_full_size(capsys, monkeypatch, tmp_path):
     steps = []
     train_step = ummgan.train_step
 
@@ -351,8 +351,11 @@ def test_bench_times_training_at_full_size(capsys, monkeypatch):
     monkeypatch.setattr(ummgan, "train_step", recorded)
     for extra in ([], ["--data", "folder", "--mode", "smm", "--K", "2"]):
         steps.clear()
-        ummgan.main(["--bench", "1", "--batch_size", "4", *RUN_TINY, *extra])
-        capsys.readouterr()
+        out = tmp_path / str(len(extra))
+        ummgan.main(["--bench", "1", "--batch_size", "4", "--out_dir", str(out), *RUN_TINY,
+                     *extra])
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert json.loads((out / "bench.json").read_text())["training"] == printed
         assert len(steps) == 3 + 1 + 1               # warm-up, the FLOP count, timed; one dtype
         assert all(s["res"] == 32 and s["alpha"] == 1.0 for s in steps)   # no growing
         if "smm" in extra:
