@@ -1573,9 +1573,7 @@ def bench(args, reps=3):
     result = {"training": common.bench_training(args, rt, make_step),
               "outer_iteration": bench_outer(args, rt, items),
               "search": bench_search(args, rt, items, reps)}
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    common.write_bench(args, result)
     print(json.dumps(result["outer_iteration"]))
     print(json.dumps(result["search"]))
     return result

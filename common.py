@@ -493,6 +493,16 @@ def bench_training(args, rt, make_step, warmup=3):
     return summary
 
 
+def write_bench(args, result):
+    """--bench's results, --out_dir/bench.json (written whole, then renamed: never half a file)."""
+    path = os.path.join(args.out_dir, "bench.json")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # Data feeding: an endless, resumable stream of batches
 # ----------------------------------------------------------------------------------------------

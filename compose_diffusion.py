@@ -2160,14 +2160,14 @@ def training_flops(args, expert):
     """common.count_flops of one training image of a (meta-device) expert: its diffusion loss
     with every condition given, forward and backward. A CLIP text expert's embedding is given
     (the frozen CLIP image tower that makes it in training is not counted); a tiny text tower
-    trains with its expert and is counted."""
+    trains with its expert and is counted, here on the null caption's tokens (a caption's
+    shapes, so its cost)."""
     size, device = args.size, next(expert.parameters()).device
     x0 = torch.zeros(1, 3, size, size, device=device)
     batch = {"image": x0, "label": torch.zeros(1, size, size, dtype=torch.long, device=device),
              "sketch": torch.zeros(1, 1, size, size, device=device),
-             "class": torch.zeros(1, dtype=torch.long, device=device), "caption": ["a caption"]}
-    cond = condition_inputs(expert, batch, text_from="caption" if expert.tiny_text else None,
-                            validate=False)
+             "class": torch.zeros(1, dtype=torch.long, device=device)}
+    cond = condition_inputs(expert, batch, text_from=None, validate=False)
     if expert.clip_text:
         cond["cond_vec"] = torch.zeros(1, CLIP_DIM, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
@@ -2205,10 +2205,7 @@ def bench(args):
 
     out = {"training": common.bench_training(args, rt, make_step),
            "sampling": bench_sampling(args, rt, rounds=args.bench)}
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    return out
+    return common.write_bench(args, out)
 
 
 @torch.no_grad()

@@ -1383,12 +1383,7 @@ def bench(args):
     result = {"training": common.bench_training(args, rt, make_step),
               "inference": inference_cost(args, rt, batch)}
     print(json.dumps(result["inference"]))
-    path = os.path.join(args.out_dir, "bench.json")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return result
+    return common.write_bench(args, result)
 
 
 def generator_flops(args, num_inst):

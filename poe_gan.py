@@ -1267,13 +1267,7 @@ def bench(args):
         return lambda: train_step(G, D, opt_g, opt_d, batch["image"], cond, next(counter), args,
                                   run, image_net)
 
-    result = {"training": common.bench_training(args, rt, make_step)}
-    path = os.path.join(args.out_dir, "bench.json")   # as the other scripts' --bench
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return result
+    return common.write_bench(args, {"training": common.bench_training(args, rt, make_step)})
 
 
 def main(argv=None):

@@ -934,13 +934,7 @@ def bench(args):
         opt_g, opt_d = optimizers(G, D, args)
         return lambda: train_step(G, D, opt_g, opt_d, images, labels, 0, args, run)
 
-    result = {"training": common.bench_training(args, rt, make_step)}
-    path = os.path.join(args.out_dir, "bench.json")   # as the other scripts' --bench
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return result
+    return common.write_bench(args, {"training": common.bench_training(args, rt, make_step)})
 
 
 def flags_from_checkpoint(args, argv):

@@ -1473,7 +1473,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
 
 def test_bench_times_training_steps_and_sampling_in_one_json(tmp_path, capsys):
     out = str(tmp_path / "bench")
-    cd.main(TINY + ["--bench", "1", "--out_dir", out, "--experts", "label"])
+    cd.main(TINY + ["--bench", "1", "--out_dir", out])   # label and caption experts
     result = json.load(open(os.path.join(out, "bench.json")))
     rows = result["training"]["bench"]
     assert [r["dtype"] for r in rows] == ["float32"] and rows[0]["img_per_s"] > 0
@@ -1482,6 +1482,12 @@ def test_bench_times_training_steps_and_sampling_in_one_json(tmp_path, capsys):
     ratios = result["sampling"]["results"]["N=2"]
     assert ratios["bare_forwards"]["ratio_to_bare"] == 1.0
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+    # the FLOPs the bench counted on its training step (both experts, each its own image) are
+    # the sum of what --dry_run counts per expert (text tower included)
+    args = tiny_args()
+    per_expert = [cd.training_flops(args, e) for e in cd.build_experts(args, 5).values()]
+    assert abs(result["training"]["gflops_per_img"] - sum(per_expert) / 1e9) < \
+        1e-3 * sum(per_expert) / 1e9
     with pytest.raises(common.UserError, match="--bench must be at least 1"):
         cd.main(TINY + ["--bench", "0", "--out_dir", out])
 
