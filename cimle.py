@@ -1005,18 +1005,39 @@ def inner_step(G, distance, opt, sched, items, codes, it, args, rt, cache=None):
         else:
             prepared = {"feats": {k: v[pick] for k, v in cache["feats"].items()},
                         "mask": None if cache["mask"] is None else cache["mask"][pick]}
-        x = cond[pick].to(rt.device)
-        if args.baseline == "crn":  # Chen & Koltun's loss over the K images of each layout
-            classes = F.one_hot(x, args.num_classes).permute(0, 3, 1, 2).float()
-            loss = distance.hindsight(G(x, None), prepared, classes).mean()
-        else:
-            loss = distance(G(x, z), prepared).mean()
+        loss = example_losses(G, distance, cond[pick].to(rt.device), z, prepared, args).mean()
     opt.zero_grad(set_to_none=True)
     rt.scaler.scale(loss).backward()
     rt.scaler.step(opt)
     rt.scaler.update()
     sched.step()
     return loss.detach()
+
+
+def example_losses(G, distance, x, z, prepared, args):
+    """The inner step's loss of each example: L(T(x, z), y), or for --baseline crn Chen &
+    Koltun's hindsight loss over the K images of each layout (z unused)."""
+    if args.baseline == "crn":
+        classes = F.one_hot(x, args.num_classes).permute(0, 3, 1, 2).float()
+        return distance.hindsight(G(x, None), prepared, classes)
+    return distance(G(x, z), prepared)
+
+
+def training_flops(args):
+    """common.count_flops of one training image of an inner step (example_losses forward and
+    backward; the optimiser's element-wise update is not counted), on shape-only tensors (meta
+    device), so the paper presets count in a second on a CPU. The target's features are not
+    counted: they are computed once per outer iteration (prepare_subset), as in --bench's timed
+    step. A random-weight VGG-19 costs what the pretrained one does."""
+    meta = torch.device("meta")
+    cond, target, mask = to_device(bench_inputs(args, 1, torch.device("cpu")), meta)
+    with meta:
+        G = build_generator(args)
+        distance = make_distance(args, meta, pretrained=False)
+    z = torch.zeros((1, *G.latent_shape(cond)), device=meta)  # a code's shape, so its cost
+    prepared = distance.prepare(target, mask)
+    return common.count_flops(
+        lambda: example_losses(G, distance, cond, z, prepared, args).mean().backward())
 
 
 @torch.no_grad()
@@ -1056,12 +1077,15 @@ def to_device(items, device):
     return tuple(None if x is None else x.to(device) for x in items)
 
 
-def make_distance(args, device):
+def make_distance(args, device, pretrained=None):
+    """The run's Distance; pretrained (default --pretrained) False: a random-weight VGG-19 (the
+    same cost, offline: --bench, training_flops)."""
     vgg = None
-    if args.distance != "pixel":  # --pretrained 0 only under --bench: the same cost, offline
+    if args.distance != "pixel":
+        pretrained = bool(args.pretrained) if pretrained is None else pretrained
         # layouts: DISL's MatConvNet VGG-19 average-pools (torchvision's weights either way)
         pool = "avg" if args.task == "layout" and args.layout_vgg == "matconvnet" else "max"
-        vgg = common.VGG19(pretrained=bool(args.pretrained), pool=pool).to(device).eval()
+        vgg = common.VGG19(pretrained=pretrained, pool=pool).to(device).eval()
         vgg.requires_grad_(False)
     return Distance(args.task, args.distance, device, vgg, args.layout_vgg)
 
@@ -1722,6 +1746,8 @@ def dry_run(args):
         count = common.count_params(net)
         print(f"{name}: {count:,} parameters; official network ~{ref / 1e6:.2f}M "
               f"(ratio {count / ref:.4f})")
+    print(f"training: {training_flops(args) / 1e9:,.1f} GFLOP per image of an inner step "
+          f"(forward and backward; --size {args.size}, --distance {args.distance})")
     common.print_dry_run(nets)
 
 

@@ -1017,6 +1017,38 @@ def test_bench_times_inner_steps_and_the_search_offline_under_the_asked_dtype(tm
     assert (search["S"], search["m"], search["distance"]) == (3, 4, "vgg")
 
 
+def test_dry_run_flops_are_the_inner_steps_and_the_benchs(tmp_path, capsys):
+    """--dry_run's FLOPs per training image (training_flops, counted on the meta device) equal
+    common.count_flops of a real inner step on the CPU, per image: layouts with the VGG distance,
+    the CRN baseline's hindsight loss, SR; and --bench's training row. The
+    target's features are cached (prepare_subset), so a step does not pay for them."""
+    cpu = torch.device("cpu")
+    small = ["--size", "16", "--crn_channels", "8,8,8", "--encoder_channels", "4",
+             "--noise_channels", "3", "--S", "5", "--batch_size", "2", "--crn_images", "3"]
+    for argv in (["--data", "gta5"] + small, ["--data", "gta5", "--baseline", "crn"] + small,
+                 ["--data", "folder", "--size", "16", "--nf", "4", "--gc", "4", "--n_blocks", "1",
+                  "--S", "3", "--batch_size", "2"]):
+        args = flags_only(argv)
+        rt = common.setup_runtime(args)
+        items = cimle.bench_inputs(args, args.S, cpu)
+        G = cimle.build_generator(args)
+        codes = torch.randn((args.S, *G.latent_shape(items[0])))
+        distance = cimle.make_distance(args, cpu, pretrained=False)
+        opt, sched = cimle.make_optimiser(G, args)
+        cache = cimle.prepare_subset(distance, items, args, rt)
+        real = common.count_flops(lambda: cimle.inner_step(
+            G, distance, opt, sched, items, codes, args.pretrain_iters, args, rt, cache))
+        assert cimle.training_flops(args) * args.batch_size == real > 0, argv
+    cimle.main(["--data", "gta5", "--dry_run"])
+    assert "training: 6,771.5 GFLOP per image" in capsys.readouterr().out  # 256x512, README
+    out = str(tmp_path / "bench")
+    cimle.main(["--data", "folder", "--pretrained", "0", "--size", "16", "--nf", "4", "--gc", "4",
+                "--n_blocks", "1", "--S", "2", "--m", "2", "--batch_size", "2", "--L", "1",
+                "--search_examples", "1", "--bench", "1", "--out_dir", out])
+    bench = json.load(open(os.path.join(out, "bench.json")))["training"]
+    assert bench["gflops_per_img"] == common.significant(cimle.training_flops(args) / 1e9)
+
+
 def test_checkpoints_of_another_method_or_network_are_refused(tmp_path):
     out = str(tmp_path / "run")
     cimle.main(TINY_LAYOUT + ["--iters", "1", "--out_dir", out])
