@@ -1026,7 +1026,7 @@ def example_losses(G, distance, x, z, prepared, args):
 def training_flops(args):
     """common.count_flops of one training image of an inner step (example_losses forward and
     backward; the optimiser's element-wise update is not counted), on shape-only tensors (meta
-    device), so the paper presets count in a second on a CPU. The target's features are not
+    device), so the paper presets count in seconds on a CPU. The target's features are not
     counted: they are computed once per outer iteration (prepare_subset), as in --bench's timed
     step. A random-weight VGG-19 costs what the pretrained one does."""
     meta = torch.device("meta")
