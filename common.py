@@ -668,12 +668,19 @@ def no_checkpoint_sentence(path):
             f"--out_dir at the run folder.")
 
 
+# The flags that fix a run's stream of batches (batch_stream: seed, batch number, index), checked
+# on --resume beside the architecture. --iters, learning rates and logging may change.
+RESUME_KEYS = ("data", "seed", "batch_size")
+
+
 def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, restore_rng=True,
                     rt=None):
     """Load a checkpoint written by `save_checkpoint` into `objects`; return the whole dict.
 
     Refuses, with one sentence, a missing or unreadable file, a checkpoint of another method, and
     one whose architecture flags (`arch_keys` of `config`) differ from the ones asked for now.
+    A resume (restore_rng) also refuses other RESUME_KEYS: with another dataset, seed or global
+    batch the continued run would silently differ from the uninterrupted one.
     """
     require(os.path.isfile(path), no_checkpoint_sentence(path))
     try:
@@ -686,7 +693,8 @@ def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, resto
         raise UserError(f"{path} was written by {other or 'something else'}, not {method}.py.")
     if config is not None:
         saved = ckpt.get("config", {})
-        diff = [k for k in arch_keys if saved.get(k) != config.get(k)]
+        keys = list(arch_keys) + [k for k in RESUME_KEYS if restore_rng and k not in arch_keys]
+        diff = [k for k in keys if saved.get(k) != config.get(k)]
         if diff:
             shown = ", ".join(f"--{k} {saved.get(k)} (asked: {config.get(k)})"
                               for k in diff)

@@ -909,7 +909,27 @@ def dry_run(args):
     else:
         print(f"sMM-GAN K={args.K}: G adds {added} (constants 4*4*{c4}*(K-1)), D adds "
               f"{common.count_params(D) - common.count_params(D1)} (K-way classifier)")
+    print(f"training: {training_flops(args) / 1e9:,.1f} GFLOP per image of a training step "
+          f"(D with R1, then G; forward and backward; {args.size}², batch {args.batch_size})")
     common.print_dry_run({"G": G, "D": D})
+
+
+def training_flops(args):
+    """common.count_flops of train_step per image, as --bench counts it (the full --size, alpha
+    1, --batch_size images; R1 when --r1_gamma > 0), on shape-only tensors (meta device): the
+    paper preset counts in seconds on a CPU. Element-wise work is not counted. A step that
+    draws style mixing (probability --mixing_prob) also maps a second z: one more pass of the
+    mapping network, under 0.01 % of the paper preset's step."""
+    meta = torch.device("meta")
+    full = type(args)(**{**vars(args), "progressive": 0})  # as --bench: the final resolution
+    with meta:
+        G, D = build(full, meta)
+    opt_g, opt_d = optimizers(G, D, full)
+    images = torch.zeros(full.batch_size, full.channels, full.size, full.size, device=meta)
+    labels = torch.zeros(full.batch_size, dtype=torch.long, device=meta)
+    run = common.Runtime(meta, torch.float32)
+    flops = common.count_flops(lambda: train_step(G, D, opt_g, opt_d, images, labels, 0, full, run))
+    return flops / full.batch_size
 
 
 def bench(args):

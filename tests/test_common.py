@@ -262,6 +262,30 @@ def test_foreign_or_mismatched_checkpoints_are_refused_with_one_sentence(tmp_pat
         common.load_checkpoint(str(tmp_path / "junk.pt"), "cimle")
 
 
+def test_resume_refuses_another_dataset_seed_or_batch_but_sampling_does_not(tmp_path, capsys):
+    """The batches of a run are a function of (seed, batch number, index): a --resume with another
+    --seed, --batch_size or --data would continue another run, so it is refused (a forgotten
+    --seed was taken silently before); --iters may grow, and --sample / --eval load any seed."""
+    path = str(tmp_path / "ckpt.pt")
+    config = {"data": "shapes", "seed": 2, "batch_size": 4, "lr": 1e-3}
+    common.save_checkpoint(path, "toy", config, 5, {"m": nn.Linear(2, 2)})
+    for key, other in (("seed", 0), ("batch_size", 8), ("data", "hshape")):
+        with pytest.raises(common.UserError, match=rf"--{key} {config[key]} \(asked: {other}\)"):
+            common.load_checkpoint(path, "toy", {**config, key: other})
+        common.load_checkpoint(path, "toy", {**config, key: other}, restore_rng=False)
+    common.load_checkpoint(path, "toy", {**config, "lr": 1e-4})  # a new rate is the user's call
+    ummgan = __import__("ummgan")  # end to end: a resume that forgot the run's --seed
+    out = str(tmp_path / "run")
+    ummgan.main(["--iters", "1", "--seed", "2", "--out_dir", out])
+    capsys.readouterr()  # the progress bar
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    status, err = exit_of("ummgan", ["--resume", "--iters", "2", "--out_dir", out], capsys)
+    assert (status, err) == (2, f"error: {out}/ckpt.pt was trained with --seed 2 (asked: 0); "
+                                f"pass the same flags to use it.\n")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    ummgan.main(["--resume", "--iters", "2", "--seed", "2", "--out_dir", out])
+
+
 def test_a_checkpoint_keeps_the_training_flags_and_drops_the_run_mode_flags(tmp_path):
     """--sample and --eval rebuild networks from the saved config: it must hold what was trained
     (widths, data) and nothing that says what the saving command did (resume, device, ...)."""

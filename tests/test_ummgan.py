@@ -349,17 +349,24 @@ def test_bench_times_training_at_full_size(capsys, monkeypatch, tmp_path):
         steps.append(train_step(*a, **k))
         return steps[-1]
     monkeypatch.setattr(ummgan, "train_step", recorded)
-    for extra in ([], ["--data", "folder", "--mode", "smm", "--K", "2"]):
+    for extra in ([], ["--data", "folder", "--mode", "smm", "--K", "2", "--mixing_prob", "1"]):
         steps.clear()
         out = tmp_path / str(len(extra))
-        ummgan.main(["--bench", "1", "--batch_size", "4", "--out_dir", str(out), *RUN_TINY,
-                     *extra])
+        argv = ["--batch_size", "4", *RUN_TINY, *extra]
+        ummgan.main(["--bench", "1", "--out_dir", str(out), *argv])
         printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert json.loads((out / "bench.json").read_text())["training"] == printed
         assert len(steps) == 3 + 1 + 1               # warm-up, the FLOP count, timed; one dtype
         assert all(s["res"] == 32 and s["alpha"] == 1.0 for s in steps)   # no growing
         if "smm" in extra:
             assert all(s["cls_d"] > 0 for s in steps)            # D's classifier is trained too
+        # --dry_run's count on shape-only tensors is the real step's (style mixing drawn always
+        # or never here: a mixed step also maps a second z)
+        args = common.parse_args(ummgan.build_parser(), ummgan.PRESETS, "ummgan", "hshape",
+                                 argv + ["--dry_run"])
+        assert printed["gflops_per_img"] == common.significant(ummgan.training_flops(args) / 1e9)
+    ummgan.main(["--data", "folder", "--dry_run"])
+    assert "training: 627.4 GFLOP per image" in capsys.readouterr().out  # the README's figure
 
 
 def test_bad_input_gives_one_sentence_and_exit_2(tmp_path, capsys):
