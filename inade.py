@@ -563,14 +563,15 @@ class ReconstructionLoss(nn.Module):
     it by a pixel L1 (our choice, for runs without the pretrained VGG: a random VGG's features
     carry no perceptual meaning)."""
 
-    def __init__(self, kind, pretrained):
+    def __init__(self, kind, pretrained, weights=True):
         super().__init__()
         self.kind = kind
         if kind.startswith("vgg") and not pretrained:
             raise common.UserError(f"--perceptual {kind} needs the pretrained VGG-19 (--pretrained "
                                    f"1); without it use --perceptual l1 or off.")
-        if kind.startswith("vgg"):
-            self.vgg = common.VGG19(pretrained=bool(pretrained), normalize=False)
+        if kind.startswith("vgg"):  # weights=False: the same VGG-19 with random weights, for
+            # counting FLOPs (the same cost, no download: training_flops)
+            self.vgg = common.VGG19(pretrained=bool(pretrained) and weights, normalize=False)
             self.weights = VGG_WEIGHTS[kind]
 
     def forward(self, fake, real):
@@ -1344,6 +1345,10 @@ def dry_run(args):
                                              f"{paper[1]:.2f} G" if paper else ""))
     if paper is not None:
         print(f"G {common.count_params(G) / 1e6:.2f}M parameters; paper Table 3/4: {paper[0]:.2f}M")
+    H, W = gen_hw(args)
+    nets = "G and D" if args.no_noise_remapping else "G, E and D"  # w/o PNR: no encoder
+    print(f"training: {training_flops(args) / 1e9:,.1f} GFLOP per image of a training step "
+          f"({nets} forward and backward; {H}x{W})")
     common.print_dry_run({"G": G, "E": E, "D": D})
 
 
@@ -1359,26 +1364,56 @@ def synthetic_batch(args, n, device):
     return common.to_device(dict(image=image, label=label, instance=inst), device)
 
 
-def bench(args):
-    """--bench N: training steps on one fixed batch (common.bench_training: fp32 eager, then the
-    asked --dtype / --compile)."""
-    rt = common.setup_runtime(args)
-    if args.data == "shapes":  # built-in: time on its real layouts (1-4 objects)
+def bench_batch(args, device):
+    """--bench's fixed batch of args.batch_size layouts: shapes' first training items (its real
+    layouts, 1-4 objects; sets args.num_classes), otherwise synthetic_batch. K counted on the
+    host, as the training loop does."""
+    if args.data == "shapes":
         ds = load_data(args, "train")
         fill_num_classes(args, ds)
         batch = common.to_device(torch.utils.data.default_collate(
-            [ds[i] for i in range(args.batch_size)]), rt.device)
+            [ds[i] for i in range(args.batch_size)]), device)
     else:
-        batch = synthetic_batch(args, args.batch_size, rt.device)
-    batch["num_instances"] = num_instances(batch["instance"])   # as the training loop does
+        batch = synthetic_batch(args, args.batch_size, device)
+    batch["num_instances"] = num_instances(batch["instance"])
+    return batch
+
+
+def bench_step(args, run, batch, compile_model=None, weights=True):
+    """Fresh networks, loss and optimisers on run.device (built there: under torch.device("meta")
+    they hold no memory), and a no-argument step: one train_step on `batch`. weights=False: the
+    perceptual VGG-19 with random weights (training_flops)."""
+    G, E, D = [common.prepare_model(m, run, compile_model, ddp=False) for m in build_models(args)]
+    rec = ReconstructionLoss(args.perceptual, args.pretrained, weights).to(run.device)
+    opt_g = torch.optim.Adam(list(G.parameters()) + list(E.parameters()), args.lr_g,
+                             betas=(args.beta1, args.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
+    return lambda: train_step(args, run, G, E, D, rec, opt_g, opt_d, batch)
+
+
+def training_flops(args):
+    """common.count_flops of one training image: one train_step on --bench's batch (bench_batch,
+    args.batch_size layouts) divided by its size: G and E forward, D on fakes and reals, the
+    perceptual VGG-19 on both, the G(+E) backward, then D's forward and backward on the detached
+    fakes. Element-wise work (the losses' arithmetic, Adam's update) is not counted. On
+    shape-only tensors (meta device), so the paper presets count in seconds on a CPU; the frozen
+    VGG-19 has random weights (the same cost, no download). --bench's gflops_per_img is the
+    same count of a real step."""
+    meta = torch.device("meta")
+    batch = common.to_device(bench_batch(args, torch.device("cpu")), meta)
+    with meta:
+        step = bench_step(args, common.Runtime(meta, torch.float32), batch, weights=False)
+    return common.count_flops(step) / args.batch_size
+
+
+def bench(args):
+    """--bench N: training steps on one fixed batch (bench_batch; common.bench_training: fp32
+    eager, then the asked --dtype / --compile)."""
+    rt = common.setup_runtime(args)
+    batch = bench_batch(args, rt.device)
 
     def make_step(run, compile_model):
-        G, E, D = [common.prepare_model(m, run, compile_model, ddp=False) for m in build_models(args)]
-        rec = ReconstructionLoss(args.perceptual, args.pretrained).to(rt.device)
-        opt_g = torch.optim.Adam(list(G.parameters()) + list(E.parameters()), args.lr_g,
-                                 betas=(args.beta1, args.beta2))
-        opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
-        return lambda: train_step(args, run, G, E, D, rec, opt_g, opt_d, batch)
+        return bench_step(args, run, batch, compile_model)
 
     result = {"training": common.bench_training(args, rt, make_step),
               "inference": inference_cost(args, rt, batch)}

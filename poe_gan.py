@@ -46,6 +46,7 @@ resampling (bilinear up, average-pool down here); FID is pytorch-fid's Inception
     python poe_gan.py --data mm-celeba-hq --bench 16 --dtype bfloat16  # img/s, memory
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -877,7 +878,9 @@ def train_step(G, D, opt_g, opt_d, real, cond, it, args, rt, image_net):
         # --compile (under DDP its gradients still reach d's parameters in this backward). Float32
         # even under --dtype bfloat16: R1's double backward through bf16 convolutions took 4.5x
         # the float32 time on an H200 (cuDNN; measured with ummgan.py's R1).
-        with torch.autocast(rt.device.type, enabled=False):
+        # (no autocast to switch off where the device has none: training_flops' meta device)
+        with torch.autocast(rt.device.type, enabled=False) \
+                if torch.amp.is_autocast_available(rt.device.type) else contextlib.nullcontext():
             logits, _ = d(real_r1, cond, mask, as_float32(encoded))
             r1 = common.r1_penalty(r1_score(logits).float(), real_r1)
         total_d = total_d + args.r1_gamma / 2 * r1 * args.r1_every      # lazy: scaled by interval
@@ -1238,34 +1241,76 @@ def evaluate(args):
 # Benchmark: --bench N
 # ----------------------------------------------------------------------------------------------
 
-def bench(args):
-    """--bench N: training steps on one fixed batch (common.bench_training). shapes times its own
-    items; the paper sets a synthetic batch of their shapes (random label cells, sketch = their
-    edges, one caption repeated) with the frozen networks at random weights (no download)."""
-    rt = common.setup_runtime(args)
-    info = dataset_info(args)
+def bench_batch(args, info):
+    """--bench's fixed batch of args.batch_size items, on the host: shapes' own items; for the
+    paper sets a synthetic batch of their shapes (random label cells, sketch = their edges, one
+    caption repeated)."""
     B, S = args.batch_size, args.size
     if args.data == "shapes":
         ds = load_data(args)
-        batch = torch.utils.data.default_collate([ds[i % len(ds)] for i in range(B)])
-    else:
-        g = torch.Generator().manual_seed(0)
-        cells = torch.randint(0, info["num_classes"], (B, 1, 8, 8), generator=g).float()
-        label = F.interpolate(cells, size=(S, S), mode="nearest")[:, 0].long()
-        batch = dict(image=torch.rand(B, 3, S, S, generator=g) * 2 - 1, label=label,
-                     sketch=data.instance_edges(label)[:, None].float(),
-                     caption=["This woman has wavy black hair and is smiling."] * B)
-    batch = common.to_device(batch, rt.device)
+        return torch.utils.data.default_collate([ds[i % len(ds)] for i in range(B)])
+    g = torch.Generator().manual_seed(0)
+    cells = torch.randint(0, info["num_classes"], (B, 1, 8, 8), generator=g).float()
+    label = F.interpolate(cells, size=(S, S), mode="nearest")[:, 0].long()
+    return dict(image=torch.rand(B, 3, S, S, generator=g) * 2 - 1, label=label,
+                sketch=data.instance_edges(label)[:, None].float(),
+                caption=["This woman has wavy black hair and is smiling."] * B)
+
+
+def bench_step(args, info, run, real, cond, image_net, compile_model=None, start=0):
+    """Fresh G, D and optimisers on run.device (built there: under torch.device("meta") they hold
+    no memory), and a no-argument step: one train_step on the fixed batch, at iterations start,
+    start + 1, ... (lazy R1 runs where --r1_every divides the iteration)."""
+    G, D = (common.prepare_model(m, run, compile_model, ddp=False) for m in build(args, info))
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    counter = itertools.count(start)
+    return lambda: train_step(G, D, opt_g, opt_d, real, cond, next(counter), args, run, image_net)
+
+
+# The iteration whose FLOPs --bench counts: common.bench_training counts the step after its three
+# warm-up steps (iterations 0-2), so no lazy R1 step unless --r1_every divides 3.
+COUNTED_ITER = 3
+
+
+def training_flops(args):
+    """common.count_flops of one training image: one train_step (iteration COUNTED_ITER, as
+    --bench counts it: no lazy R1 step at the presets' --r1_every 16) on --bench's batch
+    (bench_batch, args.batch_size items) divided by its size: G forward, the Eq. (11) image
+    features of reals and fakes, D on fakes for G's loss, G's backward, then D on reals and
+    fakes, D's backward. The conditions are prepared before the step, as in --bench and
+    training, so the frozen CLIP text tower is not counted (the small trained text tower is, in
+    G and D). Element-wise work (losses, Adam's update, gradient clipping) is not counted. On
+    shape-only tensors (meta device), so the paper presets count in seconds on a CPU; the frozen
+    networks have random weights (the same cost, no download). --bench's gflops_per_img is the
+    same count of a real step, except that on a CPU it misses the small text tower's attention
+    (the fused CPU attention kernel has no FLOP formula); here attention counts as the matrix
+    multiplies of its math path."""
+    meta, info = torch.device("meta"), dataset_info(args)
+    batch = bench_batch(args, info)
+    with meta:  # the networks, shape-only
+        cond_of = Conditioner(args, info, meta, weights=False)
+        image_net = make_image_net(args, meta, weights=False)
+    cond = cond_of(batch)  # labels checked and captions tokenised on the host, then to meta
+    run = common.Runtime(meta, torch.float32)
+    with meta:
+        step = bench_step(args, info, run, batch["image"].to(meta), cond, image_net,
+                          start=COUNTED_ITER)
+    return common.count_flops(step) / args.batch_size
+
+
+def bench(args):
+    """--bench N: training steps on one fixed batch (bench_batch; common.bench_training), the
+    frozen networks at random weights (no download)."""
+    rt = common.setup_runtime(args)
+    info = dataset_info(args)
+    batch = common.to_device(bench_batch(args, info), rt.device)
     cond = Conditioner(args, info, rt.device, weights=False)(batch)
     image_net = make_image_net(args, rt.device, weights=False)
 
     def make_step(run, compile_model):
-        G, D = (common.prepare_model(m, run, compile_model, ddp=False) for m in build(args, info))
-        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.99))
-        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.99))
-        counter = itertools.count()   # iterations 0, 1, ...: lazy R1 runs every r1_every-th
-        return lambda: train_step(G, D, opt_g, opt_d, batch["image"], cond, next(counter), args,
-                                  run, image_net)
+        # iterations 0, 1, ...: bench_training counts iteration COUNTED_ITER
+        return bench_step(args, info, run, batch["image"], cond, image_net, compile_model)
 
     return common.write_bench(args, {"training": common.bench_training(args, rt, make_step)})
 
@@ -1277,8 +1322,14 @@ def main(argv=None):
     if args.dry_run:
         G, D = build(args)
         nets = {"G": G, "D": D}
-        if args.pretrained and "text" in dataset_info(args)["modalities"]:
+        clip = args.pretrained and "text" in dataset_info(args)["modalities"]
+        if clip:
             print("text: frozen CLIP ViT-B/32 text tower, not counted in G or D")
+        r1 = args.r1_gamma > 0 and COUNTED_ITER % args.r1_every == 0
+        print(f"training: {training_flops(args) / 1e9:,.1f} GFLOP per image of a training step "
+              f"(G and D forward and backward, iteration {COUNTED_ITER}: "
+              + ("with" if r1 else "no") + " lazy R1" + ("; CLIP not counted" if clip else "")
+              + f"; {args.size}x{args.size}, batch {args.batch_size})")
         common.print_dry_run(nets)
         return
     if args.bench:

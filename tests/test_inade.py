@@ -252,7 +252,7 @@ def test_parameter_counts_match_tables_3_and_4(data, noise_nc, L, sh, paper, cap
     counts = json.loads(lines[-1])["params"]
     # Table 3/4 FLOPs = multiply-adds of G's convolutions and linear maps, to 0.035 G, except
     # DeepFashion (42.15 vs 42.92) and ADE20K (42.35 vs 42.19), pinned here as measured
-    macs = float(lines[-3].split("one image: ")[1].split(" G")[0])
+    macs = float(next(l for l in lines if "one image: " in l).split("one image: ")[1].split(" G")[0])
     flops_paper = inade.PAPER_COST[(data, noise_nc)][1]
     want_macs = {"deepfashion": 42.15, "ade20k": 42.35}.get(data, flops_paper)
     assert abs(macs - want_macs) <= 0.035, (macs, flops_paper)
@@ -860,6 +860,34 @@ def test_bench_writes_training_and_inference_cost(tmp_path):
     assert cost["G_flops_conv_linear"] == 2 * sum(macs) and cost["instances"] == K
     assert cost["G_flops"] == 2 * sum(macs) + 2 * sum(gathers)
     assert cost["G_seconds_per_image"] > 0 and result["training"]["bench"][0]["ms_per_step"] > 0
+
+
+def test_dry_run_flops_are_the_training_steps_and_the_benchs(tmp_path, capsys, no_init):
+    """--dry_run's FLOPs per training image (training_flops, counted on the meta device) equal
+    common.count_flops of a real train_step on the CPU, per image: with the encoder and the
+    perceptual VGG-19 (random weights: the pretrained one's cost), and w/o PNR with the pixel
+    L1; and --bench's gflops_per_img. No init (no_init): FLOPs depend on shapes only."""
+    cpu = torch.device("cpu")
+    for flags in (["--perceptual", "vgg", "--pretrained", "1"], ["--no_noise_remapping"]):
+        args = tiny_args("--batch_size", "2", *flags)
+        batch = shapes_batch(2)   # --bench's batch on shapes: its first two training layouts
+        batch["num_instances"] = inade.num_instances(batch["instance"])
+        G, E, D = inade.build_models(args)
+        rec = inade.ReconstructionLoss(args.perceptual, args.pretrained, weights=False)
+        opt_g = torch.optim.Adam(list(G.parameters()) + list(E.parameters()))
+        opt_d = torch.optim.Adam(D.parameters())
+        rt = common.Runtime(cpu, torch.float32)
+        real = common.count_flops(
+            lambda: inade.train_step(args, rt, G, E, D, rec, opt_g, opt_d, batch))
+        assert inade.training_flops(args) * 2 == real > 0, flags
+    inade.main(["--data", "deepfashion", "--dry_run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("training: 595.0 GFLOP per image")  # 256x256, batch 16
+    out = str(tmp_path / "bench")
+    inade.main(TINY + ["--batch_size", "2", "--bench", "1", "--out_dir", out])
+    bench = json.load(open(os.path.join(out, "bench.json")))["training"]
+    args = tiny_args("--batch_size", "2")
+    assert bench["gflops_per_img"] == common.significant(inade.training_flops(args) / 1e9) > 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -710,6 +710,49 @@ def test_bench_runs_the_training_step_on_shapes_and_on_a_synthetic_paper_batch(c
         assert all(r["img_per_s"] > 0 for r in rows)
 
 
+def test_dry_run_flops_are_the_training_steps_and_the_benchs(capsys, tmp_path):
+    """--dry_run's FLOPs per training image (training_flops, counted on the meta device) equal
+    common.count_flops of a real train_step at iteration 3 (--bench's counted step) on the CPU,
+    per image: shapes (the small text tower in G and D, the random conv features of Eq. 11; no
+    lazy R1) and a paper set (frozen CLIP text features made before the step, the VGG-19
+    features of Eq. 11, both at random weights; --r1_every 3: with the lazy R1 step, its double
+    backward); and --bench's gflops_per_img. The CPU's fused attention kernel has no FLOP
+    formula, so the real shapes step runs attention on the math path (its matrix multiplies, as
+    on the meta device)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cpu = torch.device("cpu")
+    paper = ["--data", "mm-celeba-hq", "--text_width", "0", "--pretrained", "1", "--size", "16",
+             "--r1_every", "3"]
+    for extra in ([], paper):
+        args, info, G, D = build_tiny("--batch_size", "2", *extra)
+        torch.manual_seed(0)
+        label = torch.randint(0, info["num_classes"], (2, args.size, args.size))
+        batch = dict(image=torch.rand(2, 3, args.size, args.size) * 2 - 1, label=label,
+                     sketch=data.instance_edges(label)[:, None].float(),
+                     caption=["a red circle and a blue square"] * 2)
+        if args.data == "shapes":   # --bench's batch: the first items (their captions' lengths)
+            batch = torch.utils.data.default_collate([data.get_dataset("shapes", size=32)[i]
+                                                      for i in range(2)])
+        cond = P.Conditioner(args, info, cpu, weights=False)(batch)
+        image_net = P.make_image_net(args, cpu, weights=False)
+        opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+        rt = common.Runtime(cpu, torch.float32)
+        with sdpa_kernel(SDPBackend.MATH):
+            real = common.count_flops(lambda: P.train_step(G, D, opt_g, opt_d, batch["image"],
+                                                           cond, 3, args, rt, image_net))
+        assert P.training_flops(args) * 2 == real > 0, extra
+    code, out, _ = run_main(["--dry_run", "--data", "mm-celeba-hq"], capsys)
+    assert code == 0
+    assert out.strip().splitlines()[-2].startswith("training: 1,001.3 GFLOP per image")  # batch 64
+    folder = tmp_path / "bench"
+    code, out, err = run_main(TINY + ["--batch_size", "2", "--bench", "1", "--out_dir",
+                                      str(folder)] + paper, capsys)
+    assert code == 0, err
+    bench = json.loads((folder / "bench.json").read_text())["training"]
+    args = tiny_args("--batch_size", "2", *paper)
+    assert bench["gflops_per_img"] == common.significant(P.training_flops(args) / 1e9) > 0
+
+
 def test_paper_presets_keep_the_papers_values():
     """What the paper experiments depend on (supp. values; a flag or preset value that silently
     changes moves one of these)."""
