@@ -143,7 +143,7 @@ def test_added_parameters_match_paper_count(capsys):
         g = json.loads(out[-1])["params"]["G"]
         added = 512 * K + 4 * 4 * 512 * (K - 1) + K
         assert g - stylegan_param_count(base) == added
-        assert f"G adds {added} parameters over StyleGAN (K=1)" in out[-2]  # the printed line
+        assert f"G adds {added} parameters over StyleGAN (K=1)" in out[-3]  # the printed line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -884,7 +884,7 @@ def test_dry_run_counts_what_smm_adds_to_d(capsys):
     StyleGAN D (K = 2, c4 = 16 here: 34)."""
     ummgan.main(["--data", "letters", *TINY, "--K", "2", "--mode", "smm", "--dry_run"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert "D adds 34 (K-way classifier)" in lines[-2]
+    assert "D adds 34 (K-way classifier)" in lines[-3]  # then the FLOPs, then the counts
     d_smm = json.loads(lines[-1])["params"]["D"]
     ummgan.main(["--data", "letters", *TINY, "--K", "1", "--dry_run"])
     assert d_smm - json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]["D"] \
