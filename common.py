@@ -2226,17 +2226,24 @@ def lpips_diversity(lpips_fn, samples, pairs="all", repeats=10, seed=0, batch_si
     - pairs="all": every pair of the M samples (the most samples for the least variance).
 
     None of the papers names the LPIPS backbone: the caller chooses (our default is lpips'
-    default, "alex").
+    default, "alex"). A tensor's pairs of all inputs go through lpips_fn together, batch_size
+    pairs per call (the same mean as one input at a time, in fewer calls).
     """
-    index_pairs, per_input = None, []
+    def distances(images, index):  # lpips_fn of the pairs index (P, 2) of images, as float64
+        move = (lambda x: x) if device is None else (lambda x: x.to(device))
+        return torch.cat([lpips_fn(move(images[c[:, 0]]), move(images[c[:, 1]]))
+                          for c in index.split(batch_size)]).double()
+
+    if torch.is_tensor(samples):
+        n, m = samples.shape[:2]
+        index = torch.tensor(diversity_pairs(m, pairs, repeats, seed))           # (P, 2)
+        index = (index + m * torch.arange(n).view(n, 1, 1)).flatten(0, 1)        # into (N*M) rows
+        return float(distances(samples.flatten(0, 1), index).view(n, -1).mean(1).mean())
+    index, per_input = None, []
     for group in samples:  # (M, C, H, W)
-        if device is not None:
-            group = group.to(device)
-        if index_pairs is None:
-            index_pairs = torch.tensor(diversity_pairs(len(group), pairs, repeats, seed))
-        dists = [lpips_fn(group[chunk[:, 0]], group[chunk[:, 1]])
-                 for chunk in index_pairs.split(batch_size)]
-        per_input.append(torch.cat(dists).double().mean().item())
-    return float(np.mean(per_input))
+        if index is None:
+            index = torch.tensor(diversity_pairs(len(group), pairs, repeats, seed))
+        per_input.append(distances(group, index).mean())
+    return float(torch.stack(per_input).mean())
 
 

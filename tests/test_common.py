@@ -1441,3 +1441,29 @@ def test_lpips_diversity_averages_over_pairs_then_inputs():
     assert abs(common.lpips_diversity(lp, same, pairs="random", repeats=4)) < 1e-7
 
 
+def test_lpips_diversity_batches_the_pairs_of_all_inputs():
+    # PoE-GAN's eval: one pair per input for a whole batch -> one LPIPS call, not one per input.
+    calls = []
+    lp = common.LPIPS("alex", pretrained=False)
+
+    def counted(a, b):
+        calls.append(len(a))
+        return lp(a, b)
+
+    samples = torch.rand(6, 2, 3, 32, 32) * 2 - 1
+    batched = common.lpips_diversity(counted, samples)
+    assert calls == [6]
+    one_by_one = common.lpips_diversity(counted, iter(samples))
+    assert calls[1:] == [1] * 6 and batched == pytest.approx(one_by_one, rel=1e-6)
+    calls.clear()  # 5 inputs x 6 pairs = 30 pairs, 8 per call; each input keeps its own pairs
+    values = (torch.arange(1.0, 6.0).view(5, 1) * torch.arange(4.0)).view(5, 4, 1, 1, 1)
+    values = values.expand(5, 4, 3, 8, 8)  # input n: 0, n, 2n, 3n -> mean |difference| 10n/6
+
+    def l1(a, b):
+        calls.append(len(a))
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+    spread = common.lpips_diversity(l1, values, batch_size=8)
+    assert calls == [8, 8, 8, 6] and spread == pytest.approx(10 / 6 * 3)
+
+
