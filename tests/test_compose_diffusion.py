@@ -1547,10 +1547,12 @@ def place_pretrained_stand_ins(hub):
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     path = tmp_path_factory.mktemp("torch_home") / "hub"  # TORCH_HOME/hub, as torch.hub reads
-    old = torch.hub.get_dir()
-    place_pretrained_stand_ins(path)
-    yield path
-    torch.hub.set_dir(old)
+    # Undone after the module as it was: set_dir cannot unset, and a pinned default would hide
+    # the TORCH_HOME that later tests set.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "_hub_dir", str(path))
+        place_pretrained_stand_ins(path)
+        yield path
 
 
 @pytest.fixture

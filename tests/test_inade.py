@@ -1381,10 +1381,11 @@ def stand_in_home(tmp_path_factory):
           "alexnet-owt-7be5be79.pth", "7be5be79")
     place({k: v for k, v in lpips.items() if k.startswith("lin")}, "lpips_v0.1_alex.pth",
           common.LPIPS_LIN_SHA256["alex"])
-    hub = torch.hub.get_dir()
-    torch.hub.set_dir(str(home / "hub"))
-    yield home
-    torch.hub.set_dir(hub)
+    # Undone after the module as it was: set_dir cannot unset, and a pinned default would hide
+    # the TORCH_HOME that later tests set.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "_hub_dir", str(home / "hub"))
+        yield home
 
 
 def torchrun(script, argv, torch_home):

@@ -573,10 +573,11 @@ def inception_home(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(common.FIDInception(pretrained=False).state_dict(),
                home / "hub" / "checkpoints" / os.path.basename(common.FID_INCEPTION_URL))
-    hub = torch.hub.get_dir()
-    torch.hub.set_dir(str(home / "hub"))
-    yield home
-    torch.hub.set_dir(hub)
+    # Undone after the module as it was: set_dir cannot unset, and a pinned default would hide
+    # the TORCH_HOME that later tests set.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "_hub_dir", str(home / "hub"))
+        yield home
 
 
 def fake_cats_dogs(root, n=4, size=80):
