@@ -647,15 +647,9 @@ def hshape_jaccard(widths, bins=20, threshold=0.5):
     and the true set is the cells whose centre is inside the H. Our reading of the paper's
     "Jaccard of thresholded PDFs" (thresholds not given).
     """
-    w = torch.as_tensor(widths, dtype=torch.float32).reshape(-1, 2)
-    cell = HSHAPE_MAX / bins
-    idx = (w / cell).floor().long()
-    ok = ((idx >= 0) & (idx < bins)).all(1)
-    counts = torch.bincount(idx[ok, 0] * bins + idx[ok, 1], minlength=bins * bins).float()
-    on = counts / max(len(w), 1) >= threshold * cell * cell / 1600
-    centres = (torch.arange(bins) + 0.5) * cell
+    on = hshape_support(widths, bins, threshold)  # (bins, bins), below with Fig. 6's other numbers
+    centres = (torch.arange(bins) + 0.5) * (HSHAPE_MAX / bins)
     truth = hshape_region(torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1)) >= 0
-    truth = truth.reshape(-1)
     return float((on & truth).sum()) / max(float((on | truth).sum()), 1.0)
 
 
