@@ -1982,8 +1982,8 @@ def shapes_composition_scores(images, batch):
 # ----------------------------------------------------------------------------------------------
 # uMM-GAN Fig. 6 on hshape: densities of the widths (w1, w2) read back from images, their
 # thresholded supports, and the Jaccard index between two of them. One binning rule for all
-# (the one of hshape_jaccard): a bins x bins grid over [0, 40]^2, widths outside it count in N
-# but in no cell.
+# (hshape_jaccard, against the true H, uses it too): a bins x bins grid over [0, 40]^2, widths
+# outside it count in N but in no cell.
 
 def hshape_density(widths, bins=20):
     """Share of the widths (N, 2) in each cell (bins, bins): row = w1 cell, column = w2 cell."""
