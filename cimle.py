@@ -265,6 +265,7 @@ def check_args(args):
     """Every cIMLE flag that can be out of range, after the presets are filled: one sentence each
     (common.UserError, exit 2), before the run folder, any data or any model is touched."""
     require = common.require
+    common.require_one_process_for_outputs(args)
     require(args.task in TASKS[args.data], f"--task {args.task} is not available on --data "
             f"{args.data}; it supports: {', '.join(TASKS[args.data])}.")
     common.at_least(args, 1, "S", "L", "search_examples", "z_channels", "nf",

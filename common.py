@@ -225,6 +225,15 @@ def check_common_flags(args):
                                       f"(got {peak}).")
 
 
+def require_one_process_for_outputs(args):
+    """For a script whose --sample / --eval do not deal their work out to torchrun's processes:
+    refuse a launch of several, where each would repeat all of it and write the same files."""
+    flag = "--eval" if args.eval else "--sample"
+    require(not ((args.sample or args.eval) and world_size() > 1),
+            f"{args.method}.py {flag} runs in one process and would be repeated whole by each of "
+            f"the {world_size()} processes of this torchrun launch: start it with python.")
+
+
 def check_batch_divides(args):
     world = world_size()
     require(args.batch_size is None or args.batch_size % world == 0,

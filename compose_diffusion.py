@@ -211,6 +211,7 @@ def check_args(args):
     (one sentence each). With --expert_ckpt the runs' own flags are read (mmap, no tensors) and
     the image size is theirs."""
     req = common.require
+    common.require_one_process_for_outputs(args)
     common.at_least(args, 1, "num_channels", "num_res_blocks", "diffusion_steps", "eval_n",
                     "num_heads", "bench")
     common.at_least(args, 0, "eta", "dropout", "p_uncond", "class_id", "ckpt_class",

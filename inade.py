@@ -178,6 +178,7 @@ def build_parser():
 def check_args(args):
     """Every INADE flag in its range, before any data or model is built (one sentence each)."""
     require, at_least = common.require, common.at_least
+    common.require_one_process_for_outputs(args)
     at_least(args, 1, "ngf", "ndf", "nef", "num_d", "z_dim", "noise_nc", "eval_n", "n_styles",
              "bench")
     at_least(args, 2, "num_classes")

@@ -162,6 +162,7 @@ def z_dim(args):
 def check_args(args):
     """Every uMM-GAN flag in its range, before any data or model is built (one sentence each)."""
     require, at_least = common.require, common.at_least
+    common.require_one_process_for_outputs(args)
     at_least(args, 1, "K", "style_dim", "max_channels", "channel_base", "bench")
     require(args.size >= 8 and args.size & (args.size - 1) == 0,
             f"--size must be a power of two >= 8 (got {args.size}).")

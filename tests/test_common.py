@@ -510,6 +510,19 @@ def test_a_batch_that_does_not_divide_over_the_torchrun_processes_is_refused_at_
     assert "2 processes" in err or "per process" in err
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flag", ["--eval", "--sample"])
+def test_outputs_that_one_process_makes_are_refused_under_torchrun(script, flag, tmp_path, capsys,
+                                                                   monkeypatch):
+    # Only PoE-GAN deals its --eval batches out to the processes (and draws --sample's grids on
+    # rank 0); the others would make all of it in every process, writing the same files.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, err = exit_of(script, [flag, "--out_dir", str(tmp_path / "r")], capsys)
+    refused = (f"error: {script}.py {flag} runs in one process and would be repeated whole by "
+               f"each of the 2 processes of this torchrun launch: start it with python.\n")
+    assert status == 2 and (err == refused) == (script != "poe_gan"), err  # poe_gan: no ckpt.pt
+
+
 @pytest.mark.parametrize("script, reason", [
     ("ummgan", "the authors of uMM-GAN released no trained networks."),
     ("poe_gan", "the authors of PoE-GAN released no trained networks."),
