@@ -225,13 +225,16 @@ def check_common_flags(args):
                                       f"(got {peak}).")
 
 
-def require_one_process_for_outputs(args):
-    """For a script whose --sample / --eval do not deal their work out to torchrun's processes:
-    refuse a launch of several, where each would repeat all of it and write the same files."""
-    flag = "--eval" if args.eval else "--sample"
-    require(not ((args.sample or args.eval) and world_size() > 1),
-            f"{args.method}.py {flag} runs in one process and would be repeated whole by each of "
-            f"the {world_size()} processes of this torchrun launch: start it with python.")
+def require_one_process_for_outputs(args, sharded_eval=False):
+    """For a script whose --sample (and --eval, unless sharded_eval) do not deal their work out to
+    torchrun's processes: refuse a launch of several, where each would repeat all of it and
+    write the same files."""
+    asked = [flag for flag, on in (("--sample", args.sample),
+                                   ("--eval", args.eval and not sharded_eval)) if on]
+    require(not (asked and world_size() > 1),
+            f"{args.method}.py {asked[0] if asked else ''} runs in one process and would be "
+            f"repeated whole by each of the {world_size()} processes of this torchrun launch: "
+            f"start it with python.")
 
 
 def check_batch_divides(args):
@@ -383,6 +386,20 @@ def prepare_model(model, rt, compile_model=None, ddp=True, **ddp_kwargs):
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)
     return model
+
+
+def sum_over_ranks(sums, rt):
+    """A dict of float sums, added key by key over the torchrun processes (a process that got no
+    batch brings an empty dict); itself in a single process."""
+    if not rt.ddp:
+        return sums
+    every = [None] * rt.world_size
+    dist.all_gather_object(every, sums)
+    total = {}
+    for part in every:  # rank order: the same total on every process
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
 
 
 def reduce_mean(value, rt):
@@ -2015,6 +2032,22 @@ class RunningFIDStats:
         self.n += len(feats)
         self.sum += feats.sum(0)
         self.outer += feats.T @ feats
+
+    def all_reduce(self, device):
+        """Add the sums of every torchrun process into each one's (in place; float64). A process
+        that got no batch takes part with zeros of the others' feature size."""
+        dim = torch.tensor(0 if self.sum is None else len(self.sum), device=device)
+        dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+        if self.sum is None:
+            self.sum, self.outer = np.zeros(int(dim)), np.zeros((int(dim),) * 2)
+
+        def total(array):
+            t = torch.as_tensor(array, dtype=torch.float64).to(device)
+            dist.all_reduce(t)
+            return t.cpu().numpy()
+
+        self.n = int(total(float(self.n)))
+        self.sum, self.outer = total(self.sum), total(self.outer)
 
     def stats(self):
         if self.n < 2:

@@ -211,7 +211,7 @@ def check_args(args):
     (one sentence each). With --expert_ckpt the runs' own flags are read (mmap, no tensors) and
     the image size is theirs."""
     req = common.require
-    common.require_one_process_for_outputs(args)
+    common.require_one_process_for_outputs(args, sharded_eval=True)
     common.at_least(args, 1, "num_channels", "num_res_blocks", "diffusion_steps", "eval_n",
                     "num_heads", "bench")
     common.at_least(args, 0, "eta", "dropout", "p_uncond", "class_id", "ckpt_class",
@@ -2054,7 +2054,7 @@ def eval_methods(setup):
 
 
 @torch.no_grad()
-def evaluate(args, setup):
+def evaluate(args, setup, rt):
     """shapes: exact toy metrics (data.shapes_composition_scores) and SSIM to the ground truth.
     Real data: FID between the eval_n test images and the samples for their conditions
     (pytorch-fid Inception), LPIPS-alex and SSIM of each sample to its ground truth (the paper's
@@ -2067,19 +2067,27 @@ def evaluate(args, setup):
 
     Streams: items are generated, measured and dropped --batch_size at a time; FID keeps running
     sums (common.RunningFIDStats), so memory is set by the batch, not by --eval_n. Inception and
-    LPIPS are loaded once, the real statistics computed once for all methods."""
+    LPIPS are loaded once, the real statistics computed once for all methods. Under torchrun the
+    batches are dealt out to the processes and their sums added: a batch's seed depends on its
+    first item only, so the numbers do not depend on the number of processes."""
     test, device = load_dataset(args, "test"), setup.device
     n_items = min(args.eval_n, len(test))
     methods, w, a = eval_methods(setup)
     shapes, chunk, results, t0 = args.data == "shapes", args.batch_size, {}, time.perf_counter()
     spans = [(s, min(chunk, n_items - s)) for s in range(0, n_items, chunk)]
+    spans = spans[rt.rank::rt.world_size]  # this process's batches
     if not shapes:
         inception = common.FIDInception(pretrained=True).to(device)
         lpips = common.LPIPS(net="alex", pretrained=True).to(device)
         captions = "caption" in test.has
         clip = ClipText(device) if captions else None  # Table 3's CLIP score
-        real = common.inception_stats(inception, ((test_batch(test, n, device, start)["image"]
-                                                   + 1) / 2 for start, n in spans))
+        real = common.RunningFIDStats()
+        for start, n in spans:
+            real.add(common.inception_features(
+                inception, [(test_batch(test, n, device, start)["image"] + 1) / 2]))
+        if rt.ddp:
+            real.all_reduce(device)
+        real = real.stats()
     for name, make in methods.items():
         sums, fake = {}, common.RunningFIDStats()
         for start, n in spans:
@@ -2099,15 +2107,22 @@ def evaluate(args, setup):
             for k, v in scores.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             del batch, images  # nothing of this batch outlives it
+        sums = common.sum_over_ranks(sums, rt)
         results[name] = {k: round(v / n_items, 4) for k, v in sums.items()}
         if not shapes:
+            if rt.ddp:
+                fake.all_reduce(device)
             results[name]["fid"] = round(common.frechet_distance(*real, *fake.stats()), 3)
-        print(f"{name:50s} " + " ".join(f"{k}={v:.3f}" for k, v in results[name].items()))
+        if rt.is_main:
+            print(f"{name:50s} " + " ".join(f"{k}={v:.3f}" for k, v in results[name].items()))
     out = {"n": n_items, "experts": setup.names, "guidance": w, "reliability": a,
            "sampler": args.sampler, "sample_steps": args.sample_steps,
            "seconds": round(time.perf_counter() - t0, 1), "results": results}
-    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    if rt.is_main:
+        path = os.path.join(args.out_dir, "eval.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(path + ".tmp", path)
     return out
 
 
@@ -2131,7 +2146,7 @@ def sample_and_evaluate(args):
         sample_grids(args, setup, test, os.path.join(args.out_dir, "experts.png"))
         sweep_grids(args, setup, test)
     if args.eval:
-        evaluate(args, setup)
+        evaluate(args, setup, rt)
 
 
 # ----------------------------------------------------------------------------------------------

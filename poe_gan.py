@@ -1132,7 +1132,6 @@ class SubsetScores:
         self.fid_stats = None
         if self.inception is not None:
             self.fid_stats = common.RunningFIDStats()
-            self.fid_stats.add(np.zeros((0, 2048)))   # zero sums, also on a rank that gets no batch
         self.toy = data.shapes_modality_zero_counts() if args.data == "shapes" else None
 
     def add(self, images, batch, second=None):
@@ -1159,10 +1158,7 @@ class SubsetScores:
         if self.toy is not None:
             self.toy = {k: total(v) for k, v in self.toy.items()}
         if self.fid_stats is not None:
-            f = self.fid_stats
-            f.n = int(total(torch.tensor(f.n, dtype=torch.float64)))
-            f.sum = total(torch.from_numpy(f.sum)).numpy()
-            f.outer = total(torch.from_numpy(f.outer)).numpy()
+            self.fid_stats.all_reduce(device)
 
     def scores(self, real=None):
         """The metrics of this set; FID against `real` (the real images' SubsetScores)."""

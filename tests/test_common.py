@@ -380,6 +380,20 @@ def _ddp_worker(rank, port, out_dir):
     common.load_checkpoint(path, "m", objects={"model": model}, rt=rt)
     draws.append(torch.rand(3))
     torch.save(draws, os.path.join(out_dir, f"draws{rank}.pt"))
+    # Evaluation sums over the processes (--eval under torchrun): FID statistics, where a process
+    # may have had no batch, and dicts of float sums with keys that only some processes have.
+    feats = torch.arange(24.0).view(6, 4) ** 1.5
+    split, empty = common.RunningFIDStats(), common.RunningFIDStats()
+    split.add(feats[:2] if rank == 0 else feats[2:])
+    if rank == 1:
+        empty.add(feats)
+    split.all_reduce(rt.device)
+    empty.all_reduce(rt.device)
+    sums = common.sum_over_ranks({"a": 1.0} if rank == 0 else {"a": 2.0, "b": 3.0}, rt)
+    if rt.is_main:
+        torch.save({"split": [torch.from_numpy(x) for x in split.stats()],
+                    "empty": [torch.from_numpy(x) for x in empty.stats()], "sums": sums},
+                   os.path.join(out_dir, "reduced.pt"))
     # Both ranks leave together, and skip the interpreter's teardown: on the CI machine a rank
     # was seen to abort there ("terminate called without an active exception", a C++ thread of
     # the process group still joinable at exit) after its work was done.
@@ -408,6 +422,13 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
         assert torch.equal(before, after)          # the rank's own stream, resumed exactly
     assert not torch.equal(draws[0][0], draws[1][0])
     assert len(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng_per_rank"]) == 2
+    reduced = torch.load(tmp_path / "reduced.pt")
+    whole = common.RunningFIDStats()
+    whole.add(torch.arange(24.0).view(6, 4) ** 1.5)
+    for got in (reduced["split"], reduced["empty"]):
+        for a, b in zip(got, whole.stats()):
+            assert np.allclose(a.numpy(), b, rtol=1e-12)
+    assert reduced["sums"] == {"a": 3.0, "b": 3.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,13 +535,14 @@ def test_a_batch_that_does_not_divide_over_the_torchrun_processes_is_refused_at_
 @pytest.mark.parametrize("flag", ["--eval", "--sample"])
 def test_outputs_that_one_process_makes_are_refused_under_torchrun(script, flag, tmp_path, capsys,
                                                                    monkeypatch):
-    # Only PoE-GAN deals its --eval batches out to the processes (and draws --sample's grids on
-    # rank 0); the others would make all of it in every process, writing the same files.
+    # PoE-GAN's and compose's --eval deal their batches out to the processes (PoE-GAN draws
+    # --sample's grids on rank 0); the rest would be made whole by every process.
     monkeypatch.setenv("WORLD_SIZE", "2")
     status, err = exit_of(script, [flag, "--out_dir", str(tmp_path / "r")], capsys)
     refused = (f"error: {script}.py {flag} runs in one process and would be repeated whole by "
                f"each of the 2 processes of this torchrun launch: start it with python.\n")
-    assert status == 2 and (err == refused) == (script != "poe_gan"), err  # poe_gan: no ckpt.pt
+    shared = script == "poe_gan" or (script, flag) == ("compose_diffusion", "--eval")
+    assert status == 2 and (err == refused) != shared, err  # shared: refused for no ckpt.pt
 
 
 @pytest.mark.parametrize("script, reason", [

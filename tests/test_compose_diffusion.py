@@ -599,7 +599,8 @@ def test_eval_on_real_data_reports_fid_lpips_and_ssim_per_method(tmp_path, monke
     setup = cd.Setup(args, cd.build_experts(args, 1, 2), cd.Schedule.make("cosine", 1000),
                      torch.device("cpu"))
     os.makedirs(args.out_dir)
-    result = cd.evaluate(args, setup)["results"]
+    one = common.Runtime(torch.device("cpu"), torch.float32)  # one process
+    result = cd.evaluate(args, setup, one)["results"]
     assert list(result) == ["class expert alone"] and built == [1]
     assert set(result["class expert alone"]) == {"lpips_to_gt", "ssim_to_gt", "fid"}
     assert all(math.isfinite(v) and v > 0 for v in result["class expert alone"].values())
@@ -610,7 +611,7 @@ def test_eval_on_real_data_reports_fid_lpips_and_ssim_per_method(tmp_path, monke
     for shift, paired in ((0, True), (1, False)):
         monkeypatch.setattr(cd, "generate", lambda args, comp, n, device, seed: cd.test_batch(
             test, n, device, (seed - 1000 + shift) % 2)["image"])  # batches of 1 of 2 items
-        got = cd.evaluate(args, setup)["results"]["class expert alone"]
+        got = cd.evaluate(args, setup, one)["results"]["class expert alone"]
         assert abs(got["fid"]) <= 0.01 < result["class expert alone"]["fid"]
         assert (got["lpips_to_gt"] == 0) == paired and (got["ssim_to_gt"] == 1) == paired
 
@@ -1836,6 +1837,22 @@ def torchrun(argv):
                          capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_eval_under_torchrun_deals_out_the_batches_and_equals_one_process(tmp_path):
+    """--eval on shapes, 3 batches of 2 items: one process takes batches 0 and 2, the other
+    batch 1; their added sums give one process's numbers."""
+    run = str(tmp_path / "run")
+    cd.main(TINY + ["--iters", "1", "--out_dir", run, "--sample_every", "100"])
+    flags = TINY + ["--out_dir", run, "--eval", "--eval_n", "6", "--batch_size", "2"]
+    cd.main(flags)
+    one = json.load(open(os.path.join(run, "eval.json")))
+    os.remove(os.path.join(run, "eval.json"))
+    torchrun(flags)
+    two = json.load(open(os.path.join(run, "eval.json")))
+    assert two["n"] == one["n"] == 6 and set(two["results"]) == set(one["results"])
+    for method, scores in one["results"].items():
+        assert two["results"][method] == pytest.approx(scores, abs=1e-4), method
 
 
 def test_face_preset_under_torchrun_equals_one_process_then_resumes(tmp_path):
