@@ -647,7 +647,7 @@ def hshape_jaccard(widths, bins=20, threshold=0.5):
     and the true set is the cells whose centre is inside the H. Our reading of the paper's
     "Jaccard of thresholded PDFs" (thresholds not given).
     """
-    on = hshape_support(widths, bins, threshold)  # (bins, bins), below with Fig. 6's other numbers
+    on = hshape_support(widths, bins, threshold)  # (bins, bins); defined with Fig. 6 further down
     centres = (torch.arange(bins) + 0.5) * (HSHAPE_MAX / bins)
     truth = hshape_region(torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1)) >= 0
     return float((on & truth).sum()) / max(float((on | truth).sum()), 1.0)
