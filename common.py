@@ -2272,8 +2272,8 @@ def lpips_diversity(lpips_fn, samples, pairs="all", repeats=10, seed=0, batch_si
     pairs per call (the same mean as one input at a time, in fewer calls).
     """
     def distances(images, index):  # lpips_fn of the pairs index (P, 2) of images, as float64
-        move = (lambda x: x) if device is None else (lambda x: x.to(device))
-        return torch.cat([lpips_fn(move(images[c[:, 0]]), move(images[c[:, 1]]))
+        images = images if device is None else images.to(device)
+        return torch.cat([lpips_fn(images[c[:, 0]], images[c[:, 1]])
                           for c in index.split(batch_size)]).double()
 
     if torch.is_tensor(samples):
