@@ -466,17 +466,18 @@ def count_flops(step):
 
 def bench_training(args, rt, make_step, warmup=3):
     """--bench N: images/s and peak memory of N training steps, float32 eager first as the
-    baseline, then the asked --dtype / --compile, in one process (speed is a ratio within one run).
-    make_step(run, compile_model) builds fresh networks for Runtime `run` (compiled if asked) and
-    returns a no-argument step that trains on one fixed batch of args.batch_size images.
+    baseline, then the asked --dtype eager, then with --compile both dtypes compiled: every
+    configuration in one process (speed is a ratio within one run). make_step(run,
+    compile_model) builds fresh networks for Runtime `run` (compiled if asked) and returns a
+    no-argument step that trains on one fixed batch of args.batch_size images.
     One extra float32 step, untimed, counts the FLOPs per image; with the device's peak (the
     table above or --peak_tflops) that gives the model FLOPs utilisation, as nanoGPT reports it:
     MFU = FLOPs per step x steps per second / peak. Prints one JSON line per configuration, then
     a summary line; returns the summary."""
     import resource
-    configs = [("float32", None)]
-    if (args.dtype, args.compile) != ("float32", None):
-        configs.append((args.dtype, args.compile))
+    dtypes = ["float32"] + ([args.dtype] if args.dtype != "float32" else [])
+    compiles = [None] + ([args.compile] if args.compile else [])
+    configs = [(dtype, compile_model) for compile_model in compiles for dtype in dtypes]
     cuda = rt.device.type == "cuda"
     device_name = torch.cuda.get_device_name(rt.device) if cuda else "cpu"
     rows, flops = [], None
@@ -507,11 +508,13 @@ def bench_training(args, rt, make_step, warmup=3):
                          peak_mem_gib=round(peak, 3),
                          tflops=significant(achieved / 1e12),
                          mfu=None if not peak_flops else significant(achieved / peak_flops / 1e12)))
+        if len(rows) > 1:
+            rows[-1]["speedup_vs_fp32_eager"] = round(rows[-1]["img_per_s"] / rows[0]["img_per_s"],
+                                                      3)
         print(json.dumps(rows[-1]), flush=True)
         del step
         if cuda:
             torch.cuda.empty_cache()
-    rows[-1]["speedup_vs_fp32_eager"] = round(rows[-1]["img_per_s"] / rows[0]["img_per_s"], 3)
     summary = {"bench": rows, "data": args.data, "batch_size": args.batch_size,
                "size": args.size, "gflops_per_img": significant(flops / args.batch_size / 1e9),
                "device": device_name, "threads": torch.get_num_threads()}

@@ -63,26 +63,38 @@ def test_dry_run_prints_exact_counts_as_last_line(capsys):
         {"params": {"G": 3 * 5 + 5, "D": 2 * 4 * 9 + 4}}
 
 
-def test_bench_training_times_float32_then_the_asked_dtype(capsys):
+@pytest.mark.parametrize("dtype, compile_model, expected", [
+    ("bfloat16", None, [("float32", None), ("bfloat16", None)]),
+    ("float32", None, [("float32", None)]),
+    ("bfloat16", "inductor", [("float32", None), ("bfloat16", None),
+                              ("float32", "inductor"), ("bfloat16", "inductor")]),
+    ("float32", "aot_eager", [("float32", None), ("float32", "aot_eager")]),
+])
+def test_bench_training_times_every_asked_configuration_after_float32_eager(
+        capsys, dtype, compile_model, expected):
     """--bench: fresh networks per configuration, warm-up, one untimed step that counts the FLOPs,
-    then N timed steps each, float32 eager first as the baseline, the summary last with the
-    speed-up."""
+    then N timed steps each: float32 eager first as the baseline, the asked --dtype, and with
+    --compile both compiled; each later row has its speed-up, the summary comes last."""
     import argparse
-    args = argparse.Namespace(bench=2, batch_size=4, dtype="bfloat16", compile=None, seed=0,
+    args = argparse.Namespace(bench=2, batch_size=4, dtype=dtype, compile=compile_model, seed=0,
                               data="toy", size=8)
     made, calls = [], []
 
     def make_step(run, compile_model):
-        made.append((run.dtype, compile_model))
-        return lambda: calls.append(run.dtype)
+        made.append((str(run.dtype).removeprefix("torch."), compile_model))
+        return lambda: calls.append(len(made))
 
     summary = common.bench_training(args, common.Runtime(torch.device("cpu"), torch.float32),
                                     make_step)
-    assert made == [(torch.float32, None), (torch.bfloat16, None)]
-    assert calls == [torch.float32] * 6 + [torch.bfloat16] * 5   # 3 warm-up (+1 counted) + 2 timed
-    assert [r["dtype"] for r in summary["bench"]] == ["float32", "bfloat16"]
-    assert "speedup_vs_fp32_eager" in summary["bench"][-1]
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    assert made == expected
+    # 3 warm-up steps (+1 counting the FLOPs, the first configuration only) + 2 timed each
+    assert calls == [1] * 6 + [i for i in range(2, len(expected) + 1) for _ in range(5)]
+    rows = summary["bench"]
+    assert [(r["dtype"], r["compile"]) for r in rows] == expected
+    assert "speedup_vs_fp32_eager" not in rows[0]
+    assert all(r["speedup_vs_fp32_eager"] > 0 for r in rows[1:])
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert lines == rows + [summary]
 
 
 def test_bench_counts_the_flops_of_a_training_step_and_reports_mfu_against_the_peak():
