@@ -90,7 +90,8 @@ SR_PAPER = dict(
     pretrain_iters=150_000,   # §5.1.1: z = 0 pretraining; SRIM stage 1: 150k iterations
     bilinear_from=450_000,    # §5.1.1: nearest early, bilinear later (SRIM stage 3); when: ours
                               # (a fresh outer iteration starts there: see outer_schedule)
-    iters=750_000,            # K = 3 IMLE outer iterations after pretraining (paper: K not given)
+    iters=750_000,            # IMLE outer iterations from 150k, 350k, 450k (bilinear), 650k
+                              # (paper: K not given)
     n_train=1280,             # §5.1.4: 1,280 training images
     distance="vgg",           # §5.1.1, Eq. (1): l2 norms of pixels and VGG-19 relu5_4
     calibrate_examples=64,    # §3.7 weights from 64 examples of the first S (our choice)
@@ -525,7 +526,7 @@ class Distance:
     Terms: pixels, then VGG-19 layers, each a norm of the difference divided by the root of
     (l2) or by (l1) its number of elements (our normalisation, so that sizes do not matter).
     SR (§5.1.1, Eq. 1): l2 norms, i.e. root mean squares, of pixels and relu5_4 (a sum of norms,
-    not of squared norms). SRIM code ("official"): 0.01 L1 pixels + L1 conv5_4.
+    not of squared norms). SRIM code ("official"): 0.01 L1 pixels (in [0, 1]) + L1 conv5_4.
     Layouts (§5.2.1, §5.2.4): L1 on pixels (DISL) and conv1_2..conv5_2 (LAYOUT_VGG[layout_vgg];
     the VGG's pooling must match: make_distance), every term weighted by the normalised rarity
     mask resized to the term's resolution (area average).
@@ -548,7 +549,8 @@ class Distance:
             raise ValueError(f"--distance {kind} needs a VGG-19 (common.VGG19)")
         self.vgg = vgg if self.layers else None
         n = 1 + len(self.layers)
-        self.weights = torch.tensor([0.01, 1.0] if kind == "official" else [1.0] * n,
+        # official: SRIM's 0.01 x L1 of pixels in [0, 1] is 0.005 x L1 of ours in [-1, 1]
+        self.weights = torch.tensor([0.005, 1.0] if kind == "official" else [1.0] * n,
                                     device=device)
         self.calibrated = kind != "vgg"
         self.l2 = task == "sr" and kind == "vgg"  # §5.1.1 l2 norms; else L1
@@ -739,9 +741,14 @@ def rarity_mask(labels, rarity_rows):
 
 
 def rarity_cache_path(args, n):
-    folder = args.out_dir if args.data == "shapes" else args.data_dir  # built-in: beside the run
-    return os.path.join(folder, f"cimle_rarity_{args.data}_{args.size}_{n}_"
-                                f"min{args.rarity_min_images}.pt")
+    """Beside the dataset, where every run on it finds the cache; in the run folder for the
+    built-in set or for a dataset folder this process cannot write (a shared read-only copy)."""
+    name = f"cimle_rarity_{args.data}_{args.size}_{n}_min{args.rarity_min_images}.pt"
+    if args.data != "shapes":
+        beside = os.path.join(args.data_dir, name)
+        if os.path.isfile(beside) or os.access(args.data_dir, os.W_OK):
+            return beside
+    return os.path.join(args.out_dir, name)
 
 
 def load_rarity(args, ds, n, rt=None):
@@ -810,6 +817,7 @@ def load_data(args, split="train"):
         # §5.1.2: training and test images are disjoint. A folder without a test sub-folder
         # serves one set to both splits: its last --n_eval images are then the test split.
         held = min(args.n_eval, len(ds.records) // 2)
+        args.held_out = held  # saved with the run: its --resume, --sample, --eval must agree
         if held:
             ds.records = ds.records[-held:] if split == "test" else ds.records[:-held]
     if args.task == "layout":
@@ -817,18 +825,30 @@ def load_data(args, split="train"):
     return ds
 
 
+def require_same_split(args, saved):
+    """A flat folder's test split is its last --n_eval images (load_data): a run's later commands
+    must hold out the very images it held out, or test images would be trained on (or training
+    images scored as unseen)."""
+    held = saved.get("held_out")
+    common.require(held is None or held == getattr(args, "held_out", None),
+                   f"the run in {args.out_dir} held out the last {held} images of --data_dir "
+                   f"{args.data_dir} as its test split (--n_eval {saved.get('n_eval')}); pass "
+                   f"--n_eval {saved.get('n_eval')} so that training and test images stay apart.")
+
+
 def gather_items(ds, indices, args, rarity, outer=0):
-    """The subset's inputs, targets and rarity masks, stacked on the CPU. The items' random
-    choices (the folder set's flips) come from a stream seeded by (seed, outer), not from the
-    global one: every rank, and a resumed run, holds the very targets the codes were chosen for."""
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices.tolist()),
-                                         batch_size=64, num_workers=args.num_workers)
+    """The subset's inputs, targets and rarity masks, stacked on the CPU. Each item's random
+    choices (the folder set's flips) come from its own seed, a function of (seed, outer, slot in
+    S), not from the global RNG nor a data worker's: every rank, every --num_workers and a resumed
+    run hold the very targets the codes were chosen for."""
+    base = args.seed * 1_000_003 + outer * 1_009 + 499_979
+    keys = [(int(i), base * 65_537 + slot) for slot, i in enumerate(indices.tolist())]
+    loader = torch.utils.data.DataLoader(common.SeededItems(ds), sampler=keys, batch_size=64,
+                                         num_workers=args.num_workers)
     cond, target = [], []
-    with common.preserved_rng():
-        torch.manual_seed(args.seed * 1_000_003 + outer + 499_979)
-        for batch in loader:
-            cond.append(batch["lowres"] if args.task == "sr" else batch["label"])
-            target.append(batch["image"])
+    for batch in loader:
+        cond.append(batch["lowres"] if args.task == "sr" else batch["label"])
+        target.append(batch["image"])
     cond, target = torch.cat(cond), torch.cat(target)
     mask = None
     if rarity is not None and args.rebalance_loss:
@@ -1101,6 +1121,9 @@ def train(args):
     rt = common.setup_runtime(args)
     ds = load_data(args)
     n = len(ds) if not args.n_train else min(args.n_train, len(ds))
+    common.require(n >= args.batch_size, f"{n} training images cannot fill a mini-batch of "
+                                         f"--batch_size {args.batch_size} (|S~|); give more "
+                                         f"images or a smaller --batch_size.")
     G = build_generator(args).to(rt.device)
     if args.init_from:  # fine-tuning: Adam and its schedule start afresh
         load_released(G, args)
@@ -1113,6 +1136,7 @@ def train(args):
     start, subset, codes, items, cache = 0, None, None, None, None
     if args.resume:
         ck = common.load_checkpoint(ckpt_path, "cimle", vars(args), ARCH_KEYS, objects, rt=rt)
+        require_same_split(args, ck["config"])
         start, extra = ck["iter"], ck["extra"]
         distance.weights = extra["distance_weights"].to(rt.device)
         distance.calibrated = bool(extra["calibrated"])
@@ -1365,24 +1389,30 @@ def samples_grid(G, fixed, args, device, path, palette, k=6):
 @torch.no_grad()
 def sample(args):
     device = common.pick_device(args.device)
-    G, ds, _ = load_model(args, device)
+    G, ds, regression = load_model(args, device)
     test = load_data(args, "test")
     out = args.out_dir
     palette = ds.palette if args.task == "layout" else None
     cond, target = fixed_examples(test, args, n=6)
-    many = generate_samples(G, cond, 12, device, seed=1)  # Fig. 1 / 19: many samples per input
+    # Fig. 1 / 19: many samples per input (the z = 0 baseline: as trained, all codes zero)
+    many = generate_samples(G, cond, 12, device, seed=1, zero=regression)
     common.save_grid(os.path.join(out, "many_samples.png"),
                      [[cond[i], target[i]] + list(many[i]) for i in range(len(cond))], palette)
     gen = torch.Generator().manual_seed(2)
     shape = G.latent_shape(cond)
+
+    def codes(*size):  # the z = 0 baseline: zero codes, as it was trained
+        z = torch.randn(size, generator=gen)
+        return (torch.zeros_like(z) if regression else z).to(device)
+
     rows = []
     for i in range(min(3, len(cond))):  # Fig. 11 / 16: 8 frames from one code to another
-        za, zb = torch.randn((2, *shape), generator=gen).to(device)
+        za, zb = codes(2, *shape)
         rows.append([cond[i]] + list(interpolate_latents(G, cond[i:i + 1].to(device), za, zb)))
     common.save_grid(os.path.join(out, "interpolation.png"), rows, palette)
     rows = [[torch.zeros_like(target[0])] + [c for c in cond]]
     for _ in range(3):  # Fig. 12: one code on every input (style consistency)
-        z = torch.randn(shape, generator=gen).to(device)
+        z = codes(*shape)
         rows.append([torch.zeros_like(target[0])] + list(one_latent_many_inputs(G, cond, z)))
     common.save_grid(os.path.join(out, "one_latent_many_inputs.png"), rows, palette)
     print(f"wrote many_samples.png, interpolation.png, one_latent_many_inputs.png into {out}")
@@ -1398,6 +1428,7 @@ def load_model(args, device):
     ck = common.load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), "cimle", vars(args),
                                 ARCH_KEYS, {"G": G}, restore_rng=False)
     trained = ck["config"]
+    require_same_split(args, trained)
     G.upsample_mode = "bilinear" if ck["iter"] > trained["bilinear_from"] > 0 else "nearest"
     return G.eval(), ds, ck["iter"] <= trained["pretrain_iters"]
 
@@ -1504,8 +1535,10 @@ def evaluate(args):
         result["lr_consistency_l1"] = sums.mean("lr_l1")
     if shapes is not None:
         result.update(shapes.result())
-    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+    path = os.path.join(args.out_dir, "eval.json")
+    with open(path + ".tmp", "w") as f:  # written whole, then renamed: never half a file
         json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
     print(json.dumps(result))
 
 

@@ -112,6 +112,7 @@ ADM_CONFIGS = {
                           class_cond=False, use_scale_shift_norm=True, resblock_updown=True,
                           use_fp16=True),
 }
+ADM_NUM_CLASSES = 1000  # ImageNet; class_cond models embed one vector per class
 ADM_SCHEDULES = {"adm64": "cosine", "adm128": "linear", "adm256": "linear",
                  "adm256-uncond": "linear"}  # ADM README; all 1000 steps
 
@@ -237,6 +238,15 @@ def check_args(args):
     req(all(int(m * args.num_channels) % 32 == 0 for m in mult),
         f"--num_channels {args.num_channels} times each --channel_mult must be a multiple of 32 "
         f"(GroupNorm with 32 groups).")
+    if not (args.init_from or args.expert_ckpt):  # those bring their networks' own widths
+        rates = {args.size // int(r) for r in str(args.attention_resolutions).split(",") if r}
+        widths = {int(m * args.num_channels) for level, m in enumerate(mult) if 2 ** level in rates}
+        widths.add(int(mult[-1] * args.num_channels))          # the middle block attends too
+        per_head = args.num_head_channels not in (None, -1)
+        split = args.num_head_channels if per_head else args.num_heads
+        req(all(w % split == 0 for w in widths),
+            f"the attention widths {', '.join(map(str, sorted(widths)))} must each be a multiple "
+            f"of --{'num_head_channels' if per_head else 'num_heads'} {split} (equal heads).")
     typed = [f for f in CLI_CONDITIONS if getattr(args, f) not in (None, "")]
     if args.init_from:
         check_release_args(args)
@@ -253,6 +263,19 @@ def check_args(args):
     else:
         steps = args.diffusion_steps
         names = composed_names(args.experts)
+    if args.ckpt:
+        req(os.path.isfile(args.ckpt), f"--ckpt {args.ckpt} does not exist; give a "
+                                       f"guided-diffusion checkpoint file.")
+        adm = ADM_CONFIGS[args.ckpt_config]
+        req(adm["image_size"] == args.size, f"--ckpt_config {args.ckpt_config} makes "
+                                            f"{adm['image_size']} px images and the experts "
+                                            f"{args.size} px; composed models must share z_t's "
+                                            f"shape (paper §6).")
+        for flag in ("ckpt_class", "ckpt_null_class"):
+            value = getattr(args, flag)
+            req(value is None or value < ADM_NUM_CLASSES, f"--{flag} must be an ImageNet class "
+                                                          f"id, 0..{ADM_NUM_CLASSES - 1} (got "
+                                                          f"{value}).")
     req(not (typed and args.eval), f"--eval measures on the test set's conditions; give "
                                    f"--{typed[0] if typed else ''} with --sample.")
     for flag in ("label_map", "sketch", "skin_map", "hair_map"):
@@ -1604,23 +1627,23 @@ class Setup:
 
 def load_official(args, setup, device):
     """--ckpt: an official guided-diffusion checkpoint as one more expert (strict load)."""
-    if args.ckpt_config not in ADM_CONFIGS:
-        raise common.UserError(f"--ckpt_config must be one of {', '.join(ADM_CONFIGS)}.")
-    flags = ADM_CONFIGS[args.ckpt_config]
-    if flags["image_size"] != args.size:
-        raise common.UserError(f"{args.ckpt} makes {flags['image_size']} px images and the "
-                               f"experts {args.size} px; composed models must share z_t's shape "
-                               f"(paper §6).")
+    flags = ADM_CONFIGS[args.ckpt_config]   # flags, file and size checked by check_args
     try:
         state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     except Exception as err:
         raise common.UserError(f"{args.ckpt} is not a readable guided-diffusion checkpoint "
                                f"({type(err).__name__}).") from None
     model = UNet(**flags)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    ours = model.state_dict()
+    missing, unexpected = ours.keys() - state.keys(), state.keys() - ours.keys()
+    other = [k for k in ours if k in state and ours[k].shape != state[k].shape]
+    if missing or unexpected or other:
+        shapes = (f"; {other[0]} is {tuple(state[other[0]].shape)}, --ckpt_config "
+                  f"{args.ckpt_config} wants {tuple(ours[other[0]].shape)}" if other else "")
         raise common.UserError(f"{args.ckpt} does not match --ckpt_config {args.ckpt_config}: "
-                               f"{len(missing)} missing and {len(unexpected)} unexpected keys.")
+                               f"{len(missing)} missing, {len(unexpected)} unexpected and "
+                               f"{len(other)} differently shaped tensors{shapes}.")
+    model.load_state_dict(state)
     sched = Schedule.make(ADM_SCHEDULES[args.ckpt_config], 1000)
     # ADM never saw a null label: its null is absent (reliability 0) or, as in the official
     # scene code, the prediction for a stand-in class (--ckpt_null_class; official: 0, tench)
@@ -1694,6 +1717,27 @@ def needs_test_set(args, models):
     wanted = {c if c in typed and c in FACE_PARTS else NEEDS_KEY[c]
               for m in models.values() for c in m.conditions}
     return args.eval or not wanted <= typed
+
+
+def check_test_set_keys(args, models, test):
+    """Every condition the experts read from the test set (not typed) is in its items: one
+    sentence naming the missing one, before any sampling (a CLIP text expert falls back to the
+    image embedding, supp. §7.3)."""
+    typed = {CLI_CONDITIONS[f] for f in CLI_CONDITIONS if getattr(args, f) not in (None, "")}
+    flag = {key: f for f, key in CLI_CONDITIONS.items()}
+    for name, model in models.items():
+        conditions = model.conditions
+        if isinstance(model, Released):
+            conditions = [c for c in release_conditions(args) if c in conditions]
+        for c in conditions:
+            key = c if c in FACE_PARTS and c in typed else NEEDS_KEY[c]
+            if key in typed or key in test.has or (c == "text" and getattr(model, "clip_text",
+                                                                            False)):
+                continue
+            raise common.UserError(f"expert {name} reads '{key}' items, which the test set of "
+                                   f"--data {args.data} does not have; add them to the dataset "
+                                   f"or give --{flag[key]}" + (" with --sample." if not args.eval
+                                                              else " with --sample, not --eval."))
 
 
 def sampling_batch(args, setup, test, n, offset):
@@ -1809,11 +1853,13 @@ RELEASE_ARGS = dict(size=256, noise_schedule="linear", diffusion_steps=1000)
 
 def release_conditions(args):
     """The conditions a run with the released models composes, in the official row order: the
-    ones typed (--skin_map, --hair_map, --text, --sketch), or all four from the test set."""
+    ones typed (--skin_map, --hair_map, --text, --sketch); otherwise the test set's: with --eval
+    the skin and hair maps of one image (Tables 1-2: "the semantic labels of hair as well as skin
+    from the same image", §4.1), for --sample alone all four."""
     typed = {"skin": args.skin_map, "hair": args.hair_map, "text": args.text,
              "sketch": args.sketch}
     given = [c for c, v in typed.items() if v not in (None, "")]
-    return given or list(typed)
+    return given or (["skin", "hair"] if args.eval else list(typed))
 
 
 def read_release(path):
@@ -2135,6 +2181,8 @@ def sample_and_evaluate(args):
     else:
         models, scheds = load_experts(args)
     test = load_dataset(args, "test") if needs_test_set(args, models) else None
+    if test is not None:
+        check_test_set_keys(args, models, test)
     captions = args.text is not None or (test is not None and "caption" in test.has)
     clip = ClipText(rt.device, vision=not captions) if needs_clip(models) else None
     setup = Setup(args, models, scheds, rt.device, clip,
@@ -2340,7 +2388,8 @@ def build_parser():
     g.add_argument("--class_id", type=int, default=None, help="class for class experts")
     g.add_argument("--eval_n", type=int, default=None, help="test items per method for --eval")
     g.add_argument("--ckpt", default=None, help="an official guided-diffusion checkpoint to compose")
-    g.add_argument("--ckpt_config", default="adm64", help=f"one of {', '.join(ADM_CONFIGS)}")
+    g.add_argument("--ckpt_config", default="adm64", choices=list(ADM_CONFIGS),
+                   help="its guided-diffusion flags")
     g.add_argument("--ckpt_class", type=int, default=0, help="ImageNet class for --ckpt")
     g.add_argument("--ckpt_null_class", type=int, default=None,
                    help="--ckpt's null prediction: this class (official scene code: 0); "

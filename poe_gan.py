@@ -158,6 +158,7 @@ def check_args(args):
     """Every flag of this script that can be out of range, checked before any data or model is
     built (common.parse_args calls this after the generic checks): one sentence each, exit 2."""
     require, at_least = common.require, common.at_least
+    common.require_one_process_for_outputs(args, sharded_eval=True)  # --eval deals batches out
     require(args.size >= 8 and args.size & (args.size - 1) == 0,
             f"--size must be a power of two >= 8 (got {args.size}).")
     if args.data not in DATA_INFO:    # a built-in set (no files): data.py's size rule, now
@@ -982,6 +983,7 @@ def train(args):
     ds = load_data(args)
     info = dataset_info(args)
     G, D = build(args, info)
+    G, D = G.to(rt.device), D.to(rt.device)  # before --resume loads Adam's state onto their device
     ema = common.EMA(G, args.ema_decay)
     # The training noise (latents, modality dropout) comes from its own generator, reseeded at
     # every step from (--seed, iteration), and each process keeps its rows of the global batch's
@@ -1097,8 +1099,6 @@ def load_generator(args, info, rt):
 def sample(args):
     """--sample: two Fig. 1 grids (two test inputs each, every subset, six samples per row)."""
     rt = common.setup_runtime(args)
-    if not rt.is_main:            # under torchrun rank 0 draws the grids
-        return
     info = dataset_info(args)
     G = load_generator(args, info, rt)
     ds = load_data(args, split="test")

@@ -102,8 +102,9 @@ PRESETS = {
 ARCH_KEYS = ("K", "mode", "size", "style_dim", "max_channels", "channel_base", "channels",
              "mapping_lr_mul", "branch_after", "head_lr_mul", "separate_mapping", "separate_z")
 # (lr_mul is an architecture key: it scales the stored weights)
-# What --sample / --eval read from the checkpoint unless the command line gives them: the data,
-# the architecture and the growing schedule (which fixes the resolution at the saved iteration).
+# What --sample / --eval / --resume read from the checkpoint unless the command line gives them:
+# the data, the architecture and the growing schedule (which fixes the resolution at the saved
+# iteration); --resume also the training share of the data (--eval measures the whole set).
 RUN_KEYS = ("data", "data_dir", "chars", "K", "mode", "size", "style_dim", "max_channels",
             "channel_base", "mapping_lr_mul", "branch_after", "head_lr_mul", "separate_mapping",
             "separate_z", "progressive", "init_size", "phase_iters")
@@ -579,7 +580,7 @@ def compile_d(args):
 def load_data(args, split="train", training=False):
     """The dataset; for training, --train_fraction of it (Fig. 8's half dataset: a fixed random
     subset, the same for every seed; our choice). --eval measures against the whole set."""
-    options = {"letters": args.chars} if args.data == "letters" and args.chars else {}
+    options = {"letters": args.chars} if args.data == "letters" and args.chars is not None else {}
     root = args.data_dir if args.data == "folder" else None
     ds = data.get_dataset(args.data, root=root, split=split, size=args.size,
                           skip=data.OPTIONAL_KEYS, **options)  # images (and classes) only
@@ -959,18 +960,25 @@ def bench(args):
 
 
 def flags_from_checkpoint(args, argv):
-    """--sample / --eval use the run as it was trained: every RUN_KEYS flag missing from the
-    command line is taken from the checkpoint's config (a flag given there must match it), then
-    the command line is parsed and checked again."""
+    """--sample / --eval / --resume use the run as it was trained: every RUN_KEYS flag (and for
+    --resume --train_fraction) missing from the command line is taken from the checkpoint's
+    config, one given with another value is refused (--data_dir may move), then the command line
+    is parsed and checked again."""
     path = os.path.join(args.out_dir, "ckpt.pt")
     if not os.path.isfile(path):
-        return args  # load_ema names the missing checkpoint
+        return args  # load_ema / --resume name the missing checkpoint
     saved = common.load_checkpoint(path, "ummgan", restore_rng=False)["config"]
     given = vars(build_parser().parse_args(argv))
     extra = []
-    for key in RUN_KEYS:
-        if given[key] is None and saved.get(key) is not None:
+    for key in RUN_KEYS + (("train_fraction",) if args.resume else ()):
+        if saved.get(key) is None:
+            continue
+        if given[key] is None:
             extra += [f"--{key}", str(saved[key])]
+        else:
+            common.require(key == "data_dir" or given[key] == saved[key],
+                           f"{path} was trained with --{key} {saved[key]} (asked: {given[key]}); "
+                           f"pass the same flags to use it.")
     return common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv + extra,
                              check=check_args, no_released_weights=NO_RELEASED_WEIGHTS)
 
@@ -982,7 +990,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = common.parse_args(build_parser(), PRESETS, "ummgan", "hshape", argv, check=check_args,
                              no_released_weights=NO_RELEASED_WEIGHTS)
-    if args.sample or args.eval:
+    if args.sample or args.eval or args.resume:
         args = flags_from_checkpoint(args, argv)
     return common.dispatch(args, dry_run, bench, sample, evaluate, train)
 

@@ -192,11 +192,11 @@ def test_distance_terms_by_hand_for_every_kind():
         want = ((fake - rep(target)).pow(2).flatten(1).mean(1).sqrt()
                 + 3 * (f5 - rep(t5["relu5_4"])).pow(2).flatten(1).mean(1).sqrt())
         assert torch.allclose(sr(fake, sr.prepare(target)), want, rtol=1e-4)
-        # SRIM's code: 0.01 L1 pixels + L1 conv5_4 (pre-ReLU), fixed weights
+        # SRIM's code: 0.01 L1 pixels (its images in [0, 1]) + L1 conv5_4 (pre-ReLU), fixed
         off = cimle.Distance("sr", "official", "cpu", vgg)
         assert off.calibrated and not sr.calibrated and not lay.calibrated
         c5, t5 = vgg((fake + 1) / 2, ["conv5_4"])["conv5_4"], vgg((target + 1) / 2, ["conv5_4"])
-        want = (0.01 * (fake - rep(target)).abs().flatten(1).mean(1)
+        want = (0.01 * ((fake + 1) / 2 - rep((target + 1) / 2)).abs().flatten(1).mean(1)
                 + (c5 - rep(t5["conv5_4"])).abs().flatten(1).mean(1))
         assert torch.allclose(off(fake, off.prepare(target)), want, rtol=1e-4)
 
@@ -1096,6 +1096,70 @@ def test_the_z0_baseline_is_evaluated_with_z0(tmp_path):
     assert got["z"].startswith("zero") and got["diversity_pixel_l1"] == 0
     assert got["distance_to_truth_pixel_l1"] == pytest.approx(
         got["zero_z_distance_to_truth_pixel_l1"], rel=1e-6)
+    # --sample draws it as trained too: every sample of an input the same, every frame alike
+    cimle.main(flags + ["--sample"])
+    for name in ("many_samples.png", "interpolation.png"):
+        grid = np.asarray(Image.open(os.path.join(out, name)), dtype=np.float64)
+        cell = grid.shape[0] // (6 if name == "many_samples.png" else 3)  # rows of the grid
+        first = 2 if name == "many_samples.png" else 1      # the input (and target) columns
+        tiles = [grid[:cell, c * cell:(c + 1) * cell] for c in range(first, grid.shape[1] // cell)]
+        assert len(tiles) > 2 and all(np.array_equal(t, tiles[0]) for t in tiles), name
+
+
+def test_a_flat_folders_test_split_is_the_runs_own(tmp_path):
+    """A flat folder's test split is its last --n_eval images: --resume, --sample and --eval with
+    another --n_eval would train on test images or score training images as unseen; refused."""
+    root, out = str(tmp_path / "imnet"), str(tmp_path / "run")
+    fake_image_folder(root)
+    flags = ["--data", "folder", "--data_dir", root, "--size", "32", "--nf", "8", "--gc", "4",
+             "--n_blocks", "1", "--S", "2", "--m", "2", "--L", "2", "--batch_size", "2",
+             "--pretrain_iters", "0", "--bilinear_from", "0", "--distance", "pixel",
+             "--pretrained", "0", "--eval_samples", "2", "--out_dir", out]
+    cimle.main(flags + ["--iters", "1", "--n_eval", "2"])
+    for extra in (["--iters", "2", "--resume"], ["--sample"], ["--eval"]):
+        with pytest.raises(common.UserError, match=r"held out the last 2 images of --data_dir "
+                                                   r".* pass --n_eval 2 so that"):
+            cimle.main(flags + extra + ["--n_eval", "1"])
+    cimle.main(flags + ["--eval", "--n_eval", "2"])
+    # too few training images for the mini-batch: one sentence, not a shape error mid-step
+    with pytest.raises(common.UserError, match="3 training images cannot fill a mini-batch of "
+                                               "--batch_size 4"):
+        cimle.main(flags[:-1] + [str(tmp_path / "run2"), "--iters", "1", "--n_eval", "3",
+                                 "--batch_size", "4", "--S", "4"])
+
+
+def test_the_targets_of_S_do_not_depend_on_the_data_workers(tmp_path):
+    """The folder set's random flips of an outer iteration's targets come from per-item seeds:
+    the same targets with or without data workers (--num_workers is not a resume key)."""
+    root = str(tmp_path / "imnet")
+    fake_image_folder(root)
+    args = flags_only(["--data", "folder", "--data_dir", root, "--size", "32", "--n_eval", "1"])
+    ds = cimle.load_data(args)
+    indices = torch.arange(len(ds)).repeat(2)           # each image twice: flips differ by slot
+    got = {}
+    for workers in (0, 2):
+        args.num_workers = workers
+        got[workers] = cimle.gather_items(ds, indices, args, None, outer=3)[1]
+    assert torch.equal(got[0], got[2])
+    flipped = [not torch.equal(a, b) for a, b in zip(got[0][:len(ds)], got[0][len(ds):])]
+    assert any(flipped)                                  # the flips are really drawn
+    args.num_workers = 0
+    assert not torch.equal(cimle.gather_items(ds, indices, args, None, outer=4)[1], got[0])
+
+
+def test_the_rarity_cache_goes_to_the_run_folder_when_the_dataset_is_read_only(tmp_path,
+                                                                             monkeypatch):
+    """Beside the dataset when that folder is writable or already holds it; otherwise (a shared
+    read-only copy) in the run folder, not a permission error after the whole rarity pass."""
+    args = flags_only(["--data", "gta5", "--data_dir", str(tmp_path / "gta"), "--out_dir",
+                       str(tmp_path / "run")])
+    os.makedirs(args.data_dir)
+    beside = cimle.rarity_cache_path(args, 8)
+    assert os.path.dirname(beside) == args.data_dir
+    monkeypatch.setattr(cimle.os, "access", lambda path, mode: False)   # read-only (even root)
+    assert os.path.dirname(cimle.rarity_cache_path(args, 8)) == args.out_dir
+    open(beside, "wb").close()                                           # computed there before
+    assert cimle.rarity_cache_path(args, 8) == beside
 
 
 # ---------------------------------------------------------------------------------------------

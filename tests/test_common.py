@@ -547,13 +547,13 @@ def test_a_batch_that_does_not_divide_over_the_torchrun_processes_is_refused_at_
 @pytest.mark.parametrize("flag", ["--eval", "--sample"])
 def test_outputs_that_one_process_makes_are_refused_under_torchrun(script, flag, tmp_path, capsys,
                                                                    monkeypatch):
-    # PoE-GAN's and compose's --eval deal their batches out to the processes (PoE-GAN draws
-    # --sample's grids on rank 0); the rest would be made whole by every process.
+    # PoE-GAN's and compose's --eval deal their batches out to the processes; the rest would be
+    # made whole by every process.
     monkeypatch.setenv("WORLD_SIZE", "2")
     status, err = exit_of(script, [flag, "--out_dir", str(tmp_path / "r")], capsys)
     refused = (f"error: {script}.py {flag} runs in one process and would be repeated whole by "
                f"each of the 2 processes of this torchrun launch: start it with python.\n")
-    shared = script == "poe_gan" or (script, flag) == ("compose_diffusion", "--eval")
+    shared = script in ("poe_gan", "compose_diffusion") and flag == "--eval"
     assert status == 2 and (err == refused) != shared, err  # shared: refused for no ckpt.pt
 
 

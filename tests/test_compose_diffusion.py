@@ -20,6 +20,7 @@ import pickle
 import shutil
 import socket
 import subprocess
+import types
 import sys
 
 import numpy as np
@@ -558,9 +559,15 @@ def test_official_checkpoint_joins_the_composition_with_its_own_weight_and_relia
     assert torch.allclose(eps, by_hand, rtol=1e-4, atol=1e-4) and by_hand.abs().mean() > 0.01
     monkeypatch.setitem(cd.ADM_CONFIGS, "tiny", dict(flags, image_size=32))
     with pytest.raises(common.UserError, match="share z_t's shape"):
+        cd.check_args(args)
+    monkeypatch.setitem(cd.ADM_CONFIGS, "tiny", flags)
+    # another model's file (other widths: the sizes differ, the keys are the same) and junk
+    torch.save(cd.UNet(**dict(flags, num_channels=64)).state_dict(), path)
+    with pytest.raises(common.UserError, match=r"0 missing, 0 unexpected and \d+ differently "
+                                               r"shaped tensors; time_embed.0.weight is \(256, 64\), "
+                                               r"--ckpt_config tiny wants \(128, 32\)"):
         cd.load_official(args, setup, torch.device("cpu"))
     torch.save({"junk": torch.zeros(1)}, path)
-    monkeypatch.setitem(cd.ADM_CONFIGS, "tiny", flags)
     with pytest.raises(common.UserError, match="does not match"):
         cd.load_official(args, setup, torch.device("cpu"))
 
@@ -1318,6 +1325,44 @@ def test_released_models_compose_as_the_official_test_code(tmp_path, monkeypatch
     assert (tmp_path / "out" / "experts.png").exists()
 
 
+def test_released_models_evaluate_the_skin_and_hair_maps_as_tables_1_2(tmp_path, monkeypatch):
+    """--eval composes the test set's skin and hair maps of one image (§4.1: "the semantic labels
+    of hair as well as skin from the same image"); --sample alone shows all four conditions."""
+    face_path = tiny_release(monkeypatch, tmp_path, kinds=("face",), size=64)
+    parse = lambda *flags: common.parse_args(  # noqa: E731
+        cd.build_parser(), cd.PRESETS, "compose_diffusion", "shapes",
+        cd.with_composition(["--init_from", face_path, "--size", "64",
+                             "--out_dir", str(tmp_path / "o"), *flags]), check=cd.check_args)
+    assert cd.release_conditions(parse("--eval")) == ["skin", "hair"]
+    assert cd.release_conditions(parse("--sample", "--eval")) == ["skin", "hair"]
+    assert cd.release_paths(parse("--eval")) == {"face": face_path}   # no FaRL, no sketch model
+    sample = parse("--eval")
+    sample.sample, sample.eval = True, False   # (its check would look for FaRL's file)
+    assert cd.release_conditions(sample) == ["skin", "hair", "text", "sketch"]
+
+
+def test_a_condition_the_test_set_lacks_is_named_before_sampling():
+    """An expert reading a key the test set's items do not have (a dataset without its mask/
+    folder): one sentence naming it and the flag that types it; a typed condition, or a CLIP text
+    expert (the image embedding, supp. §7.3), needs none."""
+    args = tiny_args()                                    # label and caption (tiny text) experts
+    models = cd.build_experts(args, 5)
+    test = types.SimpleNamespace(has={"image", "caption"})
+    with pytest.raises(common.UserError, match="expert label reads 'label' items, which the "
+                                               "test set of --data shapes does not have; .* "
+                                               "give --label_map with --sample"):
+        cd.check_test_set_keys(args, models, test)
+    args.label_map = "typed.png"
+    cd.check_test_set_keys(args, models, test)
+    test.has = {"image", "label"}
+    with pytest.raises(common.UserError, match="expert caption reads 'caption' items"):
+        cd.check_test_set_keys(args, models, test)
+    clip_args = tiny_args(["--text_encoder", "clip"])
+    clip_args.label_map = "typed.png"
+    cd.check_test_set_keys(clip_args, {"caption": types.SimpleNamespace(
+        conditions=("text",), clip_text=True)}, test)
+
+
 def test_the_released_sketch_model_samples_alone(tmp_path, monkeypatch):
     """No face model, no null anywhere: the sketch model's plain conditional prediction (as the
     release's sketch-only case), under the paper's uniform reliability."""
@@ -1795,8 +1840,14 @@ BAD_FLAGS = [  # flags, the sentence's words
     (["--channel_mult", "1,x"], "must be numbers separated by commas"),
     (["--experts", "label,nope"], "--experts label,nope must list"),
     (["--class_id", "-1"], "--class_id must be at least 0"),
-    (["--ckpt", "adm.pt", "--reliability", "0.2,0.3,0.5"], "never learnt"),
-    (["--ckpt", "adm.pt", "--guidance", "2,2"], "--guidance 2,2 needs 1 or 3"),
+    (["--ckpt", "{adm}", "--size", "64", "--reliability", "0.2,0.3,0.5"], "never learnt"),
+    (["--ckpt", "{adm}", "--size", "64", "--guidance", "2,2"], "--guidance 2,2 needs 1 or 3"),
+    (["--ckpt", "missing.pt"], "--ckpt missing.pt does not exist"),
+    (["--ckpt", "{adm}", "--size", "32"], "adm64 makes 64 px images and the experts 32 px"),
+    (["--ckpt", "{adm}", "--size", "64", "--ckpt_class", "1000"],
+     r"--ckpt_class must be an ImageNet class id, 0..999 \(got 1000\)"),
+    (["--num_head_channels", "-1", "--num_heads", "3"], r"attention widths 64 must each be a multiple of --num_heads 3"),
+    (["--num_head_channels", "24"], "multiple of --num_head_channels 24"),
     (["--guidance", "official"], "official weights exist for the face experts"),
     (["--eval", "--text", "hi"], "--eval measures on the test set's conditions"),
     (["--sample", "--label_map", "missing.png"], "--label_map missing.png does not exist"),
@@ -1815,8 +1866,10 @@ BAD_FLAGS = [  # flags, the sentence's words
 def test_each_bad_flag_is_one_sentence_before_anything_is_built(flags, words, tmp_path,
                                                                 monkeypatch):
     runs = {"a": fake_run(tmp_path / "a.pt"), "b": fake_run(tmp_path / "b.pt", experts="caption"),
-            "big": fake_run(tmp_path / "big.pt", size=32), "other": str(tmp_path / "other.pt")}
+            "big": fake_run(tmp_path / "big.pt", size=32), "other": str(tmp_path / "other.pt"),
+            "adm": str(tmp_path / "adm.pt")}
     torch.save({"method": "inade", "config": {}}, runs["other"])
+    open(runs["adm"], "wb").close()   # flags are checked before the file is read
     monkeypatch.setattr(cd, "load_dataset", lambda *a: pytest.fail("built data first"))
     monkeypatch.setattr(cd, "build_experts", lambda *a, **k: pytest.fail("built a model first"))
     argv = [f.format(**runs) for f in flags] + ["--out_dir", str(tmp_path / "run")]

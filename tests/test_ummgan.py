@@ -495,6 +495,32 @@ def test_sample_and_eval_take_the_architecture_from_the_checkpoint(tmp_path, cap
     assert (result["K"], result["iter_step"], result["n_generated"]) == (2, 2, 8)
     err = run_cli(["--sample", "--out_dir", out, "--size", "32"], capsys)
     assert "--size 64 (asked: 32)" in err
+    # the growing schedule and the data are the run's too: another value is refused, not used
+    # (--phase_iters 100 would render the 16x16 net at 8x8; --data letters score hshape's run)
+    for flags, words in ((["--sample", "--phase_iters", "100"], "--phase_iters 2 (asked: 100)"),
+                         (["--eval", "--data", "letters"], "--data hshape (asked: letters)"),
+                         (["--resume", "--iters", "4", "--init_size", "16"],
+                          "--init_size 8 (asked: 16)")):
+        err = run_cli(flags + ["--out_dir", out], capsys)
+        assert words in err and "pass the same flags to use it." in err, err
+
+
+def test_resume_takes_the_runs_data_and_schedule_from_the_checkpoint(tmp_path):
+    """--resume without --chars, --train_fraction or the growing schedule continues the run on its
+    own letters, share and resolution (the presets' values would silently change the run)."""
+    out = str(tmp_path / "run")
+    flags = ["--data", "letters", "--size", "32", "--style_dim", "8", "--max_channels", "8",
+             "--channel_base", "64", "--batch_size", "4", "--log_every", "1", "--sample_every",
+             "100", "--out_dir", out]
+    ummgan.main(flags + ["--chars", "ABC", "--K", "3", "--train_fraction", "0.5",
+                         "--init_size", "8", "--phase_iters", "2", "--iters", "5"])
+    ummgan.main(flags + ["--K", "3", "--iters", "6", "--resume"])
+    config = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
+    assert (config["chars"], config["train_fraction"], config["init_size"],
+            config["phase_iters"]) == ("ABC", 0.5, 8, 2)
+    logs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    sizes = [row["res"] for row in logs if "res" in row]
+    assert sizes == sorted(sizes) and sizes[-1] == 32, sizes   # never back to the first size
 
 
 @pytest.mark.parametrize("r1_gamma", ["1", "0"])
