@@ -87,7 +87,9 @@ SR_PAPER = dict(
     lr=1.5e-4,                # SRIM Adam 1.5e-4 (paper: eta = 1e-5, reached after 4 halvings)
     lr_milestones="200000,250000,350000,450000",  # SRIM x0.5 at 50k/100k/200k/300k IMLE steps,
     lr_gamma=0.5,             # shifted by the 150k pretraining steps
-    pretrain_iters=150_000,   # §5.1.1: z = 0 pretraining; SRIM stage 1: 150k iterations
+    pretrain_iters=150_000,   # §5.1.1: z = 0 pretraining; SRIM stage 1: 150k iterations (at lr
+                              # 2e-4, batch 8, halved at 50k/100k, then a fresh Adam; here the
+                              # IMLE stage's lr, batch and Adam throughout: our simplification)
     bilinear_from=450_000,    # §5.1.1: nearest early, bilinear later (SRIM stage 3); when: ours
                               # (a fresh outer iteration starts there: see outer_schedule)
     iters=750_000,            # IMLE outer iterations from 150k, 350k, 450k (bilinear), 650k

@@ -198,6 +198,13 @@ def check_args(args):
     require(H % 2 ** n_up == 0 and W % 2 ** n_up == 0,
             f"image size {H}x{W} must be divisible by {2 ** n_up} ({n_up} up-samplings, "
             f"--num_up {args.num_up}); set --size / --aspect_ratio.")
+    per_process = args.batch_size // common.world_size()
+    first = (H // 2 ** n_up) * (W // 2 ** n_up)    # the generator's first map: 1x1 at 32x32
+    require(per_process * first > 1 or args.sample or args.eval or args.dry_run,
+            f"--batch_size {args.batch_size} gives each process 1 image, and at {H}x{W} the "
+            f"generator's first feature map is 1x1: batch normalisation (Eq. 1) needs more than "
+            f"one value per channel to train; use --batch_size {2 * common.world_size()} or a "
+            f"larger --size.")
     require(not (args.perceptual.startswith("vgg") and not args.pretrained),
             f"--perceptual {args.perceptual} needs the pretrained VGG-19 (--pretrained 1); "
             f"without it use --perceptual l1 or off.")
@@ -278,6 +285,14 @@ class INADE(nn.Module):
         size = x.shape[-2:]
         gamma, beta = self.modulation(resize_ids(label, size), resize_ids(inst, size), noise)
         return gamma * self.norm(x) + beta                              # Eq. (1)
+
+
+def background_class(args):
+    """The class that is no object, skipped where an object is picked (the grids' default
+    instance, control (f)'s parts, the metrics' instances): 0 (background; Cityscapes'
+    "unlabeled"), except on ADE20K, whose class 0 is wall: there it is the unlabelled pixels,
+    "other (don't care)", the last class."""
+    return args.num_classes - 1 if args.data == "ade20k" else 0
 
 
 def instance_classes(label, inst, num_inst):
@@ -521,6 +536,7 @@ class MultiscaleDiscriminator(nn.Module):
     def __init__(self, in_ch, num_d=2, ndf=64, n_layers=4):
         super().__init__()
         self.scales = nn.ModuleList(PatchDiscriminator(in_ch, ndf, n_layers) for _ in range(num_d))
+        init_weights(self)  # official: every network's convs, D's too (SPADE's create_network)
 
     def forward(self, x):
         outs = []
@@ -731,7 +747,8 @@ def fixed_batch(args, device, train_ds, n=6):
         ds = train_ds
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"note: {err} The training grids show the first training layouts instead.")
-    items = [ds[i] for i in range(min(n, len(ds)))]
+    with common.preserved_rng():  # training items draw crops and flips: not from the run's RNG
+        items = [ds[i] for i in range(min(n, len(ds)))]
     return common.to_device(torch.utils.data.default_collate(items), device), ds.palette
 
 
@@ -778,6 +795,9 @@ def train(args):
     if args.resume:
         start = common.load_checkpoint(ckpt_path, "inade", vars(args), ARCH_KEYS, objects,
                                        rt=rt)["iter"]
+        for sched in (sched_g, sched_d):  # the saved lr is the old --iters' schedule's: this one's
+            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+                group["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
     G = common.prepare_model(G, rt, args.compile)
     E = common.prepare_model(E, rt, args.compile)
     D = common.prepare_model(D, rt, args.compile)
@@ -949,8 +969,8 @@ def apply_official_flags(args, given):
     g, e, g_path, _ = official_pair(args.init_from)
     flags = official_flags(g, e, args)
     classes = {cfg["num_classes"]: name for name, cfg in PRESETS.items() if cfg["num_classes"]}
-    want = PRESETS[args.data]["num_classes"] or data.get_dataset(
-        args.data, split="train", size=args.size).num_classes   # built-in data: its own count
+    want = PRESETS[args.data]["num_classes"] or args.num_classes or get_split(
+        args, "train").num_classes       # built-in data or a folder: its own count
     L = flags["num_classes"]
     common.require(L == want, f"--init_from {g_path} is INADE's generator for {L} classes"
                    + (f" ({classes[L]})" if L in classes else "")
@@ -986,8 +1006,9 @@ def item_batch(ds, index, device):
     return common.to_device(torch.utils.data.default_collate([ds[index]]), device)
 
 
-def pick_instance(inst, label, wanted=None, flag="--sample_instance"):
-    """An instance of a one-item batch: `wanted`, or the largest non-background instance."""
+def pick_instance(inst, label, wanted=None, flag="--sample_instance", background=0):
+    """An instance of a one-item batch: `wanted`, or the largest instance not of class
+    `background` (background_class)."""
     ids, counts = inst[0].unique(return_counts=True)
     if wanted is not None:
         if wanted not in ids.tolist():
@@ -996,7 +1017,7 @@ def pick_instance(inst, label, wanted=None, flag="--sample_instance"):
         return wanted
     cls = instance_classes(label, inst, num_instances(inst))[0]
     order = [int(ids[i]) for i in counts.argsort(descending=True)]
-    objects = [i for i in order if cls[i] != 0]
+    objects = [i for i in order if cls[i] != background]
     return objects[0] if objects else order[0]
 
 
@@ -1040,7 +1061,8 @@ def edit_parts(args, label, inst, ref):
         cls = instance_classes(label, inst, num_instances(inst))[0]
         ref_classes = set(ref["label"][0].unique().tolist())
         targets = [int(ids[i]) for i in counts.argsort(descending=True)
-                   if cls[ids[i]] != 0 and int(cls[ids[i]]) in ref_classes][:args.n_styles]
+                   if cls[ids[i]] != background_class(args) and int(cls[ids[i]]) in ref_classes
+                   ][:args.n_styles]
         if not targets:
             raise common.UserError(f"test items {args.target_index} and {args.ref_index} share no "
                                    f"non-background class, so control (f) has nothing to edit; "
@@ -1056,7 +1078,8 @@ def control_grids(args, G, E, ds, device, out_dir):
     tgt = item_batch(ds, args.target_index, device)
     ref = item_batch(ds, args.ref_index, device)
     label, inst = tgt["label"], tgt["instance"]
-    k = pick_instance(inst, label, args.sample_instance)      # the instance of (c) and (d)
+    k = pick_instance(inst, label, args.sample_instance,      # the instance of (c) and (d)
+                      background=background_class(args))
     cls = int(label[0][inst[0] == k][0]) if args.sample_class is None else args.sample_class
     class_ids = inst[0][label[0] == cls].unique().tolist()     # the instances of (b)
     if not class_ids:
@@ -1182,13 +1205,15 @@ def masked_distance(dist_net, a, b, mask):
             (diff * (1 - m)).sum((1, 2)) / (1 - m).sum((1, 2)).clamp(min=1))
 
 
-def pick_objects(inst, label, generator):
-    """One random non-background instance per item (the largest instance if there is none)."""
+def pick_objects(inst, label, generator, background=0):
+    """One random instance per item not of class `background` (background_class); any instance
+    if there is none."""
     K = num_instances(inst)
     onehot = F.one_hot(inst, K).sum((1, 2))                               # (B, K) areas
     cls = instance_classes(label, inst, K)
     score = torch.rand(onehot.shape, generator=generator).to(inst.device)
-    score = torch.where((onehot > 0) & (cls > 0), score + 1, torch.where(onehot > 0, score, -1))
+    score = torch.where((onehot > 0) & (cls != background), score + 1,
+                        torch.where(onehot > 0, score, -1))
     return score.argmax(1)                                                 # (B,)
 
 
@@ -1219,8 +1244,8 @@ DIVERSITY_GROUPS = 10   # supp. §8: 10 groups of random results per layout (FID
 @torch.no_grad()
 def training_fid_stats(args, inception, device):
     """FID's real statistics from every training image (the official code compares with
-    training-set statistics), unflipped (our choice), streamed; the random state is kept, so
-    the evaluation draws the same noise whichever real set FID uses."""
+    training-set statistics), whole and unflipped (our choice), streamed; the random state is
+    kept, so the evaluation draws the same noise whichever real set FID uses."""
     try:
         ds = load_data(args, "train")
     except common.UserError as err:
@@ -1228,6 +1253,8 @@ def training_fid_stats(args, inception, device):
                                f"could not be read: {err} Use --fid_real test to compare with the "
                                f"test images.") from None
     ds.flip = False
+    if getattr(ds, "preprocess", None) == "resize_and_crop":  # whole frames, as generated,
+        ds.preprocess = "fixed"                               # not training's random crops
     loader = torch.utils.data.DataLoader(ds, batch_size=min(args.batch_size, 32))
     with common.preserved_rng():
         stats = common.inception_stats(inception, ((b["image"] + 1) / 2 for b in loader), device)
@@ -1257,7 +1284,7 @@ def eval_batch(args, G, E, batch, dist_net, inception, pick_gen):
                              for r in range(args.fid_runs)]
     # instance level (mISD/mOID): resample one instance; class level (mCSD/mOCD): every instance
     # of its class (§4.2)
-    k = pick_objects(inst, label, pick_gen)
+    k = pick_objects(inst, label, pick_gen, background_class(args))
     a, b = resample_pair(G, batch, F.one_hot(k, K).bool())               # moved ids (B, K)
     mask = inst == k[:, None, None]
     out["misd"], out["moid"] = masked_distance(dist_net, a, b, mask)
@@ -1335,8 +1362,8 @@ def evaluate(args):
 # ----------------------------------------------------------------------------------------------
 
 def dry_run(args):
-    if args.num_classes is None:  # built-in data: ask the generator for its class count
-        args.num_classes = data.get_dataset(args.data, split="train", size=args.size).num_classes
+    if args.num_classes is None:  # built-in data or a folder: ask the dataset for its count
+        args.num_classes = get_split(args, "train").num_classes
     G, E, D = build_models(args)
     paper = PAPER_COST.get((args.data, args.noise_nc))
     flops, conv_linear = generator_flops(args, args.num_classes)   # one instance per class

@@ -4,6 +4,7 @@ term and weight of Eq. (10), the discriminator, the learning-rate schedule, the 
 counts of Tables 3-4, exact resume, what each --sample control changes (on the noise tensors), the
 metrics on known inputs, the shapes scoring in data.py, and the error sentences."""
 
+import argparse
 import json
 import os
 import shutil
@@ -285,8 +286,8 @@ def test_multiscale_discriminator_layout_and_spectral_norm():
     assert len(inade.MultiscaleDiscriminator(12, num_d=3, ndf=4)(torch.randn(1, 12, 32, 32))) == 3
     # spectral norm: the used weight has largest singular value 1 (D's middle convs, G's convs)
     conv = d.scales[0].layers[1][0]
-    for _ in range(20):
-        conv(torch.randn(1, 64, 8, 8))   # power iterations in training mode
+    for _ in range(100):  # power iterations in training mode (from the official init's weights)
+        conv(torch.randn(1, 64, 8, 8))
     assert torch.linalg.matrix_norm(conv.weight.detach().flatten(1), 2).item() == pytest.approx(1.0, abs=0.01)
     G = inade.Generator(3, 32, 32, ngf=4, z_dim=8, noise_nc=4)
     assert hasattr(G.up_0.conv_0, "parametrizations") and not hasattr(G.conv_img, "parametrizations")
@@ -736,12 +737,61 @@ def test_masked_distances_inside_and_outside_a_region():
     assert inside.tolist() == pytest.approx([0.5, 0.5]) and outside.tolist() == pytest.approx([0, 0.1])
 
 
+def test_every_network_takes_the_official_init():
+    """xavier_normal (gain 0.02), bias 0, on every Conv/Linear of G, E and D (official: SPADE's
+    create_network initialises each network; spectral norm's layers through their original)."""
+    G, E, D = inade.build_models(tiny_args("--num_classes", "5"))
+    for net in (G, E, D):
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                w = m.parametrizations.weight.original if hasattr(m, "parametrizations") \
+                    else m.weight
+                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(w)
+                want = 0.02 * (2 / (fan_in + fan_out)) ** 0.5
+                assert abs(w.std().item() / want - 1) < 0.3, (type(net).__name__, w.shape)
+                assert m.bias is None or not m.bias.any()
+
+
 def test_pick_objects_prefers_a_non_background_instance():
     inst = torch.tensor([[[0, 0, 1], [0, 0, 2]], [[0, 0, 0], [0, 0, 0]]])
     label = torch.tensor([[[0, 0, 3], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]])
     for seed in range(5):
         picked = inade.pick_objects(inst, label, torch.Generator().manual_seed(seed))
         assert picked.tolist() == [1, 0]   # instance 2 is background class; item 1 has only 0
+
+
+def test_on_ade20k_wall_is_an_object_and_the_unlabelled_pixels_are_not():
+    """ADE20K's class 0 is wall (its raw 0, unlabelled, became the last class, 150): objects are
+    picked among walls, never among the unlabelled region; elsewhere class 0 is background."""
+    ade = argparse.Namespace(data="ade20k", num_classes=151)
+    assert inade.background_class(ade) == 150
+    assert inade.background_class(argparse.Namespace(data="cityscapes", num_classes=35)) == 0
+    inst = torch.tensor([[[0, 0, 0, 1], [0, 0, 0, 2]]])       # the largest instance is wall
+    label = torch.tensor([[[150, 150, 150, 0], [150, 150, 150, 7]]])
+    picks = {int(inade.pick_objects(inst, label, torch.Generator().manual_seed(s), 150))
+             for s in range(20)}
+    assert picks == {1, 2}
+    assert inade.pick_instance(inst, label, background=150) in (1, 2)
+    assert inade.pick_instance(inst, label) == 0            # class 0 taken as background
+
+
+def test_fids_training_statistics_take_whole_unflipped_frames(tmp_path, monkeypatch):
+    """ADE20K and CelebAMask-HQ train on random 256-of-286 crops: FID's real statistics (--fid_real
+    train) read each training image whole, as the generated images are, and the same each time."""
+    import numpy as np
+    from test_data import fake_ade20k
+    fake_ade20k(str(tmp_path / "ade"), np.random.default_rng(0))
+    args = common.parse_args(inade.build_parser(), inade.PRESETS, "inade", "shapes", [
+        "--data", "ade20k", "--data_dir", str(tmp_path / "ade"), "--size", "32", "--batch_size",
+        "2", "--out_dir", str(tmp_path / "run")])
+    monkeypatch.setattr(common, "inception_stats",   # the images FID would see, in order
+                        lambda inc, batches, device=None: torch.cat(list(batches)))
+    first, n = inade.training_fid_stats(args, None, torch.device("cpu"))
+    again, _ = inade.training_fid_stats(args, None, torch.device("cpu"))
+    test = inade.load_data(args, "test")  # a test split reads plain resizes: read the training
+    test.records = inade.load_data(args, "train").records  # images that way
+    whole = torch.stack([(test[i]["image"] + 1) / 2 for i in range(len(test))])
+    assert n == 2 and torch.equal(first, again) and torch.allclose(first, whole)
 
 
 class ColourFeatures(nn.Module):
@@ -827,6 +877,10 @@ def test_bad_inputs_give_one_sentence(trained, tmp_path):
         inade.main(TINY + ["--no_unified_sampling", "--out_dir", trained, "--sample"])
     with pytest.raises(common.UserError, match="divisible"):
         inade.main(["--size", "40", "--out_dir", str(tmp_path), "--iters", "1"])
+    with pytest.raises(common.UserError, match=r"--batch_size 1 gives each process 1 image, and "
+                                               r"at 32x32 the generator's first feature map is "
+                                               r"1x1: .* use --batch_size 2 or a larger --size"):
+        inade.main(TINY + ["--batch_size", "1", "--out_dir", str(tmp_path), "--iters", "1"])
     proc = subprocess.run([sys.executable, "inade.py", "--data", "deepfashion", "--data_dir",
                            str(tmp_path / "missing"), "--iters", "1"], cwd=ROOT,
                           capture_output=True, text=True)
@@ -961,7 +1015,8 @@ def two_person_folder(root, n=2, size=32):
 
 
 def test_a_deepfashion_model_on_a_two_person_folder_and_custom_folder_training(tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch,
+                                                                               capsys):
     """DeepFashion2 and custom data (--data folder-pairs): a DeepFashion checkpoint samples and
     evaluates a two-person folder (--num_classes 8); on it the instance control moves one
     person's top, the class control both tops. The folder also trains from its own labels (6
@@ -989,6 +1044,11 @@ def test_a_deepfashion_model_on_a_two_person_folder_and_custom_folder_training(t
     inade.main(TINY + custom + ["--iters", "1", "--out_dir", str(tmp_path / "custom")])
     config = torch.load(tmp_path / "custom" / "ckpt.pt", weights_only=True)["config"]
     assert config["num_classes"] == 6
+    inade.main(TINY + custom + ["--dry_run"])   # the classes of --data_dir, not of data/...
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"]["G"] == \
+        common.count_params(inade.build_models(common.parse_args(
+            inade.build_parser(), inade.PRESETS, "inade", "shapes",
+            TINY + custom + ["--num_classes", "6", "--dry_run"]))[0])
 
     class Planned(Exception):
         pass
@@ -1025,6 +1085,35 @@ def test_without_a_test_split_training_runs_and_sample_says_why(tmp_path, capsys
         with pytest.raises(common.UserError) as err:
             inade.main(flags + [mode])
         assert str(err.value) == why
+    # reading the grids' training layouts (random flips) does not move the run's RNG, so a
+    # resumed run continues exactly as the uninterrupted one
+    whole = flags[:-1] + [str(tmp_path / "whole"), "--iters", "3", "--log_every", "1"]
+    inade.main(whole)
+    inade.main(flags[:-1] + [str(tmp_path / "cut"), "--iters", "1", "--log_every", "1"])
+    inade.main(flags[:-1] + [str(tmp_path / "cut"), "--iters", "3", "--log_every", "1",
+                             "--resume"])
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
+             for line in open(tmp_path / name / "log.jsonl")] for name in ("whole", "cut")]
+    logs[1][0]["lr_g"] = logs[0][0]["lr_g"]  # logged after the step: the 1-iteration schedule's
+    assert len(logs[0]) == 3 and logs[0] == logs[1]
+
+
+def test_a_resume_with_more_iterations_steps_at_the_new_schedules_lr(tmp_path, monkeypatch):
+    """Paper §4.1's lr: constant, then linearly to zero over --iters. A run of 2 iterations ends
+    at lr 0; resumed with --iters 8 its next step runs at the full lr of the new schedule, not
+    at the old schedule's saved 0."""
+    out = str(tmp_path / "run")
+    inade.main(TINY + ["--iters", "2", "--out_dir", out])
+    lrs, step = [], inade.train_step
+    monkeypatch.setattr(inade, "train_step", lambda args, run, G, E, D, rec, opt_g, opt_d, batch:
+                        lrs.append((opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]))
+                        or step(args, run, G, E, D, rec, opt_g, opt_d, batch))
+    inade.main(TINY + ["--iters", "8", "--out_dir", out, "--resume"])
+    args = tiny_args()
+    factor = inade.lr_factor(8)
+    assert lrs == [(pytest.approx(args.lr_g * factor(i)), pytest.approx(args.lr_d * factor(i)))
+                   for i in range(2, 8)]
+    assert lrs[0][0] == pytest.approx(args.lr_g) and args.lr_g > 0
 
 
 def test_compiled_training_step_gives_the_eager_losses():
@@ -1314,6 +1403,21 @@ def test_released_weights_refusals_are_one_sentence_exit_2(case, sentence, tmp_p
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: ") and sentence in err
     assert not out.exists() or not os.listdir(out)   # nothing written
+
+
+def test_released_deepfashion_weights_sample_a_folder_of_pairs(tmp_path):
+    """Table 1's DeepFashion2 half: the authors' DeepFashion files on a folder-pairs set given by
+    --data_dir (its classes counted there, or --num_classes), not on a default data/ folder."""
+    fake_release(tmp_path / "release", L=8)
+    folder = two_person_folder(tmp_path / "df2", size=32)
+    flags = ["--data", "folder-pairs", "--data_dir", folder, "--size", "32", "--pretrained", "0",
+             "--perceptual", "l1", "--init_from", str(tmp_path / "release" / "best_net_G.pth")]
+    paths = inade.main(flags + ["--num_classes", "8", "--sample", "--n_styles", "2",
+                                "--out_dir", str(tmp_path / "out")])
+    assert all(os.path.isfile(p) for p in paths.values())
+    with pytest.raises(common.UserError, match=r"generator for 8 classes .*, but --data "
+                                               r"folder-pairs has 6"):  # its labels: 0..5
+        inade.main(flags + ["--sample", "--out_dir", str(tmp_path / "out6")])
 
 
 def test_sample_and_eval_from_released_weights_without_a_checkpoint(tmp_path, monkeypatch):
