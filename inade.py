@@ -198,9 +198,9 @@ def check_args(args):
     require(H % 2 ** n_up == 0 and W % 2 ** n_up == 0,
             f"image size {H}x{W} must be divisible by {2 ** n_up} ({n_up} up-samplings, "
             f"--num_up {args.num_up}); set --size / --aspect_ratio.")
-    per_process = args.batch_size // common.world_size()
+    per_process, uneven = divmod(args.batch_size, common.world_size())  # uneven: refused later
     first = (H // 2 ** n_up) * (W // 2 ** n_up)    # the generator's first map: 1x1 at 32x32
-    require(per_process * first > 1 or args.sample or args.eval or args.dry_run,
+    require(per_process * first > 1 or uneven or args.sample or args.eval or args.dry_run,
             f"--batch_size {args.batch_size} gives each process 1 image, and at {H}x{W} the "
             f"generator's first feature map is 1x1: batch normalisation (Eq. 1) needs more than "
             f"one value per channel to train; use --batch_size {2 * common.world_size()} or a "
