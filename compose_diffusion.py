@@ -1731,13 +1731,13 @@ def check_test_set_keys(args, models, test):
             conditions = [c for c in release_conditions(args) if c in conditions]
         for c in conditions:
             key = c if c in FACE_PARTS and c in typed else NEEDS_KEY[c]
-            if key in typed or key in test.has or (c == "text" and getattr(model, "clip_text",
-                                                                            False)):
+            image_instead = c == "text" and getattr(model, "clip_text", False)
+            if key in typed or key in test.has or image_instead:
                 continue
+            hint = ("--eval measures on the dataset's own, so add them to it" if args.eval else
+                    f"add them to the dataset or give --{flag[key]}")
             raise common.UserError(f"expert {name} reads '{key}' items, which the test set of "
-                                   f"--data {args.data} does not have; add them to the dataset "
-                                   f"or give --{flag[key]}" + (" with --sample." if not args.eval
-                                                              else " with --sample, not --eval."))
+                                   f"--data {args.data} does not have; {hint}.")
 
 
 def sampling_batch(args, setup, test, n, offset):

@@ -1349,8 +1349,8 @@ def test_a_condition_the_test_set_lacks_is_named_before_sampling():
     models = cd.build_experts(args, 5)
     test = types.SimpleNamespace(has={"image", "caption"})
     with pytest.raises(common.UserError, match="expert label reads 'label' items, which the "
-                                               "test set of --data shapes does not have; .* "
-                                               "give --label_map with --sample"):
+                                               "test set of --data shapes does not have; add "
+                                               "them to the dataset or give --label_map."):
         cd.check_test_set_keys(args, models, test)
     args.label_map = "typed.png"
     cd.check_test_set_keys(args, models, test)
