@@ -215,6 +215,7 @@ def world_size():
 def check_common_flags(args):
     at_least(args, 1, "iters", "batch_size", "size", "log_every", "sample_every", "ckpt_every")
     at_least(args, 0, "num_workers")
+    require(0 <= args.seed < 2 ** 31, f"--seed must be in 0 .. 2**31 - 1 (got {args.seed}).")
     init = getattr(args, "init_from", None)
     require(not (init and args.resume), "--init_from starts a new run from released weights and "
                                         "--resume continues ckpt.pt: give one of them.")
@@ -639,7 +640,8 @@ def set_rng_state(state):
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # the GPUs this process sees now (a run saved where more were visible resumes too)
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 @contextlib.contextmanager
@@ -1782,8 +1784,9 @@ def convert_clip_archive(archive_path, out_path):
     state = {k: v.float() if v.is_floating_point() else v
              for k, v in scripted.state_dict().items()
              if k not in ("input_resolution", "context_length", "vocab_size")}
-    torch.save(state, out_path + ".tmp")
-    os.replace(out_path + ".tmp", out_path)
+    tmp = f"{out_path}.{os.getpid()}.tmp"  # torchrun's processes may convert at once
+    torch.save(state, tmp)
+    os.replace(tmp, out_path)
     write_marker(out_path, "converted")
 
 

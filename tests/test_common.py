@@ -514,6 +514,7 @@ def exit_of(script, argv, capsys):
     (["--batch_size", "0"], "--batch_size must be at least 1 (got 0)."),
     (["--batch_size", "-2"], "--batch_size must be at least 1 (got -2)."),
     (["--iters", "-1"], "--iters must be at least 1 (got -1)."),
+    (["--seed", "-1"], "--seed must be in 0 .. 2**31 - 1 (got -1)."),
     (["--iters", "0"], "--iters must be at least 1 (got 0)."),
     (["--log_every", "0"], "--log_every must be at least 1 (got 0)."),
     (["--ckpt_every", "0"], "--ckpt_every must be at least 1 (got 0)."),
