@@ -445,6 +445,7 @@ def fake_cuda_generator(monkeypatch):
     reseeds every CUDA device) and common.rng_state / set_rng_state save and restore it."""
     state = {"seed": torch.tensor([-1])}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "manual_seed_all",
                         lambda seed: state.update(seed=torch.tensor([int(seed)])))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [state["seed"].clone()])
