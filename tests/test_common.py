@@ -320,6 +320,25 @@ def test_rng_state_round_trip_restores_every_generator():
     assert (np.random.rand(), torch.rand(1).item(), __import__("random").random()) == a
 
 
+def test_a_resume_restores_the_generators_of_the_gpus_this_process_sees(monkeypatch):
+    """A checkpoint saved where 2 GPUs were visible, resumed where 1 is: the first state goes
+    back to it (torch's set_rng_state_all indexes one generator per entry and would fail)."""
+    restored = []
+
+    def set_all(states):
+        assert len(states) <= torch.cuda.device_count(), "a state for a GPU this process lacks"
+        restored.extend(states)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                        lambda: [torch.tensor([7], dtype=torch.uint8)])
+    state = common.rng_state()
+    state["cuda"] = [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]
+    common.set_rng_state(state)
+    assert [int(t) for t in restored] == [1]
+
+
 def test_ema_is_the_exponential_moving_average():
     model = nn.Linear(3, 1)
     ema = common.EMA(model, decay=0.75)

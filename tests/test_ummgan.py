@@ -575,6 +575,8 @@ def test_compiled_training_step_gives_the_eager_losses(r1_gamma):
      "w_R branch, which needs --mode umm and --K 2 or more."),
     (["--train_fraction", "0"], "--train_fraction must be in (0, 1] (got 0.0)."),
     (["--chars", "AB"], "--chars chooses the characters of --data letters, not of --data hshape."),
+    (["--data", "letters", "--chars", ""],
+     "letters '' must be alphanumeric characters (or 'all' for the 62 of them)."),
     (["--data", "letters", "--mode", "smm", "--K", "3"],
      "--mode smm needs one constant per class: --K 2 for the 2 classes of --data letters (got --K 3)."),
 ])
