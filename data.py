@@ -1749,8 +1749,8 @@ def shapes_modality_counts(images, batch):
                                  batch["inst_valid"].cpu())
     distance = fid["distance"][fid["valid"]]
     c["in_mode"], c["coloured"] = int((distance <= SHAPES_MODE_TOLERANCE).sum()), len(distance)
-    gray = ((images.mean(1) + 1) / 2).numpy()
-    pred = torch.from_numpy(np.stack([image_sketch(g) for g in gray])).bool()
+    rgb = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()     # the rule that drew the targets
+    pred = torch.from_numpy(np.stack([image_sketch(x) for x in rgb])).bool()
     target = batch["sketch"][:, 0].cpu().bool()
 
     def grow(edges):                                   # 1-pixel tolerance

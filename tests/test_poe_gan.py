@@ -654,6 +654,8 @@ def test_toy_metrics_reward_the_right_images():
               "colour_precision"):
         assert real[k] > shuffled[k] + 0.1, k
     assert real["colour_precision"] > 0.95
+    assert real["sketch_f1"] > 0.9  # the true image's colour edges are its sketch (not 1: touching
+                                    # objects of one colour have no edge between them)
     # precision, unlike recall, drops when extra objects in unasked colours are drawn
     both = torch.maximum(batch["image"], batch["image"].roll(1, 0))
     assert data.shapes_modality_metrics(both, batch)["colour_precision"] < real["colour_precision"] - 0.1
