@@ -1377,31 +1377,55 @@ def subfolders(folder):
     return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
 
 
+def split_folders(root, split):
+    """(base, class folders) of one split of a `folder` dataset; see scan_folder."""
+    named = {s: [d for d in subfolders(root) if folder_split(d) == s] for s in ("train", "test")}
+    own = named[split] or named["train"]  # a test split without folders: the train images
+    # ROOT/train, ROOT/val, ROOT/test are split roots, not classes: the first of SPLIT_WORDS
+    # (test before val) is the split's root.
+    plain = [d for d in own if d.lower() in SPLIT_WORDS]
+    if plain:
+        own = [min(plain, key=lambda d: list(SPLIT_WORDS).index(d.lower()))]
+    if len(own) > 1:
+        return root, own
+    if own:
+        return os.path.join(root, own[0]), subfolders(os.path.join(root, own[0]))
+    return root, [d for d in subfolders(root) if folder_split(d) is None]
+
+
 def scan_folder(root, split, size, stretch=False, channels=3, **options):
     """Any folder of images. Sub-folders named after a split (folder_split) hold that split and
     only that split: one such folder is the split's root (ROOT/train, cars_train), several are
     its classes (DRIT's cat2dog: trainA, trainB / testA, testB). Without a folder of its own the
     train split reads ROOT minus its test folders, and the test split reads the train images.
-    In the split's root, sub-folders are classes (images found recursively), else its images."""
+    In the split's root, sub-folders are classes (images found recursively), else its images.
+    Class ids are the train split's: a test class folder takes the id of the training folder of
+    its name (split-named classes, trainA / testA, pair up in sorted order)."""
     name = "folder"
     require_dir(root, name)
-    named = {s: [d for d in subfolders(root) if folder_split(d) == s] for s in ("train", "test")}
-    own = named[split] or named["train"]  # a test split without folders: the train images
-    if len(own) > 1:
-        base, classes = root, own
-    elif own:
-        base = os.path.join(root, own[0])
-        classes = subfolders(base)
+    base, classes = split_folders(root, split)
+    names = split_folders(root, "train")[1] if classes else []
+    if all(folder_split(d) for d in classes) and len(classes) > 1:      # trainA, trainB / testA...
+        if len(classes) != len(names):
+            raise layout_error(f"{root} has {len(names)} training class folders "
+                               f"({', '.join(names)}) and {len(classes)} for the {split} split "
+                               f"({', '.join(classes)})", name)
+        ids = dict(zip(classes, range(len(classes))))
     else:
-        base, classes = root, [d for d in subfolders(root) if folder_split(d) is None]
-    records = [dict(name=stem(p), image=p, **{"class": k}) for k, d in enumerate(classes)
+        ids = {d: names.index(d) for d in classes if d in names}
+        unknown = [d for d in classes if d not in ids]
+        if unknown:
+            raise layout_error(f"the {split} split's class folders {', '.join(unknown)} in {base} "
+                               f"have no training folder (training classes: "
+                               f"{', '.join(names) or 'none'})", name)
+    records = [dict(name=stem(p), image=p, **{"class": ids[d]}) for d in classes
                for p in list_images(os.path.join(base, d), recursive=True)]
     if not records:
-        classes, records = [], [dict(name=stem(p), image=p) for p in list_images(base)]
+        names, records = [], [dict(name=stem(p), image=p) for p in list_images(base)]
     need_images(records, base, name)
     ds = FileDataset(name, records, split, parse_size(name, size, 128),
                      "fixed" if stretch else "shortside_crop", channels=channels, lowres=True)
-    ds.class_names = classes
+    ds.class_names = names
     if ds.size[0] % 8 or ds.size[1] % 8:
         raise UserError(f"size {ds.size} of dataset 'folder' must be a multiple of 8 "
                         "(for `lowres`).")

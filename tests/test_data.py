@@ -660,7 +660,7 @@ def test_folder_classes_lowres_and_sketch(tmp_path):
     columns = np.nonzero(item["sketch"][0].numpy().any(0))[0]
     assert len(columns) and columns.min() >= 14 and columns.max() <= 17  # the one vertical edge
     test = data.get_dataset("folder", root=str(tmp_path), split="test", size=32)
-    assert len(test) == 2 and test.class_names == ["testA", "testB"]
+    assert len(test) == 2 and test.class_names == ["trainA", "trainB"]  # the ids' names
     flat = tmp_path / "flat"
     save(np.zeros((40, 48, 3), np.uint8), f"{flat}/x.jpg")
     assert "class" not in data.get_dataset("folder", root=str(flat), size=16)[0]
@@ -976,3 +976,28 @@ def test_folder_split_sub_folders_hold_their_split_only(tmp_path):
     test = data.get_dataset("folder", root=str(pets), split="test", size=16)
     assert train.class_names == test.class_names == ["cats", "dogs"]
     assert len(train) == len(test) == 2 and all("/val/" in r["image"] for r in test.records)
+
+
+def test_folder_splits_share_the_training_class_ids(tmp_path):
+    """ROOT/{train,val,test}/<class>/: test (before val) is the test split's root, not a class,
+    and a class keeps its training id in a split that lacks some classes."""
+    root = tmp_path / "animals"
+    for sub in ("train/cat", "train/dog", "train/fox", "val/dog", "test/cat", "test/fox"):
+        save(np.zeros((16, 16, 3), np.uint8), f"{root}/{sub}/0.png")
+    train = data.get_dataset("folder", root=str(root), size=16)
+    test = data.get_dataset("folder", root=str(root), split="test", size=16)
+    assert train.class_names == test.class_names == ["cat", "dog", "fox"]
+    assert [(os.path.basename(os.path.dirname(r["image"])), r["class"]) for r in test.records] \
+        == [("cat", 0), ("fox", 2)]
+    assert all("/test/" in r["image"] for r in test.records)
+    save(np.zeros((16, 16, 3), np.uint8), f"{root}/test/owl/0.png")
+    with pytest.raises(data.UserError, match="class folders owl .*training classes: cat, dog, fox"):
+        data.get_dataset("folder", root=str(root), split="test", size=16)
+    # DRIT's trainA, trainB / testA, testB pair up in order
+    drit = tmp_path / "cat2dog"
+    for sub in ("trainA", "trainB", "testA", "testB"):
+        save(np.zeros((16, 16, 3), np.uint8), f"{drit}/{sub}/0.png")
+    test = data.get_dataset("folder", root=str(drit), split="test", size=16)
+    assert test.class_names == ["trainA", "trainB"]
+    assert [(os.path.basename(os.path.dirname(r["image"])), r["class"]) for r in test.records] \
+        == [("testA", 0), ("testB", 1)]
