@@ -1432,10 +1432,12 @@ def scan_folder(root, split, size, stretch=False, channels=3, **options):
     return ds
 
 
-def scan_folder_pairs(root, split, size, num_classes=None, dontcare=False, **options):
+def scan_folder_pairs(root, split, size, num_classes=None, **options):
     """ROOT[/<split>]/images/<name>.* with labels/<name>.png, optional instances/, sketches/,
-    captions/<name>.txt. 255 becomes class `num_classes` (an extra don't-care channel) when
-    `dontcare`; without `num_classes` every label file is read once to find both."""
+    captions/<name>.txt. Every label file is read once: 255 (don't care, as in SPADE) becomes an
+    extra last channel when present, and the classes are the largest other id + 1, or
+    `num_classes` one-hot channels (don't care included) when given, for a model trained on more
+    classes than these labels show."""
     name = "folder-pairs"
     require_dir(root, name)
     base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split, "images")) else root
@@ -1449,19 +1451,25 @@ def scan_folder_pairs(root, split, size, num_classes=None, dontcare=False, **opt
         if cap_dir:
             rec["caption_file"] = partner(rec["image"], cap_dir, ".txt")
             rec["captions"] = read_lines(rec["caption_file"])
-    if num_classes is None:  # the largest id present (255 = don't care, as in SPADE)
-        values = set()
-        for rec in records:
-            try:
-                ids = np.asarray(as_ids(open_image(rec["label"], name)))
-            except UserError:  # missing or unreadable: the file checks name it
-                continue
-            values |= set(np.unique(ids).tolist())
-        dontcare = 255 in values
-        num_classes = max([v for v in values if v != 255], default=0) + 1
+    values = set()
+    for rec in records:
+        try:
+            ids = np.asarray(as_ids(open_image(rec["label"], name)))
+        except UserError:  # missing or unreadable: the file checks name it
+            continue
+        values |= set(np.unique(ids).tolist())
+    dontcare = 255 in values
+    label_nc = max([v for v in values if v != 255], default=0) + 1
+    if num_classes is not None:
+        if num_classes < label_nc + dontcare:
+            extra = " and 255 (don't care)" if dontcare else ""
+            raise UserError(f"the labels in {base}/labels have ids 0..{label_nc - 1}{extra}: "
+                            f"{label_nc + dontcare} one-hot channels, more than the "
+                            f"{num_classes} asked for (--num_classes).")
+        label_nc = num_classes - dontcare
     return FileDataset(name, records, split, parse_size(name, size, 256), "fixed",
-                       num_classes=num_classes + bool(dontcare), encode=encode_spade,
-                       label_nc=num_classes, dontcare=bool(dontcare))
+                       num_classes=label_nc + dontcare, encode=encode_spade,
+                       label_nc=label_nc, dontcare=dontcare)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1517,8 +1525,8 @@ OPTIONAL_KEYS = ("sketch", "lowres")
 
 def get_dataset(name, root=None, split="train", size=None, check_files=True, skip=(), **options):
     """The dataset `name` (a key of DATASETS). Options: synthetic sets `seed`, `length`,
-    `letters` (letters only); folder `stretch`, `channels`; folder-pairs `num_classes`,
-    `dontcare`. `skip`: OPTIONAL_KEYS a script never reads (real sets then do not make them).
+    `letters` (letters only); folder `stretch`, `channels`; folder-pairs `num_classes`.
+    `skip`: OPTIONAL_KEYS a script never reads (real sets then do not make them).
     The files of a real set pass check_at_start first (check_files=False skips it: data.py
     --check makes its own, complete one)."""
     if name not in DATASETS:

@@ -727,9 +727,8 @@ def test_real_loader_errors_name_the_path_and_the_layout(key, tmp_path):
         raises_naming(fake.test_label, lambda: ds[first], "RGB")
     else:
         if name == "folder-pairs":
-            ds = data.get_dataset(name, root=fake.root, split="test", size=fake.size, num_classes=4,
-                                  dontcare=True)
-            assert ds.num_classes == 5
+            ds = data.get_dataset(name, root=fake.root, split="test", size=fake.size, num_classes=5)
+            assert ds.num_classes == 5 and ds.label_nc == 4  # 255 -> 4, the don't-care channel
             bad[:3, :3], value = 7, "7"
         else:
             bad[..., :3, :3] = fake.bad_value
@@ -1001,3 +1000,20 @@ def test_folder_splits_share_the_training_class_ids(tmp_path):
     assert test.class_names == ["trainA", "trainB"]
     assert [(os.path.basename(os.path.dirname(r["image"])), r["class"]) for r in test.records] \
         == [("testA", 0), ("testB", 1)]
+
+
+def test_folder_pairs_num_classes_counts_the_dont_care_channel(tmp_path):
+    """A model's one-hot width (dontcare included) reads a folder whose labels show fewer
+    classes: 255 stays the last channel; too few channels for the labels is one sentence."""
+    fake = fake_folder_pairs(str(tmp_path), np.random.default_rng(0))   # ids 0, 2, 3 and 255
+    found = data.get_dataset("folder-pairs", root=fake.root, split="test", size=fake.size)
+    wide = data.get_dataset("folder-pairs", root=fake.root, split="test", size=fake.size,
+                            num_classes=7)
+    assert (found.num_classes, wide.num_classes, wide.label_nc) == (5, 7, 6)
+    raw = np.asarray(Image.open(wide.records[0]["label"]))
+    dontcare = torch.from_numpy(raw == 255)
+    assert dontcare.any() and wide[0]["label"].shape == dontcare.shape  # test split: no flip
+    assert (wide[0]["label"][dontcare] == 6).all() and (found[0]["label"][dontcare] == 4).all()
+    with pytest.raises(data.UserError, match=r"ids 0\.\.3 and 255 \(don't care\): 5 one-hot"):
+        data.get_dataset("folder-pairs", root=fake.root, split="test", size=fake.size,
+                         num_classes=4)
