@@ -140,8 +140,8 @@ def base_parser(description):
                    help="the authors' released weights (recognised by their keys): --sample and "
                         "--eval use them instead of ckpt.pt; training starts from them")
     p.add_argument("--peak_tflops", type=float, default=None,
-                   help="--bench: the device's dense peak TFLOP/s for the MFU figure (known GPUs "
-                        "are looked up; see common.PEAK_TFLOPS)")
+                   help="--bench: the device's dense peak TFLOP/s in --dtype for the MFU figure "
+                        "(known GPUs are looked up, every dtype; see common.PEAK_TFLOPS)")
     return p
 
 
@@ -347,7 +347,15 @@ def setup_runtime(args):
     if "RANK" in os.environ:  # launched by torchrun
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        require(args.device != "mps", "torchrun runs on CUDA GPUs (nccl) or the CPU (gloo), "
+                "not on MPS: run without torchrun to use --device mps.")
+        if args.device == "cuda":
+            pick_device("cuda")  # no silent CPU run when GPUs were asked for
         if args.device in ("auto", "cuda") and torch.cuda.is_available():
+            require(local_rank < torch.cuda.device_count(),
+                    f"torchrun started process {local_rank} of this node, but torch sees "
+                    f"{torch.cuda.device_count()} GPU(s): pass --nproc_per_node "
+                    f"{torch.cuda.device_count()} or fewer.")
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
             backend = "nccl"
@@ -414,11 +422,16 @@ def reduce_mean(value, rt):
 
 # Dense peak TFLOP/s (no sparsity) from the vendors' datasheets, per autocast dtype, for the MFU
 # line of --bench; float32 counts TF32 tensor cores, which setup_runtime switches on. The first
-# name contained in torch.cuda.get_device_name() wins; other devices take --peak_tflops.
+# name whose words all appear, in order and whole, in torch.cuda.get_device_name() wins ("NVIDIA
+# A100-SXM4-80GB" is an A100, "NVIDIA RTX A1000" and "NVIDIA A10G" are unknown); other devices
+# take --peak_tflops.
 PEAK_TFLOPS = {  # name: (float32 as TF32, bfloat16, float16)
     "H100 PCIe": (378.0, 756.0, 756.0),
+    "H100 NVL": (417.5, 835.5, 835.5),
+    "H200 NVL": (417.5, 835.5, 835.5),
     "H100": (494.7, 989.4, 989.4),      # SXM; the H200 has the same tensor cores
     "H200": (494.7, 989.4, 989.4),
+    "GH200": (494.7, 989.4, 989.4),
     "A100": (156.0, 312.0, 312.0),
     "L40S": (183.0, 362.1, 362.1),
     "A10": (62.5, 125.0, 125.0),
@@ -432,8 +445,9 @@ def peak_tflops(device_name, dtype, given=None):
     (--peak_tflops) wins; None where unknown (CPUs), and then no MFU is printed."""
     if given:
         return float(given)
+    words = " " + " ".join(re.split(r"[\s\-_]+", device_name)) + " "
     for name, peaks in PEAK_TFLOPS.items():
-        if name in device_name:
+        if f" {name} " in words:
             return peaks[("float32", "bfloat16", "float16").index(dtype)]
     return None
 
@@ -501,7 +515,8 @@ def bench_training(args, rt, make_step, warmup=3):
         else:  # the process's peak resident memory so far (Linux reports KiB)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         seconds = time.perf_counter() - t0
-        peak_flops = peak_tflops(device_name, dtype, getattr(args, "peak_tflops", None))
+        given = getattr(args, "peak_tflops", None) if dtype == args.dtype else None
+        peak_flops = peak_tflops(device_name, dtype, given)
         achieved = flops * args.bench / seconds  # FLOP/s
         rows.append(dict(dtype=dtype, compile=compile_model,
                          img_per_s=round(args.bench * args.batch_size / seconds, 2),
@@ -629,6 +644,8 @@ def rng_state():
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -642,12 +659,14 @@ def set_rng_state(state):
     if "cuda" in state and torch.cuda.is_available():
         # the GPUs this process sees now (a run saved where more were visible resumes too)
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 @contextlib.contextmanager
 def preserved_rng():
     """Run a block (a sample grid, say) without moving any training random generator (Python,
-    NumPy, torch CPU and every CUDA device), so that a run that samples more often, or resumes,
+    NumPy, torch CPU, every CUDA device and MPS), so that a run that samples more often, or resumes,
     draws the same training noise."""
     state = rng_state()
     try:
@@ -2290,8 +2309,13 @@ def lpips_diversity(lpips_fn, samples, pairs="all", repeats=10, seed=0, batch_si
     index, per_input = None, []
     for group in samples:  # (M, C, H, W)
         if index is None:
-            index = torch.tensor(diversity_pairs(len(group), pairs, repeats, seed))
+            m, index = len(group), torch.tensor(diversity_pairs(len(group), pairs, repeats, seed))
+        if len(group) != m:  # the pairs are drawn once, for M samples
+            raise ValueError(f"lpips_diversity: input {len(per_input)} has {len(group)} samples, "
+                             f"the first had {m}")
         per_input.append(distances(group, index).mean())
+    if not per_input:
+        raise ValueError("lpips_diversity: no inputs")
     return float(torch.stack(per_input).mean())
 
 

@@ -130,6 +130,29 @@ def test_bench_counts_the_flops_of_a_training_step_and_reports_mfu_against_the_p
     assert common.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
     assert common.peak_tflops("cpu", "float32") is None
     assert common.peak_tflops("cpu", "float32", given=1.5) == 1.5
+    # whole words only: a name that contains a known one is another GPU
+    assert common.peak_tflops("NVIDIA H100 NVL", "bfloat16") == 835.5
+    assert common.peak_tflops("NVIDIA GeForce RTX 4090", "float32") == 82.6
+    assert common.peak_tflops("Tesla V100-SXM2-32GB", "float16") == 125.0
+    assert common.peak_tflops("NVIDIA A10", "bfloat16") == 125.0
+    assert common.peak_tflops("NVIDIA RTX A1000 6GB Laptop GPU", "bfloat16") is None
+    assert common.peak_tflops("NVIDIA A10G", "bfloat16") is None
+
+
+def test_bench_takes_the_given_peak_for_the_asked_dtype_only():
+    """--peak_tflops is one device's peak in --dtype: the float32 baseline row of a bfloat16
+    bench must not divide by it (an unknown CPU: that row has no MFU)."""
+    import argparse
+    args = argparse.Namespace(bench=1, batch_size=2, dtype="bfloat16", compile=None, seed=0,
+                              data="toy", size=8, peak_tflops=2.0)
+    layer = nn.Linear(16, 16)
+    x = torch.randn(2, 16)
+    summary = common.bench_training(args, common.Runtime(torch.device("cpu"), torch.float32),
+                                    lambda run, compile_model: lambda: layer(x).sum().backward())
+    fp32, bf16 = summary["bench"]
+    assert fp32["dtype"] == "float32" and fp32["mfu"] is None
+    assert bf16["dtype"] == "bfloat16" and bf16["mfu"] == pytest.approx(bf16["tflops"] / 2.0,
+                                                                         rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1503,6 +1526,10 @@ def test_lpips_diversity_averages_over_pairs_then_inputs():
     assert common.lpips_diversity(l1, samples, pairs="consecutive") == pytest.approx(0.25)
     # An iterable of per-input tensors (one input in memory at a time) gives the same.
     assert common.lpips_diversity(l1, iter(samples), batch_size=2) == pytest.approx(3.8 / 12)
+    with pytest.raises(ValueError, match="input 1 has 3 samples, the first had 4"):
+        common.lpips_diversity(l1, [samples[0], samples[1, :3]])   # the pairs were drawn for 4
+    with pytest.raises(ValueError, match="no inputs"):
+        common.lpips_diversity(l1, iter([]))
     lp = common.LPIPS("alex", pretrained=False)
     same = torch.rand(2, 1, 3, 32, 32).expand(2, 3, 3, 32, 32) * 2 - 1  # 3 equal samples per input
     assert abs(common.lpips_diversity(lp, same, pairs="random", repeats=4)) < 1e-7
@@ -1534,3 +1561,42 @@ def test_lpips_diversity_batches_the_pairs_of_all_inputs():
     assert calls == [8, 8, 8, 6] and spread == pytest.approx(10 / 6 * 3)
 
 
+
+
+def test_torchrun_runs_where_the_device_asked_for_is_or_says_why(monkeypatch):
+    """Under torchrun --device cuda without a GPU, --device mps, or more processes than GPUs
+    are one sentence each, before any process group is made (was a silent CPU run)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(common.dist, "init_process_group",
+                        lambda **kw: pytest.fail("a process group was made"))
+
+    def runtime(device):
+        args = common.parse_args(common.base_parser("t"), PRESETS, "m", "shapes",
+                                 ["--device", device])
+        with pytest.raises(common.UserError) as err:
+            common.setup_runtime(args)
+        return str(err.value)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "sees no CUDA GPU" in runtime("cuda")
+    assert "not on MPS" in runtime("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "--nproc_per_node 1 or fewer" in runtime("auto")
+
+
+def test_the_mps_generator_is_saved_and_restored(monkeypatch):
+    """On a Mac the MPS generator draws the training noise: a resume and a sample grid keep it."""
+    device = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: device["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda s: device.update(state=s.clone()))
+    with common.preserved_rng():
+        device["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)   # a grid's draws
+    assert device["state"].tolist() == [1, 2, 3]
+    saved = common.rng_state()
+    device["state"] = torch.tensor([7], dtype=torch.uint8)
+    common.set_rng_state(saved)
+    assert device["state"].tolist() == [1, 2, 3]
