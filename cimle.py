@@ -687,10 +687,13 @@ def running_argmin(state, d, z, offset):
 def mean_colours(images, labels, num_classes):
     """c_k(p) (§5.2.4): mean RGB (0-255) of class p's pixels in image k, and presence.
     images (B, 3, H, W) in [-1, 1], labels (B, H, W) -> colours (B, P, 3) float64, present
-    (B, P) bool, pixel counts (B, P)."""
+    (B, P) bool, pixel counts (B, P). A blank image (one colour: GTA-5's frame 00009062) has
+    no class, so it stays out of the rarity estimation (as in DISL) and its rarity is 0."""
     onehot = F.one_hot(labels, num_classes).double()                    # (B, H, W, P)
     rgb = (images.double() + 1) * 127.5                                 # 0-255 as DISL
-    count = onehot.sum((1, 2))                                          # (B, P)
+    flat = images.flatten(1)
+    blank = flat.amax(1) == flat.amin(1)                                # (B,)
+    count = onehot.sum((1, 2)) * ~blank[:, None]                        # (B, P)
     colours = torch.einsum("bhwp,bchw->bpc", onehot, rgb) / count.clamp(min=1)[..., None]
     return colours, count > 0, count
 

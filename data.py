@@ -1001,8 +1001,8 @@ class FileDataset(torch.utils.data.Dataset):
         """Why the loader cannot read a `key` file ("image", "label", ...) of this mode, or None."""
         if key in ("image", "sketch"):
             ok, expected = mode in IMAGE_MODES, "an 8-bit image (" + ", ".join(IMAGE_MODES) + ")"
-        elif key == "label" and self.rgb_labels:
-            ok, expected = mode in ("RGB", "RGBA"), "an RGB colour-coded label image"
+        elif key == "label" and self.rgb_labels:  # GTA-5's own release stores them as P
+            ok, expected = mode in ("RGB", "RGBA", "P"), "a colour-coded label image (RGB or P)"
         else:
             ok, expected = mode in ID_MODES, "integer ids (" + ", ".join(ID_MODES) + ")"
         return None if ok else f"has mode {mode}, expected {expected}"
@@ -1505,8 +1505,8 @@ DATASETS = {
         "ROOT/{train,test}/filenames.pickle (or filenames.txt) listing the ids, optional "
         "ROOT/mask/<id>.png (CelebAMask-HQ ids 0..18) and ROOT/sketch/<id>.jpg")),
     "gta5": dict(kind="real", scan=scan_gta5, layout=(
-        "ROOT/RGB256Full/<8 digits>.png with ROOT/Label256Full/<8 digits>.png (RGB Cityscapes "
-        "colours), train numbered from 00000001, val from 00100001 (cIMLE)")),
+        "ROOT/RGB256Full/<8 digits>.png with ROOT/Label256Full/<8 digits>.png (Cityscapes colours, "
+        "RGB or palette PNG), train numbered from 00000001, val from 00100001 (cIMLE)")),
     "folder": dict(kind="real", scan=scan_folder, layout=(
         "ROOT/*.jpg|png or ROOT/<class>/...; sub-folders named after a split (train, trainA, "
         "cars_train / test, val, testB, cars_test) hold that split only, and several of them "

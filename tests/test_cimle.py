@@ -665,6 +665,21 @@ def test_rarity_scores_and_mask_match_a_hand_computed_kde():
         assert mask[k].max() == 1 and mask[k].min() > 0
 
 
+def test_a_blank_image_stays_out_of_the_rarity_estimation():
+    """GTA-5's frame 00009062 is one colour: its mean colours would be the KDE's outliers and the
+    rebalancing would draw it most; it counts no class, gets rarity 0 and moves no other score."""
+    labels = torch.randint(0, 3, (6, 4, 4), generator=torch.Generator().manual_seed(0))
+    images = torch.rand((6, 3, 4, 4), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    images[2] = -1.0                                                  # a black frame
+    colours, present, count = cimle.mean_colours(images, labels, 3)
+    assert not present[2].any() and not count[2].any() and present[[0, 1, 3, 4, 5]].any(1).all()
+    rarity = cimle.rarity_scores(colours, present)
+    keep = [0, 1, 3, 4, 5]
+    alone = cimle.rarity_scores(*cimle.mean_colours(images[keep], labels[keep], 3)[:2])
+    assert (rarity[2] == 0).all() and torch.allclose(rarity[keep], alone)
+    assert (cimle.rarity_mask(labels[2:3], rarity[2:3]) == 0).all()   # no weight, no NaN
+
+
 def test_a_class_in_few_images_takes_the_largest_rarity_of_its_image():
     """DISL's guard: a class found in <= --rarity_min_images images gets no KDE of its own (a
     near-singular one would give it rarity ~0); its pixels weigh as the image's rarest class."""

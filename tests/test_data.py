@@ -1017,3 +1017,16 @@ def test_folder_pairs_num_classes_counts_the_dont_care_channel(tmp_path):
     with pytest.raises(data.UserError, match=r"ids 0\.\.3 and 255 \(don't care\): 5 one-hot"):
         data.get_dataset("folder-pairs", root=fake.root, split="test", size=fake.size,
                          num_classes=4)
+
+
+def test_gta5_palette_labels_read_as_their_colours(tmp_path):
+    """The Playing-for-Data release stores labels as palette (P) PNGs: the same colours as RGB."""
+    fake = fake_gta5(str(tmp_path), np.random.default_rng(0))
+    ds = data.get_dataset("gta5", root=fake.root, split="test", size=fake.size)
+    rgb = ds[0]["label"]
+    path = ds.records[0]["label"]
+    Image.open(path).convert("RGB").quantize(colors=256, method=Image.Quantize.MAXCOVERAGE,
+                                             dither=Image.Dither.NONE).save(path)
+    assert Image.open(path).mode == "P"
+    assert torch.equal(data.get_dataset("gta5", root=fake.root, split="test",
+                                        size=fake.size)[0]["label"], rgb)
