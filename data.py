@@ -1433,14 +1433,16 @@ def scan_folder(root, split, size, stretch=False, channels=3, **options):
 
 
 def scan_folder_pairs(root, split, size, num_classes=None, **options):
-    """ROOT[/<split>]/images/<name>.* with labels/<name>.png, optional instances/, sketches/,
-    captions/<name>.txt. Every label file is read once: 255 (don't care, as in SPADE) becomes an
+    """ROOT[/<split>]/images/<name>.* (<split>: train, test or val) with labels/<name>.png,
+    optional instances/, sketches/, captions/<name>.txt. Every label file is read once: 255 (don't care, as in SPADE) becomes an
     extra last channel when present, and the classes are the largest other id + 1, or
     `num_classes` one-hot channels (don't care included) when given, for a model trained on more
     classes than these labels show."""
     name = "folder-pairs"
     require_dir(root, name)
-    base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split, "images")) else root
+    # ROOT/<split>/images, the split's folder named as SPLIT_WORDS name it (test before val)
+    named = [os.path.join(root, w) for w, s in SPLIT_WORDS.items() if s == split]
+    base = next((d for d in named if os.path.isdir(os.path.join(d, "images"))), root)
     images = list_images(os.path.join(base, "images"))
     need_images(images, os.path.join(base, "images"), name)
     records = records_from(images, os.path.join(base, "labels"), os.path.join(base, "instances"))
@@ -1514,7 +1516,7 @@ DATASETS = {
     "folder-pairs": dict(kind="real", scan=scan_folder_pairs, layout=(
         "ROOT[/<split>]/images/<name>.jpg|png with ROOT[/<split>]/labels/<name>.png (class ids, "
         "255 = don't care), optional instances/<name>.png, sketches/<name>.png, "
-        "captions/<name>.txt")),
+        "captions/<name>.txt; <split>: train, test or val")),
 }
 
 

@@ -1030,3 +1030,10 @@ def test_gta5_palette_labels_read_as_their_colours(tmp_path):
     assert Image.open(path).mode == "P"
     assert torch.equal(data.get_dataset("gta5", root=fake.root, split="test",
                                         size=fake.size)[0]["label"], rgb)
+
+
+def test_folder_pairs_finds_a_val_folder_as_its_test_split(tmp_path):
+    fake = fake_folder_pairs(str(tmp_path), np.random.default_rng(0))
+    os.rename(os.path.join(fake.root, "test"), os.path.join(fake.root, "val"))
+    test = data.get_dataset("folder-pairs", root=fake.root, split="test", size=fake.size)
+    assert len(test) == 2 and all("/val/images/" in r["image"] for r in test.records)
