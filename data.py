@@ -776,14 +776,17 @@ def require_dir(path, name):
 
 
 def list_images(folder, recursive=False, exts=IMAGE_EXTS):
-    """Image files of a folder, natural-sorted."""
+    """Image files of a folder (following symbolic links), natural-sorted; the "._*" files and
+    "__MACOSX" folders that zips made on macOS carry are not images."""
     if recursive:
-        paths = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+        paths = [os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True)
+                 if "__MACOSX" not in d.split(os.sep) for f in fs]
     elif os.path.isdir(folder):
         paths = [os.path.join(folder, f) for f in os.listdir(folder)]
     else:
         paths = []
-    paths = [p for p in paths if p.lower().endswith(exts) and os.path.isfile(p)]
+    paths = [p for p in paths if p.lower().endswith(exts) and os.path.isfile(p)
+             and not os.path.basename(p).startswith("._")]
     return sorted(paths, key=natural_key)
 
 
@@ -1283,7 +1286,7 @@ def read_lines(path):
     """Non-empty lines of a text file (captions); no file gives no lines."""
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: no BOM in line 1
         return [line.strip() for line in f if line.strip()]
 
 
@@ -1380,6 +1383,10 @@ def subfolders(folder):
 def split_folders(root, split):
     """(base, class folders) of one split of a `folder` dataset; see scan_folder."""
     named = {s: [d for d in subfolders(root) if folder_split(d) == s] for s in ("train", "test")}
+    only = subfolders(root)
+    if not any(named.values()) and len(only) == 1 and not list_images(root) and \
+            any(folder_split(d) for d in subfolders(os.path.join(root, only[0]))):
+        return split_folders(os.path.join(root, only[0]), split)  # unzipped: ROOT/cat2dog/trainA
     own = named[split] or named["train"]  # a test split without folders: the train images
     # ROOT/train, ROOT/val, ROOT/test are split roots, not classes: the first of SPLIT_WORDS
     # (test before val) is the split's root.
@@ -1389,7 +1396,12 @@ def split_folders(root, split):
     if len(own) > 1:
         return root, own
     if own:
-        return os.path.join(root, own[0]), subfolders(os.path.join(root, own[0]))
+        base = os.path.join(root, own[0])
+        inner = subfolders(base)
+        while not list_images(base) and len(inner) == 1 and folder_split(inner[0]):
+            base = os.path.join(base, inner[0])      # cars_train/cars_train/*.jpg (Kaggle's copy)
+            inner = subfolders(base)
+        return base, inner
     return root, [d for d in subfolders(root) if folder_split(d) is None]
 
 
@@ -1399,6 +1411,8 @@ def scan_folder(root, split, size, stretch=False, channels=3, **options):
     its classes (DRIT's cat2dog: trainA, trainB / testA, testB). Without a folder of its own the
     train split reads ROOT minus its test folders, and the test split reads the train images.
     In the split's root, sub-folders are classes (images found recursively), else its images.
+    A ROOT (or split root) holding nothing but one such folder stands for that folder (an archive
+    unpacked into its own folder: ROOT/cat2dog/trainA, cars_train/cars_train).
     Class ids are the train split's: a test class folder takes the id of the training folder of
     its name (split-named classes, trainA / testA, pair up in sorted order)."""
     name = "folder"

@@ -1037,3 +1037,37 @@ def test_folder_pairs_finds_a_val_folder_as_its_test_split(tmp_path):
     os.rename(os.path.join(fake.root, "test"), os.path.join(fake.root, "val"))
     test = data.get_dataset("folder-pairs", root=fake.root, split="test", size=fake.size)
     assert len(test) == 2 and all("/val/images/" in r["image"] for r in test.records)
+
+
+def test_folder_steps_into_the_one_folder_an_archive_unpacks_to(tmp_path):
+    """DRIT's cat2dog.zip unpacked into data/folder gives ROOT/cat2dog/{trainA, ..., testB}; a
+    Kaggle copy of Stanford Cars gives cars_train/cars_train/*.jpg: no test image is trained on,
+    no wrapper folder is a class."""
+    drit = tmp_path / "drit"
+    for sub in ("trainA", "trainB", "testA", "testB"):
+        save(np.zeros((16, 16, 3), np.uint8), f"{drit}/cat2dog/{sub}/{sub}_0.png")
+    train = data.get_dataset("folder", root=str(drit), size=16)
+    test = data.get_dataset("folder", root=str(drit), split="test", size=16)
+    assert [r["name"] for r in train.records] == ["trainA_0", "trainB_0"]
+    assert [r["name"] for r in test.records] == ["testA_0", "testB_0"]
+    assert train.class_names == ["trainA", "trainB"]
+    cars = tmp_path / "cars"
+    for sub in ("cars_train/cars_train", "cars_test/cars_test"):
+        save(np.zeros((16, 16, 3), np.uint8), f"{cars}/{sub}/{sub[:5]}_0.jpg")
+    train = data.get_dataset("folder", root=str(cars), size=16)
+    test = data.get_dataset("folder", root=str(cars), split="test", size=16)
+    assert train.class_names == [] and [r["name"] for r in train.records] == ["cars__0"]
+    assert len(test) == 1 and "cars_test/cars_test" in test.records[0]["image"]
+
+
+def test_listing_follows_links_and_skips_macos_archive_files(tmp_path):
+    root = tmp_path / "imgs"
+    save(np.zeros((8, 8, 3), np.uint8), f"{root}/cats/a.png")
+    save(np.zeros((8, 8, 3), np.uint8), f"{tmp_path}/elsewhere/b.png")
+    os.symlink(tmp_path / "elsewhere", root / "cats" / "linked")
+    (root / "cats" / "._a.png").write_bytes(b"resource fork")
+    save(np.zeros((8, 8, 3), np.uint8), f"{root}/__MACOSX/cats/c.png")
+    assert [os.path.basename(p) for p in data.list_images(str(root), recursive=True)] == \
+        ["a.png", "b.png"]
+    (tmp_path / "cap.txt").write_bytes("\ufefffirst line\nsecond\n".encode("utf-8"))
+    assert data.read_lines(str(tmp_path / "cap.txt")) == ["first line", "second"]
