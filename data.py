@@ -813,9 +813,18 @@ def open_image(path, name):
         raise layout_error(f"cannot read image file {path}", name) from None
 
 
-def as_ids(img):
+COLOUR_CODED = "is colour-coded (its R, G, B differ), expected class ids in one channel"
+
+
+def as_ids(img, first_channel=False):
     """A label/instance PNG as integers: L and P as stored (SPADE's ToTensor()*255 gives the same),
-    I / I;16 as-is, a colour PNG by its first channel (make_instances does this for DeepFashion)."""
+    I / I;16 as-is, a grey map saved as RGB by its first channel; None for a colour-coded one (R,
+    G, B differ: its ids are not in any one channel). `first_channel`: channel 0 of any colour PNG
+    (SMIS's DeepFashion masks, as INADE's make_instances reads them)."""
+    if img.mode in ("RGB", "RGBA") and not first_channel:
+        r, g, b = (np.asarray(img.getchannel(c)) for c in range(3))
+        if not (np.array_equal(r, g) and np.array_equal(r, b)):
+            return None
     if img.mode in ("RGB", "RGBA", "LA"):
         img = img.getchannel(0)
     elif img.mode.startswith("I;16"):
@@ -944,7 +953,8 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __init__(self, name, records, split, size, preprocess, num_classes=0, class_names=(),
                  palette=None, encode=None, label_nc=0, dontcare=False, flip=True,
-                 rgb_labels=False, channels=3, lowres=False, scaled_maps=False):
+                 rgb_labels=False, channels=3, lowres=False, scaled_maps=False,
+                 first_channel=False):
         self.name, self.records, self.split, self.size = name, records, split, size
         self.preprocess, self.flip = preprocess, flip and split == "train"
         self.num_classes, self.class_names = num_classes, list(class_names)
@@ -952,6 +962,7 @@ class FileDataset(torch.utils.data.Dataset):
             np.asarray(palette, np.uint8)
         self.encode, self.label_nc, self.dontcare = encode, label_nc, dontcare
         self.rgb_labels, self.scaled_maps = rgb_labels, scaled_maps
+        self.first_channel = first_channel  # colour maps: ids in channel 0 (see as_ids)
         self.channels, self.lowres, self.sketch = channels, lowres, True
         first = records[0]
         self.has = {"image", "sketch", "name"} | ({"lowres"} if lowres else set())
@@ -1027,8 +1038,8 @@ class FileDataset(torch.utils.data.Dataset):
         return None
 
     def label_image(self, img):
-        """What the label encoding reads: RGB colours (GTA-5) or integer ids."""
-        return img.convert("RGB") if self.rgb_labels else as_ids(img)
+        """What the label encoding reads: RGB colours (GTA-5) or integer ids (None: see as_ids)."""
+        return img.convert("RGB") if self.rgb_labels else as_ids(img, self.first_channel)
 
     def read_file(self, key, path):
         """Open and decode one file of an item; unreadable or of a wrong mode is a UserError."""
@@ -1040,6 +1051,8 @@ class FileDataset(torch.utils.data.Dataset):
 
     def read_label(self, path, params):
         img = self.label_image(self.read_file("label", path))
+        if img is None:
+            raise layout_error(f"label file {path} {COLOUR_CODED}", self.name)
         raw = np.asarray(self.apply(img, params, Image.NEAREST))
         label = self.encode(raw, self.label_nc, self.dontcare)
         reason = self.value_problem(raw, label)
@@ -1057,7 +1070,10 @@ class FileDataset(torch.utils.data.Dataset):
         if rec.get("label"):
             raw, label = self.read_label(rec["label"], params)
             if rec.get("instance"):
-                inst = as_ids(self.read_file("instance", rec["instance"]))
+                inst = as_ids(self.read_file("instance", rec["instance"]), self.first_channel)
+                if inst is None:
+                    raise layout_error(f"instance file {rec['instance']} {COLOUR_CODED}",
+                                       self.name)
                 inst = np.asarray(self.apply(inst, params, Image.NEAREST)).astype(np.int64)
             else:
                 inst = raw if raw.ndim == 2 else label
@@ -1127,8 +1143,11 @@ class FileDataset(torch.utils.data.Dataset):
                 reason = self.mode_problem(key, img.mode)
                 if decode and not reason:
                     img.load()
-                    if key == "label":
-                        raw = np.asarray(self.label_image(img))
+                    ids = self.label_image(img) if key == "label" else None
+                    if key == "label" and ids is None:
+                        reason = COLOUR_CODED
+                    elif key == "label":
+                        raw = np.asarray(ids)
                         label = self.encode(raw, self.label_nc, self.dontcare)
                         reason = self.value_problem(raw, label)
                 return reason, img.size
@@ -1179,7 +1198,8 @@ def scan_deepfashion(root, split, size, **options):
     need_images(images, img_dir, name)
     return FileDataset(name, records_from(images, lab_dir, inst_dir), split,
                        parse_size(name, size, 256), "fixed", num_classes=8,
-                       class_names=DEEPFASHION_CLASSES, encode=encode_spade, label_nc=8)
+                       class_names=DEEPFASHION_CLASSES, encode=encode_spade, label_nc=8,
+                       first_channel=True)
 
 
 def scan_cityscapes(root, split, size, **options):
@@ -1446,17 +1466,23 @@ def scan_folder(root, split, size, stretch=False, channels=3, **options):
     return ds
 
 
+def folder_pairs_base(root, split):
+    """ROOT/<split> when it has images/ (the split named as SPLIT_WORDS name it, test before
+    val), else ROOT (both splits read the same files)."""
+    named = [os.path.join(root, w) for w, s in SPLIT_WORDS.items() if s == split]
+    return next((d for d in named if os.path.isdir(os.path.join(d, "images"))), root)
+
+
 def scan_folder_pairs(root, split, size, num_classes=None, **options):
     """ROOT[/<split>]/images/<name>.* (<split>: train, test or val) with labels/<name>.png,
-    optional instances/, sketches/, captions/<name>.txt. Every label file is read once: 255 (don't care, as in SPADE) becomes an
-    extra last channel when present, and the classes are the largest other id + 1, or
-    `num_classes` one-hot channels (don't care included) when given, for a model trained on more
-    classes than these labels show."""
+    optional instances/, sketches/, captions/<name>.txt. The label files of both splits are
+    read once, so that both encode alike: 255 (don't care, as in SPADE) becomes an extra last
+    channel when present, and the classes are the largest other id + 1, or `num_classes`
+    one-hot channels (don't care included) when given, for a model trained on more classes than
+    these labels show."""
     name = "folder-pairs"
     require_dir(root, name)
-    # ROOT/<split>/images, the split's folder named as SPLIT_WORDS name it (test before val)
-    named = [os.path.join(root, w) for w, s in SPLIT_WORDS.items() if s == split]
-    base = next((d for d in named if os.path.isdir(os.path.join(d, "images"))), root)
+    base = folder_pairs_base(root, split)
     images = list_images(os.path.join(base, "images"))
     need_images(images, os.path.join(base, "images"), name)
     records = records_from(images, os.path.join(base, "labels"), os.path.join(base, "instances"))
@@ -1468,20 +1494,24 @@ def scan_folder_pairs(root, split, size, num_classes=None, **options):
             rec["caption_file"] = partner(rec["image"], cap_dir, ".txt")
             rec["captions"] = read_lines(rec["caption_file"])
     values = set()
-    for rec in records:
+    label_dirs = sorted({os.path.join(folder_pairs_base(root, s), "labels")
+                         for s in ("train", "test")})
+    for path in [p for d in label_dirs for p in list_images(d, exts=(".png",))]:
         try:
-            ids = np.asarray(as_ids(open_image(rec["label"], name)))
-        except UserError:  # missing or unreadable: the file checks name it
+            ids = as_ids(open_image(path, name))
+        except UserError:  # unreadable: the file checks name it
             continue
-        values |= set(np.unique(ids).tolist())
+        if ids is None:
+            raise layout_error(f"label file {path} {COLOUR_CODED}", name)
+        values |= set(np.unique(np.asarray(ids)).tolist())
     dontcare = 255 in values
     label_nc = max([v for v in values if v != 255], default=0) + 1
     if num_classes is not None:
         if num_classes < label_nc + dontcare:
             extra = " and 255 (don't care)" if dontcare else ""
-            raise UserError(f"the labels in {base}/labels have ids 0..{label_nc - 1}{extra}: "
-                            f"{label_nc + dontcare} one-hot channels, more than the "
-                            f"{num_classes} asked for (--num_classes).")
+            raise UserError(f"the labels in {' and '.join(label_dirs)} have ids "
+                            f"0..{label_nc - 1}{extra}: {label_nc + dontcare} one-hot channels, "
+                            f"more than the {num_classes} asked for (--num_classes).")
         label_nc = num_classes - dontcare
     return FileDataset(name, records, split, parse_size(name, size, 256), "fixed",
                        num_classes=label_nc + dontcare, encode=encode_spade,

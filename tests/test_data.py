@@ -1071,3 +1071,41 @@ def test_listing_follows_links_and_skips_macos_archive_files(tmp_path):
         ["a.png", "b.png"]
     (tmp_path / "cap.txt").write_bytes("\ufefffirst line\nsecond\n".encode("utf-8"))
     assert data.read_lines(str(tmp_path / "cap.txt")) == ["first line", "second"]
+
+
+def test_colour_coded_label_maps_are_refused_not_read_by_their_red_channel(tmp_path):
+    """Classes whose colours share a red value would merge: a label PNG whose R, G, B differ is
+    one sentence (SMIS's DeepFashion masks excepted: channel 0 is their label, as make_instances
+    reads it); a grey map saved as RGB reads as its ids."""
+    fake = fake_celebamask(str(tmp_path / "celeba"), np.random.default_rng(0))
+    ds = data.get_dataset("celebamask-hq", root=fake.root, split="test", size=fake.size)
+    i = [r["label"] for r in ds.records].index(fake.test_label)
+    ids = np.asarray(Image.open(fake.test_label))
+    before = ds[i]["label"]
+    Image.fromarray(np.stack([ids] * 3, -1)).save(fake.test_label)          # grey as RGB
+    assert torch.equal(ds[i]["label"], before)
+    Image.fromarray(np.stack([ids, ids, ids // 2], -1)).save(fake.test_label)  # colour-coded
+    raises_naming(fake.test_label, lambda: ds[i], "colour-coded")
+    assert [reason for _, reason in ds.file_problems(ds.records[i], read="pixels")] == \
+        [data.COLOUR_CODED]
+    pairs = fake_folder_pairs(str(tmp_path / "pairs"), np.random.default_rng(0))
+    ids = np.asarray(Image.open(pairs.test_label))
+    Image.fromarray(np.stack([ids, ids // 2, ids], -1)).save(pairs.test_label)
+    raises_naming(pairs.test_label, lambda: data.get_dataset("folder-pairs", root=pairs.root,
+                                                             split="test"), "colour-coded")
+    smis = fake_deepfashion_smis(str(tmp_path / "smis"), np.random.default_rng(0))
+    assert len(data.get_dataset("deepfashion", root=smis.root, split="test", size=32)[0]["label"])
+
+
+def test_folder_pairs_splits_encode_their_labels_alike(tmp_path):
+    """Classes and the don't-care channel come from the labels of both splits: a test split
+    without class 5 must not move don't care (255) onto the train split's class 4."""
+    root = tmp_path / "pairs"
+    for split, ids in (("train", [0, 2, 5, 255]), ("test", [0, 2, 3, 255])):
+        save(np.zeros((8, 8, 3), np.uint8), f"{root}/{split}/images/a.png")
+        label = np.repeat(np.array(ids, np.uint8), 16).reshape(8, 8)
+        save(label, f"{root}/{split}/labels/a.png")
+    train = data.get_dataset("folder-pairs", root=str(root), size=8)
+    test = data.get_dataset("folder-pairs", root=str(root), split="test", size=8)
+    assert train.num_classes == test.num_classes == 7
+    assert sorted(test[0]["label"].unique().tolist()) == [0, 2, 3, 6]
