@@ -1161,8 +1161,12 @@ class FileDataset(torch.utils.data.Dataset):
 # exists, so that no batch mixes items with and without it.
 
 def partner(image, folder, ext=".png"):
-    """The file in `folder` with the image's stem, or None when there is no folder."""
-    return os.path.join(folder, stem(image) + ext) if folder else None
+    """The file in `folder` with the image's stem and `ext` (or `ext` in upper case, as some
+    tools write it), or None when there is no folder."""
+    if not folder:
+        return None
+    path, upper = (os.path.join(folder, stem(image) + e) for e in (ext, ext.upper()))
+    return upper if not os.path.isfile(path) and os.path.isfile(upper) else path
 
 
 def existing_dir(folder):

@@ -1109,3 +1109,12 @@ def test_folder_pairs_splits_encode_their_labels_alike(tmp_path):
     test = data.get_dataset("folder-pairs", root=str(root), split="test", size=8)
     assert train.num_classes == test.num_classes == 7
     assert sorted(test[0]["label"].unique().tolist()) == [0, 2, 3, 6]
+
+
+def test_partner_files_may_have_upper_case_extensions(tmp_path):
+    fake = fake_folder_pairs(str(tmp_path), np.random.default_rng(0))
+    for path in (fake.test_label, fake.test_image):
+        os.rename(path, path[:-4] + ".PNG")
+    ds = data.get_dataset("folder-pairs", root=fake.root, split="test", size=fake.size)
+    assert fake.test_label[:-4] + ".PNG" in {r["label"] for r in ds.records}
+    assert all(ds[i]["label"].shape == (32, 32) for i in range(len(ds)))
