@@ -769,7 +769,8 @@ def load_rarity(args, ds, n, rt=None):
         if cached["R"].shape == (n, args.num_classes):
             return cached
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=64,
-                                         num_workers=args.num_workers)
+                                         num_workers=args.num_workers,
+                                         generator=torch.Generator().manual_seed(args.seed))
     colours, present, area = [], [], torch.zeros(args.num_classes, dtype=torch.float64)
     for batch in tqdm(loader, desc="rarity: mean colours per class", unit="batch"):
         c, p, count = mean_colours(batch["image"], batch["label"], args.num_classes)
@@ -849,7 +850,9 @@ def gather_items(ds, indices, args, rarity, outer=0):
     base = args.seed * 1_000_003 + outer * 1_009 + 499_979
     keys = [(int(i), base * 65_537 + slot) for slot, i in enumerate(indices.tolist())]
     loader = torch.utils.data.DataLoader(common.SeededItems(ds), sampler=keys, batch_size=64,
-                                         num_workers=args.num_workers)
+                                         num_workers=args.num_workers,
+                                         worker_init_fn=common.ignore_stop_signals,
+                                         generator=torch.Generator().manual_seed(base))
     cond, target = [], []
     for batch in loader:
         cond.append(batch["lowres"] if args.task == "sr" else batch["label"])

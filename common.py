@@ -607,6 +607,15 @@ class SeededItems(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
+def ignore_stop_signals(worker_id=None):
+    """A data worker's worker_init_fn: the stop signals are the main process's to handle.
+    torchrun and SLURM signal the whole process group; a worker killed by SIGTERM would crash
+    the run (DataLoader raises in the main process) before StopSignals could save it."""
+    for name in StopSignals.SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def batch_stream(dataset, batch_size, rt, seed, start_iter=0, num_workers=0):
     """Endless iterator of collated batches (dicts of tensors / lists), resumable at start_iter.
 
@@ -618,6 +627,7 @@ def batch_stream(dataset, batch_size, rt, seed, start_iter=0, num_workers=0):
     loader = torch.utils.data.DataLoader(
         SeededItems(dataset), batch_sampler=sampler, num_workers=num_workers,
         pin_memory=rt.device.type == "cuda", persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(seed * 7919 + start_iter))  # not the global RNG
     return iter(loader)
 

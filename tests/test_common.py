@@ -791,7 +791,8 @@ def copy_of(module):
 
 def test_sigterm_checkpoints_mid_run_and_resume_gives_the_same_next_losses(tmp_path):
     """A pre-empted run (SIGTERM at an arbitrary step) resumes exactly: the losses after the
-    stop equal those of a run that was never interrupted."""
+    stop equal those of a run that was never interrupted. The signal goes to the whole process
+    group, data workers included, as torchrun and SLURM send it."""
     flags = ["--size", "32", "--style_dim", "16", "--max_channels", "8", "--channel_base", "128",
              "--batch_size", "4", "--phase_iters", "2", "--init_size", "8", "--log_every", "1",
              "--sample_every", "100000", "--ckpt_every", "100000", "--K", "2", "--device", "cpu"]
@@ -800,13 +801,14 @@ def test_sigterm_checkpoints_mid_run_and_resume_gives_the_same_next_losses(tmp_p
         [sys.executable, os.path.join(ROOT, "ummgan.py"), *flags, *extra], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     part, full = tmp_path / "part", tmp_path / "full"
-    proc = run("--iters", "100000", "--out_dir", str(part))
+    proc = run("--iters", "100000", "--out_dir", str(part), "--num_workers", "2",
+               start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (part / "log.jsonl").exists() and len((part / "log.jsonl").read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     stopped = torch.load(part / "ckpt.pt", weights_only=True)["iter"]
     assert proc.returncode == 128 + signal.SIGTERM, err
