@@ -1142,10 +1142,13 @@ def train(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     objects = dict(G=G, opt=opt, sched=sched, scaler=rt.scaler)
     start, subset, codes, items, cache = 0, None, None, None, None
+    means, search = common.LossMeans(rt.device), {}  # the loss and the search since the last log
     if args.resume:
-        ck = common.load_checkpoint(ckpt_path, "cimle", vars(args), ARCH_KEYS, objects, rt=rt)
+        ck = common.load_checkpoint(ckpt_path, "cimle", vars(args), ARCH_KEYS, objects, rt=rt,
+                                    per_rank=dict(log_means=means))
         require_same_split(args, ck["config"])
         start, extra = ck["iter"], ck["extra"]
+        search = extra.get("search", {})
         distance.weights = extra["distance_weights"].to(rt.device)
         distance.calibrated = bool(extra["calibrated"])
         if extra["subset"] is not None and not new_outer(start, args):
@@ -1157,7 +1160,7 @@ def train(args):
     Gw = common.prepare_model(G, rt, args.compile)
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     fixed = fixed_examples(ds, args)
-    losses, search, chunk = [], {}, None
+    chunk = None
     with common.StopSignals() as signals:
         for it in range(start, args.iters):
             G.upsample_mode = "bilinear" if it >= args.bilinear_from > 0 else "nearest"
@@ -1179,13 +1182,13 @@ def train(args):
                     codes, sel = outer_search(G, distance, items, outer, args, rt, chunk)
                     G.train()
                     search = dict(selected_distance=sel.item(), search_s=time.perf_counter() - t0)
-            losses.append(inner_step(Gw, distance, opt, sched, items, codes, it, args, rt, cache))
+            means.add(dict(loss=inner_step(Gw, distance, opt, sched, items, codes, it, args, rt,
+                                           cache)))
             log.step(args.batch_size)
             done = it + 1
             if done % args.log_every == 0 or done == args.iters:
-                log.log(done, loss=common.reduce_mean(torch.stack(losses).mean().item(), rt),
-                        lr=sched.get_last_lr()[0], **search)
-                losses, search = [], {}
+                log.log(done, **means.pop(rt), lr=sched.get_last_lr()[0], **search)
+                search = {}
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
                 with common.preserved_rng():  # grids must not move the training RNG
                     G.eval()
@@ -1195,9 +1198,9 @@ def train(args):
                     G.train()
             signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
                 ckpt_path, "cimle", args, done, objects, rt=rt,  # with the outer iteration's state
-                extra=dict(subset=subset, codes=None if codes is None else codes.cpu(),
-                           distance_weights=distance.weights.cpu(),
-                           calibrated=distance.calibrated)))
+                per_rank=dict(log_means=means), extra=dict(
+                    subset=subset, codes=None if codes is None else codes.cpu(), search=search,
+                    distance_weights=distance.weights.cpu(), calibrated=distance.calibrated)))
     log.close()
 
 

@@ -690,7 +690,8 @@ RUN_MODE_FLAGS = ("resume", "sample", "eval", "dry_run", "bench", "device", "num
                   "compile", "peak_tflops", "init_from")
 
 
-def save_checkpoint(path, method, config, iteration, objects, extra=None, rt=None):
+def save_checkpoint(path, method, config, iteration, objects, extra=None, rt=None,
+                    per_rank=None):
     """Write {method, config, iter, state of every object, RNG} atomically.
 
     `config` is the parsed flags (a Namespace or a dict); the run-mode flags are left out.
@@ -698,19 +699,20 @@ def save_checkpoint(path, method, config, iteration, objects, extra=None, rt=Non
     `objects` maps names to anything with state_dict(): networks (unwrapped), EMA, optimisers,
     schedulers, the grad scaler. The file is written to `path.tmp` and renamed over `path`, so an
     interrupted save leaves the previous checkpoint intact. Under DDP every rank calls it (pass
-    `rt`): each rank's random state is gathered, so that a resumed rank draws what it would have
-    drawn, and rank 0 writes.
+    `rt`): each rank's random state and `per_rank` objects (a LossMeans, say) are gathered, so
+    that a resumed rank draws and logs what it would have, and rank 0 writes.
     """
-    rng = [rng_state()]
+    mine = {"rng": rng_state(), **{k: obj.state_dict() for k, obj in (per_rank or {}).items()}}
+    ranks = [mine]
     if rt is not None and rt.ddp:
-        rng = [None] * rt.world_size
-        dist.all_gather_object(rng, rng_state())
+        ranks = [None] * rt.world_size
+        dist.all_gather_object(ranks, mine)
         if not rt.is_main:
             return
     config = {k: v for k, v in (vars(config) if isinstance(config, argparse.Namespace)
                                 else dict(config)).items() if k not in RUN_MODE_FLAGS}
-    state = {"method": method, "config": config, "iter": iteration, "rng": rng[0],
-             "rng_per_rank": rng,
+    state = {"method": method, "config": config, "iter": iteration, "rng": ranks[0]["rng"],
+             "rng_per_rank": [r.pop("rng") for r in ranks], "per_rank": ranks,
              "state": {name: unwrap(obj).state_dict() if isinstance(obj, nn.Module)
                        else obj.state_dict() for name, obj in objects.items()},
              "extra": extra or {}}
@@ -734,8 +736,9 @@ RESUME_KEYS = ("data", "seed", "batch_size")
 
 
 def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, restore_rng=True,
-                    rt=None):
-    """Load a checkpoint written by `save_checkpoint` into `objects`; return the whole dict.
+                    rt=None, per_rank=None):
+    """Load a checkpoint written by `save_checkpoint` into `objects` (and this rank's `per_rank`
+    objects, on a resume); return the whole dict.
 
     Refuses, with one sentence, a missing or unreadable file, a checkpoint of another method, and
     one whose architecture flags (`arch_keys` of `config`) differ from the ones asked for now.
@@ -775,6 +778,12 @@ def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, resto
                             f"with other flags or by another version of {method}.py.") from None
     if restore_rng:
         restore_rank_rng(ckpt, rt)
+        rank, world = (rt.rank, rt.world_size) if rt is not None else (0, 1)
+        saved = ckpt.get("per_rank") or [{}]
+        mine = saved[rank] if len(saved) == world else saved[0]  # another world: rank 0's
+        for name, obj in (per_rank or {}).items():
+            if name in mine:
+                obj.load_state_dict(mine[name])
     return ckpt
 
 
@@ -911,6 +920,34 @@ class EMA:
 # ----------------------------------------------------------------------------------------------
 # Logging and pictures
 # ----------------------------------------------------------------------------------------------
+
+class LossMeans:
+    """The losses of the steps since the last log line, summed on the device (no host sync in a
+    step); `pop(rt)` gives their means, averaged over the ranks, and starts afresh. Saved per
+    rank in the checkpoint (save_checkpoint's `per_rank`), so that a run resumed between two log
+    steps writes the very line the uninterrupted run writes."""
+
+    def __init__(self, device):
+        self.device, self.sums, self.steps = device, {}, 0
+
+    def add(self, losses):
+        """One step's {name: 0-dim tensor}."""
+        self.sums = {k: self.sums.get(k, 0) + v.detach() for k, v in losses.items()}
+        self.steps += 1
+
+    def pop(self, rt):
+        values = (torch.stack(list(self.sums.values())).float() / self.steps).tolist()  # one sync
+        means = {k: reduce_mean(v, rt) for k, v in zip(self.sums, values)}
+        self.sums, self.steps = {}, 0
+        return means
+
+    def state_dict(self):
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+        self.steps = state["steps"]
+
 
 class Logger:
     """One JSON object per log step in out_dir/log.jsonl, and a tqdm bar showing losses and img/s.

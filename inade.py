@@ -791,10 +791,11 @@ def train(args):
     objects = dict(G=G, E=E, D=D, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d,
                    scaler=rt.scaler)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    means = common.LossMeans(rt.device)  # the losses since the last log line
     start = 0
     if args.resume:
         start = common.load_checkpoint(ckpt_path, "inade", vars(args), ARCH_KEYS, objects,
-                                       rt=rt)["iter"]
+                                       rt=rt, per_rank=dict(log_means=means))["iter"]
         for sched in (sched_g, sched_d):  # the saved lr is the old --iters' schedule's: this one's
             for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
                 group["lr"] = base * sched.lr_lambdas[0](sched.last_epoch)
@@ -806,26 +807,21 @@ def train(args):
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
     G.train(), E.train(), D.train()
     with common.StopSignals() as signals:
-        sums, steps = {}, 0   # losses summed on the device since the last log step
         for it in range(start, args.iters):
             batch = next(stream)
             batch["num_instances"] = num_instances(batch["instance"])  # on the host: no sync
             batch = common.to_device(batch, rt.device)
-            losses = train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch)
-            sums = {k: sums.get(k, 0) + v for k, v in losses.items()}
-            steps += 1
+            means.add(train_step(args, rt, G, E, D, rec_loss, opt_g, opt_d, batch))
             sched_g.step(), sched_d.step()
             log.step(args.batch_size)
             done = it + 1
             if done % args.log_every == 0 or done == args.iters:  # the mean since the last log
-                means = {k: common.reduce_mean(v.item() / steps, rt) for k, v in sums.items()}
-                log.log(done, **means, lr_g=sched_g.get_last_lr()[0])
-                sums, steps = {}, 0
+                log.log(done, **means.pop(rt), lr_g=sched_g.get_last_lr()[0])
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
                 training_grid(args, common.unwrap(G), common.unwrap(E), fixed,
                               os.path.join(args.out_dir, f"samples_{done:06d}.png"))
             signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
-                ckpt_path, "inade", args, done, objects, rt=rt))  # on schedule or on a signal
+                ckpt_path, "inade", args, done, objects, rt=rt, per_rank=dict(log_means=means)))
     log.close()
 
 

@@ -997,9 +997,10 @@ def train(args):
     objects = dict(G=G, D=D, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=rt.scaler)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     start = 0
+    means = common.LossMeans(rt.device)  # the losses since the last log line
     if args.resume:
         start = common.load_checkpoint(ckpt_path, "poe_gan", vars(args), ARCH_KEYS,
-                                       objects, rt=rt)["iter"]
+                                       objects, rt=rt, per_rank=dict(log_means=means))["iter"]
     ema.model.to(rt.device)
     Gt = common.prepare_model(G, rt, args.compile)
     Dt = common.prepare_model(D, rt, args.compile)
@@ -1010,26 +1011,23 @@ def train(args):
     with common.preserved_rng():    # grids must not move the training RNG (resume)
         fixed = next(iter(common.batch_stream(ds, min(4, len(ds)), one_process, args.seed + 1)))
     log = common.Logger(args.out_dir, args.iters, start, rt.is_main)
-    sums, steps = {}, 0     # the losses since the last log step, summed on the device
     with common.StopSignals() as signals:
         for it in range(start, args.iters):
             batch = next(stream)                 # on the host: Conditioner checks labels there
             real = batch["image"].to(rt.device, non_blocking=True)
             stats = train_step(Gt, Dt, opt_g, opt_d, real, cond_of(batch), it, args, rt, image_net)
-            sums, steps = {k: sums.get(k, 0) + v for k, v in stats.items()}, steps + 1
+            means.add(stats)
             ema.update(G)
             done = it + 1
             log.step(args.batch_size)
             if done % args.log_every == 0 or done == args.iters:
-                means = (torch.stack(list(sums.values())) / steps).tolist()   # one host sync
-                log.log(done, **{k: common.reduce_mean(v, rt) for k, v in zip(sums, means)})
-                sums, steps = {}, 0
+                log.log(done, **means.pop(rt))
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
                 with common.preserved_rng():
                     subset_grid(ema.model, fixed, cond_of, ds,
                                 os.path.join(args.out_dir, f"samples_{done:06d}.png"))
             signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
-                ckpt_path, "poe_gan", args, done, objects, rt=rt))  # on schedule or on a signal
+                ckpt_path, "poe_gan", args, done, objects, rt=rt, per_rank=dict(log_means=means)))
     log.close()
 
 

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -852,23 +853,39 @@ def test_imle_covers_both_modes_of_a_bimodal_target():
     assert (out > 0.7).float().mean() > 0.25 and (out < -0.7).float().mean() > 0.25
 
 
-def test_resume_is_exact(tmp_path):
-    base = TINY_LAYOUT + ["--ckpt_every", "7"]  # a checkpoint in the middle of outer iteration 2
+def test_resume_is_exact(tmp_path, monkeypatch):
+    """SIGTERM after iteration 7: in the middle of outer iteration 2 (its subset, codes and
+    targets come back) and of a log interval (--log_every 5: the line at 10 still averages
+    steps 6-10, and still shows that outer iteration's search)."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    cimle.main(base + ["--iters", "14", "--out_dir", full])
-    cimle.main(base + ["--iters", "7", "--out_dir", part])
+    cimle.main(TINY_LAYOUT + ["--iters", "14", "--out_dir", full])
+    step, steps = cimle.inner_step, []
+
+    def signalled(*args, **kwargs):
+        steps.append(step(*args, **kwargs))
+        if len(steps) == 7:
+            signal.raise_signal(signal.SIGTERM)   # as a cluster pre-empting the job
+        return steps[-1]
+
+    monkeypatch.setattr(cimle, "inner_step", signalled)
+    with pytest.raises(common.Stopped):
+        cimle.main(TINY_LAYOUT + ["--iters", "14", "--out_dir", part])
+    monkeypatch.setattr(cimle, "inner_step", step)
     ck = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     assert ck["iter"] == 7 and ck["extra"]["subset"] is not None
-    cimle.main(base + ["--iters", "14", "--out_dir", part, "--resume"])
+    cimle.main(TINY_LAYOUT + ["--iters", "14", "--out_dir", part, "--resume"])
     a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
     for k, v in a["state"]["G"].items():
         assert torch.equal(v, b["state"]["G"][k]), k
     assert torch.equal(a["extra"]["codes"], b["extra"]["codes"])
-    log_a = [json.loads(line)["loss"] for line in open(os.path.join(full, "log.jsonl"))]
-    log_b = [json.loads(line)["loss"] for line in open(os.path.join(part, "log.jsonl"))]
-    assert log_a[-1] == log_b[-1]
-    args = cimle.parse(base + ["--out_dir", full, "--resume"])  # the finished run folder
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    timings = ("img_per_s", "search_s")
+    log_a, log_b = ([{k: v for k, v in json.loads(line).items() if k not in timings}
+                     for line in open(os.path.join(d, "log.jsonl"))] for d in (full, part))
+    assert [r["iter"] for r in log_b] == [5, 10, 14] and "selected_distance" in log_b[1]
+    assert log_a == log_b
+    args = cimle.parse(TINY_LAYOUT + ["--out_dir", full, "--resume"])  # the finished run folder
     assert os.path.isfile(cimle.rarity_cache_path(args, 48))
 
 

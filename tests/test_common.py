@@ -426,13 +426,19 @@ def _ddp_worker(rank, port, out_dir):
         torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, "ddp.pt"))
     # A checkpoint keeps every rank's random state: after a resume each rank draws what it would
     # have drawn (not rank 0's numbers).
+    # So are the losses each rank summed since its last log line.
     torch.manual_seed(100 + rank)
     path = os.path.join(out_dir, "ckpt.pt")
-    common.save_checkpoint(path, "m", {}, 1, {"model": model}, rt=rt)
+    means = common.LossMeans(rt.device)
+    means.add({"loss": torch.tensor(1.0 + rank)})
+    common.save_checkpoint(path, "m", {}, 1, {"model": model}, rt=rt, per_rank={"log": means})
     torch.distributed.barrier()
     draws = [torch.rand(3)]
-    common.load_checkpoint(path, "m", objects={"model": model}, rt=rt)
+    resumed = common.LossMeans(rt.device)
+    common.load_checkpoint(path, "m", objects={"model": model}, rt=rt, per_rank={"log": resumed})
     draws.append(torch.rand(3))
+    resumed.add({"loss": torch.tensor(3.0)})
+    draws.append(torch.tensor(resumed.pop(rt)["loss"]))  # ((1 + 3) / 2 + (2 + 3) / 2) / 2
     torch.save(draws, os.path.join(out_dir, f"draws{rank}.pt"))
     # Evaluation sums over the processes (--eval under torchrun): FID statistics, where a process
     # may have had no batch, and dicts of float sums with keys that only some processes have.
@@ -472,8 +478,9 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
     for g_ddp, p in zip(ddp_grads, model.parameters()):
         assert torch.allclose(g_ddp, p.grad, atol=1e-6)
     draws = [torch.load(tmp_path / f"draws{r}.pt") for r in (0, 1)]
-    for before, after in draws:
+    for before, after, loss in draws:
         assert torch.equal(before, after)          # the rank's own stream, resumed exactly
+        assert float(loss) == 2.25
     assert not torch.equal(draws[0][0], draws[1][0])
     assert len(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng_per_rank"]) == 2
     reduced = torch.load(tmp_path / "reduced.pt")

@@ -497,17 +497,17 @@ def test_resume_is_exact(trained, tmp_path, monkeypatch):
     out = str(tmp_path)
     save = common.save_checkpoint
 
-    def save_then_crash(path, method, config, iteration, objects, extra=None, rt=None):
-        save(path, method, config, iteration, objects, extra, rt)
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
         raise KeyboardInterrupt  # the run dies right after its first checkpoint (iter 2)
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    flags = TINY + ["--iters", "4", "--ckpt_every", "2", "--sample_every", "4", "--log_every", "3",
+                    "--out_dir", out]                      # stopped between two log lines
     with pytest.raises(KeyboardInterrupt):
-        inade.main(TINY + ["--iters", "4", "--ckpt_every", "2", "--sample_every", "4",
-                           "--log_every", "1", "--out_dir", out])
+        inade.main(flags)
     monkeypatch.setattr(common, "save_checkpoint", save)
-    inade.main(TINY + ["--iters", "4", "--ckpt_every", "2", "--sample_every", "4",
-                       "--log_every", "1", "--out_dir", out, "--resume"])
+    inade.main(flags + ["--resume"])
     a = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert a["iter"] == b["iter"] == 4
@@ -517,10 +517,15 @@ def test_resume_is_exact(trained, tmp_path, monkeypatch):
         for k, v in flat_a.items():
             same = torch.equal(v, flat_b[k]) if torch.is_tensor(v) else v == flat_b[k]
             assert same, (net, k)
+    # the line at 3 holds the mean of steps 1-3, two of them before the stop (as the
+    # uninterrupted run logged them one by one), the line at 4 step 4 alone
     logs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert [r["iter"] for r in logs] == [1, 2, 3, 4]
-    assert logs == [json.loads(line) | {"img_per_s": r["img_per_s"]}
-                    for line, r in zip(open(os.path.join(trained, "log.jsonl")), logs)]
+    steps = [json.loads(line) for line in open(os.path.join(trained, "log.jsonl"))]
+    assert [r["iter"] for r in logs] == [3, 4]
+    assert logs[1] == steps[3] | {"img_per_s": logs[1]["img_per_s"]}
+    assert logs[0]["lr_g"] == steps[2]["lr_g"]
+    for k in logs[0].keys() - {"iter", "img_per_s", "lr_g"}:
+        assert logs[0][k] == pytest.approx(sum(r[k] for r in steps[:3]) / 3, abs=2e-6), k
 
 
 def common_flat(state, prefix=""):

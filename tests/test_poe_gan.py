@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -787,6 +788,30 @@ def test_dry_run_parameter_counts(capsys):
     counts = json.loads(out.strip().splitlines()[-1])["params"]
     # D has no seg/sketch vector layers (Fig. 5c: maps only); they held 8,389,632 dead parameters
     assert counts == {"G": 66465555, "D": 40016071}
+
+
+def test_a_run_stopped_between_two_log_lines_resumes_to_the_same_log(tmp_path, capsys,
+                                                                      monkeypatch):
+    """SIGTERM after iteration 1 of a --log_every 2 run: the resumed line at 2 still holds the
+    mean of steps 1 and 2 (the sum of step 1 travels in the checkpoint)."""
+    flags = TINY + ["--sample_every", "100", "--r1_every", "2", "--iters", "3", "--log_every", "2"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_main(flags + ["--out_dir", a], capsys)[0] == 0
+    step = P.train_step
+
+    def signalled(*args, **kwargs):
+        out = step(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)   # as a cluster pre-empting the job
+        return out
+
+    monkeypatch.setattr(P, "train_step", signalled)
+    code, _, err = run_main(flags + ["--out_dir", b], capsys)
+    assert code == 128 + signal.SIGTERM and "stopped after iteration 1" in err, err
+    monkeypatch.setattr(P, "train_step", step)
+    assert run_main(flags + ["--out_dir", b, "--resume"], capsys)[0] == 0
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
+             for line in open(os.path.join(d, "log.jsonl"))] for d in (a, b)]
+    assert [r["iter"] for r in logs[1]] == [2, 3] and logs[0] == logs[1]
 
 
 def test_resume_is_exact(tmp_path, capsys):
