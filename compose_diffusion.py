@@ -1404,14 +1404,14 @@ def train(args):
             done = it + 1
             if done % args.log_every == 0 or done == args.iters:  # every rank: an all-reduce
                 logger.log(done, **{k: common.reduce_mean(v.item(), rt) for k, v in losses.items()})
-            signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
-                ckpt_path, "compose_diffusion", args, done, objects, extra=facts, rt=rt))
             if rt.is_main and (done % args.sample_every == 0 or done == args.iters):
                 setup = Setup(args, {n: m.model for n, m in emas.items()}, sched, rt.device, clip)
                 test = load_dataset(args, "test") if args.data == "shapes" else train_set
                 with common.preserved_rng():
                     sample_grids(args, setup, test, os.path.join(
                         args.out_dir, f"samples_{done:06d}.png"), quick=True)
+            signals.end_of_step(rt, args, done, ckpt_path, lambda: common.save_checkpoint(
+                ckpt_path, "compose_diffusion", args, done, objects, extra=facts, rt=rt))
     logger.close()
     return {n: m.model for n, m in emas.items()}, sched, train_set
 

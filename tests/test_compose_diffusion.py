@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import types
@@ -444,6 +445,23 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert not set(common.RUN_MODE_FLAGS) & set(b["config"])
 
     assert os.path.exists(os.path.join(full, "samples_000003.png"))
+
+
+def test_a_signal_on_a_sampling_step_still_writes_that_steps_grid(tmp_path, monkeypatch):
+    """The grid of a --sample_every step comes before the stop: a resume starts after it."""
+    out = str(tmp_path / "run")
+    step = cd.train_step
+
+    def signalled(args, rt, index, *rest):
+        if index == 1:                          # the second expert's step, iteration 1
+            signal.raise_signal(signal.SIGTERM)
+        return step(args, rt, index, *rest)
+
+    monkeypatch.setattr(cd, "train_step", signalled)
+    with pytest.raises(common.Stopped):
+        cd.main(TINY + ["--iters", "5", "--sample_every", "1", "--out_dir", out])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter"] == 1
+    assert os.path.exists(os.path.join(out, "samples_000001.png"))
 
 
 def test_dry_run_prints_exact_counts(capsys):
