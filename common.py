@@ -262,13 +262,16 @@ def prepare_out_dir(args):
                            f"that run, or choose another --out_dir.")
     if training_run(args) and args.resume:
         require(os.path.isfile(ckpt), no_checkpoint_sentence(ckpt))
-    if not training_run(args) and args.init_from:  # its grids / eval.json would replace the run's
+    # networks from elsewhere (released weights, other runs' experts): their grids / eval.json
+    # must not replace those of the run in --out_dir
+    outside = next((f for f in ("init_from", "expert_ckpt") if getattr(args, f, None)), None)
+    if not training_run(args) and outside:
         require(not os.path.exists(ckpt), f"--out_dir {args.out_dir} holds a training run "
-                                          f"({ckpt}); give --sample / --eval --init_from another "
+                                          f"({ckpt}); give --sample / --eval --{outside} another "
                                           f"--out_dir, so that the run's grids are kept.")
     if int(os.environ.get("RANK", 0)) != 0:
         return  # rank 0 alone writes into the run folder
-    if not training_run(args) and not os.path.isdir(args.out_dir) and not args.init_from:
+    if not training_run(args) and not os.path.isdir(args.out_dir) and not outside:
         return  # --sample / --eval: load_checkpoint names the missing checkpoint
     probe = os.path.join(args.out_dir, f".write_test_{os.getpid()}")
     try:

@@ -1896,6 +1896,18 @@ def test_each_bad_flag_is_one_sentence_before_anything_is_built(flags, words, tm
     assert "\n" not in str(err.value) and str(err.value).endswith(".")
 
 
+def test_a_composition_of_other_runs_keeps_out_of_a_run_folder(tmp_path, monkeypatch):
+    """--sample / --eval --expert_ckpt write grids and eval.json: into a folder holding a
+    training run they would replace that run's own (as --init_from would)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"a day of training")
+    monkeypatch.setattr(cd, "load_dataset", lambda *a: pytest.fail("built data first"))
+    with pytest.raises(common.UserError, match=r"holds a training run .*--expert_ckpt another"):
+        cd.main(["--sample", "--expert_ckpt", fake_run(tmp_path / "a.pt"), "--out_dir", str(run)])
+    assert [p.name for p in run.iterdir()] == ["ckpt.pt"]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
