@@ -257,9 +257,11 @@ def prepare_out_dir(args):
         return
     ckpt, log = (os.path.join(args.out_dir, name) for name in ("ckpt.pt", "log.jsonl"))
     if training_run(args) and not args.resume:
-        found = [p for p in (ckpt, log) if os.path.exists(p)]
-        require(not found, f"{found[0] if found else ''} already exists: pass --resume to continue "
-                           f"that run, or choose another --out_dir.")
+        require(not os.path.exists(ckpt), f"{ckpt} already exists: pass --resume to continue "
+                                          f"that run, or choose another --out_dir.")
+        require(not os.path.exists(log), f"{log} already exists, of a run that stopped before "
+                                         f"its first checkpoint (nothing to --resume): delete "
+                                         f"it, or choose another --out_dir.")
     if training_run(args) and args.resume:
         require(os.path.isfile(ckpt), no_checkpoint_sentence(ckpt))
     # networks from elsewhere (released weights, other runs' experts): their grids / eval.json
@@ -765,6 +767,10 @@ def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, resto
             shown = ", ".join(f"--{k} {saved.get(k)} (asked: {config.get(k)})"
                               for k in diff)
             raise UserError(f"{path} was trained with {shown}; pass the same flags to use it.")
+        if restore_rng and config.get("iters") is not None:  # a resume
+            require(ckpt.get("iter", 0) <= config["iters"],
+                    f"{path} is at iteration {ckpt.get('iter')}, past --iters "
+                    f"{config['iters']}: nothing to train; pass --iters {ckpt.get('iter')} or more.")
     for name, obj in (objects or {}).items():
         target = unwrap(obj) if isinstance(obj, nn.Module) else obj
         if name not in ckpt["state"]:

@@ -654,8 +654,13 @@ def test_a_run_folder_survives_a_second_run_without_resume(script, earlier, tmp_
     out.mkdir()
     (out / earlier).write_bytes(b"a day of training")
     status, err = exit_of(script, ["--out_dir", str(out), "--iters", "1"], capsys)
-    assert status == 2 and err == (f"error: {out / earlier} already exists: pass --resume to "
-                                   f"continue that run, or choose another --out_dir.\n")
+    if earlier == "ckpt.pt":
+        assert status == 2 and err == (f"error: {out / earlier} already exists: pass --resume to "
+                                       f"continue that run, or choose another --out_dir.\n")
+    else:  # a run that stopped before its first checkpoint: --resume would find nothing
+        assert status == 2 and err == (f"error: {out / earlier} already exists, of a run that "
+                                       f"stopped before its first checkpoint (nothing to "
+                                       f"--resume): delete it, or choose another --out_dir.\n")
     assert [p.name for p in out.iterdir()] == [earlier]
     assert (out / earlier).read_bytes() == b"a day of training"
 
@@ -667,6 +672,19 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(script, tm
     assert status == 2 and err.startswith(f"error: --out_dir {tmp_path / 'file' / 'run'} cannot "
                                           f"be written to (Not a directory)")
     assert err.count("\n") == 1
+
+
+def test_a_resume_past_its_iters_is_one_sentence(tmp_path):
+    """--resume --iters 3 of a checkpoint at iteration 5 has nothing to train (it exited 0 doing
+    nothing); the same --iters is a finished run and loads."""
+    path = str(tmp_path / "ckpt.pt")
+    net = nn.Linear(2, 2)
+    common.save_checkpoint(path, "m", {"iters": 5}, 5, {"net": net})
+    with pytest.raises(common.UserError, match=r"at iteration 5, past --iters 3: nothing to "
+                                               r"train; pass --iters 5 or more\."):
+        common.load_checkpoint(path, "m", {"iters": 3}, objects={"net": net})
+    assert common.load_checkpoint(path, "m", {"iters": 5}, objects={"net": net})["iter"] == 5
+    common.load_checkpoint(path, "m", {"iters": 3}, objects={"net": net}, restore_rng=False)
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_object_and_the_key(tmp_path):
