@@ -86,12 +86,15 @@ def run_main(main):
 
 
 def dispatch(args, dry_run, bench, sample, evaluate, train):
-    """What every script's main does with the parsed flags: --dry_run, --bench, --sample, --eval
-    (in that order of precedence), else training."""
-    for flag, run in (("dry_run", dry_run), ("bench", bench), ("sample", sample),
-                      ("eval", evaluate)):
-        if getattr(args, flag):
-            return run(args)
+    """What every script's main does with the parsed flags: --dry_run, else --bench, else
+    --sample and / or --eval (both: the grids, then the metrics), else training."""
+    if args.dry_run:
+        return dry_run(args)
+    if args.bench:
+        return bench(args)
+    if args.sample or args.eval:
+        grids = sample(args) if args.sample else None
+        return evaluate(args) if args.eval else grids
     return train(args)
 
 

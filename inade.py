@@ -1504,8 +1504,9 @@ def main(argv=None):
         rt, ds, G, E, ckpt = load_for_inference(args)
         paths = control_grids(args, G, E, ds, rt.device, args.out_dir)
         print("\n".join(paths.values()))
-        return paths
-    if args.eval:
+        if not args.eval:
+            return paths
+    if args.eval:  # after the grids when both are asked for
         return evaluate(args)
     return train(args)
 

@@ -1331,8 +1331,10 @@ def main(argv=None):
     if args.bench:
         return bench(args)
     if args.sample:
-        return sample(args)
-    if args.eval:
+        grids = sample(args)
+        if not args.eval:
+            return grids
+    if args.eval:  # after the grids when both are asked for
         return evaluate(args)
     train(args)
 

@@ -786,16 +786,40 @@ def test_end_of_step_saves_on_schedule_at_the_end_and_on_a_signal():
     assert saved == [3, 6, 7, 4]                   # off schedule, but saved before leaving
 
 
-def test_dispatch_runs_one_mode_in_the_order_dry_run_bench_sample_eval_train():
+def test_dispatch_runs_dry_run_or_bench_or_sample_and_eval_or_train():
     import argparse
     modes = ("dry_run", "bench", "sample", "eval")
-    run = {m: (lambda m: lambda args: m)(m) for m in modes + ("train",)}
-    call = lambda **on: common.dispatch(  # noqa: E731
-        argparse.Namespace(**{m: on.get(m, False) for m in modes}), run["dry_run"],
-        run["bench"], run["sample"], run["eval"], run["train"])
-    assert call() == "train" and call(eval=True) == "eval" and call(sample=True) == "sample"
-    assert call(sample=True, eval=True) == "sample" and call(bench=3, sample=True) == "bench"
-    assert call(dry_run=True, bench=3) == "dry_run"
+    ran = []
+    run = {m: (lambda m: lambda args: ran.append(m) or m)(m) for m in modes + ("train",)}
+
+    def call(**on):
+        ran.clear()
+        out = common.dispatch(argparse.Namespace(**{m: on.get(m, False) for m in modes}),
+                              run["dry_run"], run["bench"], run["sample"], run["eval"],
+                              run["train"])
+        return out, list(ran)
+
+    assert call() == ("train", ["train"]) and call(eval=True) == ("eval", ["eval"])
+    assert call(sample=True) == ("sample", ["sample"])
+    assert call(sample=True, eval=True) == ("eval", ["sample", "eval"])     # both, in order
+    assert call(bench=3, sample=True) == ("bench", ["bench"])
+    assert call(dry_run=True, bench=3) == ("dry_run", ["dry_run"])
+
+
+@pytest.mark.parametrize("script", ["inade", "poe_gan"])  # the two mains of their own
+def test_sample_and_eval_together_run_both(script, tmp_path, monkeypatch):
+    module = __import__(script)
+    ran = []
+    if script == "inade":
+        rt = common.Runtime(torch.device("cpu"), torch.float32)
+        monkeypatch.setattr(module, "load_for_inference", lambda args: (rt,) + (None,) * 4)
+        monkeypatch.setattr(module, "control_grids",
+                            lambda *a: ran.append("sample") or {"grid": "g.png"})
+    else:
+        monkeypatch.setattr(module, "sample", lambda args: ran.append("sample"))
+    monkeypatch.setattr(module, "evaluate", lambda args: ran.append("eval") or "metrics")
+    assert module.main(["--sample", "--eval", "--out_dir", str(tmp_path / "run")]) == "metrics"
+    assert ran == ["sample", "eval"]
 
 
 def test_an_error_inside_the_training_loop_starts_on_a_line_of_its_own(capsys):
