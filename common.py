@@ -684,8 +684,8 @@ def set_rng_state(state):
 @contextlib.contextmanager
 def preserved_rng():
     """Run a block (a sample grid, say) without moving any training random generator (Python,
-    NumPy, torch CPU, every CUDA device and MPS), so that a run that samples more often, or resumes,
-    draws the same training noise."""
+    NumPy, torch CPU, every CUDA device and MPS), so that a run that samples more often, or
+    resumes, draws the same training noise."""
     state = rng_state()
     try:
         yield
@@ -771,9 +771,10 @@ def load_checkpoint(path, method, config=None, arch_keys=(), objects=None, resto
                               for k in diff)
             raise UserError(f"{path} was trained with {shown}; pass the same flags to use it.")
         if restore_rng and config.get("iters") is not None:  # a resume
-            require(ckpt.get("iter", 0) <= config["iters"],
-                    f"{path} is at iteration {ckpt.get('iter')}, past --iters "
-                    f"{config['iters']}: nothing to train; pass --iters {ckpt.get('iter')} or more.")
+            done = ckpt.get("iter", 0)
+            require(done <= config["iters"], f"{path} is at iteration {done}, past --iters "
+                                             f"{config['iters']}: nothing to train; pass --iters "
+                                             f"{done} or more.")
     for name, obj in (objects or {}).items():
         target = unwrap(obj) if isinstance(obj, nn.Module) else obj
         if name not in ckpt["state"]:
@@ -943,12 +944,12 @@ class LossMeans:
         self.device, self.sums, self.steps = device, {}, 0
 
     def add(self, losses):
-        """One step's {name: 0-dim tensor}."""
-        self.sums = {k: self.sums.get(k, 0) + v.detach() for k, v in losses.items()}
+        """One step's {name: 0-dim tensor} (summed in float32 whatever the autocast dtype)."""
+        self.sums = {k: self.sums.get(k, 0) + v.detach().float() for k, v in losses.items()}
         self.steps += 1
 
     def pop(self, rt):
-        values = (torch.stack(list(self.sums.values())).float() / self.steps).tolist()  # one sync
+        values = (torch.stack(list(self.sums.values())) / self.steps).tolist()  # one host sync
         means = {k: reduce_mean(v, rt) for k, v in zip(self.sums, values)}
         self.sums, self.steps = {}, 0
         return means
