@@ -1143,13 +1143,14 @@ class FileDataset(torch.utils.data.Dataset):
                 reason = self.mode_problem(key, img.mode)
                 if decode and not reason:
                     img.load()
-                    ids = self.label_image(img) if key == "label" else None
-                    if key == "label" and ids is None:
-                        reason = COLOUR_CODED
-                    elif key == "label":
-                        raw = np.asarray(ids)
-                        label = self.encode(raw, self.label_nc, self.dontcare)
-                        reason = self.value_problem(raw, label)
+                    if key == "label":
+                        ids = self.label_image(img)
+                        if ids is None:
+                            reason = COLOUR_CODED
+                        else:
+                            raw = np.asarray(ids)
+                            label = self.encode(raw, self.label_nc, self.dontcare)
+                            reason = self.value_problem(raw, label)
                 return reason, img.size
         except READ_ERRORS:
             return "cannot be read (not an image, or corrupt or truncated)", None
