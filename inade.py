@@ -31,8 +31,8 @@ Map of this file:
     python inade.py --sample                           # the six control grids from that run
     python inade.py --sample --edit_instances 2 1 --edit_mean_only    # Fig. 6a, mean style only
     python inade.py --eval                             # toy metrics (shapes) -> eval.json
-    python inade.py --no_unified_sampling              # Table 1 ablation "w/o US"
-    python inade.py --no_noise_remapping               # Table 1 ablation "w/o PNR"
+    python inade.py --no_unified_sampling --out_dir out/inade-no-us    # Table 1 "w/o US"
+    python inade.py --no_noise_remapping --out_dir out/inade-no-pnr    # Table 1 "w/o PNR"
     python inade.py --data deepfashion --dry_run       # 84.63M parameters, 42.xx G FLOPs (Table 3)
     python inade.py --data cityscapes --noise_nc 8 --dry_run     # 76.78M (Table 4)
     python inade.py --data deepfashion --sample \

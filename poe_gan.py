@@ -39,7 +39,7 @@ resampling (bilinear up, average-pool down here); FID is pytorch-fid's Inception
     python poe_gan.py                              # built-in shapes, 4 modalities, CPU
     python poe_gan.py --sample                     # Fig. 1 grid from out/poe_gan-shapes/ckpt.pt
     python poe_gan.py --eval                       # per-subset metrics -> eval.json
-    python poe_gan.py --discriminator concat       # Table 3 row (d) (rows: see above)
+    python poe_gan.py --discriminator concat --out_dir out/poe-d  # Table 3 row (d) (see above)
     python poe_gan.py --data mm-celeba-hq          # paper scale, 256x256, text + seg + sketch
     torchrun --nproc_per_node=8 poe_gan.py --data coco-stuff   # --batch_size is the global batch
     python poe_gan.py --data coco-stuff --dry_run  # parameter counts

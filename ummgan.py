@@ -25,10 +25,10 @@ Map of this file:
     dry run, bench, main        --sample / --eval take the architecture from the checkpoint
 
     python ummgan.py                                  # built-in hshape, uMM-GAN K=3, CPU ~5 min
-    python ummgan.py --K 1                            # the same with plain StyleGAN (K = 1)
+    python ummgan.py --K 1 --out_dir out/stylegan-hshape  # the same with plain StyleGAN (K = 1)
     python ummgan.py --data letters --K 2             # letters 'A'/'B': modes become letters
-    python ummgan.py --data letters --K 2 --mode smm  # supervised sMM-GAN
-    python ummgan.py --data letters --chars ABC --K 3 # Table 1: N = 3 letters, K = 3
+    python ummgan.py --data letters --K 2 --mode smm --out_dir out/smm-letters  # supervised
+    python ummgan.py --data letters --chars ABC --K 3 --out_dir out/letters-abc  # Table 1
     python ummgan.py --sample                         # control grids from out/ummgan-hshape/ckpt.pt
     python ummgan.py --eval                           # Jaccard index (hshape) / FID -> eval.json
     python ummgan.py --data folder --data_dir data/cats_dogs --K 2   # paper scale, 128x128
