@@ -39,7 +39,7 @@ Map of this file:
     main
 
     python cimle.py                                   # layouts on built-in shapes, CPU ~5 min
-    python cimle.py --pretrain_iters 1000 --out_dir out/cimle-z0      # the same net, z = 0
+    python cimle.py --pretrain_iters 1000 --out_dir out/cimle-shapes-z0  # the same net, z = 0
     python cimle.py --baseline crn --rebalance_data 0 --out_dir out/cimle-crn  # Table 2's CRN
     python cimle.py --task sr --out_dir out/cimle-sr  # x8 SR on shapes (stripes are ambiguous)
     python cimle.py --sample                          # grids from out/cimle-shapes/ckpt.pt
