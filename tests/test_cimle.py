@@ -1646,3 +1646,20 @@ def test_training_from_released_weights_starts_from_them_and_resumes_exactly(tmp
     cimle.main(flags + ["--init_from", path, "--iters", "1", "--out_dir", two])
     cimle.main(flags + widths + ["--iters", "3", "--out_dir", two, "--resume"])
     assert np.allclose(losses(two), losses(one), rtol=1e-5), (losses(two), losses(one))
+
+
+def test_select_latents_keeps_the_first_of_tied_candidates_in_any_chunking():
+    """argmin's first-index rule: a generator that ignores z ties every candidate, and every
+    chunking must then pick candidate 0 (a later chunk must not win a tie)."""
+    n, m = 3, 6
+    table = torch.randn(n, m, 4)
+    cond = torch.rand(n, 3, 8, 8) * 2 - 1
+
+    def generate(c, z):
+        return c
+    distance = cimle.Distance("layout", "pixel", "cpu")
+    for chunk, examples in ((1, 1), (2, 2), (4, 3), (6, 3)):
+        index, codes, _ = cimle.select_latents(
+            generate, distance, cond, torch.zeros(n, 3, 8, 8), None, m,
+            lambda e0, e1, j0, j1: table[e0:e1, j0:j1], chunk, examples, "cpu")
+        assert index.tolist() == [0] * n and torch.equal(codes, table[:, 0]), (chunk, examples)

@@ -1964,3 +1964,14 @@ def test_face_preset_under_torchrun_equals_one_process_then_resumes(tmp_path):
     assert rows.startswith("rows: label map | ground truth | hair expert alone | caption expert "
                            "alone | composition (Eq. 10)\n0: face ")
     assert os.path.getsize(os.path.join(two, "samples_000002.png")) > 0
+
+
+def test_the_last_ddpm_step_adds_no_noise():
+    """DDPM Alg. 2: z = 0 at t = 1; the last step returns the posterior mean."""
+    ref = cd.Schedule.make("linear", 1000)
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    a = cd.ddpm_step(ref, x, 0, eps, noise=torch.randn(2, 3, 4, 4))
+    b = cd.ddpm_step(ref, x, 0, eps, noise=torch.randn(2, 3, 4, 4))
+    x0, _ = cd.predict_x0(ref, x, 0, eps, True)
+    assert torch.equal(a, b)
+    assert torch.allclose(a, ref.post_coef1[0] * x0 + ref.post_coef2[0] * x)

@@ -1597,3 +1597,11 @@ def test_paper_preset_under_torchrun_then_resume_sample_eval(preset, stand_in_ho
     assert result["distance"] == "lpips-alex" and result["layouts"] == 2
     assert result["fid_real"] == "train (2 images)" and len(result["fid_runs"]) == 1
     assert result["fid"] >= 0 and result["lpips_diversity"] >= 0
+
+
+def test_resize_ids_takes_spade_nearest_pixels():
+    """F.interpolate's 'nearest' (SPADE's label resize) picks source pixel floor(i * scale): a 2x
+    downsample of a 4x4 map keeps rows and columns 0 and 2."""
+    ids = torch.arange(16).view(1, 4, 4)
+    assert inade.resize_ids(ids, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
+    assert inade.resize_ids(ids, (8, 8))[0, ::2, ::2].tolist() == ids[0].tolist()

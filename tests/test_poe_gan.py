@@ -1186,3 +1186,11 @@ def test_paper_preset_under_torchrun_equals_one_process_then_resume_and_sample(
     assert all(math.isfinite(v) for r in log_of(two) for v in r.values())
     assert run_main(flags + ["--sample", "--out_dir", two], capsys)[0] == 0
     assert os.path.getsize(os.path.join(two, "subsets_0.png")) > 0
+
+
+def test_sample_gaussian_draws_with_the_standard_deviation_of_its_log_variance():
+    """Eq. (3)-(4)'s reparameterisation: z = mu + exp(logvar / 2) eps (not exp(logvar) eps)."""
+    mu, logvar = torch.tensor([0.5, -1.0]), torch.tensor([1.5, -2.0])
+    eps = torch.tensor([0.3, -0.7])
+    z = P.sample_gaussian(mu, logvar, lambda shape, device, dtype: eps.clone())
+    assert torch.allclose(z, mu + torch.exp(logvar / 2) * eps)

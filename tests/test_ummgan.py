@@ -1041,3 +1041,15 @@ def test_step_keeps_the_batch_and_d_grads_and_hands_back_tensors(monkeypatch):
     assert len(used) == len(d_grads[0]) > 10
     assert all(torch.equal(p.grad, g) for p, g in zip(used, d_grads[0]))
     assert all(p.requires_grad for p in D.parameters())
+
+
+def test_noise_injection_adds_one_noise_map_scaled_per_channel():
+    """StyleGAN §2 ("B"): a single-channel noise image per layer and image, broadcast to every
+    channel with a learned per-channel scale."""
+    layer = ummgan.NoiseInjection(4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 2.0, -3.0, 0.5]).view(1, 4, 1, 1))
+    x = torch.randn(2, 4, 5, 5)
+    per_channel = (layer(x) - x) / layer.weight
+    assert torch.allclose(per_channel, per_channel[:, :1].expand_as(per_channel), atol=1e-6)
+    assert not torch.allclose(per_channel[0], per_channel[1])        # a fresh map per image
