@@ -570,6 +570,9 @@ def test_search_split_over_ranks_selects_the_codes_of_one_process(monkeypatch):
     args.perturb = 0.5
     moved = search(0, 1) - one
     assert abs(float(moved.std()) - 0.5) < 0.05 and abs(float(moved.mean())) < 0.05
+    # drawn from the stream after S's examples: the same on a resume and on every rank
+    after = torch.randn(one.shape, generator=cimle.code_stream(args, 3, 7, "cpu"))
+    assert torch.allclose(moved, 0.5 * after, atol=1e-6) and torch.equal(search(0, 1), one + moved)
 
 
 def test_distance_weights_are_set_from_several_examples_the_same_whatever_the_chunking():

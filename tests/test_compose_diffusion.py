@@ -1975,3 +1975,17 @@ def test_the_last_ddpm_step_adds_no_noise():
     x0, _ = cd.predict_x0(ref, x, 0, eps, True)
     assert torch.equal(a, b)
     assert torch.allclose(a, ref.post_coef1[0] * x0 + ref.post_coef2[0] * x)
+
+
+def test_match_timesteps_interpolates_in_log_abar():
+    """An expert on the cosine schedule asked at the linear chain's noise levels: the fractional
+    timestep lies between the two expert steps that bracket the level, linearly in log abar."""
+    cos, lin = cd.Schedule.make("cosine", 1000), cd.Schedule.make("linear", 1000)
+    t = cd.match_timesteps(cos, lin, tol=1.0)
+    for i in (5, 100, 500, 900):
+        target = lin.abar[i]
+        k = int(np.searchsorted(-cos.abar, -target)) - 1     # cos.abar[k] >= target > [k + 1]
+        assert cos.abar[k] >= target > cos.abar[k + 1]
+        frac = (np.log(cos.abar[k]) - np.log(target)) / (np.log(cos.abar[k]) -
+                                                         np.log(cos.abar[k + 1]))
+        assert abs(t[i] - (k + frac)) < 1e-9, i
