@@ -1605,3 +1605,23 @@ def test_resize_ids_takes_spade_nearest_pixels():
     ids = torch.arange(16).view(1, 4, 4)
     assert inade.resize_ids(ids, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
     assert inade.resize_ids(ids, (8, 8))[0, ::2, ::2].tolist() == ids[0].tolist()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_instance_aware_conv_equals_a_window_by_window_loop(stride):
+    """Each output pixel sums only the taps whose instance is that of the window's centre (zero
+    padding is instance 0), on a random map with borders in both directions."""
+    torch.manual_seed(0)
+    conv = inade.InstanceAwareConv2d(2, 3, 3, stride=stride, padding=1)
+    x = torch.randn(2, 2, 7, 7)
+    inst = torch.randint(0, 3, (2, 7, 7))
+    xp, ip = F.pad(x, (1, 1, 1, 1)), F.pad(inst, (1, 1, 1, 1))
+    out = conv(x, inst)
+    for b in range(2):
+        for i in range(out.shape[2]):
+            for j in range(out.shape[3]):
+                r, c = i * stride, j * stride
+                keep = (ip[b, r:r + 3, c:c + 3] == ip[b, r + 1, c + 1]).float()
+                window = xp[b, :, r:r + 3, c:c + 3] * keep
+                want = (conv.weight * window).sum((1, 2, 3)) + conv.bias
+                assert torch.allclose(out[b, :, i, j], want, atol=1e-5), (b, i, j)
