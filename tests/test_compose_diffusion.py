@@ -229,6 +229,34 @@ def test_one_forward_per_model_per_step_equals_unbatched_eq10():
                        [(0, c1), (1, c2)], [2.0, 2.0], [0.5, 0.5], ref)
 
 
+def test_the_learned_variance_is_that_of_the_first_condition():
+    """A learn_sigma model serving two conditions returns one v block per condition: the
+    sampler's variance is the first condition's (as the official code takes the first row's),
+    also when the second expert learns sigma and the first does not."""
+    full = cd.Schedule.make("linear", 1000)
+    ref = cd.sampler_schedule(full, "5")
+
+    class Sigma(nn.Module):
+        learn_sigma = True
+
+        def forward(self, x, t, cond_vec=None):
+            v = cond_vec[:, :1, None, None].expand_as(x)              # v = the condition's value
+            return torch.cat([torch.zeros_like(x), v], 1)
+
+        def null_cond(self, b, device):
+            return {"cond_vec": torch.zeros(b, 2)}
+
+    b, x = 2, torch.randn(2, 3, 2, 2)
+    first, second = ({"cond_vec": torch.full((b, 2), v)} for v in (0.5, -0.25))
+    _, v = cd.Composition([cd.Expert("s", Sigma(), full)], [(0, first), (0, second)],
+                          [2.0, 2.0], [1.0], ref).eps_and_var(x, 1)
+    assert torch.equal(v, torch.full_like(x, 0.5))
+    _, v = cd.Composition([cd.Expert("plain", Counting(1.0), full), cd.Expert("s", Sigma(), full)],
+                          [(0, first), (1, second)], [2.0, 2.0], [0.5, 0.5], ref
+                          ).eps_and_var(x, 1)
+    assert v is None                                  # the first condition's expert fixes it
+
+
 # ---------------------------------------------------------------------------------------------
 # ADM UNet: official key set, parameter counts, computation
 # ---------------------------------------------------------------------------------------------
