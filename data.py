@@ -1222,7 +1222,10 @@ def scan_cityscapes(root, split, size, **options):
         gt = os.path.join(root, "gtFine", phase, os.path.basename(os.path.dirname(path)), key)
         records.append(dict(name=key, image=path, label=gt + "_gtFine_labelIds.png",
                             instance=gt + "_gtFine_instanceIds.png"))
-    if not any(os.path.isfile(rec["instance"]) for rec in records):  # instance maps are optional
+    # Instance maps are optional, but in both splits or in neither: a split without them would
+    # fall back to class regions and measure something else than the other.
+    if not any(f.endswith("_gtFine_instanceIds.png") for phase_ in ("train", "val")
+               for _, _, files in os.walk(os.path.join(root, "gtFine", phase_)) for f in files):
         for rec in records:
             rec["instance"] = None
     h = size if isinstance(size, (int, np.integer)) else None

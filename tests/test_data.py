@@ -3,6 +3,7 @@ pixels; every real-dataset loader reads a tiny fake dataset written in the offic
 fails with the promised sentence on each kind of bad input.
 """
 
+import glob
 import json
 import math
 import os
@@ -1118,3 +1119,18 @@ def test_partner_files_may_have_upper_case_extensions(tmp_path):
     ds = data.get_dataset("folder-pairs", root=fake.root, split="test", size=fake.size)
     assert fake.test_label[:-4] + ".PNG" in {r["label"] for r in ds.records}
     assert all(ds[i]["label"].shape == (32, 32) for i in range(len(ds)))
+
+
+def test_cityscapes_instance_maps_in_one_split_are_wanted_in_both(tmp_path):
+    """Without instanceIds anywhere both splits use class regions; with them in train only,
+    the test split names its missing files (it fell back to class regions without a word)."""
+    fake = fake_cityscapes(str(tmp_path), np.random.default_rng(0))
+    for path in glob.glob(f"{fake.root}/gtFine/val/*/*_instanceIds.png"):
+        os.remove(path)
+    raises_naming("instanceIds", lambda: data.get_dataset("cityscapes", root=fake.root,
+                                                          split="test", size=32))
+    for path in glob.glob(f"{fake.root}/gtFine/train/*/*_instanceIds.png"):
+        os.remove(path)
+    for split in ("train", "test"):
+        ds = data.get_dataset("cityscapes", root=fake.root, split=split, size=32)
+        assert all(r["instance"] is None for r in ds.records)
