@@ -1651,3 +1651,15 @@ def test_the_mps_generator_is_saved_and_restored(monkeypatch):
     device["state"] = torch.tensor([7], dtype=torch.uint8)
     common.set_rng_state(saved)
     assert device["state"].tolist() == [1, 2, 3]
+
+
+def test_loss_means_sum_in_float32_whatever_the_autocast_dtype():
+    """bf16 losses summed in bf16 stall (256 + 0.1 == 256 there): 3,000 steps of 0.1 must log
+    0.1."""
+    means = common.LossMeans(torch.device("cpu"))
+    for _ in range(3000):
+        means.add({"loss": torch.tensor(0.1, dtype=torch.bfloat16)})
+    rt = common.Runtime(torch.device("cpu"), torch.bfloat16)
+    assert means.pop(rt)["loss"] == pytest.approx(float(torch.tensor(0.1, dtype=torch.bfloat16)),
+                                                  rel=1e-5)
+    assert means.steps == 0 and means.sums == {}
